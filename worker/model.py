@@ -1,0 +1,241 @@
+"""GPT-2 over one flat parameter buffer: forward in order, backward in exact reverse order.
+
+The model owns two flat vectors, ``params`` and ``grads``, laid out by
+``common.layout.gpt_layout``; every named tensor is a view into them. That is all the
+parameter servers ever see. The architecture is GPT-2's (Radford et al. 2019, as in
+nanoGPT and llm.c): token + position embedding, ``n_layer`` pre-LayerNorm blocks of
+causal self-attention and a GELU MLP, a final LayerNorm, and an output projection tied
+to the token embedding.
+
+Activations are allocated once per (B, T) and reused by every later call with the same
+shape, so a training loop allocates no new activation memory step after step.
+
+Not here: the optimizer (``common/optim.py``), data (``worker/data.py``), the loop
+(``worker/train.py``), GPU kernels (``worker/kernels/``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy
+
+from common.layout import gpt_layout
+from worker.layers import (
+    attention_backward, attention_forward, embedding_backward, embedding_forward,
+    gelu_backward, gelu_forward, layernorm_backward, layernorm_forward, matmul_backward,
+    matmul_forward, residual_forward, softmax_crossentropy_backward,
+    softmax_crossentropy_forward,
+)
+
+
+@dataclass
+class GPTConfig:
+    """The shape of a GPT-2 model (the fields of HF's ``GPT2Config`` that matter here)."""
+    vocab_size: int = 256   # tokens are bytes
+    block_size: int = 128   # longest context, in tokens (n_positions)
+    n_layer: int = 4        # transformer blocks
+    n_head: int = 4         # attention heads per block
+    n_embd: int = 128       # channels of the residual stream; n_embd % n_head == 0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+    def layout(self):
+        return gpt_layout(self.vocab_size, self.block_size, self.n_layer, self.n_embd)
+
+
+class _Activations:
+    """Every activation of one forward pass, and their gradients, for one (B, T)."""
+
+    def __init__(self, xp, dtype, B, T, config):
+        C, L, NH, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size
+        z = lambda *shape: xp.zeros(shape, dtype=dtype)  # noqa: E731
+        self.B, self.T = B, T
+        self.encoded = z(B, T, C)                       # wte[idx] + wpe
+        self.blocks = []
+        for _ in range(L):
+            self.blocks.append(dict(
+                ln1=z(B, T, C), ln1_mean=z(B, T), ln1_rstd=z(B, T),
+                qkv=z(B, T, 3 * C), att=z(B, NH, T, T), atty=z(B, T, C),
+                attproj=z(B, T, C), res2=z(B, T, C),
+                ln2=z(B, T, C), ln2_mean=z(B, T), ln2_rstd=z(B, T),
+                fch=z(B, T, 4 * C), fch_gelu=z(B, T, 4 * C), fcproj=z(B, T, C),
+                res3=z(B, T, C),
+            ))
+        self.lnf, self.lnf_mean, self.lnf_rstd = z(B, T, C), z(B, T), z(B, T)
+        self.logits = z(B, T, V)                        # reused as dlogits in backward
+        self.probs = z(B, T, V)
+        self.losses = z(B, T)
+        # gradients of activations (one buffer of each shape, reused layer after layer)
+        self.dres = z(B, T, C)                          # the residual stream's gradient
+        self.dC = z(B, T, C)                            # d ln1 / d ln2 / d atty / d lnf
+        self.dqkv = z(B, T, 3 * C)
+        self.d4C_a = z(B, T, 4 * C)                     # d fch_gelu
+        self.d4C_b = z(B, T, 4 * C)                     # d fch
+        self.dlosses = z(B, T)
+
+
+class GPT:
+    """GPT-2 whose parameters live in the flat vector ``self.params`` (gradients in
+    ``self.grads``), views named as in GPT-2."""
+
+    def __init__(self, config: GPTConfig, dtype=numpy.float32, seed: int = 0):
+        self.config = config
+        self.dtype = numpy.dtype(dtype)
+        if self.dtype not in (numpy.float32, numpy.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.xp = numpy
+        self.layout = config.layout()
+        self.params = self.xp.zeros(self.layout.size, dtype=self.dtype)
+        self.grads = self.xp.zeros(self.layout.size, dtype=self.dtype)
+        self._p = self.layout.views(self.params)
+        self._g = self.layout.views(self.grads)
+        self._acts = None
+        self._batch = None            # (idx, targets, number of valid targets) of the last forward
+        self.init_weights(seed)
+
+    # --- parameters -----------------------------------------------------------------
+    def init_weights(self, seed: int = 0):
+        """GPT-2 initialisation: weights N(0, 0.02), the two residual projections of each
+        block N(0, 0.02 / sqrt(2 n_layer)), biases 0, LayerNorm gains 1. Drawn in float64
+        from ``seed`` and then cast, so float32 and float64 models start alike."""
+        rng = numpy.random.default_rng(seed)
+        proj_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for e in self.layout:
+            view = self._p[e.name]
+            if e.name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                view[...] = 1.0
+            elif e.name.endswith(".bias"):
+                view[...] = 0.0
+            else:
+                std = proj_std if e.name.endswith("c_proj.weight") else 0.02
+                view[...] = self.xp.asarray(rng.normal(0.0, std, size=e.shape))
+
+    def named_tensors(self) -> dict:
+        """name -> view into ``params`` with the tensor's GPT-2 shape."""
+        return dict(self._p)
+
+    def named_grads(self) -> dict:
+        """name -> view into ``grads``."""
+        return dict(self._g)
+
+    def num_params(self) -> int:
+        return self.layout.size
+
+    def zero_grad(self):
+        self.grads[...] = 0
+
+    # --- forward --------------------------------------------------------------------
+    def _activations(self, B, T):
+        if self._acts is None or (self._acts.B, self._acts.T) != (B, T):
+            self._acts = _Activations(self.xp, self.dtype, B, T, self.config)
+        return self._acts
+
+    def _check_tokens(self, idx, what):
+        cfg = self.config
+        if idx.ndim != 2:
+            raise ValueError(f"{what} must have shape (B, T), got {idx.shape}")
+        if idx.dtype.kind not in "iu":
+            raise ValueError(f"{what} must hold integers, got {idx.dtype}")
+
+    def forward(self, idx, targets=None):
+        """Run the model on token ids ``idx`` (B, T).
+        With ``targets`` (B, T): return the mean cross-entropy over positions whose
+        target is >= 0 (a float), and keep what ``backward`` needs.
+        Without: return the logits (B, T, V), a fresh array."""
+        cfg = self.config
+        xp = self.xp
+        self._check_tokens(idx, "idx")
+        B, T = idx.shape
+        if T > cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        if targets is not None:
+            self._check_tokens(targets, "targets")
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets shape {targets.shape} != idx shape {idx.shape}")
+            if targets.size and int(targets.max()) >= cfg.vocab_size:
+                raise ValueError(f"targets must be < vocab_size {cfg.vocab_size} (negative = ignored)")
+        p, a = self._p, self._activations(B, T)
+
+        embedding_forward(a.encoded, idx, p["wte.weight"], p["wpe.weight"])   # (B,T,C)
+        x = a.encoded
+        for i, blk in enumerate(a.blocks):
+            h = f"h.{i}."
+            layernorm_forward(blk["ln1"], blk["ln1_mean"], blk["ln1_rstd"], x,
+                              p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+            matmul_forward(blk["qkv"], blk["ln1"], p[h + "attn.c_attn.weight"],
+                           p[h + "attn.c_attn.bias"])                           # (B,T,3C)
+            attention_forward(blk["atty"], blk["att"], blk["qkv"], cfg.n_head)  # (B,T,C)
+            matmul_forward(blk["attproj"], blk["atty"], p[h + "attn.c_proj.weight"],
+                           p[h + "attn.c_proj.bias"])
+            residual_forward(blk["res2"], x, blk["attproj"])
+            layernorm_forward(blk["ln2"], blk["ln2_mean"], blk["ln2_rstd"], blk["res2"],
+                              p[h + "ln_2.weight"], p[h + "ln_2.bias"])
+            matmul_forward(blk["fch"], blk["ln2"], p[h + "mlp.c_fc.weight"],
+                           p[h + "mlp.c_fc.bias"])                              # (B,T,4C)
+            gelu_forward(blk["fch_gelu"], blk["fch"])
+            matmul_forward(blk["fcproj"], blk["fch_gelu"], p[h + "mlp.c_proj.weight"],
+                           p[h + "mlp.c_proj.bias"])                            # (B,T,C)
+            residual_forward(blk["res3"], blk["res2"], blk["fcproj"])
+            x = blk["res3"]
+        layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, x, p["ln_f.weight"], p["ln_f.bias"])
+        matmul_forward(a.logits, a.lnf, p["wte.weight"].T)                      # (B,T,V), tied
+
+        if targets is None:
+            self._batch = None
+            return a.logits.copy()
+        softmax_crossentropy_forward(a.losses, a.probs, a.logits, targets)
+        n_valid = int((targets >= 0).sum())
+        self._batch = (idx, targets, n_valid)
+        return float(a.losses.sum()) / max(n_valid, 1)
+
+    # --- backward -------------------------------------------------------------------
+    def backward(self, dloss: float = 1.0):
+        """Accumulate into ``grads`` (``+=``) the gradient of ``dloss`` times the loss of
+        the last ``forward(idx, targets)``. Call ``zero_grad()`` between steps; several
+        backward calls between two ``zero_grad()`` accumulate micro-batches."""
+        if self._batch is None:
+            raise RuntimeError("backward() needs a forward(idx, targets) first")
+        idx, targets, n_valid = self._batch
+        cfg, p, g, a = self.config, self._p, self._g, self._acts
+        a.dlosses[...] = dloss / max(n_valid, 1)
+        dlogits = a.logits                                # the logits are not needed any more
+        softmax_crossentropy_backward(dlogits, a.dlosses, a.probs, targets)
+        matmul_backward(a.dC, g["wte.weight"].T, None, dlogits, a.lnf, p["wte.weight"].T)
+        x_last = a.blocks[-1]["res3"] if a.blocks else a.encoded
+        a.dres[...] = 0
+        layernorm_backward(a.dres, g["ln_f.weight"], g["ln_f.bias"], a.dC, x_last,
+                           a.lnf_mean, a.lnf_rstd, p["ln_f.weight"])
+        # The residual stream: res3 = res2 + fcproj and res2 = x + attproj. residual_backward
+        # would copy dres into both branches; here both branches read a.dres in place and
+        # the LayerNorms add their share into it, which is the same sum without copies.
+        for i in reversed(range(cfg.n_layer)):
+            h, blk = f"h.{i}.", a.blocks[i]
+            x_in = a.blocks[i - 1]["res3"] if i > 0 else a.encoded
+            # MLP branch: fcproj's gradient is dres
+            matmul_backward(a.d4C_a, g[h + "mlp.c_proj.weight"], g[h + "mlp.c_proj.bias"],
+                            a.dres, blk["fch_gelu"], p[h + "mlp.c_proj.weight"])
+            gelu_backward(a.d4C_b, a.d4C_a, blk["fch"])
+            matmul_backward(a.dC, g[h + "mlp.c_fc.weight"], g[h + "mlp.c_fc.bias"],
+                            a.d4C_b, blk["ln2"], p[h + "mlp.c_fc.weight"])
+            layernorm_backward(a.dres, g[h + "ln_2.weight"], g[h + "ln_2.bias"], a.dC,
+                               blk["res2"], blk["ln2_mean"], blk["ln2_rstd"], p[h + "ln_2.weight"])
+            # attention branch: attproj's gradient is dres
+            matmul_backward(a.dC, g[h + "attn.c_proj.weight"], g[h + "attn.c_proj.bias"],
+                            a.dres, blk["atty"], p[h + "attn.c_proj.weight"])
+            attention_backward(a.dqkv, a.dC, blk["qkv"], blk["att"], cfg.n_head)
+            dln1 = a.dC
+            matmul_backward(dln1, g[h + "attn.c_attn.weight"], g[h + "attn.c_attn.bias"],
+                            a.dqkv, blk["ln1"], p[h + "attn.c_attn.weight"])
+            layernorm_backward(a.dres, g[h + "ln_1.weight"], g[h + "ln_1.bias"], dln1,
+                               x_in, blk["ln1_mean"], blk["ln1_rstd"], p[h + "ln_1.weight"])
+        embedding_backward(g["wte.weight"], g["wpe.weight"], a.dres, idx)
