@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, title: str | None = None
     taken from the class, help from its comments. Fields named in ``skip`` are left out."""
     group = parser.add_argument_group(title or cls.__name__)
     helps, types = field_help(cls), _field_types(cls)
+    choices = getattr(cls, "CHOICES", {})          # optional class attribute: field -> allowed values
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -60,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, title: str | None = None
         else:
             conv = typ if typ in (int, float, str) else str
             group.add_argument(_flag(f.name), dest=f.name, type=conv, default=default,
-                               metavar=typ.__name__.upper() if isinstance(typ, type) else "X",
+                               choices=choices.get(f.name),
+                               metavar=None if f.name in choices else typ.__name__.upper(),
                                help=f"{text} (default: {default!r})")
     return group
 

@@ -30,6 +30,7 @@ OPTIMIZERS = ("sgd", "momentum", "adamw")
 @dataclass
 class OptimConfig:
     """How parameters are updated from averaged gradients."""
+    CHOICES = {"optimizer": OPTIMIZERS}
     optimizer: str = "adamw"      # one of sgd | momentum | adamw
     lr: float = 1e-3              # peak learning rate
     momentum: float = 0.9         # momentum coefficient (optimizer=momentum)

@@ -1,0 +1,114 @@
+"""Where a process sits in the job: role, rank, sizes, addresses, deadlines.
+
+Every role is started by the same kind of command (``python -m paramserver`` or
+``python -m worker``) with these flags, or with the environment variables named
+below, so that a launcher (``ps-local``, Slurm, ssh, mpirun) only has to fill them in.
+Flags win over the environment, the environment over the defaults.
+
+| flag              | variable        | meaning                                             |
+|-------------------|-----------------|-----------------------------------------------------|
+| --rank            | PS_RANK         | rank among its role; -1 lets the coordinator choose |
+| --num-servers     | PS_NUM_SERVERS  | S, the number of servers                            |
+| --num-workers     | PS_NUM_WORKERS  | W, the number of workers                            |
+| --coordinator     | PS_COORDINATOR  | HOST:PORT of server 0, the one address known first  |
+| --bind            | PS_BIND         | where a server listens (tcp://*:PORT)               |
+| --advertise       | PS_ADVERTISE    | the address peers use to reach that server          |
+| --timeout         | PS_TIMEOUT      | seconds any wait may last before it fails           |
+
+Also here: ``JobConfig``, the settings every process of a job must share (the
+coordinator refuses a process whose settings differ), and the default advertised
+address: the address of this host's interface on the route to the coordinator.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import typing
+from dataclasses import dataclass
+
+from common.config import add_arguments
+
+ENV = {"rank": "PS_RANK", "num_servers": "PS_NUM_SERVERS", "num_workers": "PS_NUM_WORKERS",
+       "coordinator": "PS_COORDINATOR", "bind": "PS_BIND", "advertise": "PS_ADVERTISE",
+       "timeout": "PS_TIMEOUT"}
+
+MODES = ("bsp",)
+
+
+@dataclass
+class ClusterConfig:
+    """This process's place in the job (flags or PS_* environment variables)."""
+    rank: int = -1                          # rank among its role (-1: the coordinator assigns one; server 0 is the coordinator)
+    num_servers: int = 1                    # S, the number of server processes
+    num_workers: int = 1                    # W, the number of worker processes
+    coordinator: str = "127.0.0.1:5700"     # HOST:PORT of server 0, where every process registers
+    bind: str = ""                          # servers: where to listen, e.g. tcp://*:5701 ('' = the coordinator's port on server 0, any free port elsewhere)
+    advertise: str = ""                     # servers: the address peers connect to ('' = this host's address on the route to the coordinator, with the bound port)
+    timeout: float = 60.0                   # seconds any wait (registration, a step, a reply) may last before it fails naming who is missing
+
+    def __post_init__(self):
+        if self.num_servers < 1 or self.num_workers < 1:
+            raise ValueError(f"need at least one server and one worker, got S={self.num_servers}, "
+                             f"W={self.num_workers}")
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+
+
+@dataclass
+class JobConfig:
+    """Settings every process of the job must share (checked at registration)."""
+    CHOICES = {"mode": MODES}
+    mode: str = "bsp"                       # consistency model: bsp (bulk synchronous)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser):
+    """ClusterConfig's flags, with defaults taken from the PS_* environment variables."""
+    add_arguments(parser, ClusterConfig, "cluster (flags, or the PS_* environment variables)")
+    types = typing.get_type_hints(ClusterConfig)
+    defaults = {}
+    for name, var in ENV.items():
+        if var in os.environ:
+            try:
+                defaults[name] = types[name](os.environ[var])
+            except ValueError:
+                raise SystemExit(f"environment variable {var}={os.environ[var]!r} is not a valid "
+                                 f"{types[name].__name__}") from None
+    parser.set_defaults(**defaults)
+
+
+def route_address(to_host: str) -> str:
+    """The IP address of this host's interface on the route to ``to_host`` (no packet
+    is sent: connecting a UDP socket only asks the kernel for the route)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((socket.gethostbyname(to_host), 9))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def server_bind(cfg: ClusterConfig, rank: int) -> str:
+    """Where server ``rank`` listens: ``--bind`` if given; else server 0 on the
+    coordinator's port and the others on any free port, on every interface."""
+    if cfg.bind:
+        return cfg.bind
+    return f"tcp://*:{cfg.coordinator.rsplit(':', 1)[1]}" if rank == 0 else "tcp://*:*"
+
+
+def advertised_endpoint(cfg: ClusterConfig, bound_endpoint: str) -> str:
+    """The address peers should use for a socket bound at ``bound_endpoint``."""
+    if cfg.advertise:
+        adv = cfg.advertise if "://" in cfg.advertise else "tcp://" + cfg.advertise
+        if adv.rsplit(":", 1)[1] in ("*", "0", ""):
+            adv = adv.rsplit(":", 1)[0] + ":" + bound_endpoint.rsplit(":", 1)[1]
+        return adv
+    host = bound_endpoint.split("://", 1)[1].rsplit(":", 1)[0]
+    port = bound_endpoint.rsplit(":", 1)[1]
+    if host in ("0.0.0.0", "*", "[::]", "::"):
+        host = route_address(cfg.coordinator.replace("tcp://", "").rsplit(":", 1)[0])
+    return f"tcp://{host}:{port}"

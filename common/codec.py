@@ -1,0 +1,111 @@
+"""The codec: the only code that knows the byte layout of a message.
+
+A message is a list of frames: frame 0 is the msgpack header (``common/protocol.py``),
+frames 1..n are the raw bytes of the arrays, C-contiguous, little-endian, one frame
+per array, in the order of the header's ``arrays`` list. Bulk bytes never go through
+msgpack (it runs at ~0.4 GB/s here, BASELINES.md); the arrays are handed to the
+transport as buffers and sent without a copy.
+
+``decode`` refuses (``ProtocolError``) anything that does not parse or does not match
+its header: a header over the size limit, bad msgpack, a failed schema check, a frame
+count or a frame size that differs from what the header announced. The arrays it
+returns are read-only views of the received frames (no copy): a receiver copies what
+it keeps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy
+
+from common.protocol import (
+    DTYPES, MAX_ARRAYS, MAX_HEADER_BYTES, PROTOCOL_VERSION, ProtocolError, array_nbytes,
+    validate_header,
+)
+
+_LE = {name: numpy.dtype(name).newbyteorder("<") for name in DTYPES if name != "bfloat16"}
+_LE["bfloat16"] = numpy.dtype("<u2")          # bf16 words travel as uint16
+
+
+@dataclass
+class Message:
+    """A decoded message: the header's fields, and the arrays as numpy views."""
+    cmd: str
+    sender: str
+    step: int = 0
+    rid: int = 0
+    meta: dict = field(default_factory=dict)
+    arrays: list = field(default_factory=list)
+    ranges: list = field(default_factory=list)   # (begin, end) per array, or None
+    dtypes: list = field(default_factory=list)   # the wire dtype name per array
+
+
+def dtype_name(a) -> str:
+    """The wire name of an array's dtype (``float32``...), or ProtocolError if it may not travel."""
+    name = numpy.dtype(a.dtype).name
+    if name not in _LE:
+        raise ProtocolError(f"dtype {name} cannot travel; allowed: {', '.join(DTYPES)}")
+    return name
+
+
+def encode(cmd: str, sender: str, step: int = 0, rid: int = 0, arrays=(), ranges=None,
+           dtypes=None, **meta) -> list:
+    """Frames for one message. ``arrays`` are sent as they are (no copy) when they are
+    C-contiguous and little-endian; ``ranges`` gives each array's ``[begin, end)`` in
+    the flat vector (or None); ``dtypes`` overrides the wire dtype name per array
+    (e.g. "bfloat16" for uint16 words). The header is checked before it is sent, so a
+    bug shows up at the sender, not at the receiver."""
+    arrays = list(arrays)
+    ranges = list(ranges) if ranges is not None else [None] * len(arrays)
+    if len(ranges) != len(arrays):
+        raise ValueError(f"{len(arrays)} arrays but {len(ranges)} ranges")
+    descs, frames = [], []
+    for i, a in enumerate(arrays):
+        name = dtypes[i] if dtypes is not None else dtype_name(a)
+        if not a.flags.c_contiguous or a.dtype.byteorder == ">":
+            a = numpy.ascontiguousarray(a, dtype=_LE[name])
+        desc = {"dtype": name, "shape": list(a.shape)}
+        if ranges[i] is not None:
+            desc["range"] = [int(ranges[i][0]), int(ranges[i][1])]
+        descs.append(desc)
+        frames.append(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
+    header = {"v": PROTOCOL_VERSION, "cmd": cmd, "from": sender, "step": int(step),
+              "rid": int(rid), "arrays": descs, "meta": meta}
+    validate_header(header)
+    return [msgpack.packb(header, use_bin_type=True)] + frames
+
+
+def decode(frames) -> Message:
+    """A ``Message`` from received frames (bytes, memoryviews or zmq frames' buffers)."""
+    if not frames:
+        raise ProtocolError("empty message")
+    head = frames[0]
+    if len(head) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(head)} bytes exceeds the limit of {MAX_HEADER_BYTES}")
+    try:
+        h = msgpack.unpackb(head, raw=False, strict_map_key=True, max_array_len=MAX_ARRAYS * 4,
+                            max_map_len=1 << 16, max_str_len=1 << 20, max_bin_len=0,
+                            max_ext_len=0)
+    except Exception as e:                        # msgpack raises several types on garbage
+        raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}: {e}") from None
+    validate_header(h)
+    descs = h["arrays"]
+    if len(frames) != 1 + len(descs):
+        raise ProtocolError(f"header announces {len(descs)} array frame(s), message has {len(frames) - 1}")
+    arrays, ranges, dtypes = [], [], []
+    for i, (d, buf) in enumerate(zip(descs, frames[1:])):
+        want = array_nbytes(d)
+        if len(buf) != want:
+            raise ProtocolError(f"array {i}: expected {d['dtype']} {tuple(d['shape'])} = {want} bytes, "
+                                f"got {len(buf)} bytes")
+        arr = numpy.frombuffer(buf, dtype=_LE[d["dtype"]]) if want else numpy.empty(0, _LE[d["dtype"]])
+        arrays.append(arr.reshape(d["shape"]))
+        r = d.get("range")
+        if r is not None and r[1] - r[0] != arr.size:
+            raise ProtocolError(f"array {i}: range [{r[0]}, {r[1]}) holds {r[1] - r[0]} elements, "
+                                f"the array has {arr.size}")
+        ranges.append(tuple(r) if r is not None else None)
+        dtypes.append(d["dtype"])
+    return Message(cmd=h["cmd"], sender=h["from"], step=h["step"], rid=h["rid"], meta=h["meta"],
+                   arrays=arrays, ranges=ranges, dtypes=dtypes)

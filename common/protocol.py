@@ -1,0 +1,151 @@
+"""The protocol: version, commands, and what a valid message header looks like.
+
+Every message is frame 0, a msgpack map (the header), plus one raw frame per array.
+The header is:
+
+    {"v": PROTOCOL_VERSION, "cmd": "push", "from": "worker:1", "step": 12, "rid": 7,
+     "arrays": [{"dtype": "float32", "shape": [4096], "range": [0, 4096]}, ...],
+     "meta": {...command-specific fields...}}
+
+``validate_header`` checks a decoded header against this module's schemas before any
+handler sees it (STYLE habit 6: check at the door): the version, the command, the
+types and bounds of every field, the array descriptors and the command's own fields.
+An error names what was expected and what arrived. This module knows nothing about
+bytes (``common/codec.py``) or sockets (``common/transport.py``).
+
+The conversation, in order (see docs/ for the lesson that walks through it):
+
+    server s>0 -> coordinator  register {role: server, rank, addr, optim}
+    worker     -> coordinator  register {role: worker, rank, layout, layout_hash, dtype}
+    coordinator -> everyone    job {rank, servers, placement, layout, ...}  (once all came)
+    worker 0   -> each server  init  [its slice of the initial parameters]
+    worker     -> each server  pull                     -> params [slice], version
+    worker     -> each server  push  [gradient slice]   -> params [slice] after the update
+    server     -> peer servers norm {sumsq}             (global-norm clipping)
+    worker     -> coordinator  done                     (finished its steps)
+    coordinator -> servers     shutdown                 (every worker is done)
+"""
+from __future__ import annotations
+
+import math
+
+PROTOCOL_VERSION = 1
+
+# limits checked at the door; a message beyond them is refused before it is decoded
+MAX_HEADER_BYTES = 4 << 20        # a header is small; a GPT-2 layout table is ~10 KiB
+MAX_ARRAYS = 4096                 # arrays per message
+MAX_DIMS = 8
+MAX_SENDER_LEN = 64
+
+# dtypes that may travel; "bfloat16" travels as raw 16-bit words (numpy has no bf16)
+DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "uint16",
+          "int32", "uint32", "int64")
+
+# requests
+REGISTER = "register"      # a process joins the job (to the coordinator)
+INIT = "init"              # worker 0 gives a server its slice of the initial parameters
+PULL = "pull"              # a worker asks a server for its slice of the parameters
+PUSH = "push"              # a worker sends a server its slice of the gradient
+NORM = "norm"              # a server tells its peers its share of the squared gradient norm
+DONE = "done"              # a worker finished its steps (to the coordinator)
+BARRIER = "barrier"        # wait until every worker reached the same named barrier
+SHUTDOWN = "shutdown"      # the coordinator tells a server to stop
+STATUS = "status"          # anyone asks a server what it knows (a live view)
+# replies
+JOB = "job"                # the coordinator's answer to register: ranks, addresses, layout
+OK = "ok"                  # a request succeeded; may carry arrays (parameters) and meta
+ERROR = "error"            # a request was refused; meta.message says why
+
+REQUESTS = (REGISTER, INIT, PULL, PUSH, NORM, DONE, BARRIER, SHUTDOWN, STATUS)
+REPLIES = (JOB, OK, ERROR)
+COMMANDS = REQUESTS + REPLIES
+
+ROLES = ("server", "worker", "tool")
+
+_num = (int, float)
+# cmd -> ({required field: type}, {optional field: type}) for the header's "meta" map
+META = {
+    REGISTER: ({"role": str, "rank": int, "host": str, "pid": int},
+               {"addr": str, "layout": list, "layout_hash": str, "dtype": str, "optim": dict,
+                "job": dict}),
+    INIT: ({}, {}),
+    PULL: ({}, {"min_version": int}),
+    PUSH: ({}, {"loss": _num, "tokens": int, "bytes_pushed": int, "bytes_pulled": int}),
+    NORM: ({"sumsq": _num}, {}),
+    DONE: ({}, {}),
+    BARRIER: ({"name": str}, {}),
+    SHUTDOWN: ({}, {"reason": str}),
+    STATUS: ({}, {}),
+    JOB: ({"rank": int, "servers": list, "placement": list, "layout": list, "layout_hash": str,
+           "num_workers": int, "num_servers": int, "dtype": str}, {"optim": dict, "job": dict}),
+    OK: ({}, {"version": int, "message": str, "loss": _num, "stats": dict, "status": dict}),
+    ERROR: ({"message": str}, {}),
+}
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; the text says what was expected."""
+
+
+def _check(cond, text):
+    if not cond:
+        raise ProtocolError(text)
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def array_nbytes(desc: dict) -> int:
+    """Bytes of the raw frame an array descriptor announces."""
+    return math.prod(desc["shape"]) * dtype_itemsize(desc["dtype"])
+
+
+def dtype_itemsize(name: str) -> int:
+    return {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1,
+            "int16": 2, "uint16": 2, "int32": 4, "uint32": 4, "int64": 8}[name]
+
+
+def validate_header(h) -> dict:
+    """Check a decoded header; return it unchanged or raise ``ProtocolError``."""
+    _check(isinstance(h, dict), f"header must be a map, got {type(h).__name__}")
+    _check(h.get("v") == PROTOCOL_VERSION,
+           f"protocol version {PROTOCOL_VERSION} expected, got {h.get('v')!r}")
+    extra = set(h) - {"v", "cmd", "from", "step", "rid", "arrays", "meta"}
+    _check(not extra, f"unknown header field(s) {sorted(map(str, extra))}")
+    cmd = h.get("cmd")
+    _check(cmd in COMMANDS, f"unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}")
+    sender = h.get("from")
+    _check(isinstance(sender, str) and 0 < len(sender) <= MAX_SENDER_LEN,
+           f"'from' must be a string of 1..{MAX_SENDER_LEN} characters, got {sender!r}")
+    _check(_is_int(h.get("step")) and -1 <= h["step"] < 2 ** 62, f"'step' must be an int >= -1, got {h.get('step')!r}")
+    _check(_is_int(h.get("rid")) and 0 <= h["rid"] < 2 ** 63, f"'rid' must be an int >= 0, got {h.get('rid')!r}")
+    arrays = h.get("arrays")
+    _check(isinstance(arrays, list) and len(arrays) <= MAX_ARRAYS,
+           f"'arrays' must be a list of at most {MAX_ARRAYS} descriptors")
+    for i, a in enumerate(arrays):
+        _check(isinstance(a, dict) and set(a) <= {"dtype", "shape", "range"} and "dtype" in a and "shape" in a,
+               f"array {i}: expected a map with dtype, shape and optional range, got {a!r}")
+        _check(a["dtype"] in DTYPES, f"array {i}: dtype must be one of {', '.join(DTYPES)}, got {a['dtype']!r}")
+        shape = a["shape"]
+        _check(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) and 0 <= d < 2 ** 40 for d in shape),
+               f"array {i}: shape must be a list of at most {MAX_DIMS} non-negative ints, got {shape!r}")
+        if "range" in a:
+            r = a["range"]
+            _check(isinstance(r, list) and len(r) == 2 and all(_is_int(x) for x in r) and 0 <= r[0] <= r[1],
+                   f"array {i}: range must be [begin, end] with 0 <= begin <= end, got {r!r}")
+    meta = h.get("meta")
+    _check(isinstance(meta, dict) and all(isinstance(k, str) for k in meta),
+           f"'meta' must be a map with string keys, got {type(meta).__name__}")
+    required, optional = META[cmd]
+    for k, typ in required.items():
+        _check(k in meta, f"{cmd}: missing field {k!r} (required: {sorted(required)})")
+    for k, v in meta.items():
+        typ = required.get(k) or optional.get(k)
+        _check(typ is not None, f"{cmd}: unknown field {k!r}; accepted: {sorted(required) + sorted(optional)}")
+        ok = isinstance(v, typ) and not (isinstance(v, bool) and typ in (int, _num))
+        _check(ok, f"{cmd}: field {k!r} must be {getattr(typ, '__name__', 'a number')}, got {type(v).__name__}")
+    if cmd == REGISTER:
+        _check(meta["role"] in ROLES, f"register: role must be one of {ROLES}, got {meta['role']!r}")
+        _check(-1 <= meta["rank"] < 1 << 20, f"register: rank out of range: {meta['rank']}")
+    return h

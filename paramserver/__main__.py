@@ -1,0 +1,69 @@
+"""``python -m paramserver``: start one server (server 0 is also the coordinator).
+
+Example, two servers and two workers by hand on one machine (four terminals):
+
+    python -m paramserver --rank 0 --num-servers 2 --num-workers 2 --coordinator 127.0.0.1:5700
+    python -m paramserver --rank 1 --num-servers 2 --num-workers 2 --coordinator 127.0.0.1:5700
+    python -m worker --num-servers 2 --num-workers 2 --coordinator 127.0.0.1:5700
+    python -m worker --num-servers 2 --num-workers 2 --coordinator 127.0.0.1:5700
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from common import log as logsetup
+from common.cluster import ClusterConfig, JobConfig, add_cluster_arguments
+from common.config import add_arguments, describe, from_args
+from common.optim import OptimConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m paramserver",
+        description="A parameter server: owns a shard of the flat parameter vector and its optimizer "
+                    "state, averages the workers' gradients and applies the optimizer. Server 0 is also "
+                    "the coordinator every process registers with. Every server of a job must get the "
+                    "same optimizer and job flags.",
+)
+    add_cluster_arguments(p)
+    add_arguments(p, JobConfig, "job (identical on every process)")
+    add_arguments(p, OptimConfig, "optimizer (identical on every server)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cluster, job, optim = from_args(ClusterConfig, args), from_args(JobConfig, args), from_args(OptimConfig, args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cluster.rank < 0 and cluster.num_servers > 1:
+        print(f"error: with {cluster.num_servers} servers each needs --rank (0..{cluster.num_servers - 1}); "
+              "server 0 is the coordinator", file=sys.stderr)
+        return 2
+    rank = max(cluster.rank, 0)
+    log = logsetup.setup(f"server:{rank}", args.log_level)
+    log.info("effective configuration:\n%s", describe({"cluster": cluster, "job": job, "optimizer": optim}))
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_term)
+
+    from paramserver.server import Server, ServerError
+    from common.transport import TransportError
+    try:
+        return Server(cluster, optim, job, rank).run()
+    except (ServerError, TransportError) as e:
+        log.error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        log.info("interrupted; stopping")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

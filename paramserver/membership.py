@@ -1,0 +1,173 @@
+"""The coordinator's book of who is in the job (run by server 0).
+
+Processes register with the coordinator, the one address known in advance (ps-lite's
+scheduler). Once every server and every worker has registered, the coordinator
+answers all of them at once with the job: ranks, the servers' addresses, the layout
+of the flat vector and which server owns which chunk of it. It refuses, with an
+error that says what differs, a process whose layout hash, dtype or optimizer
+settings disagree with the job's, a rank taken twice, and a process too many.
+
+The coordinator also counts the workers that are done, so that server 0 can shut the
+servers down when the last one finishes. It knows nothing of sockets: it returns the
+replies to send, and ``server.py`` sends them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from common.layout import Layout
+from common.protocol import ProtocolError
+
+
+@dataclass
+class Member:
+    role: str
+    rank: int                  # -1 until assigned
+    identity: bytes            # the transport's name for the peer, to answer it later
+    host: str
+    pid: int
+    addr: str = ""             # servers: the address workers and peers connect to
+    meta: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        where = self.addr or f"{self.host} pid {self.pid}"
+        return f"{self.role} {self.rank} ({where})"
+
+
+class Membership:
+    def __init__(self, num_servers: int, num_workers: int, optim: dict, job: dict | None = None):
+        self.num_servers = num_servers
+        self.num_workers = num_workers
+        self.optim = optim                     # the coordinator's optimizer settings: the job's
+        self.job_settings = job or {}          # job-wide settings every process must share
+        self.servers: dict[int, Member] = {}
+        self.workers: list[Member] = []        # in arrival order; ranks assigned at completion
+        self.layout: Layout | None = None
+        self.layout_hash = ""
+        self.dtype = ""
+        self.first_layout_from = ""
+        self.started = False
+        self.done: set[int] = set()
+        self.created = time.monotonic()
+
+    # --- registration ---------------------------------------------------------------
+    def register(self, identity: bytes, meta: dict) -> None:
+        """Record one registration or raise ``ProtocolError`` saying why it is refused."""
+        role, rank = meta["role"], meta["rank"]
+        if self.started:
+            raise ProtocolError(f"the job has already started with {self.num_servers} server(s) and "
+                                f"{self.num_workers} worker(s); a new {role} cannot join it")
+        job = meta.get("job")
+        if job is not None and job != self.job_settings:
+            diff = sorted(k for k in set(job) | set(self.job_settings) if job.get(k) != self.job_settings.get(k))
+            raise ProtocolError(f"{role} {rank}: job settings differ from the coordinator's in {diff}: "
+                                + "; ".join(f"{k}: coordinator {self.job_settings.get(k)!r}, "
+                                            f"this process {job.get(k)!r}" for k in diff))
+        m = Member(role, rank, identity, meta["host"], meta["pid"], meta.get("addr", ""), meta)
+        if role == "server":
+            self._register_server(m, meta)
+        elif role == "worker":
+            self._register_worker(m, meta)
+        else:
+            raise ProtocolError(f"role {role!r} cannot register")
+
+    def _register_server(self, m: Member, meta: dict):
+        if not 0 <= m.rank < self.num_servers:
+            raise ProtocolError(f"server rank {m.rank} out of range: the job has {self.num_servers} "
+                                f"server(s), ranks 0..{self.num_servers - 1}")
+        old = self.servers.get(m.rank)
+        if old is not None and old.identity != m.identity:
+            raise ProtocolError(f"server rank {m.rank} is already taken by {old.describe()}")
+        if not m.addr:
+            raise ProtocolError(f"server {m.rank} registered without an address")
+        optim = meta.get("optim")
+        if optim is not None and optim != self.optim:
+            diff = sorted(k for k in set(optim) | set(self.optim) if optim.get(k) != self.optim.get(k))
+            raise ProtocolError(f"server {m.rank}: optimizer settings differ from server 0's in {diff}; "
+                                "start every server with the same optimizer flags")
+        self.servers[m.rank] = m
+
+    def _register_worker(self, m: Member, meta: dict):
+        for k in ("layout", "layout_hash", "dtype"):
+            if k not in meta:
+                raise ProtocolError(f"a worker registers with its '{k}'")
+        try:
+            layout = Layout.from_table(meta["layout"])
+        except ValueError as e:
+            raise ProtocolError(f"worker's layout table is malformed: {e}") from None
+        if layout.hash() != meta["layout_hash"]:
+            raise ProtocolError(f"worker's layout hash {meta['layout_hash']} does not match its own "
+                                f"table ({layout.hash()})")
+        if meta["dtype"] not in ("float32", "float64"):
+            raise ProtocolError(f"parameters must be float32 or float64, got {meta['dtype']}")
+        who = f"worker {m.rank if m.rank >= 0 else '(unranked)'} on {m.host} pid {m.pid}"
+        if self.layout is None:
+            pass                                     # the first worker's layout becomes the job's
+        elif layout.hash() != self.layout_hash:
+            raise ProtocolError(f"{who} has layout hash {layout.hash()}, but the job's is "
+                                f"{self.layout_hash} (first registered by {self.first_layout_from}): "
+                                "the workers' model configurations differ")
+        elif meta["dtype"] != self.dtype:
+            raise ProtocolError(f"{who} uses {meta['dtype']}, the job uses {self.dtype}")
+        same = [w for w in self.workers if w.identity == m.identity]
+        others = [w for w in self.workers if w.identity != m.identity]
+        if m.rank >= self.num_workers:
+            raise ProtocolError(f"worker rank {m.rank} out of range: the job has {self.num_workers} "
+                                f"worker(s), ranks 0..{self.num_workers - 1}")
+        if m.rank >= 0 and any(w.rank == m.rank for w in others):
+            raise ProtocolError(f"worker rank {m.rank} is already taken")
+        if len(others) >= self.num_workers:
+            raise ProtocolError(f"the job already has its {self.num_workers} worker(s)")
+        # every check passed: only now does the registration change the book
+        if same:                                     # the same process asking again
+            self.workers.remove(same[0])
+        if self.layout is None:
+            self.layout, self.layout_hash, self.dtype = layout, layout.hash(), meta["dtype"]
+            self.first_layout_from = who
+        self.workers.append(m)
+
+    def complete(self) -> bool:
+        return len(self.servers) == self.num_servers and len(self.workers) == self.num_workers
+
+    def missing(self) -> str:
+        """Who has not registered yet, in words."""
+        parts = []
+        ms = [r for r in range(self.num_servers) if r not in self.servers]
+        if ms:
+            parts.append(f"server(s) {ms}")
+        nw = self.num_workers - len(self.workers)
+        if nw:
+            taken = sorted(w.rank for w in self.workers if w.rank >= 0)
+            free = [r for r in range(self.num_workers) if r not in taken]
+            parts.append(f"{nw} worker(s) (ranks not yet claimed: {free})")
+        return " and ".join(parts) or "nobody"
+
+    # --- the job ----------------------------------------------------------------------
+    def start(self, placement_fn):
+        """Assign the remaining worker ranks and build each member's JOB reply.
+        ``placement_fn(layout, num_servers)`` -> list of [begin, end, server].
+        Returns [(identity, meta of the job reply)]."""
+        taken = {w.rank for w in self.workers if w.rank >= 0}
+        free = iter(r for r in range(self.num_workers) if r not in taken)
+        for w in self.workers:
+            if w.rank < 0:
+                w.rank = next(free)
+        self.started = True
+        placement = placement_fn(self.layout, self.num_servers)
+        servers = [self.servers[r].addr for r in range(self.num_servers)]
+        common = dict(servers=servers, placement=placement, layout=self.layout.table(),
+                      layout_hash=self.layout_hash, num_workers=self.num_workers,
+                      num_servers=self.num_servers, dtype=self.dtype, optim=self.optim,
+                      job=self.job_settings)
+        out = [(m.identity, dict(common, rank=m.rank)) for m in self.servers.values()]
+        out += [(w.identity, dict(common, rank=w.rank)) for w in self.workers]
+        return out
+
+    def worker_names(self) -> dict[int, str]:
+        return {w.rank: w.describe() for w in self.workers}
+
+    def mark_done(self, rank: int) -> bool:
+        """Record that worker ``rank`` finished; True when every worker has."""
+        self.done.add(rank)
+        return len(self.done) >= self.num_workers

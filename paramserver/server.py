@@ -1,0 +1,357 @@
+"""The server process: one poll loop that registers, serves pulls and pushes, and stops.
+
+Shape of the loop (the ZeroMQ guide's): poll the sockets with a timeout no longer than
+the nearest deadline, handle every waiting message, then check the deadlines. A
+message is decoded and validated before any handler sees it; a bad one is refused
+with an ERROR reply and a log line, and the server's state is left as it was.
+
+Bulk synchronous SGD (BSP), as this server runs it for step t (its ``version``):
+    1. each worker's PUSH of step t lands in that worker's slot; its reply is held back;
+    2. when every worker has pushed, the slots are averaged in rank order;
+    3. with clipping on, the servers swap the squared norms of their shares of the
+       averaged gradient (NORM) so each clips by the norm of the WHOLE gradient;
+    4. the optimizer steps, ``version`` becomes t + 1, and every held push is answered
+       with the fresh parameters of this shard (a push is also a pull).
+Server 0 is also the coordinator (``membership.py``): it registers every process,
+hands out the job, and shuts the servers down when every worker is done.
+
+Not here: what a message looks like (``common/protocol.py``, ``common/codec.py``),
+sockets (``common/transport.py``), the optimizer (``common/optim.py``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+from common import codec
+from common.cluster import ClusterConfig, JobConfig, advertised_endpoint, server_bind
+from common.config import to_dict
+from common.layout import Layout
+from common.optim import OptimConfig
+from common.protocol import (
+    BARRIER, DONE, ERROR, INIT, JOB, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS,
+    ProtocolError,
+)
+from common.transport import Dealer, Poller, Router
+from paramserver.membership import Membership
+from paramserver.shard import Shard
+
+log = logging.getLogger("server")
+
+
+class ServerError(RuntimeError):
+    """The job cannot go on (a deadline passed, the coordinator refused us); the text says why."""
+
+
+def placement_contiguous(layout: Layout, num_servers: int) -> list:
+    """Server s owns one contiguous range of the flat vector, balanced by bytes."""
+    return [[b, e, s] for s, (b, e) in enumerate(layout.shard_ranges(num_servers))]
+
+
+def parse_sender(sender: str, role: str, count: int) -> int:
+    """The rank in a header's ``from`` field ``role:rank``, checked against ``count``."""
+    r, _, k = sender.partition(":")
+    if r != role or not k.isdigit() or int(k) >= count:
+        raise ProtocolError(f"expected a sender '{role}:<0..{count - 1}>', got {sender!r}")
+    return int(k)
+
+
+class Server:
+    def __init__(self, cluster: ClusterConfig, optim: OptimConfig, job: JobConfig, rank: int):
+        if not 0 <= rank < cluster.num_servers:
+            raise ValueError(f"server rank {rank} out of range for {cluster.num_servers} server(s)")
+        self.cluster, self.optim, self.job, self.rank = cluster, optim, job, rank
+        self.name = f"server:{rank}"
+        self.router = Router(server_bind(cluster, rank))
+        self.addr = advertised_endpoint(cluster, self.router.endpoint)
+        self.poller = Poller([self.router])
+        self.coord = None if rank == 0 else Dealer(cluster.coordinator)
+        if self.coord:
+            self.poller.add(self.coord)
+        self.members = (Membership(cluster.num_servers, cluster.num_workers, to_dict(optim), to_dict(job))
+                        if rank == 0 else None)
+        self.shard: Shard | None = None
+        self.num_workers = cluster.num_workers
+        self.peers: dict[int, Dealer] = {}        # other servers, for the norm exchange
+        self.server_addrs: list[str] = []
+        self.pending: dict[int, tuple] = {}       # worker rank -> (identity, rid, meta) of this step's push
+        self.step_started = 0.0
+        self.norms: dict[int, dict[int, float]] = {}   # step -> {server rank: its sumsq}
+        self.awaiting_norms = False
+        self.deferred_pulls: list[tuple] = []     # (identity, rid, since) of pulls before init
+        self.stopping = False
+        self.refused = 0                          # messages refused at the door
+        self.started = time.monotonic()
+
+    # --- the loop -------------------------------------------------------------------
+    def run(self) -> int:
+        log.info("listening on %s, advertised as %s", self.router.endpoint, self.addr)
+        try:
+            self._register()
+            while not self.stopping:
+                for sock in self.poller.poll(self._poll_timeout_ms()):
+                    while sock.poll(0) and not self.stopping:
+                        if sock is self.router:
+                            identity, frames = self.router.recv()
+                            self._handle(identity, frames)
+                        else:
+                            self._handle_control(sock.recv())
+                self._check_deadlines()
+            log.info("stopped cleanly at version %s", self.shard.version if self.shard else 0)
+            return 0
+        finally:
+            self.close()
+
+    def close(self):
+        for s in [self.router, self.coord, *self.peers.values()]:
+            if s is not None:
+                s.close()
+
+    def _poll_timeout_ms(self) -> float:
+        if self.pending or self.awaiting_norms:
+            return max(1.0, (self.step_started + self.cluster.timeout - time.monotonic()) * 1000)
+        return 1000.0
+
+    # --- registration -----------------------------------------------------------------
+    def _register(self):
+        meta = dict(role="server", rank=self.rank, host=socket.gethostname(), pid=os.getpid(),
+                    addr=self.addr, optim=to_dict(self.optim), job=to_dict(self.job))
+        if self.rank == 0:
+            self.members.register(b"", meta)
+            deadline = time.monotonic() + self.cluster.timeout
+            while not self.members.started:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    text = (f"registration timed out after {self.cluster.timeout:.0f} s: still missing "
+                            f"{self.members.missing()}; the coordinator is {self.addr}")
+                    self._refuse_registered(text)
+                    raise ServerError(text)
+                if self.router.poll(min(left, 1.0) * 1000):
+                    identity, frames = self.router.recv()
+                    self._handle(identity, frames)
+            return
+        self.coord.send(codec.encode(REGISTER, self.name, **meta))
+        deadline = time.monotonic() + self.cluster.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ServerError(f"the coordinator at {self.cluster.coordinator} has not answered this "
+                                  f"server's registration for {self.cluster.timeout:.0f} s; is server 0 "
+                                  "running, and are all processes started?")
+            if self.coord.poll(min(left, 1.0) * 1000):
+                msg = self._decode(self.coord.recv(), "the coordinator")
+                if msg is None:
+                    continue
+                if msg.cmd == ERROR:
+                    raise ServerError(f"the coordinator refused this server: {msg.meta['message']}")
+                if msg.cmd == JOB:
+                    self._start(msg.meta)
+                    return
+
+    def _refuse_registered(self, text):
+        for m in [*self.members.servers.values(), *self.members.workers]:
+            if m.identity:
+                self.router.send(m.identity, codec.encode(ERROR, self.name, message=text))
+
+    def _start(self, job: dict):
+        """Set up the shard from the coordinator's JOB answer."""
+        layout = Layout.from_table(job["layout"])
+        chunks = [(b, e) for b, e, s in job["placement"] if s == self.rank]
+        self.shard = Shard(chunks, job["dtype"], self.optim, layout.decay_ranges())
+        self.server_addrs = list(job["servers"])
+        if self.optim.grad_clip > 0:
+            for s, addr in enumerate(self.server_addrs):
+                if s != self.rank:
+                    self.peers[s] = Dealer(addr)
+        log.info("job started: %d worker(s), %d server(s), %d of %d parameters here (%s), %s",
+                 job["num_workers"], job["num_servers"], self.shard.size, layout.size,
+                 self.shard.describe_chunks(), job["dtype"])
+
+    # --- dispatch -----------------------------------------------------------------------
+    def _decode(self, frames, who):
+        try:
+            return codec.decode(frames)
+        except ProtocolError as e:
+            self.refused += 1
+            log.warning("refused a malformed message from %s: %s", who, e)
+            return None
+
+    def _reply(self, identity, cmd, rid, arrays=(), ranges=None, **meta):
+        sent = self.router.send(identity, codec.encode(cmd, self.name, rid=rid, arrays=arrays,
+                                                       ranges=ranges, **meta))
+        if not sent:
+            log.warning("could not answer %s: the peer is gone", identity[:16])
+
+    def _handle(self, identity: bytes, frames):
+        msg = self._decode(frames, f"peer {identity[:16]!r}")
+        if msg is None:
+            self._reply(identity, ERROR, 0, message="malformed message refused (see the server's log)")
+            return
+        handler = {REGISTER: self._on_register, INIT: self._on_init, PULL: self._on_pull,
+                   PUSH: self._on_push, NORM: self._on_norm, DONE: self._on_done,
+                   STATUS: self._on_status, BARRIER: self._unsupported,
+                   SHUTDOWN: self._unsupported}.get(msg.cmd, self._unsupported)
+        try:
+            handler(identity, msg)
+        except ProtocolError as e:
+            self.refused += 1
+            log.warning("refused %s from %s: %s", msg.cmd, msg.sender, e)
+            if msg.cmd != NORM:
+                self._reply(identity, ERROR, msg.rid, message=str(e))
+
+    def _handle_control(self, frames):
+        msg = self._decode(frames, "the coordinator")
+        if msg is not None and msg.cmd == SHUTDOWN:
+            log.info("the coordinator asked this server to stop (%s)", msg.meta.get("reason", ""))
+            self.stopping = True
+        elif msg is not None:
+            log.warning("ignored %s from the coordinator", msg.cmd)
+
+    def _unsupported(self, identity, msg):
+        raise ProtocolError(f"{msg.cmd} is not a request this server ({self.name}) serves")
+
+    def _need_shard(self, msg):
+        if self.shard is None:
+            raise ProtocolError(f"{msg.cmd} before the job started")
+
+    # --- handlers -----------------------------------------------------------------------
+    def _on_register(self, identity, msg):
+        if self.members is None:
+            raise ProtocolError(f"register with the coordinator, not with {self.name}")
+        self.members.register(identity, msg.meta)
+        log.info("registered %s %s from %s (pid %s); still missing: %s", msg.meta["role"],
+                 msg.meta["rank"] if msg.meta["rank"] >= 0 else "(rank to assign)",
+                 msg.meta["host"], msg.meta["pid"], self.members.missing())
+        if self.members.complete():
+            for ident, job in self.members.start(placement_contiguous):
+                if ident == b"":
+                    self._start(job)
+                else:
+                    self._reply(ident, JOB, 0, **job)
+
+    def _on_init(self, identity, msg):
+        self._need_shard(msg)
+        parse_sender(msg.sender, "worker", self.num_workers)
+        if self.shard.initialized:
+            self._reply(identity, OK, msg.rid, version=self.shard.version, message="already initialized")
+            return
+        self.shard.check_full_cover(msg.ranges, "init")
+        self.shard.check_arrays(msg.arrays, msg.ranges, msg.dtypes, "init")
+        self.shard.set_params(msg.arrays, msg.ranges)
+        log.info("parameters initialized by %s", msg.sender)
+        self._reply(identity, OK, msg.rid, version=self.shard.version)
+        for ident, rid, _ in self.deferred_pulls:
+            self._send_params(ident, rid)
+        self.deferred_pulls.clear()
+
+    def _send_params(self, identity, rid, **meta):
+        arrays, ranges = self.shard.param_views()
+        self._reply(identity, OK, rid, arrays=arrays, ranges=ranges, version=self.shard.version, **meta)
+
+    def _on_pull(self, identity, msg):
+        self._need_shard(msg)
+        if not self.shard.initialized:
+            self.deferred_pulls.append((identity, msg.rid, time.monotonic()))
+            return
+        self._send_params(identity, msg.rid)
+
+    def _on_push(self, identity, msg):
+        self._need_shard(msg)
+        rank = parse_sender(msg.sender, "worker", self.num_workers)
+        shard = self.shard
+        if not shard.initialized:
+            raise ProtocolError("push before the parameters were initialized (worker 0 sends init first)")
+        if msg.step != shard.version:
+            raise ProtocolError(f"push for step {msg.step}, but this server is at step {shard.version} (BSP)")
+        if rank in self.pending:
+            raise ProtocolError(f"worker {rank} already pushed for step {msg.step}")
+        shard.check_full_cover(msg.ranges, "push")
+        shard.check_arrays(msg.arrays, msg.ranges, msg.dtypes, "push")
+        shard.store_gradient(rank, msg.arrays, msg.ranges)
+        if not self.pending:
+            self.step_started = time.monotonic()
+        self.pending[rank] = (identity, msg.rid, msg.meta)
+        if len(self.pending) == self.num_workers:
+            self._average_step()
+
+    def _average_step(self):
+        shard = self.shard
+        shard.average(self.pending)
+        if self.optim.grad_clip > 0 and self.peers:
+            step = shard.version
+            mine = shard.local_sumsq()
+            self.norms.setdefault(step, {})[self.rank] = mine
+            for peer in self.peers.values():
+                peer.send(codec.encode(NORM, self.name, step=step, sumsq=mine))
+            self.awaiting_norms = True
+            self._maybe_finish_norms()
+        else:
+            self._finish_step(shard.local_sumsq() if self.optim.grad_clip > 0 else None)
+
+    def _on_norm(self, identity, msg):
+        self._need_shard(msg)
+        peer = parse_sender(msg.sender, "server", len(self.server_addrs))
+        if msg.step < self.shard.version:
+            raise ProtocolError(f"norm for step {msg.step} arrived after that step was applied")
+        self.norms.setdefault(msg.step, {})[peer] = float(msg.meta["sumsq"])
+        self._maybe_finish_norms()
+
+    def _maybe_finish_norms(self):
+        got = self.norms.get(self.shard.version, {})
+        if self.awaiting_norms and len(got) == len(self.server_addrs):
+            self.awaiting_norms = False
+            self._finish_step(sum(got[s] for s in sorted(got)))
+            self.norms.pop(self.shard.version - 1, None)
+
+    def _finish_step(self, global_sumsq):
+        shard = self.shard
+        metas = [self.pending[r][2] for r in sorted(self.pending)]
+        losses = [m["loss"] for m in metas if "loss" in m]
+        stats = {k: sum(m.get(k, 0) for m in metas) for k in ("tokens", "bytes_pushed", "bytes_pulled")}
+        shard.apply(global_sumsq)
+        extra = {"loss": sum(losses) / len(losses)} if losses else {}
+        for r in sorted(self.pending):
+            identity, rid, _ = self.pending[r]
+            self._send_params(identity, rid, stats=stats, **extra)
+        self.pending.clear()
+
+    def _on_done(self, identity, msg):
+        if self.members is None:
+            raise ProtocolError(f"done goes to the coordinator, not to {self.name}")
+        rank = parse_sender(msg.sender, "worker", self.num_workers)
+        all_done = self.members.mark_done(rank)
+        self._reply(identity, OK, msg.rid)
+        log.info("worker %d is done (%d of %d)", rank, len(self.members.done), self.num_workers)
+        if all_done:
+            for s, m in self.members.servers.items():
+                if s != 0:
+                    self._reply(m.identity, SHUTDOWN, 0, reason="every worker is done")
+            self.stopping = True
+
+    def _on_status(self, identity, msg):
+        status = {"rank": self.rank, "addr": self.addr, "version": self.shard.version if self.shard else -1,
+                  "uptime_s": round(time.monotonic() - self.started, 3), "refused": self.refused,
+                  "waiting_for": sorted(set(range(self.num_workers)) - set(self.pending)) if self.pending else []}
+        self._reply(identity, OK, msg.rid, status=status)
+
+    # --- deadlines ----------------------------------------------------------------------
+    def _check_deadlines(self):
+        now = time.monotonic()
+        if (self.pending or self.awaiting_norms) and now - self.step_started > self.cluster.timeout:
+            step = self.shard.version
+            if self.awaiting_norms:
+                got = self.norms.get(step, {})
+                missing = [f"server {s} at {self.server_addrs[s]}" for s in range(len(self.server_addrs)) if s not in got]
+                raise ServerError(f"step {step}: no gradient norm from {', '.join(missing)} within "
+                                  f"{self.cluster.timeout:.0f} s; is that server alive?")
+            missing = sorted(set(range(self.num_workers)) - set(self.pending))
+            raise ServerError(f"step {step}: worker(s) {missing} have not pushed within "
+                              f"{self.cluster.timeout:.0f} s of the first push (workers "
+                              f"{sorted(self.pending)} did); are they alive? see their logs")
+        expired = [p for p in self.deferred_pulls if now - p[2] > self.cluster.timeout]
+        for ident, rid, _ in expired:
+            self._reply(ident, ERROR, rid, message=f"the parameters were not initialized within "
+                                                   f"{self.cluster.timeout:.0f} s (worker 0 sends them)")
+        self.deferred_pulls = [p for p in self.deferred_pulls if p not in expired]

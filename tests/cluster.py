@@ -1,0 +1,72 @@
+"""Start real server processes for a test, and always end them (by PID) afterwards."""
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from common.transport import free_port
+
+ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+           PYTHONUNBUFFERED="1")
+
+
+class Servers:
+    """S server processes on 127.0.0.1 for W workers; logs in ``logdir``."""
+
+    def __init__(self, S, W, logdir, args=(), timeout=20.0):
+        self.S, self.W, self.logdir = S, W, logdir
+        self.coordinator = f"127.0.0.1:{free_port()}"
+        self.timeout = timeout
+        self.procs = []
+        for s in range(S):
+            log = open(os.path.join(logdir, f"server{s}.log"), "w")
+            cmd = [sys.executable, "-m", "paramserver", "--rank", str(s), "--num-servers", str(S),
+                   "--num-workers", str(W), "--coordinator", self.coordinator, "--timeout", str(timeout),
+                   *map(str, args)]
+            self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV))
+
+    def cluster(self, rank=-1, **kw):
+        from common.cluster import ClusterConfig
+        kw = dict(dict(num_servers=self.S, num_workers=self.W, coordinator=self.coordinator,
+                       timeout=self.timeout), **kw)
+        return ClusterConfig(rank=rank, **kw)
+
+    def log(self, s):
+        with open(os.path.join(self.logdir, f"server{s}.log")) as f:
+            return f.read()
+
+    def wait(self, timeout=30.0):
+        """Every server's exit code (raises if one is still running after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        return [p.wait(timeout=max(0.1, deadline - time.monotonic())) for p in self.procs]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def run_threads(fn, n, timeout=120.0):
+    """fn(rank) in n threads; re-raise the first exception; fail if one hangs."""
+    errors, results = [], [None] * n
+
+    def body(r):
+        try:
+            results[r] = fn(r)
+        except BaseException as e:   # noqa: BLE001 - reported to the test below
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "a worker thread hung"
+    if errors:
+        raise errors[0]
+    return results

@@ -1,0 +1,201 @@
+"""The worker's key-value API to the servers: register, init, pull, push (ps-lite's KVWorker).
+
+The client sees the model only as two flat vectors: it sends ``grads[b:e]`` to the
+server that owns ``[b, e)`` and writes the parameters that come back into
+``params[b:e]``. Requests to every server leave at once and the client then waits for
+all the answers (each request carries an id; a late answer to an old request is
+dropped). Every wait has a deadline; when it passes, the error names the servers that
+did not answer and their addresses.
+
+Usage (the "hello PS" script in scripts/ is a complete example):
+
+    client = PSClient(cluster, job)
+    job = client.register(layout, "float32")     # blocks until the whole job has registered
+    if client.rank == 0:
+        client.init(params)                      # worker 0 gives the servers the initial values
+    client.pull(params)                          # params[:] = the servers' values
+    for step in range(steps):
+        ...compute grads...
+        reply = client.push_pull(grads, params, step, loss=loss)   # BSP: returns after the update
+    client.done()
+
+Not here: sockets (``common/transport.py``), bytes (``common/codec.py``), the model.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import time
+
+from common import codec
+from common.cluster import ClusterConfig, JobConfig
+from common.config import to_dict
+from common.layout import Layout
+from common.protocol import DONE, ERROR, INIT, JOB, OK, PULL, PUSH, REGISTER, ProtocolError
+from common.transport import Dealer, Poller
+
+log = logging.getLogger("client")
+
+
+class RemoteError(RuntimeError):
+    """A server refused a request; the text says which server and why."""
+
+
+class DeadlineError(TimeoutError):
+    """A wait passed its deadline; the text names who did not answer."""
+
+
+class PSClient:
+    def __init__(self, cluster: ClusterConfig, job: JobConfig | None = None, role: str = "worker"):
+        self.cluster = cluster
+        self.job_cfg = job or JobConfig()
+        self.role = role
+        self.rank = cluster.rank
+        self.timeout = cluster.timeout
+        self._rid = itertools.count(1)
+        self.coord = Dealer(cluster.coordinator)
+        self.links: list[Dealer] = []           # one per server, in server rank order
+        self.servers: list[str] = []
+        self.chunks: list[list[tuple[int, int]]] = []   # per server: the ranges it owns
+        self.poller = Poller()
+        self.bytes_pushed = 0
+        self.bytes_pulled = 0
+        self.version = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}:{self.rank}"
+
+    # --- the job ------------------------------------------------------------------------
+    def register(self, layout: Layout, dtype: str) -> dict:
+        """Join the job; returns the coordinator's JOB answer once every process has
+        registered. Sets ``self.rank`` (assigned by the coordinator when it was -1)."""
+        meta = dict(role=self.role, rank=self.rank, host=socket.gethostname(), pid=os.getpid(),
+                    layout=layout.table(), layout_hash=layout.hash(), dtype=dtype,
+                    job=to_dict(self.job_cfg))
+        rid = next(self._rid)
+        self.coord.send(codec.encode(REGISTER, self.name if self.rank >= 0 else f"{self.role}:?",
+                                     rid=rid, **meta))
+        # wait a little longer than the coordinator does: when registration times out there,
+        # the coordinator's answer names who is missing, which this side cannot know
+        grace = max(5.0, 0.25 * self.timeout)
+        msg = self._wait_one(self.coord, rid, f"the coordinator at {self.coord.endpoint}",
+                             "registration (are all the servers and workers of the job started?)",
+                             timeout=self.timeout + grace)
+        if msg.cmd != JOB:
+            raise RemoteError(f"the coordinator answered {msg.cmd} to registration")
+        job = msg.meta
+        if job["layout_hash"] != layout.hash():
+            raise RemoteError(f"the job's layout hash {job['layout_hash']} differs from ours {layout.hash()}")
+        self.rank = job["rank"]
+        self.servers = list(job["servers"])
+        self.chunks = [[] for _ in self.servers]
+        for b, e, s in job["placement"]:
+            self.chunks[s].append((b, e))
+        for addr in self.servers:
+            link = Dealer(addr)
+            self.links.append(link)
+            self.poller.add(link)
+        log.info("registered as %s; servers %s", self.name, ", ".join(self.servers))
+        return job
+
+    def done(self):
+        """Tell the coordinator this worker has finished (it stops the servers after the last)."""
+        rid = next(self._rid)
+        self.coord.send(codec.encode(DONE, self.name, rid=rid))
+        self._wait_one(self.coord, rid, f"the coordinator at {self.coord.endpoint}", "done")
+
+    def close(self):
+        for s in [self.coord, *self.links]:
+            s.close()
+
+    # --- parameters and gradients ---------------------------------------------------------
+    def init(self, params):
+        """Worker 0: give every server its chunks of the initial parameters."""
+        self._all(INIT, params, step=0)
+
+    def pull(self, params) -> int:
+        """params[b:e] = the servers' values for every chunk; returns the version."""
+        replies = self._all(PULL, None, step=self.version)
+        self._write_params(replies, params)
+        return self.version
+
+    def push_pull(self, grads, params, step: int, **meta) -> dict:
+        """Push ``grads`` for ``step``; each server answers after its update with fresh
+        parameters, written into ``params``. Returns server 0's answer meta (it holds the
+        step's mean loss over the workers and summed counters under ``stats``)."""
+        meta = dict(meta, bytes_pushed=self.bytes_pushed, bytes_pulled=self.bytes_pulled)
+        replies = self._all(PUSH, grads, step=step, **meta)
+        self._write_params(replies, params)
+        return replies[0].meta
+
+    def _write_params(self, replies, params):
+        versions = set()
+        for s, msg in enumerate(replies):
+            for a, r in zip(msg.arrays, msg.ranges):
+                if r is None or r[1] > params.shape[0] or a.size != r[1] - r[0]:
+                    raise ProtocolError(f"server {s} sent parameters for a bad range {r}")
+                params[r[0]:r[1]] = a
+                self.bytes_pulled += a.nbytes
+            versions.add(msg.meta.get("version"))
+        if len(versions) != 1:
+            raise RemoteError(f"servers are at different versions {sorted(versions)}")
+        self.version = versions.pop()
+
+    # --- request/reply plumbing ---------------------------------------------------------
+    def _all(self, cmd, vector, step: int, **meta) -> list:
+        """Send ``cmd`` to every server (with its chunks of ``vector`` if given) and
+        wait for every answer; returns the answers in server order."""
+        rids = {}
+        for s, link in enumerate(self.links):
+            arrays = [vector[b:e] for b, e in self.chunks[s]] if vector is not None else []
+            ranges = list(self.chunks[s]) if vector is not None else None
+            rid = next(self._rid)
+            rids[rid] = s
+            link.send(codec.encode(cmd, self.name, step=step, rid=rid, arrays=arrays, ranges=ranges, **meta))
+            if cmd == PUSH:
+                self.bytes_pushed += sum(a.nbytes for a in arrays)
+        replies: list = [None] * len(self.links)
+        deadline = time.monotonic() + self.timeout
+        while rids:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = ", ".join(f"server {s} at {self.servers[s]}" for s in sorted(rids.values()))
+                raise DeadlineError(f"{self.name}: no answer to {cmd} (step {step}) within "
+                                    f"{self.timeout:.0f} s from {missing}; is it running? "
+                                    "see its log")
+            for link in self.poller.poll(min(left, 1.0) * 1000):
+                while link.poll(0):
+                    msg = self._decode(link.recv(), link.endpoint)
+                    if msg is None or msg.rid not in rids:
+                        continue
+                    s = rids.pop(msg.rid)
+                    if msg.cmd == ERROR:
+                        raise RemoteError(f"server {s} at {self.servers[s]} refused {cmd}: {msg.meta['message']}")
+                    replies[s] = msg
+        return replies
+
+    def _wait_one(self, sock, rid, who, what, timeout=None):
+        timeout = timeout or self.timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineError(f"{self.name}: {who} has not answered {what} within "
+                                    f"{timeout:.0f} s; is it running?")
+            if sock.poll(min(left, 1.0) * 1000):
+                msg = self._decode(sock.recv(), who)
+                if msg is None or msg.rid not in (rid, 0):
+                    continue
+                if msg.cmd == ERROR:
+                    raise RemoteError(f"{who} refused {what.split(' ')[0]}: {msg.meta['message']}")
+                return msg
+
+    def _decode(self, frames, who):
+        try:
+            return codec.decode(frames)
+        except ProtocolError as e:
+            log.warning("dropped a malformed answer from %s: %s", who, e)
+            return None
