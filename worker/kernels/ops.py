@@ -320,13 +320,18 @@ def softmax_crossentropy_backward(dlogits, dlosses, probs, targets):
 # AdamW over a flat vector
 
 def merge_ranges(ranges):
-    """Sorted, merged, non-empty [begin, end) pairs, flattened: [b0, e0, b1, e1, ...]."""
+    """Sorted, non-empty [begin, end) pairs, touching ones joined, flattened:
+    [b0, e0, b1, e1, ...]. Overlapping ranges are an error: the reference
+    (``common.optim``) would decay their overlap twice, which no caller means."""
     merged = []
     for b, e in sorted((int(b), int(e)) for b, e in ranges):
         if e <= b:
             continue
-        if merged and b <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], e)
+        if merged and b < merged[-1][1]:
+            raise ValueError(f"decay ranges overlap: [{merged[-1][0]}, {merged[-1][1]}) "
+                             f"and [{b}, {e})")
+        if merged and b == merged[-1][1]:
+            merged[-1][1] = e
         else:
             merged.append([b, e])
     return [x for pair in merged for x in pair]
