@@ -139,6 +139,7 @@ def layernorm_backward(dx, dw, db, dout, x, mean, rstd, w):
     k = loader.function("layernorm", f"layernorm_backward_dx<{ct}>")
     k(((N + 7) // 8,), (256,), (dx, dout, x, mean, rstd, w, _I64(N), _I32(C)))
     K, rows = _column_chunks(N)
+    # partial sums are in Acc<T>, which is T itself for the two compiled types
     part_w = cupy.empty((K, C), dtype=x.dtype)
     part_b = cupy.empty((K, C), dtype=x.dtype)
     k = loader.function("layernorm", f"layernorm_backward_dwdb_partial<{ct}>")
