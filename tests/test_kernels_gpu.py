@@ -1,0 +1,115 @@
+"""Every CUDA kernel on a real GPU against its NumPy layer, forward and backward.
+
+The checks are tests/kernel_checks.py (tolerances stated there, per kernel), the same
+that tests/test_kernels_emulated.py runs on the CPU emulator; here they run through
+CuPy, NVRTC and cuBLAS on the current CUDA device, plus GPT-2-sized shapes too slow
+to emulate. Skips, saying why, where CuPy is not installed or no CUDA device can be
+used. Run on a GPU machine with: pip install -e '.[gpu,test]'; pytest tests/test_kernels_gpu.py
+"""
+import numpy as np
+import pytest
+
+from tests import kernel_checks as kc
+from worker.kernels import loader
+
+cupy = pytest.importorskip("cupy", reason="CuPy not installed (pip install -e '.[gpu]')")
+try:
+    _n_devices = cupy.cuda.runtime.getDeviceCount()
+    _why = None if _n_devices > 0 else "no CUDA device"
+except Exception as e:   # no driver, or a driver too old for this CuPy
+    _why = f"CUDA unusable: {type(e).__name__}: {e}"
+pytestmark = pytest.mark.skipif(_why is not None, reason=str(_why))
+
+
+class CudaDevice:
+    def __init__(self):
+        self.xp = cupy
+        self.calls = {}
+
+    def to_dev(self, a):
+        return cupy.array(a)
+
+    def to_host(self, a):
+        return cupy.asnumpy(a)
+
+
+@pytest.fixture
+def dev(monkeypatch):
+    d = CudaDevice()
+    real = loader.function
+
+    def counting(family, name_expression):
+        d.calls[name_expression] = d.calls.get(name_expression, 0) + 1
+        return real(family, name_expression)
+
+    monkeypatch.setattr(loader, "function", counting)
+    yield d
+    cupy.cuda.Device().synchronize()       # a kernel fault surfaces in its own test
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20240)
+
+
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_embedding(dev, rng, dtype, index_dtype):
+    kc.check_embedding(dev, dtype, rng, index_dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [40, 300, 768])
+def test_layernorm(dev, rng, dtype, C):
+    kc.check_layernorm(dev, dtype, rng, C)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_bias(dev, rng, dtype):
+    kc.check_matmul_bias(dev, dtype, rng)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 37, 64, 300])
+def test_attention_att(dev, rng, dtype, T):
+    kc.check_attention_att(dev, dtype, rng, hs=16, T=T)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hs,T", [(16, 1), (16, 37), (16, 64), (64, 300), (80, 37), (128, 70)])
+def test_attention_lse(dev, rng, dtype, hs, T):
+    kc.check_attention_lse(dev, dtype, rng, hs=hs, T=T,
+                           expect_kernel=not (hs > 64 and dtype == np.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu(dev, rng, dtype):
+    kc.check_gelu(dev, dtype, rng)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual(dev, rng, dtype):
+    kc.check_residual(dev, dtype, rng)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V,BT,index_dtype", [(101, (2, 9), np.int64), (101, (2, 9), np.int32),
+                                               (8200, (1, 3), np.int64), (50257, (2, 33), np.int64)])
+def test_softmax_crossentropy(dev, rng, dtype, V, BT, index_dtype):
+    kc.check_softmax_ce(dev, dtype, rng, V, BT, index_dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adamw(dev, rng, dtype):
+    kc.check_adamw(dev, dtype, rng)
+
+
+def test_deterministic(dev, rng):
+    kc.check_deterministic(dev, np.float32, rng)
+
+
+def test_fallbacks(dev, rng):
+    kc.check_fallbacks(dev, rng)

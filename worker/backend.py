@@ -1,0 +1,107 @@
+"""Which array library the worker computes with: NumPy on the CPU, CuPy on a CUDA GPU.
+
+Chosen once per process (thinc's habit), from ``--device cpu|cuda``: ``cpu`` (the
+default) is NumPy and ``worker.layers``; ``cuda`` is CuPy and ``worker.kernels`` on the
+current CUDA device, and only when it can really run there: asking for ``cuda`` on a
+machine without CuPy, without a CUDA device, or with a driver too old for the CuPy
+build, raises ``BackendError`` naming which of the three is missing, never a silent
+fall back to the CPU.
+
+Not here: moving the model's buffers (``worker/model.py`` takes an array module), the
+pinned host buffers for push and pull (phase 2), several GPUs per process.
+"""
+from __future__ import annotations
+
+import numpy
+
+DEVICES = ("cpu", "cuda")
+
+
+class BackendError(RuntimeError):
+    """The device asked for cannot be used here; the message says what to install or fix."""
+
+
+_chosen: tuple | None = None    # (device, array module)
+
+
+def _cuda_module():
+    try:
+        import cupy
+    except ImportError as e:
+        raise BackendError(
+            f"--device cuda needs CuPy, which is not installed ({e}). Install the gpu "
+            "extra: pip install -e '.[gpu]' (CuPy for CUDA 13 with its NVRTC and cuBLAS), "
+            "or run with --device cpu.") from None
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:     # CUDARuntimeError: no driver, or one too old for this CuPy
+        raise BackendError(
+            f"--device cuda: CuPy {cupy.__version__} is installed but the CUDA driver "
+            f"cannot be used ({type(e).__name__}: {e}). Is there an NVIDIA GPU with a "
+            "driver recent enough for CUDA 13 (check nvidia-smi)? Or run with --device cpu."
+        ) from None
+    if n < 1:
+        raise BackendError("--device cuda: the CUDA driver reports no device. "
+                           "Check nvidia-smi and CUDA_VISIBLE_DEVICES, or run with --device cpu.")
+    return cupy
+
+
+def probe(device: str):
+    """The array module for ``device`` (``numpy`` or ``cupy``), without choosing it;
+    raises ``BackendError`` if it cannot be used here, ``ValueError`` if unknown."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+    return numpy if device == "cpu" else _cuda_module()
+
+
+def select(device: str = "cpu"):
+    """Choose the device of this process and return its array module. Choosing again
+    the same device is a no-op; choosing another one is an error (arrays of the first
+    choice would be mixed with the second's)."""
+    global _chosen
+    if _chosen is not None:
+        if _chosen[0] != device:
+            raise BackendError(f"this process already computes on {_chosen[0]!r}; "
+                               f"cannot switch to {device!r}")
+        return _chosen[1]
+    xp = probe(device)
+    _chosen = (device, xp)
+    return xp
+
+
+def current():
+    """(device, array module) chosen so far; ("cpu", numpy) until ``select`` is called."""
+    return _chosen if _chosen is not None else ("cpu", numpy)
+
+
+def ops_module(device: str):
+    """The layer functions for ``device``: ``worker.layers`` or ``worker.kernels``."""
+    probe(device)
+    if device == "cpu":
+        from worker import layers
+        return layers
+    from worker import kernels
+    return kernels
+
+
+def describe(device: str) -> str:
+    """One line for the start-up banner: what will compute."""
+    xp = probe(device)
+    if xp is numpy:
+        return f"cpu: NumPy {numpy.__version__}"
+    props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    return (f"cuda:{xp.cuda.Device().id} {name} (sm_{props['major']}{props['minor']}), "
+            f"CuPy {xp.__version__}")
+
+
+def to_host(x):
+    """A NumPy array of ``x`` (a copy from the GPU, or ``x`` itself on the CPU)."""
+    if type(x).__module__.split(".")[0] == "cupy":
+        return x.get()
+    return numpy.asarray(x)
+
+
+def _reset_for_tests():
+    global _chosen
+    _chosen = None
