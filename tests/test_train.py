@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from worker import checkpoint as ck
-from worker.train import METRICS, RUN_CONFIG, main, parse_configs, read_metrics
+from worker.train import METRICS, RUN_CONFIG, main, parse_configs, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
@@ -28,7 +28,7 @@ def text_file(tmp_path_factory):
 
 
 def run(args, capsys=None):
-    result = main([str(a) for a in args])
+    result = train(parse_configs([str(a) for a in args]))
     if capsys is not None:
         capsys.readouterr()
     return result
@@ -66,6 +66,10 @@ def test_resume_refuses_to_change_the_model(tmp_path, text_file, capsys):
     configs = parse_configs(["--resume", str(tmp_path), "--steps", "9", "--lr", "0.5"])
     assert configs["train"].steps == 9 and configs["optim"].lr == 0.5       # explicit flags win
     assert configs["model"].n_embd == 16 and configs["train"].out_dir == str(tmp_path)
+    with pytest.raises(SystemExit):
+        parse_configs(["--resume", str(tmp_path / "nothing")])
+    assert "is it a ps-train run folder" in capsys.readouterr().err
+    assert main(["--resume", str(tmp_path)]) is None            # ps-train exits 0: sys.exit(None)
 
 
 def test_lr_decay_follows_steps_unless_given():

@@ -12,6 +12,10 @@ steps and at the end. The run folder also holds ``run_config.json`` (the effecti
 configuration) so ``--resume`` rebuilds the same run: same model, optimizer state,
 data order, hence the same loss curve as a run that never stopped.
 
+After the weights are drawn from ``seed``, the only randomness is the data order, and
+the sampler's state is in the checkpoint: there is no other random generator to save
+(no dropout).
+
 The pieces a distributed worker reuses are plain functions: ``compute_gradients``,
 ``apply_update``, ``train_step``, ``evaluate``, ``MetricsWriter``. The distributed
 loop itself (pull, push, servers) lives in the worker's PS client, not here.
@@ -21,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -169,7 +172,10 @@ def parse_configs(argv=None) -> dict:
         if "lr_decay_steps" not in given:
             args.lr_decay_steps = args.steps
         return {k: from_args(cls, args) for k, cls in CONCERNS.items()}
-    saved = json.loads((Path(args.resume) / RUN_CONFIG).read_text())
+    try:
+        saved = json.loads((Path(args.resume) / RUN_CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        parser.error(f"--resume {args.resume}: cannot read {RUN_CONFIG} ({e}); is it a ps-train run folder?")
     configs = {}
     for key, cls in CONCERNS.items():
         d = dict(saved[key])
@@ -186,8 +192,14 @@ def parse_configs(argv=None) -> dict:
 
 # --- the loop --------------------------------------------------------------------------
 
-def main(argv=None) -> dict:
-    configs = parse_configs(argv)
+def main(argv=None):
+    """``ps-train``: parse the command line, train, exit 0."""
+    train(parse_configs(argv))
+
+
+def train(configs: dict) -> dict:
+    """Run the loop for ``{"model", "optim", "data", "train"}`` configs; return the final
+    figures (out_dir, val_loss, unigram_entropy, bigram_entropy, step)."""
     mc, oc, dc, tc = configs["model"], configs["optim"], configs["data"], configs["train"]
     out = Path(tc.out_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
