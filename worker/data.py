@@ -66,7 +66,7 @@ class DataConfig:
             raise ValueError(f"shard must be one of {', '.join(SHARD_STRATEGIES)}; got {self.shard!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)          # compared by identity: the bytes are an array
 class Document:
     name: str                     # "<relative path>#<piece number>"
     tokens: numpy.ndarray = field(repr=False)   # uint8 bytes

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
+from tqdm import tqdm
 
 from common.config import add_arguments, describe, dump_json, from_args, from_dict, to_dict
 from common.optim import OptimConfig, clip_scale, lr_at, make_optimizer, sum_of_squares
@@ -251,7 +252,6 @@ def train(configs: dict) -> dict:
         metrics.write(record)
     bar = None
     if tc.progress:
-        from tqdm import tqdm
         bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
     tokens_per_step = tc.batch_size * mc.block_size
     window_t, window_steps, last = 0.0, 0, {}
