@@ -1,0 +1,296 @@
+"""Train a GPT on one process: the reference loop, readable top to bottom (nanoGPT's shape).
+
+    python -m worker.train                      # ~1 minute on 2 cores, built-in corpus
+    python -m worker.train --help               # every flag, grouped by concern
+    python -m worker.train --resume runs/X --steps 2000   # continue a run exactly
+
+One step: zero the gradients, forward and backward on a batch, clip by global norm,
+optimizer update at the scheduled learning rate. Every ``eval_interval`` steps the
+loss on a fixed validation set; every ``log_interval`` steps a JSON line in
+``metrics.jsonl``; a checkpoint (``worker/checkpoint.py``) every ``ckpt_interval``
+steps and at the end. The run folder also holds ``run_config.json`` (the effective
+configuration) so ``--resume`` rebuilds the same run: same model, optimizer state,
+data order, hence the same loss curve as a run that never stopped.
+
+After the weights are drawn from ``seed``, the only randomness is the data order, and
+the sampler's state is in the checkpoint: there is no other random generator to save
+(no dropout).
+
+The pieces a distributed worker reuses are plain functions: ``compute_gradients``,
+``apply_update``, ``train_step``, ``evaluate``, ``MetricsWriter``. The distributed
+loop itself (pull, push, servers) lives in the worker's PS client, not here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+from tqdm import tqdm
+
+from common.config import add_arguments, describe, dump_json, from_args, from_dict, to_dict
+from common.optim import OptimConfig, clip_scale, lr_at, make_optimizer, sum_of_squares
+from worker import checkpoint
+from worker.data import (BatchSampler, DataConfig, bigram_entropy, load_data, unigram_entropy,
+                         validation_batches)
+from worker.model import GPT, GPTConfig
+
+RUN_CONFIG = "run_config.json"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """How long to train, how often to look, where to write."""
+    batch_size: int = 16          # sequences per step (B)
+    steps: int = 800              # total optimizer steps of the run (a resumed run continues up to this)
+    eval_interval: int = 100      # validation loss every this many steps (and at the end)
+    eval_batches: int = 8         # batches in the fixed validation set
+    log_interval: int = 10        # a metrics.jsonl line every this many steps
+    ckpt_interval: int = 0        # checkpoint every this many steps (0 = only at the end)
+    seed: int = 0                 # seeds the weights, the data order and the random shards
+    out_dir: str = ""             # run folder ('' = runs/<timestamp>; with --resume, the resumed folder)
+    resume: str = ""              # run folder to continue from its checkpoint
+    progress: bool = True         # show a tqdm progress bar (off: a line per log step)
+
+    def __post_init__(self):
+        for name in ("batch_size", "steps", "eval_interval", "eval_batches", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ckpt_interval < 0:
+            raise ValueError(f"ckpt_interval must be >= 0, got {self.ckpt_interval}")
+
+
+# Defaults of the single-process run, chosen to learn visibly in about a minute on two
+# cores; they override the dataclasses' defaults for this command only.
+# --lr-decay-steps, unless given, follows --steps (the cosine ends with the run).
+TRAIN_DEFAULTS = dict(block_size=64, n_layer=3, n_head=4, n_embd=96,
+                      lr=3e-3, warmup_steps=20, min_lr=3e-4, grad_clip=1.0)
+
+
+# --- one step, reusable by the distributed worker ----------------------------------------
+
+def compute_gradients(model: GPT, idx, targets) -> float:
+    """Zero ``model.grads``, then forward and backward on one batch; return its loss."""
+    model.zero_grad()
+    loss = model.forward(idx, targets)
+    model.backward()
+    return loss
+
+
+def apply_update(model: GPT, optimizer, cfg: OptimConfig, step: int) -> tuple[float, float]:
+    """Clip ``model.grads`` by global norm and take optimizer step number ``step`` (0-based).
+    Return (learning rate, gradient norm before clipping)."""
+    norm = math.sqrt(sum_of_squares(model.grads))
+    lr = lr_at(cfg, step)
+    optimizer.step(model.params, model.grads, lr, clip_scale(norm, cfg.grad_clip))
+    return lr, norm
+
+
+def train_step(model: GPT, optimizer, cfg: OptimConfig, step: int, idx, targets) -> dict:
+    """One full step on one process: gradients, clip, update."""
+    loss = compute_gradients(model, idx, targets)
+    lr, norm = apply_update(model, optimizer, cfg, step)
+    return {"loss": loss, "lr": lr, "grad_norm": norm}
+
+
+def evaluate(model: GPT, batches) -> float:
+    """Mean loss over a fixed list of (idx, targets) batches; touches no gradient."""
+    return float(numpy.mean([model.forward(idx, targets) for idx, targets in batches]))
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``path`` and flushes it, so a crash loses
+    nothing written. ``keep_until=s`` first drops lines past step ``s``: the lines a
+    crashed run wrote after the checkpoint it resumes from."""
+
+    def __init__(self, path, keep_until: int | None = None):
+        self.path = Path(path)
+        if keep_until is not None and self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= keep_until]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        self._f = open(self.path, "a")
+
+    def write(self, record: dict):
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self):
+        self._f.close()
+
+
+def read_metrics(path) -> list[dict]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+# --- configuration ---------------------------------------------------------------------
+
+CONCERNS = {"model": GPTConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ps-train", description="Train a byte-level GPT-2 on one process (the reference "
+        "loop of the parameter-server workers). With no --data it trains on this Python's "
+        "standard-library sources: no download.",
+        epilog="Writes run_config.json, metrics.jsonl and a GPT-2 checkpoint (model.safetensors, "
+               "config.json) into the run folder; sample from it with scripts/generate.py.")
+    add_arguments(parser, TrainConfig, "training")
+    add_arguments(parser, GPTConfig, "model (GPT-2 shape)")
+    add_arguments(parser, OptimConfig, "optimizer")
+    add_arguments(parser, DataConfig, "data")
+    parser.set_defaults(**TRAIN_DEFAULTS)
+    for group in parser._action_groups:            # keep the help's "(default: ...)" truthful
+        for action in group._group_actions:
+            if action.dest in TRAIN_DEFAULTS and action.help and "(default:" in action.help:
+                action.help = action.help.rsplit("(default:", 1)[0] + f"(default: {TRAIN_DEFAULTS[action.dest]!r})"
+            if action.dest == "lr_decay_steps":
+                action.help = action.help.rsplit("(default:", 1)[0] + "(default: --steps)"
+    return parser
+
+
+def given_flags(argv) -> set:
+    """The dests of the flags typed on the command line (not those left at their default)."""
+    marker = object()
+    probe = build_parser()
+    probe.set_defaults(**{a.dest: marker for a in probe._actions if a.dest != "help"})
+    return {k for k, v in vars(probe.parse_args(argv)).items() if v is not marker}
+
+
+def parse_configs(argv=None) -> dict:
+    """{"model", "optim", "data", "train"} configs from the command line. With ``--resume``,
+    the saved run's configuration, overridden only by flags given explicitly."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = given_flags(argv)
+    if not args.resume:
+        if "lr_decay_steps" not in given:
+            args.lr_decay_steps = args.steps
+        return {k: from_args(cls, args) for k, cls in CONCERNS.items()}
+    try:
+        saved = json.loads((Path(args.resume) / RUN_CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        parser.error(f"--resume {args.resume}: cannot read {RUN_CONFIG} ({e}); is it a ps-train run folder?")
+    configs = {}
+    for key, cls in CONCERNS.items():
+        d = dict(saved[key])
+        d.update({k: getattr(args, k) for k in d if k in given})
+        configs[key] = from_dict(cls, d, f"{args.resume}/{RUN_CONFIG} [{key}]")
+    configs["train"].resume = args.resume
+    if "out_dir" not in given:
+        configs["train"].out_dir = args.resume
+    changed = [k for key in ("model", "data") for k, v in to_dict(configs[key]).items() if saved[key][k] != v]
+    if changed:
+        parser.error(f"--resume cannot change the model or the data: {changed}")
+    return configs
+
+
+# --- the loop --------------------------------------------------------------------------
+
+def main(argv=None):
+    """``ps-train``: parse the command line, train, exit 0."""
+    train(parse_configs(argv))
+
+
+def train(configs: dict) -> dict:
+    """Run the loop for ``{"model", "optim", "data", "train"}`` configs; return the final
+    figures (out_dir, val_loss, unigram_entropy, bigram_entropy, step)."""
+    mc, oc, dc, tc = configs["model"], configs["optim"], configs["data"], configs["train"]
+    out = Path(tc.out_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    tc.out_dir = str(out)
+    print(describe(configs))
+
+    # data: this process is worker 0 of 1, so it trains on every training document
+    data = load_data(dc, rank=0, num_workers=1, seed=tc.seed)
+    print(data.summary)
+    if mc.vocab_size < 256:
+        raise SystemExit(f"--vocab-size {mc.vocab_size}: byte tokens need at least 256")
+    sampler = BatchSampler(data.train, tc.batch_size, mc.block_size, seed=tc.seed)
+    val_set = validation_batches(data.val, tc.batch_size, mc.block_size, tc.eval_batches)
+    entropy, entropy2 = unigram_entropy(data.train), bigram_entropy(data.train)
+
+    # model and optimizer
+    model = GPT(mc, seed=tc.seed)
+    optimizer = make_optimizer(oc, model.num_params(), model.dtype, model.layout.decay_ranges())
+    print(f"model: {model.num_params():,} parameters, layout {model.layout.hash()}; "
+          f"entropy of the training bytes: unigram {entropy:.4f} nats, bigram {entropy2:.4f} "
+          f"(uniform: {math.log(256):.4f})")
+
+    step, elapsed0, start = 0, 0.0, time.perf_counter()
+    if tc.resume:
+        checkpoint.load_model_into(model, tc.resume)
+        st = checkpoint.load_trainer_state(tc.resume, expected_size=model.num_params())
+        if st["state"].get("optimizer_name") != oc.optimizer:
+            raise SystemExit(f"--resume: the checkpoint's optimizer is {st['state'].get('optimizer_name')}, "
+                             f"not {oc.optimizer}")
+        optimizer.load_state_dict(st["optimizer"])
+        sampler.load_state_dict(st["state"]["sampler"])
+        step, elapsed0 = st["step"], float(st["state"]["elapsed_s"])
+        print(f"resumed from {tc.resume} at step {step}")
+    (out / RUN_CONFIG).write_text(dump_json(configs) + "\n")
+    metrics = MetricsWriter(out / METRICS, keep_until=step)
+    record = dict(step=step, fingerprint=data.fingerprint, unigram_entropy=entropy, bigram_entropy=entropy2)
+
+    def elapsed():                 # wall time of the run, over every resume
+        return elapsed0 + time.perf_counter() - start
+
+    def save(step):
+        checkpoint.save_model(out, model, step)
+        checkpoint.save_trainer_state(out, step, optimizer.state_dict(), {
+            "sampler": sampler.state_dict(), "elapsed_s": elapsed(), "optimizer_name": oc.optimizer,
+            "data_fingerprint": data.fingerprint})
+
+    if step == 0:
+        record["val_loss"] = evaluate(model, val_set)
+        metrics.write(record)
+    bar = None
+    if tc.progress:
+        bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    tokens_per_step = tc.batch_size * mc.block_size
+    window_t, window_steps, last = 0.0, 0, {}
+    while step < tc.steps:
+        idx, targets = sampler.next_batch()
+        t0 = time.perf_counter()
+        last = train_step(model, optimizer, oc, step, idx, targets)
+        dt = time.perf_counter() - t0
+        step += 1
+        window_t, window_steps = window_t + dt, window_steps + 1
+        tps = tokens_per_step * window_steps / max(window_t, 1e-9)
+        record = {"step": step, "loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"]}
+        if step % tc.eval_interval == 0 or step == tc.steps:
+            record["val_loss"] = evaluate(model, val_set)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"loss {last['loss']:.3f} {tps:,.0f} tok/s"
+                                + (f" val {record['val_loss']:.3f}" if "val_loss" in record else ""),
+                                refresh=False)
+        if step % tc.log_interval == 0 or "val_loss" in record:
+            record.update(tokens_per_s=tps, elapsed_s=elapsed())
+            metrics.write(record)
+            window_t, window_steps = 0.0, 0
+            if bar is None:
+                print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
+                      flush=True)
+        if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < tc.steps:
+            save(step)
+    if bar is not None:
+        bar.close()
+    save(step)
+    metrics.close()
+    val = evaluate(model, val_set)
+    print(f"final validation loss {val:.4f} nats vs unigram entropy {entropy:.4f} nats of the training "
+          f"bytes ({val - entropy:+.4f}); bigram {entropy2:.4f}, uniform {math.log(256):.4f}")
+    print(f"checkpoint: {out}/{checkpoint.MODEL_FILE}; sample: python scripts/generate.py {out}")
+    return {"out_dir": str(out), "val_loss": val, "unigram_entropy": entropy,
+            "bigram_entropy": entropy2, "step": step}
+
+
+if __name__ == "__main__":
+    main()
