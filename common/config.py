@@ -43,9 +43,13 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, title: str | None = None, skip=()):
-    """Add one flag per field of dataclass ``cls`` (``n_layer`` -> ``--n-layer``), defaults
-    taken from the class, help from its comments. Fields named in ``skip`` are left out."""
+def add_arguments(parser: argparse.ArgumentParser, cls, title: str | None = None, skip=(), defaults=None,
+                  default_text=None):
+    """Add one flag per field of dataclass ``cls`` (``n_layer`` -> ``--n-layer``), help from
+    its comments, defaults from the class unless ``defaults`` (field -> value) overrides
+    them for this command; ``default_text`` (field -> words) replaces the "(default: X)"
+    of a field whose default the command computes. Fields in ``skip`` are left out."""
+    defaults, default_text = defaults or {}, default_text or {}
     group = parser.add_argument_group(title or cls.__name__)
     helps, types = field_help(cls), _field_types(cls)
     choices = getattr(cls, "CHOICES", {})          # optional class attribute: field -> allowed values
@@ -53,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, title: str | None = None
         if f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = defaults.get(f.name, default)
         typ = types[f.name]
         text = helps.get(f.name, "").replace("%", "%%")   # argparse formats help with %
         if typ is bool:
@@ -63,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, title: str | None = None
             group.add_argument(_flag(f.name), dest=f.name, type=conv, default=default,
                                choices=choices.get(f.name),
                                metavar=None if f.name in choices else typ.__name__.upper(),
-                               help=f"{text} (default: {default!r})")
+                               help=f"{text} (default: {default_text.get(f.name, repr(default))})")
     return group
 
 

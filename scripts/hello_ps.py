@@ -15,6 +15,7 @@ from worker.client import PSClient
 S, W, STEPS, LR = 2, 2, 200, 0.1
 coord = f"127.0.0.1:{free_port()}"
 servers = [subprocess.Popen([sys.executable, "-m", "paramserver", "--rank", str(s), "--num-servers", str(S),
+                             "--bind", f"tcp://127.0.0.1:{coord.split(':')[1] if s == 0 else '*'}",
                              "--num-workers", str(W), "--coordinator", coord, "--optimizer", "sgd",
                              "--lr", str(LR), "--log-level", "WARNING"]) for s in range(S)]
 layout = Layout([("w", (4,)), ("b", (1,))])               # the whole "model": 5 numbers

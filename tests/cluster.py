@@ -21,7 +21,8 @@ class Servers:
         self.procs = []
         for s in range(S):
             log = open(os.path.join(logdir, f"server{s}.log"), "w")
-            cmd = [sys.executable, "-m", "paramserver", "--rank", str(s), "--num-servers", str(S),
+            bind = f"tcp://{self.coordinator}" if s == 0 else "tcp://127.0.0.1:*"
+            cmd = [sys.executable, "-m", "paramserver", "--rank", str(s), "--bind", bind, "--num-servers", str(S),
                    "--num-workers", str(W), "--coordinator", self.coordinator, "--timeout", str(timeout),
                    *map(str, args)]
             self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV))

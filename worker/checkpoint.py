@@ -24,13 +24,12 @@ Not here: the server's shard checkpoints (``paramserver/checkpoint.py``), downlo
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy
 from safetensors.numpy import load as st_load, save as st_save
 
+from common.files import atomic_write  # noqa: F401  (re-exported: checkpoint.atomic_write)
 from worker.model import GPT, GPTConfig
 
 MODEL_FILE = "model.safetensors"
@@ -43,31 +42,6 @@ _HF_EXTRAS = (".attn.bias", ".attn.masked_bias")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with what was expected and what was found."""
-
-
-def atomic_write(path, data: bytes):
-    """Write ``data`` to ``path`` so that readers see the old file or the new, never a mix."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)      # mkstemp makes 0600; a checkpoint is for sharing
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:                                  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass                              # some filesystems cannot fsync a folder
 
 
 # --- config.json ------------------------------------------------------------------------

@@ -126,6 +126,9 @@ class PSClient:
         """Push ``grads`` for ``step``; each server answers after its update with fresh
         parameters, written into ``params``. Returns server 0's answer meta (it holds the
         step's mean loss over the workers and summed counters under ``stats``)."""
+        # the counters travel with the push: bytes pushed including this push, bytes pulled
+        # until now (server 0 sums them over the workers into the answer's ``stats``)
+        self.bytes_pushed += sum(grads[b:e].nbytes for chunks in self.chunks for b, e in chunks)
         meta = dict(meta, bytes_pushed=self.bytes_pushed, bytes_pulled=self.bytes_pulled)
         replies = self._all(PUSH, grads, step=step, **meta)
         self._write_params(replies, params)
@@ -155,8 +158,6 @@ class PSClient:
             rid = next(self._rid)
             rids[rid] = s
             link.send(codec.encode(cmd, self.name, step=step, rid=rid, arrays=arrays, ranges=ranges, **meta))
-            if cmd == PUSH:
-                self.bytes_pushed += sum(a.nbytes for a in arrays)
         replies: list = [None] * len(self.links)
         deadline = time.monotonic() + self.timeout
         while rids:

@@ -142,16 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Writes run_config.json, metrics.jsonl and a GPT-2 checkpoint (model.safetensors, "
                "config.json) into the run folder; sample from it with scripts/generate.py.")
     add_arguments(parser, TrainConfig, "training")
-    add_arguments(parser, GPTConfig, "model (GPT-2 shape)")
-    add_arguments(parser, OptimConfig, "optimizer")
+    add_arguments(parser, GPTConfig, "model (GPT-2 shape)", defaults=TRAIN_DEFAULTS)
+    add_arguments(parser, OptimConfig, "optimizer", defaults=TRAIN_DEFAULTS,
+                  default_text={"lr_decay_steps": "--steps"})
     add_arguments(parser, DataConfig, "data")
-    parser.set_defaults(**TRAIN_DEFAULTS)
-    for group in parser._action_groups:            # keep the help's "(default: ...)" truthful
-        for action in group._group_actions:
-            if action.dest in TRAIN_DEFAULTS and action.help and "(default:" in action.help:
-                action.help = action.help.rsplit("(default:", 1)[0] + f"(default: {TRAIN_DEFAULTS[action.dest]!r})"
-            if action.dest == "lr_decay_steps":
-                action.help = action.help.rsplit("(default:", 1)[0] + "(default: --steps)"
     return parser
 
 

@@ -1,0 +1,247 @@
+"""``ps-local``: a whole job on this machine with one command.
+
+Starts S servers and W workers as separate processes (exactly the commands a user
+would type by hand, see README), shows one progress bar for the job, and writes the
+run folder:
+
+    runs/<timestamp>/
+        run_config.json    the effective configuration of the job
+        metrics.jsonl      one line per step: loss, val_loss, tokens/s, bytes on the wire
+        logs/server-0.log  one log per process
+        model.safetensors  the final weights (GPT-2 names) + config.json for GPT-2 tooling
+        sample.txt         text sampled from the final model
+
+If any process dies, the others are stopped and the command exits non-zero, naming
+the process and its log. Ctrl-C stops every process (TERM, then KILL after a grace
+period); none is left behind.
+
+This module starts processes; it imports neither role. Flags for the optimizer and
+the consistency model go to the servers (and the job flags to the workers too); every
+other flag goes to the workers, which check them before anything starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common.cluster import JobConfig
+from common.config import add_arguments, from_args, to_dict
+from common.optim import OptimConfig
+from common.transport import free_port
+
+GRACE_S = 5.0      # after TERM, how long a process gets before KILL
+# The optimizer of the single-process trainer's small GPT (worker/train.py TRAIN_DEFAULTS;
+# a test keeps the two equal), so a ps-local run and a ps-train run compare.
+OPTIM_DEFAULTS = dict(lr=3e-3, warmup_steps=20, min_lr=3e-4, grad_clip=1.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ps-local", allow_abbrev=False,
+        description="Run a parameter-server job on this machine: S servers and W workers as separate "
+                    "processes, one progress bar, a run folder with config, metrics, logs, final weights "
+                    "and a text sample. Flags not listed here go to every worker: see "
+                    "`python -m worker --help` for the model, data and training flags "
+                    "(e.g. --n-layer, --batch-size, --data PATH).")
+    g = p.add_argument_group("the job")
+    g.add_argument("--servers", type=int, default=2, help="number of server processes S (default: 2)")
+    g.add_argument("--workers", type=int, default=2, help="number of worker processes W (default: 2)")
+    g.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
+    g.add_argument("--out", default="", help="run folder (default: runs/<timestamp>)")
+    g.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (default: a free one)")
+    g.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds any wait may last inside the job before it fails (default: 60)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="BLAS threads per process (default: the cores divided among the processes, at least 1)")
+    g.add_argument("--no-progress", action="store_true", help="print a line per evaluation instead of a bar")
+    add_arguments(p, JobConfig, "consistency (every process)")
+    add_arguments(p, OptimConfig, "optimizer (servers)", defaults=dict(OPTIM_DEFAULTS, lr_decay_steps=None),
+                  default_text={"lr_decay_steps": "--steps"})
+    return p
+
+
+def _flags(cfg) -> list[str]:
+    out = []
+    for k, v in to_dict(cfg).items():
+        out += ["--" + k.replace("_", "-"), str(v)]
+    return out
+
+
+class Job:
+    """The processes of one local job, and how to stop them."""
+
+    def __init__(self, out: Path, threads: int):
+        self.out = out
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+                        MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, cmd: list[str]):
+        log = open(self.logs / f"{name}.log", "w")
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True)   # our signals, not the terminal's
+
+    def failed(self):
+        """(name, exit code) of the first process that exited non-zero, or None."""
+        for name, p in self.procs.items():
+            code = p.poll()
+            if code not in (None, 0):
+                return name, code
+        return None
+
+    def running(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() is None]
+
+    def stop(self):
+        """TERM every running process, then KILL what is left after the grace period."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + GRACE_S
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def tail(self, name: str, lines: int = 15) -> str:
+        text = (self.logs / f"{name}.log").read_text(errors="replace").splitlines()
+        return "\n".join("    " + line for line in text[-lines:])
+
+
+def _read_new_metrics(path: Path, pos: int):
+    """New complete JSON lines of metrics.jsonl since byte ``pos``."""
+    if not path.exists():
+        return [], pos
+    with open(path) as f:
+        f.seek(pos)
+        chunk = f.read()
+    if not chunk.endswith("\n"):
+        chunk = chunk[:chunk.rfind("\n") + 1]
+    records = [json.loads(line) for line in chunk.splitlines() if line.strip()]
+    return records, pos + len(chunk.encode())
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args, worker_args = parser.parse_known_args(argv)
+    if args.lr_decay_steps is None:              # the cosine ends with the run
+        args.lr_decay_steps = args.steps
+    try:
+        job, optim = from_args(JobConfig, args), from_args(OptimConfig, args)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.servers < 1 or args.workers < 1 or args.steps < 1:
+        parser.error("--servers, --workers and --steps must be >= 1")
+    out = Path(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
+    if out.exists() and any(out.iterdir()):
+        parser.error(f"run folder {out} already exists and is not empty; choose another --out")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // (args.servers + args.workers))
+    port = args.port or free_port()
+    coord = f"127.0.0.1:{port}"
+    py = sys.executable
+    common = ["--num-servers", str(args.servers), "--num-workers", str(args.workers),
+              "--coordinator", coord, "--timeout", str(args.timeout)] + _flags(job)
+    worker_cmd = [py, "-m", "worker", *common, "--steps", str(args.steps), "--out", str(out), *worker_args]
+
+    # the workers' flags are checked before anything starts, so a typo fails in a second
+    check = subprocess.run(worker_cmd + ["--dry-run"], capture_output=True, text=True)
+    if check.returncode != 0:
+        sys.stderr.write(check.stderr or check.stdout)
+        return 2
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.json").write_text(json.dumps({
+        "launcher": {"servers": args.servers, "workers": args.workers, "steps": args.steps,
+                     "coordinator": coord, "threads": threads, "timeout": args.timeout},
+        "job": to_dict(job), "optimizer": to_dict(optim), "worker_args": worker_args,
+        "worker": json.loads(check.stdout) if check.stdout.strip().startswith("{") else {},
+    }, indent=2) + "\n")
+    print(f"ps-local: {args.servers} server(s), {args.workers} worker(s), {args.steps} steps, "
+          f"mode {job.mode}, {threads} BLAS thread(s) per process; run folder {out}")
+
+    run = Job(out, threads)
+    interrupted = False
+    try:
+        for s in range(args.servers):
+            bind = f"tcp://127.0.0.1:{port if s == 0 else '*'}"      # a local job stays on loopback
+            run.start(f"server-{s}", [py, "-m", "paramserver", "--rank", str(s), "--bind", bind, *common,
+                                      *_flags(optim)])
+        for r in range(args.workers):
+            run.start(f"worker-{r}", worker_cmd + ["--rank", str(r), "--no-progress"])
+        return _watch(run, out, args)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\nps-local: interrupted; stopping every process", file=sys.stderr)
+        return 130
+    finally:
+        run.stop()
+        if interrupted:
+            left = [n for n, p in run.procs.items() if p.poll() is None]
+            print(f"ps-local: stopped ({'all processes ended' if not left else 'still running: ' + ', '.join(left)})",
+                  file=sys.stderr)
+
+
+def _watch(run: Job, out: Path, args) -> int:
+    from tqdm import tqdm
+    metrics, pos, last = out / "metrics.jsonl", 0, {}
+    bar = None if args.no_progress else tqdm(total=args.steps, unit="step", dynamic_ncols=True)
+    try:
+        while run.running():
+            dead = run.failed()
+            if dead:
+                name, code = dead
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                print(f"\nps-local: {name} {how}; stopping the job. Its log is {run.logs / (name + '.log')}; "
+                      f"the end of it:\n{run.tail(name)}", file=sys.stderr)
+                return 1
+            records, pos = _read_new_metrics(metrics, pos)
+            for rec in records:
+                last.update({k: v for k, v in rec.items() if v is not None})
+                if bar is not None:
+                    bar.n = rec.get("step", bar.n)
+                    post = {"loss": f"{last.get('loss', float('nan')):.3f}",
+                            "tok/s": f"{last.get('tokens_per_s', 0):,.0f}"}
+                    if "val_loss" in last:
+                        post["val"] = f"{last['val_loss']:.3f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.refresh()
+                elif rec.get("val_loss") is not None:
+                    print(f"step {rec['step']}: loss {rec.get('loss', float('nan')):.4f} "
+                          f"val_loss {rec['val_loss']:.4f}")
+            time.sleep(0.2)
+    finally:
+        if bar is not None:
+            bar.close()
+    dead = run.failed()
+    if dead:
+        name, code = dead
+        print(f"ps-local: {name} exited with code {code}; its log is {run.logs / (name + '.log')}:\n"
+              f"{run.tail(name)}", file=sys.stderr)
+        return 1
+    records, pos = _read_new_metrics(metrics, pos)
+    for rec in records:
+        last.update({k: v for k, v in rec.items() if v is not None})
+    print(f"ps-local: done. final loss {last.get('loss', float('nan')):.4f}, "
+          f"validation loss {last.get('val_loss', float('nan')):.4f}")
+    sample = out / "sample.txt"
+    if sample.exists():
+        print("sample from the final model:\n" + "-" * 60 + "\n" + sample.read_text(errors="replace")
+              + "\n" + "-" * 60)
+    print(f"run folder: {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""``python -m worker``: start one worker of a parameter-server job.
+
+It registers with the coordinator (server 0), trains on its shard of the data, pushes
+its gradients to the servers and pulls the parameters back, step after step. See
+``worker/distributed.py`` for the loop and ``python -m worker --help`` for the flags;
+``ps-local`` starts a whole job on one machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+
+from common import log as logsetup
+from common.cluster import ClusterConfig, JobConfig, add_cluster_arguments
+from common.config import add_arguments, describe, from_args, to_dict
+from worker.data import DataConfig
+from worker.distributed import WorkerConfig
+from worker.model import GPTConfig
+from worker.train import TRAIN_DEFAULTS
+
+CONCERNS = {"cluster": ClusterConfig, "job": JobConfig, "model": GPTConfig, "data": DataConfig,
+            "worker": WorkerConfig}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m worker",
+        description="A parameter-server worker: computes the GPT's gradients on its shard of the data, "
+                    "pushes them to the servers, pulls the updated parameters back. Every worker of a job "
+                    "should get the same model, data and worker flags; the optimizer lives on the servers.")
+    add_cluster_arguments(p)
+    add_arguments(p, JobConfig, "job (identical on every process)")
+    add_arguments(p, GPTConfig, "model (GPT-2 shape; identical on every worker)", defaults=TRAIN_DEFAULTS)
+    add_arguments(p, DataConfig, "data")
+    add_arguments(p, WorkerConfig, "training")
+    p.add_argument("--no-progress", action="store_true", help="(accepted for launchers; workers log lines)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the flags, print the effective configuration as JSON, and exit")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        configs = {k: from_args(cls, args) for k, cls in CONCERNS.items()}
+    except ValueError as e:
+        parser.error(str(e))
+    if args.dry_run:
+        print(json.dumps({k: to_dict(v) for k, v in configs.items()}))
+        return 0
+    log = logsetup.setup(f"worker:{configs['cluster'].rank if configs['cluster'].rank >= 0 else '?'}",
+                         args.log_level)
+    log.info("effective configuration:\n%s", describe(configs))
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_term)
+
+    from common.transport import TransportError
+    from worker.client import DeadlineError, RemoteError
+    from worker.distributed import run
+    try:
+        run(configs["cluster"], configs["job"], configs["model"], configs["data"], configs["worker"])
+        return 0
+    except (DeadlineError, RemoteError, TransportError) as e:
+        log.error("%s", e)
+        return 1
+    except (ValueError, OSError) as e:          # bad data path, data too small for the shard...
+        log.error("cannot train: %s", e)
+        return 1
+    except KeyboardInterrupt:
+        log.info("interrupted; stopping")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

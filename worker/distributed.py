@@ -1,0 +1,128 @@
+"""The distributed worker: the single-process loop with the optimizer moved to the servers.
+
+One worker, top to bottom:
+
+    register with the coordinator          -> rank r, the servers, who owns which chunk
+    load data shard r of W                 (worker/data.py)
+    worker 0: init the servers             with its freshly initialised parameters
+    pull                                   params <- the servers
+    repeat for each step t:
+        forward + backward on a batch      grads (this worker's shard of the batch)
+        push grads, get params back        BSP: the servers average over every worker,
+                                           step the optimizer, answer with fresh params
+        worker 0: log, evaluate
+    done                                   the coordinator stops the servers after the last worker
+    worker 0: save model.safetensors, sample text
+
+Compare with ``worker/train.py``: the loop is the same, except that
+``apply_update(model, optimizer, ...)`` became ``client.push_pull(grads, params, ...)``.
+
+Not here: sockets or bytes (``worker/client.py`` and ``common/``), the layers.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.cluster import ClusterConfig, JobConfig
+from worker import checkpoint
+from worker.client import PSClient
+from worker.data import BatchSampler, DataConfig, load_data, unigram_entropy, validation_batches
+from worker.model import GPT, GPTConfig
+from worker.sample import generate
+from worker.train import METRICS, MetricsWriter, compute_gradients, evaluate
+
+log = logging.getLogger("worker")
+
+
+@dataclass
+class WorkerConfig:
+    """How a worker trains (every worker of a job should get the same values)."""
+    batch_size: int = 16          # sequences per step on THIS worker (the job's batch is W times this)
+    steps: int = 300              # training steps (BSP: every worker takes the same number)
+    eval_interval: int = 50       # worker 0: validation loss every this many steps (and at the end)
+    eval_batches: int = 8         # batches in the fixed validation set
+    log_interval: int = 5         # worker 0: a metrics.jsonl line every this many steps
+    seed: int = 0                 # seeds the initial weights (worker 0's are used) and the data order
+    out: str = ""                 # run folder for worker 0's metrics, model and sample ('' = runs/<timestamp>)
+    sample_bytes: int = 300       # worker 0: bytes of text to sample from the final model (0 = none)
+
+    def __post_init__(self):
+        for name in ("batch_size", "steps", "eval_interval", "eval_batches", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sample_bytes < 0:
+            raise ValueError(f"sample_bytes must be >= 0, got {self.sample_bytes}")
+
+
+def run(cluster: ClusterConfig, job: JobConfig, mc: GPTConfig, dc: DataConfig, wc: WorkerConfig) -> dict:
+    client = PSClient(cluster, job)
+    try:
+        return _run(client, cluster, mc, dc, wc)
+    finally:
+        client.close()
+
+
+def _run(client: PSClient, cluster: ClusterConfig, mc: GPTConfig, dc: DataConfig, wc: WorkerConfig) -> dict:
+    model = GPT(mc, seed=wc.seed)
+    t_register = time.perf_counter()
+    job = client.register(model.layout, model.dtype.name)
+    rank, W = client.rank, job["num_workers"]
+    log.info("rank %d of %d; %d parameters over %d server(s); registration took %.1f s",
+             rank, W, model.num_params(), job["num_servers"], time.perf_counter() - t_register)
+
+    data = load_data(dc, rank=rank, num_workers=W, seed=wc.seed)
+    log.info("%s", data.summary)
+    sampler = BatchSampler(data.train, wc.batch_size, mc.block_size, seed=wc.seed * 7919 + rank)
+    lead = rank == 0
+    if lead:
+        client.init(model.params)
+    client.pull(model.params)
+
+    metrics = val_set = None
+    out = Path(wc.out or time.strftime("runs/%Y%m%d-%H%M%S"))
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        val_set = validation_batches(data.val, wc.batch_size, mc.block_size, wc.eval_batches)
+        metrics = MetricsWriter(out / METRICS, keep_until=-1)    # a fresh file: keep no old line
+        metrics.write({"step": 0, "val_loss": evaluate(model, val_set), "workers": W,
+                       "servers": job["num_servers"], "unigram_entropy": unigram_entropy(data.train),
+                       "fingerprint": data.fingerprint})
+
+    t_start = time.perf_counter()
+    window_t, window_tokens, val = t_start, 0, float("nan")
+    for step in range(wc.steps):
+        idx, targets = sampler.next_batch()
+        loss = compute_gradients(model, idx, targets)
+        reply = client.push_pull(model.grads, model.params, step, loss=loss, tokens=idx.size)
+        done = step + 1
+        window_tokens += reply.get("stats", {}).get("tokens", idx.size * W)
+        if not lead:
+            continue
+        record = {"step": done, "loss": reply.get("loss", loss)}
+        if done % wc.eval_interval == 0 or done == wc.steps:
+            val = record["val_loss"] = evaluate(model, val_set)
+        if done % wc.log_interval == 0 or "val_loss" in record:
+            now = time.perf_counter()
+            stats = reply.get("stats", {})
+            record.update(tokens_per_s=window_tokens / max(now - window_t, 1e-9), elapsed_s=now - t_start,
+                          bytes_pushed=stats.get("bytes_pushed", client.bytes_pushed),
+                          bytes_pulled=stats.get("bytes_pulled", client.bytes_pulled))
+            metrics.write(record)
+            window_t, window_tokens = now, 0
+
+    client.done()
+    log.info("finished %d steps in %.1f s", wc.steps, time.perf_counter() - t_start)
+    result = {"rank": rank, "steps": wc.steps}
+    if lead:
+        metrics.close()
+        checkpoint.save_model(out, model, wc.steps)
+        if wc.sample_bytes:
+            text = generate(model, b"\n", wc.sample_bytes, temperature=0.8, top_k=40, seed=wc.seed)
+            (out / "sample.txt").write_text(text.decode("utf-8", errors="replace"))
+        result.update(val_loss=val, out=str(out))
+        log.info("validation loss %.4f; model saved in %s", val, out)
+    return result
+
