@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 
 from common import codec
-from common.cluster import ClusterConfig, JobConfig, advertised_endpoint, server_bind
+from common.cluster import ClusterConfig, JobConfig, advertised_endpoint, host_name, server_bind
 from common.config import to_dict
 from common.layout import Layout
 from common.optim import OptimConfig
@@ -116,7 +115,7 @@ class Server:
 
     # --- registration -----------------------------------------------------------------
     def _register(self):
-        meta = dict(role="server", rank=self.rank, host=socket.gethostname(), pid=os.getpid(),
+        meta = dict(role="server", rank=self.rank, host=host_name(), pid=os.getpid(),
                     addr=self.addr, optim=to_dict(self.optim), job=to_dict(self.job))
         if self.rank == 0:
             self.members.register(b"", meta)

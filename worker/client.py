@@ -26,11 +26,10 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 import time
 
 from common import codec
-from common.cluster import ClusterConfig, JobConfig
+from common.cluster import ClusterConfig, JobConfig, host_name
 from common.config import to_dict
 from common.layout import Layout
 from common.protocol import DONE, ERROR, INIT, JOB, OK, PULL, PUSH, REGISTER, ProtocolError
@@ -72,7 +71,7 @@ class PSClient:
     def register(self, layout: Layout, dtype: str) -> dict:
         """Join the job; returns the coordinator's JOB answer once every process has
         registered. Sets ``self.rank`` (assigned by the coordinator when it was -1)."""
-        meta = dict(role=self.role, rank=self.rank, host=socket.gethostname(), pid=os.getpid(),
+        meta = dict(role=self.role, rank=self.rank, host=host_name(), pid=os.getpid(),
                     layout=layout.table(), layout_hash=layout.hash(), dtype=dtype,
                     job=to_dict(self.job_cfg))
         rid = next(self._rid)
