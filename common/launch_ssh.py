@@ -43,12 +43,14 @@ REPO = str(Path(__file__).resolve().parents[1])
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def remote_command(argv: list[str], cwd: str, repo: str, python: str, threads: int, env: dict | None = None) -> str:
-    """The shell command the remote host runs for one role, under the guard."""
+def remote_command(argv: list[str], cwd: str, repo: str, python: str, threads: int, env: dict | None = None,
+                   guard: bool = True) -> str:
+    """The shell command the remote host runs for one role, under the guard (which
+    stops the role when the session's input ends) unless ``guard`` is False."""
     vars_ = {"PYTHONPATH": repo, "PYTHONUNBUFFERED": "1", **{v: str(threads) for v in THREAD_VARS}, **(env or {})}
     assign = " ".join(f"{k}={shlex.quote(v)}" for k, v in vars_.items())
-    return (f"cd {shlex.quote(cwd)} && exec env {assign} {shlex.quote(python)} -m common.guard -- "
-            + " ".join(shlex.quote(a) for a in argv))
+    wrap = f"{shlex.quote(python)} -m common.guard -- " if guard else ""
+    return f"cd {shlex.quote(cwd)} && exec env {assign} {wrap}" + " ".join(shlex.quote(a) for a in argv)
 
 
 def role_commands(hosts, port: int, server_flags, worker_flags, python: str, timeout: float,
