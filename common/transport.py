@@ -102,10 +102,15 @@ class Router(_Socket):
             raise TransportError(f"cannot bind {endpoint}: {e.strerror}. Is the port in use, or the "
                                  f"address not one of this host's?") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)   # port 0/* -> the real port
+        self.last_peer = ""            # the IP address the last message came from (for status views)
 
     def recv(self):
         """(identity, frames) of the next message; call after ``poll`` said one is waiting."""
         parts = self.sock.recv_multipart(copy=False)
+        try:
+            self.last_peer = parts[-1].get("Peer-Address") or ""
+        except (zmq.ZMQError, AttributeError):
+            self.last_peer = ""
         return parts[0].bytes, _buffers(parts[1:])
 
     def send(self, identity: bytes, frames, track=False) -> bool:

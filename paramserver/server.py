@@ -36,6 +36,7 @@ from common.protocol import (
 from common.transport import Dealer, Poller, Router
 from paramserver.membership import Membership
 from paramserver.shard import Shard
+from paramserver.traffic import Traffic, frames_nbytes
 
 log = logging.getLogger("server")
 
@@ -83,6 +84,7 @@ class Server:
         self.stopping = False
         self.refused = 0                          # messages refused at the door
         self.started = time.monotonic()
+        self.traffic = Traffic()                  # per peer: last message, step, bytes (ps-status)
 
     # --- the loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -178,8 +180,9 @@ class Server:
             return None
 
     def _reply(self, identity, cmd, rid, arrays=(), ranges=None, **meta):
-        sent = self.router.send(identity, codec.encode(cmd, self.name, rid=rid, arrays=arrays,
-                                                       ranges=ranges, **meta))
+        frames = codec.encode(cmd, self.name, rid=rid, arrays=arrays, ranges=ranges, **meta)
+        sent = self.router.send(identity, frames)
+        self.traffic.sent(identity, frames_nbytes(frames))
         if not sent:
             log.warning("could not answer %s: the peer is gone", identity[:16])
 
@@ -188,6 +191,7 @@ class Server:
         if msg is None:
             self._reply(identity, ERROR, 0, message="malformed message refused (see the server's log)")
             return
+        self.traffic.received(identity, msg.sender, frames_nbytes(frames), msg.step, msg.cmd, self.router.last_peer)
         handler = {REGISTER: self._on_register, INIT: self._on_init, PULL: self._on_pull,
                    PUSH: self._on_push, NORM: self._on_norm, DONE: self._on_done,
                    STATUS: self._on_status, BARRIER: self._unsupported,
@@ -224,7 +228,9 @@ class Server:
                  msg.meta["rank"] if msg.meta["rank"] >= 0 else "(rank to assign)",
                  msg.meta["host"], msg.meta["pid"], self.members.missing())
         if self.members.complete():
-            for ident, job in self.members.start(placement_contiguous):
+            replies = self.members.start(placement_contiguous)
+            log.info("the job's address table:\n%s", self.members.describe_table())
+            for ident, job in replies:
                 if ident == b"":
                     self._start(job)
                 else:
@@ -330,9 +336,16 @@ class Server:
             self.stopping = True
 
     def _on_status(self, identity, msg):
+        """What this server knows, for ``ps-status``; the coordinator adds the address table."""
         status = {"rank": self.rank, "addr": self.addr, "version": self.shard.version if self.shard else -1,
                   "uptime_s": round(time.monotonic() - self.started, 3), "refused": self.refused,
-                  "waiting_for": sorted(set(range(self.num_workers)) - set(self.pending)) if self.pending else []}
+                  "waiting_for": sorted(set(range(self.num_workers)) - set(self.pending)) if self.pending else [],
+                  "host": host_name(), "pid": os.getpid(), "time": time.time(),
+                  "bytes_in": self.traffic.bytes_in, "bytes_out": self.traffic.bytes_out,
+                  "peers": self.traffic.table()}
+        if self.members is not None:
+            status.update(members=self.members.table(), started=self.members.started,
+                          done=sorted(self.members.done), missing=self.members.missing())
         self._reply(identity, OK, msg.rid, status=status)
 
     # --- deadlines ----------------------------------------------------------------------
