@@ -28,6 +28,7 @@ from common import codec
 from common.cluster import ClusterConfig, JobConfig, advertised_endpoint, host_name, server_bind
 from common.config import to_dict
 from common.layout import Layout
+from common.netaddr import explain_unreachable
 from common.optim import OptimConfig
 from common.protocol import (
     BARRIER, DONE, ERROR, INIT, JOB, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS,
@@ -138,8 +139,9 @@ class Server:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ServerError(f"the coordinator at {self.cluster.coordinator} has not answered this "
-                                  f"server's registration for {self.cluster.timeout:.0f} s; is server 0 "
+                raise ServerError(f"the coordinator at {self.coord.endpoint} has not answered this "
+                                  f"server's registration for {self.cluster.timeout:.0f} s "
+                                  f"({explain_unreachable(self.coord.endpoint)}); is server 0 "
                                   "running, and are all processes started?")
             if self.coord.poll(min(left, 1.0) * 1000):
                 msg = self._decode(self.coord.recv(), "the coordinator")

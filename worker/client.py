@@ -32,6 +32,7 @@ from common import codec
 from common.cluster import ClusterConfig, JobConfig, host_name
 from common.config import to_dict
 from common.layout import Layout
+from common.netaddr import explain_unreachable
 from common.protocol import DONE, ERROR, INIT, JOB, OK, PULL, PUSH, REGISTER, ProtocolError
 from common.transport import Dealer, Poller
 
@@ -162,7 +163,8 @@ class PSClient:
         while rids:
             left = deadline - time.monotonic()
             if left <= 0:
-                missing = ", ".join(f"server {s} at {self.servers[s]}" for s in sorted(rids.values()))
+                missing = ", ".join(f"server {s} at {self.servers[s]} ({explain_unreachable(self.servers[s])})"
+                                    for s in sorted(rids.values()))
                 raise DeadlineError(f"{self.name}: no answer to {cmd} (step {step}) within "
                                     f"{self.timeout:.0f} s from {missing}; is it running? "
                                     "see its log")
@@ -184,7 +186,7 @@ class PSClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineError(f"{self.name}: {who} has not answered {what} within "
-                                    f"{timeout:.0f} s; is it running?")
+                                    f"{timeout:.0f} s ({explain_unreachable(sock.endpoint)}); is it running?")
             if sock.poll(min(left, 1.0) * 1000):
                 msg = self._decode(sock.recv(), who)
                 if msg is None or msg.rid not in (rid, 0):
