@@ -16,6 +16,7 @@ Flags win over the environment, the environment over the defaults.
 | --interface       | PS_INTERFACE    | advertise this interface's address (eth0, ib0)      |
 | --subnet          | PS_SUBNET       | advertise this host's address inside this subnet    |
 | --timeout         | PS_TIMEOUT      | seconds any wait may last before it fails           |
+| --curve           | PS_CURVE        | CurveZMQ key folder (ps-keys): encrypt, authenticate |
 
 Bind and advertise are separate on purpose: in a container or behind NAT a server
 listens on ``tcp://*:PORT`` (or the container's address) while peers must dial the
@@ -40,7 +41,7 @@ from common.netaddr import pick_address, route_address  # noqa: F401 - route_add
 
 ENV = {"rank": "PS_RANK", "num_servers": "PS_NUM_SERVERS", "num_workers": "PS_NUM_WORKERS",
        "coordinator": "PS_COORDINATOR", "bind": "PS_BIND", "advertise": "PS_ADVERTISE",
-       "timeout": "PS_TIMEOUT", "interface": "PS_INTERFACE", "subnet": "PS_SUBNET"}
+       "timeout": "PS_TIMEOUT", "interface": "PS_INTERFACE", "subnet": "PS_SUBNET", "curve": "PS_CURVE"}
 
 MODES = ("bsp",)
 
@@ -57,6 +58,7 @@ class ClusterConfig:
     timeout: float = 60.0                   # seconds any wait (registration, a step, a reply) may last before it fails naming who is missing
     interface: str = ""                     # servers: advertise the address of this network interface (e.g. eth0, ib0) instead of the route's
     subnet: str = ""                        # servers: advertise this host's address inside this subnet (e.g. 10.0.0.0/24)
+    curve: str = ""                         # folder of CurveZMQ keys made by ps-keys: every socket encrypted and authenticated ('' = plain TCP)
 
     def __post_init__(self):
         if self.num_servers < 1 or self.num_workers < 1:
@@ -64,6 +66,13 @@ class ClusterConfig:
                              f"W={self.num_workers}")
         if self.timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+
+    def curve_keys(self):
+        """The CurveZMQ keys of ``--curve``, or None without it."""
+        if not self.curve:
+            return None
+        from common.transport import Curve
+        return Curve(self.curve)
 
 
 @dataclass

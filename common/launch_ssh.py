@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=60.0, help="seconds any wait inside the job may last (default: 60)")
     g.add_argument("--interface", default="", help="servers advertise this interface's address instead of addr=")
     g.add_argument("--subnet", default="", help="servers advertise their address in this subnet instead of addr=")
+    g.add_argument("--curve", default="", help="CurveZMQ key folder made by ps-keys, at the same path on every host: "
+                                               "encrypt and authenticate every connection")
     g.add_argument("--out", default="", help="run folder, shared by the hosts (default: runs/<timestamp>)")
     g.add_argument("--preflight", action="store_true", help="run ps-preflight on the hosts first; stop if it fails")
     add_job_arguments(p)
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
         parser.error(str(e))
     out = Path(args.out or time.strftime("runs/%Y%m%d-%H%M%S")).absolute()
     rsh = shlex.split(args.rsh)
-    cluster_flags = [f for k in ("interface", "subnet") if getattr(args, k) for f in (f"--{k}", getattr(args, k))]
+    cluster_flags = [f for k in ("interface", "subnet", "curve") if getattr(args, k) for f in (f"--{k}", getattr(args, k))]
     roles = role_commands(hosts, args.port, server_flags, worker_flags + ["--out", str(out)], args.python,
                           args.timeout, cluster_flags)
     if args.preflight:

@@ -30,17 +30,17 @@ import time
 from common import codec
 from common.netaddr import explain_unreachable
 from common.protocol import ERROR, STATUS, ProtocolError
-from common.transport import Dealer, normalize
+from common.transport import Curve, Dealer, TransportError, normalize
 
 
 class StatusError(RuntimeError):
     pass
 
 
-def ask(endpoint: str, timeout: float) -> dict:
+def ask(endpoint: str, timeout: float, curve=None) -> dict:
     """One STATUS round trip to a server; raises StatusError naming the address and why."""
     endpoint = normalize(endpoint)
-    sock = Dealer(endpoint)
+    sock = Dealer(endpoint, curve=curve)
     try:
         sock.send(codec.encode(STATUS, "tool:status", rid=1))
         end = time.monotonic() + timeout
@@ -53,20 +53,20 @@ def ask(endpoint: str, timeout: float) -> dict:
                 if msg.cmd == ERROR:
                     raise StatusError(f"{endpoint} refused STATUS: {msg.meta['message']}")
                 return msg.meta.get("status", {})
-        why = explain_unreachable(endpoint, min(2.0, timeout))
+        why = sock.diagnose() if curve is not None else explain_unreachable(endpoint, min(2.0, timeout))
         raise StatusError(f"no answer from {endpoint} within {timeout:.1f} s ({why})")
     finally:
         sock.close(0)
 
 
-def snapshot(coordinator: str, timeout: float) -> dict:
+def snapshot(coordinator: str, timeout: float, curve=None) -> dict:
     """{"coordinator": status of server 0, "servers": {rank: status or {"error": text}}}."""
-    coord = ask(coordinator, timeout)
+    coord = ask(coordinator, timeout, curve)
     servers = {0: coord}
     for m in coord.get("members", []):
         if m["role"] == "server" and m["rank"] != 0:
             try:
-                servers[m["rank"]] = ask(m["addr"], timeout)
+                servers[m["rank"]] = ask(m["addr"], timeout, curve)
             except StatusError as e:
                 servers[m["rank"]] = {"error": str(e)}
     return {"coordinator": coord, "servers": servers, "time": time.monotonic()}
@@ -143,12 +143,14 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each server (default: 5)")
     p.add_argument("--watch", action="store_true", help="redraw every interval until Ctrl-C")
     p.add_argument("--json", action="store_true", help="print the rows as JSON (one line per sample)")
+    p.add_argument("--curve", default="", help="the job's CurveZMQ key folder, when it runs with --curve")
     args = p.parse_args(argv)
     try:
-        prev = snapshot(args.coordinator, args.timeout)
+        curve = Curve(args.curve) if args.curve else None
+        prev = snapshot(args.coordinator, args.timeout, curve)
         while True:
             time.sleep(args.interval)
-            snap = snapshot(args.coordinator, args.timeout)
+            snap = snapshot(args.coordinator, args.timeout, curve)
             table = rows(snap, prev)
             if args.json:
                 print(json.dumps({"coordinator": args.coordinator, "rows": table,
@@ -159,7 +161,7 @@ def main(argv=None) -> int:
             if not args.watch:
                 return 0
             prev = snap
-    except StatusError as e:
+    except (StatusError, TransportError) as e:
         print(f"ps-status: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -28,7 +28,6 @@ from common import codec
 from common.cluster import ClusterConfig, JobConfig, advertised_endpoint, host_name, server_bind
 from common.config import to_dict
 from common.layout import Layout
-from common.netaddr import explain_unreachable
 from common.optim import OptimConfig
 from common.protocol import (
     BARRIER, DONE, ERROR, INIT, JOB, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS,
@@ -65,10 +64,11 @@ class Server:
             raise ValueError(f"server rank {rank} out of range for {cluster.num_servers} server(s)")
         self.cluster, self.optim, self.job, self.rank = cluster, optim, job, rank
         self.name = f"server:{rank}"
-        self.router = Router(server_bind(cluster, rank))
+        self.curve = cluster.curve_keys()             # None without --curve
+        self.router = Router(server_bind(cluster, rank), curve=self.curve)
         self.addr = advertised_endpoint(cluster, self.router.endpoint)
         self.poller = Poller([self.router])
-        self.coord = None if rank == 0 else Dealer(cluster.coordinator)
+        self.coord = None if rank == 0 else Dealer(cluster.coordinator, curve=self.curve)
         if self.coord:
             self.poller.add(self.coord)
         self.members = (Membership(cluster.num_servers, cluster.num_workers, to_dict(optim), to_dict(job))
@@ -139,11 +139,14 @@ class Server:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ServerError(f"the coordinator at {self.coord.endpoint} has not answered this "
+                raise ServerError(f"the coordinator at {self.cluster.coordinator} has not answered this "
                                   f"server's registration for {self.cluster.timeout:.0f} s "
-                                  f"({explain_unreachable(self.coord.endpoint)}); is server 0 "
-                                  "running, and are all processes started?")
-            if self.coord.poll(min(left, 1.0) * 1000):
+                                  f"({self.coord.diagnose()}); is server 0 running, and are all "
+                                  "processes started?")
+            why = self.coord.refused()                    # a refused handshake never answers
+            if why:
+                raise ServerError(f"cannot talk to the coordinator at {self.cluster.coordinator}: {why}")
+            if self.coord.poll(min(left, 0.5) * 1000):
                 msg = self._decode(self.coord.recv(), "the coordinator")
                 if msg is None:
                     continue
@@ -167,7 +170,7 @@ class Server:
         if self.optim.grad_clip > 0:
             for s, addr in enumerate(self.server_addrs):
                 if s != self.rank:
-                    self.peers[s] = Dealer(addr)
+                    self.peers[s] = Dealer(addr, curve=self.curve)
         log.info("job started: %d worker(s), %d server(s), %d of %d parameters here (%s), %s",
                  job["num_workers"], job["num_servers"], self.shard.size, layout.size,
                  self.shard.describe_chunks(), job["dtype"])

@@ -32,7 +32,6 @@ from common import codec
 from common.cluster import ClusterConfig, JobConfig, host_name
 from common.config import to_dict
 from common.layout import Layout
-from common.netaddr import explain_unreachable
 from common.protocol import DONE, ERROR, INIT, JOB, OK, PULL, PUSH, REGISTER, ProtocolError
 from common.transport import Dealer, Poller
 
@@ -55,7 +54,8 @@ class PSClient:
         self.rank = cluster.rank
         self.timeout = cluster.timeout
         self._rid = itertools.count(1)
-        self.coord = Dealer(cluster.coordinator)
+        self.curve = cluster.curve_keys()       # None without --curve
+        self.coord = Dealer(cluster.coordinator, curve=self.curve)
         self.links: list[Dealer] = []           # one per server, in server rank order
         self.servers: list[str] = []
         self.chunks: list[list[tuple[int, int]]] = []   # per server: the ranges it owns
@@ -95,7 +95,7 @@ class PSClient:
         for b, e, s in job["placement"]:
             self.chunks[s].append((b, e))
         for addr in self.servers:
-            link = Dealer(addr)
+            link = Dealer(addr, curve=self.curve)
             self.links.append(link)
             self.poller.add(link)
         log.info("registered as %s; servers %s", self.name, ", ".join(self.servers))
@@ -163,12 +163,16 @@ class PSClient:
         while rids:
             left = deadline - time.monotonic()
             if left <= 0:
-                missing = ", ".join(f"server {s} at {self.servers[s]} ({explain_unreachable(self.servers[s])})"
+                missing = ", ".join(f"server {s} at {self.servers[s]} ({self.links[s].diagnose()})"
                                     for s in sorted(rids.values()))
                 raise DeadlineError(f"{self.name}: no answer to {cmd} (step {step}) within "
                                     f"{self.timeout:.0f} s from {missing}; is it running? "
                                     "see its log")
-            for link in self.poller.poll(min(left, 1.0) * 1000):
+            for s in rids.values():                       # a refused handshake never answers
+                why = self.links[s].refused()
+                if why:
+                    raise RemoteError(f"{self.name}: cannot talk to server {s} at {self.servers[s]}: {why}")
+            for link in self.poller.poll(min(left, 0.5) * 1000):
                 while link.poll(0):
                     msg = self._decode(link.recv(), link.endpoint)
                     if msg is None or msg.rid not in rids:
@@ -186,8 +190,11 @@ class PSClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineError(f"{self.name}: {who} has not answered {what} within "
-                                    f"{timeout:.0f} s ({explain_unreachable(sock.endpoint)}); is it running?")
-            if sock.poll(min(left, 1.0) * 1000):
+                                    f"{timeout:.0f} s ({sock.diagnose()}); is it running?")
+            why = sock.refused()                          # a refused handshake never answers
+            if why:
+                raise RemoteError(f"{self.name}: cannot talk to {who}: {why}")
+            if sock.poll(min(left, 0.5) * 1000):
                 msg = self._decode(sock.recv(), who)
                 if msg is None or msg.rid not in (rid, 0):
                     continue
