@@ -40,12 +40,15 @@ def val_losses(out):
 
 
 def test_three_hosts_train_through_ps_launch(tmp_path, clean_links):
-    # two servers on psh1 advertise the address picked by --subnet; the workers are on psh2, psh3
+    # two servers on psh1 advertise the address picked by --subnet (the hostfile has no addr=, the
+    # coordinator is reached by the name psh1); the workers are on psh2, psh3
     hf = hostfile(tmp_path, "psh1 servers=2\npsh2 workers=1\npsh3 workers=1\n")
     out = tmp_path / "run"
     done = run(python_cmd("common.launch_ssh", "--hostfile", hf, "--rsh", RSH, "--port", 5731,
-                          "--subnet", "10.200.0.0/24", "--out", out, "--steps", 30, "--timeout", 30, *TINY))
+                          "--subnet", "10.200.0.0/24", "--preflight", "--out", out, "--steps", 30, "--timeout", 30,
+                          *TINY))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ps-preflight: OK, 3 pair(s) reachable" in done.stdout              # --preflight ran first
     assert "[psh2 worker-0]" in done.stdout and "[psh3 worker-1]" in done.stdout and "[psh1 server-1]" in done.stdout
     table = done.stdout.split("address table:")[1].split("job started")[0]
     assert "tcp://10.200.0.1:5731" in table and "psh2" in table and "psh3" in table
