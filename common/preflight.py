@@ -204,7 +204,7 @@ def main(argv=None) -> int:
         pf = Preflight(hosts, args.rsh, args.port, args.python, args.deadline, args.remote_dir)
         try:
             error = pf.start_probe_servers()
-            names = {ep.split("://")[1]: h.name for h, _, ep in pf.servers}
+            names = {ep.split("://")[1]: h.name for h, _, ep in pf.servers if ep}
             for h in ([] if error else hosts):
                 got, error = pf.measure_from(h)
                 for r in got:
@@ -219,7 +219,8 @@ def main(argv=None) -> int:
         finally:
             pf.stop()
     slow = mark_slow(results, args.slow_fraction, args.min_mbit) if not error else []
-    print(report(results))
+    if results:
+        print(report(results))
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "error": error, "slow": slow,
                                                "seconds": time.monotonic() - t0}, indent=2) + "\n")

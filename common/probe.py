@@ -31,7 +31,7 @@ import threading
 import time
 
 from common.netaddr import probe_tcp
-from common.transport import Dealer, Router, host_port
+from common.transport import Dealer, Router, TransportError, host_port
 
 CHUNK = 64 << 10
 WINDOW = 8
@@ -175,7 +175,11 @@ def main(argv=None) -> int:
     m.add_argument("--source", default="", help="a name for this host in the output")
     args = p.parse_args(argv)
     if args.cmd == "serve":
-        return serve(args.bind, args.advertise, args.seconds)
+        try:
+            return serve(args.bind, args.advertise, args.seconds)
+        except TransportError as e:          # e.g. the coordinator's port is already taken on this host
+            print(f"probe: {e}", flush=True)
+            return 1
     budget = _Budget(args.deadline)
     for ep in args.endpoints:
         res = measure(ep, max(0.05, budget.left()), args.connect_timeout, bw_seconds=args.bw_seconds,

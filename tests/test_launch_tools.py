@@ -3,6 +3,7 @@ the "hosts" are reached through scripts/cluster/local_rsh.sh and all use 127.0.0
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -60,6 +61,15 @@ def test_preflight_over_local_rsh(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     res = json.loads(report.read_text())["results"]
     assert [r["source"] for r in res] == ["a", "b"] and all(r["reachable"] and r["up_mbit_s"] > 0 for r in res)
+    # the coordinator's port already taken on its host: named before anything is launched
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run(python_cmd("common.preflight", "--hostfile", hf, "--rsh", LOCAL_RSH, "--port", port,
+                              "--deadline", 30), timeout=60)
+    assert done.returncode == 1 and f"cannot bind tcp://*:{port}: Address already in use" in done.stderr, done.stderr
+    assert "could not start the probe server on a" in done.stderr
 
 
 def test_ps_launch_trains_and_ps_status_sees_it_and_ctrl_c_stops_everything(tmp_path):
