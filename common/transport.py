@@ -40,6 +40,7 @@ from common.netaddr import explain_unreachable
 
 LINGER_MS = 1000                 # at close, give queued messages this long to leave
 MAX_MESSAGE_BYTES = 2 << 30      # a peer sending a bigger frame is disconnected by libzmq
+QUEUE_MESSAGES = 100             # messages queued per connection and direction (high-water mark)
 
 
 class TransportError(RuntimeError):
@@ -148,8 +149,11 @@ class _Socket:
         self.sock.setsockopt(zmq.LINGER, LINGER_MS)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-        self.sock.setsockopt(zmq.RCVHWM, 0)      # BSP holds at most one request per peer;
-        self.sock.setsockopt(zmq.SNDHWM, 0)      # never drop or block on a full queue
+        # Bounded queues: a peer keeps a few requests in flight at most, so 100 messages per
+        # connection is plenty; past it, libzmq stops reading that peer's TCP socket (the
+        # sender waits), and a flood cannot grow this process's memory without bound.
+        self.sock.setsockopt(zmq.RCVHWM, QUEUE_MESSAGES)
+        self.sock.setsockopt(zmq.SNDHWM, QUEUE_MESSAGES)
         self.endpoint = None
 
     def poll(self, timeout_ms: float) -> bool:
@@ -203,11 +207,13 @@ class Router(_Socket):
         return parts[0].bytes, _buffers(parts[1:])
 
     def send(self, identity: bytes, frames, track=False) -> bool:
-        """Send to one peer; False (not an exception) when that peer is gone."""
+        """Send to one peer; False (not an exception) when that peer is gone or its queue
+        is full because it does not read its answers."""
         try:
-            tracker = self.sock.send_multipart([identity] + list(frames), copy=False, track=track)
+            tracker = self.sock.send_multipart([identity] + list(frames), copy=False, track=track,
+                                               flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
-            if e.errno == zmq.EHOSTUNREACH:
+            if e.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):   # gone, or not reading its answers
                 return False
             raise
         return tracker if track else True

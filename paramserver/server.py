@@ -189,7 +189,7 @@ class Server:
         sent = self.router.send(identity, frames)
         self.traffic.sent(identity, frames_nbytes(frames))
         if not sent:
-            log.warning("could not answer %s: the peer is gone", identity[:16])
+            log.warning("could not answer %s: the peer is gone or not reading", identity[:16])
 
     def _handle(self, identity: bytes, frames):
         msg = self._decode(frames, f"peer {identity[:16]!r}")
@@ -263,6 +263,8 @@ class Server:
     def _on_pull(self, identity, msg):
         self._need_shard(msg)
         if not self.shard.initialized:
+            if len(self.deferred_pulls) >= 4 * self.num_workers:      # bounded, whatever peers send
+                raise ProtocolError("too many pulls are waiting for the initial parameters")
             self.deferred_pulls.append((identity, msg.rid, time.monotonic()))
             return
         self._send_params(identity, msg.rid)
@@ -302,9 +304,15 @@ class Server:
 
     def _on_norm(self, identity, msg):
         self._need_shard(msg)
+        if not self.peers:
+            raise ProtocolError("this server exchanges no gradient norms (clipping off, or a single server)")
         peer = parse_sender(msg.sender, "server", len(self.server_addrs))
-        if msg.step < self.shard.version:
-            raise ProtocolError(f"norm for step {msg.step} arrived after that step was applied")
+        if peer == self.rank:
+            raise ProtocolError("a norm from this server's own rank")
+        # a peer can only be at this server's step: it cannot finish the step without our norm,
+        # and the workers cannot push the next step before we answered this one
+        if msg.step != self.shard.version:
+            raise ProtocolError(f"norm for step {msg.step}, but this server is at step {self.shard.version}")
         self.norms.setdefault(msg.step, {})[peer] = float(msg.meta["sumsq"])
         self._maybe_finish_norms()
 
