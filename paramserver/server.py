@@ -85,7 +85,7 @@ class Server:
         self.stopping = False
         self.refused = 0                          # messages refused at the door
         self.started = time.monotonic()
-        self.traffic = Traffic()                  # per peer: last message, step, bytes (ps-status)
+        self.traffic = Traffic(cluster.num_servers, cluster.num_workers)   # per peer, for ps-status
 
     # --- the loop -------------------------------------------------------------------
     def run(self) -> int:

@@ -27,19 +27,31 @@ class PeerCounters:
 
 
 class Traffic:
-    def __init__(self):
+    """Counters for the job's own processes only: ``worker:0..W-1``, ``server:0..S-1`` and
+    ``worker:?`` (a worker registering before it has a rank). Any other sender (ps-status
+    is ``tool:status``; a fuzzer may claim anything) counts in the totals alone, so the
+    state stays bounded by the size of the job whatever peers send."""
+
+    def __init__(self, num_servers: int, num_workers: int):
+        self.known = {f"server:{r}" for r in range(num_servers)} | {f"worker:{r}" for r in range(num_workers)}
+        self.known.add("worker:?")
         self.peers: dict[str, PeerCounters] = {}
         self.by_identity: dict[bytes, str] = {}
+        self.identity_of: dict[str, bytes] = {}
         self.bytes_in = self.bytes_out = 0
 
     def received(self, identity: bytes, sender: str, nbytes: int, step: int, cmd: str, address: str = ""):
         self.bytes_in += nbytes
-        if sender.startswith("tool:"):          # ps-status itself is not a member of the job
+        if sender not in self.known:
             return
         p = self.peers.get(sender)
         if p is None:
             p = self.peers[sender] = PeerCounters(sender)
-        self.by_identity[identity] = sender
+        old = self.identity_of.get(sender)
+        if old != identity:                     # a reconnected peer: forget its old connection
+            self.by_identity.pop(old, None)
+            self.by_identity[identity] = sender
+            self.identity_of[sender] = identity
         p.messages += 1
         p.bytes_in += nbytes
         p.step = max(p.step, step)
