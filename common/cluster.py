@@ -37,7 +37,7 @@ import typing
 from dataclasses import dataclass
 
 from common.config import add_arguments
-from common.netaddr import pick_address, route_address  # noqa: F401 - route_address is part of this API
+from common.netaddr import pick_address
 
 ENV = {"rank": "PS_RANK", "num_servers": "PS_NUM_SERVERS", "num_workers": "PS_NUM_WORKERS",
        "coordinator": "PS_COORDINATOR", "bind": "PS_BIND", "advertise": "PS_ADVERTISE",

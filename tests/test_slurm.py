@@ -2,7 +2,6 @@
 runs the project's sbatch job end to end, on one node and on three network-namespace nodes,
 and `srun` by hand gives every task its role from SLURM_PROCID and SLURMD_NODENAME."""
 import json
-import os
 import subprocess
 import sys
 
