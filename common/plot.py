@@ -153,6 +153,21 @@ def trace_events(run: Path) -> list[dict]:
     return events
 
 
+def span_summary(events: list[dict]) -> list[tuple[str, str, float]]:
+    """(process, span, mean milliseconds per step) over the steps every process traced,
+    the first and last 10% left out (start-up and the final evaluation)."""
+    steps = sorted({e["args"]["step"] for e in events if e["name"] == "step"})
+    lo, hi = steps[len(steps) // 10], steps[-1 - len(steps) // 10] if len(steps) > 2 else steps[-1]
+    n = max(1, hi - lo + 1)
+    total: dict[tuple[str, str], float] = {}
+    for e in events:
+        if lo <= e.get("args", {}).get("step", -1) <= hi:
+            key = (e["process"], e["name"])
+            total[key] = total.get(key, 0.0) + e["dur"] / 1e3 / n
+    return sorted(((p, name, ms) for (p, name), ms in total.items()),
+                  key=lambda r: (not r[0].startswith("server"), r[0], -r[2]))
+
+
 def plot_timeline(run, out, steps: tuple[int, int] | None = None) -> Path:
     """Draw steps ``[a, b)`` (default: three steps in the middle of the run) of every process
     of a traced run, one lane per process, one colour per kind of span."""
@@ -239,6 +254,9 @@ def main(argv=None) -> int:
                     parser.error(f"--steps {args.steps!r}: expected A:B, e.g. 10:13")
                 steps = (a, b)
             out = plot_timeline(runs[0], args.out or runs[0] / "timeline.png", steps)
+            print("milliseconds per step (mean over the middle 80% of the steps):")
+            for proc, name, ms in span_summary(trace_events(runs[0])):
+                print(f"  {proc:10s} {name:16s} {ms:9.1f}")
         else:
             out = plot_runs(runs, args.out or (runs[0] / "plot.png" if len(runs) == 1 else Path("plot.png")),
                             args.title)
