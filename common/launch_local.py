@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trace", action="store_true",
                    help="every process writes a Chrome trace (trace-server-S.json, trace-worker-R.json), "
                         "merged into trace.json in the run folder: open it at https://ui.perfetto.dev")
+    g.add_argument("--curve", default="", help="CurveZMQ key folder made by ps-keys: encrypt and authenticate "
+                                               "every connection (default: plain TCP)")
     add_arguments(p, JobConfig, "consistency (every process)")
     add_arguments(p, OptimConfig, "optimizer (servers)", defaults=dict(OPTIM_DEFAULTS, lr_decay_steps=None),
                   default_text={"lr_decay_steps": "--steps"})
@@ -157,6 +159,8 @@ def main(argv=None) -> int:
     py = sys.executable
     common = ["--num-servers", str(args.servers), "--num-workers", str(args.workers),
               "--coordinator", coord, "--timeout", str(args.timeout)] + _flags(job)
+    if args.curve:
+        common += ["--curve", args.curve]
     worker_cmd = [py, "-m", "worker", *common, "--steps", str(args.steps), "--out", str(out), *worker_args]
     trace = ["--trace"] if args.trace else []
 

@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     except (ServerError, TransportError) as e:
         log.error("%s", e)
         return 1
+    except ValueError as e:                     # e.g. --interface or --subnet that this host lacks
+        log.error("cannot start: %s", e)
+        return 1
     except KeyboardInterrupt:
         log.info("interrupted; stopping")
         return 130

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 
 from common import codec
-from common.cluster import ClusterConfig, JobConfig, advertised_endpoint, server_bind
+from common.cluster import ClusterConfig, JobConfig, advertised_endpoint, host_name, server_bind
 from common.config import to_dict
 from common.layout import Layout
 from common.optim import OptimConfig
@@ -38,6 +37,7 @@ from common.trace import NULL_TRACER
 from common.transport import Dealer, Poller, Router
 from paramserver.membership import Membership
 from paramserver.shard import Shard
+from paramserver.traffic import Traffic, frames_nbytes
 
 log = logging.getLogger("server")
 
@@ -65,10 +65,11 @@ class Server:
             raise ValueError(f"server rank {rank} out of range for {cluster.num_servers} server(s)")
         self.cluster, self.optim, self.job, self.rank = cluster, optim, job, rank
         self.name = f"server:{rank}"
-        self.router = Router(server_bind(cluster, rank))
+        self.curve = cluster.curve_keys()             # None without --curve
+        self.router = Router(server_bind(cluster, rank), curve=self.curve)
         self.addr = advertised_endpoint(cluster, self.router.endpoint)
         self.poller = Poller([self.router])
-        self.coord = None if rank == 0 else Dealer(cluster.coordinator)
+        self.coord = None if rank == 0 else Dealer(cluster.coordinator, curve=self.curve)
         if self.coord:
             self.poller.add(self.coord)
         self.members = (Membership(cluster.num_servers, cluster.num_workers, to_dict(optim), to_dict(job))
@@ -87,6 +88,7 @@ class Server:
         self.started = time.monotonic()
         self.tracer = NULL_TRACER                 # --trace: spans wait for pushes, store push, average, update, reply
         self.ready_at = 0.0                       # tracer clock: when this step began waiting for pushes
+        self.traffic = Traffic(cluster.num_servers, cluster.num_workers)   # per peer, for ps-status
 
     # --- the loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -119,7 +121,7 @@ class Server:
 
     # --- registration -----------------------------------------------------------------
     def _register(self):
-        meta = dict(role="server", rank=self.rank, host=socket.gethostname(), pid=os.getpid(),
+        meta = dict(role="server", rank=self.rank, host=host_name(), pid=os.getpid(),
                     addr=self.addr, optim=to_dict(self.optim), job=to_dict(self.job))
         if self.rank == 0:
             self.members.register(b"", meta)
@@ -141,9 +143,13 @@ class Server:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ServerError(f"the coordinator at {self.cluster.coordinator} has not answered this "
-                                  f"server's registration for {self.cluster.timeout:.0f} s; is server 0 "
-                                  "running, and are all processes started?")
-            if self.coord.poll(min(left, 1.0) * 1000):
+                                  f"server's registration for {self.cluster.timeout:.0f} s "
+                                  f"({self.coord.diagnose()}); is server 0 running, and are all "
+                                  "processes started?")
+            why = self.coord.refused()                    # a refused handshake never answers
+            if why:
+                raise ServerError(f"cannot talk to the coordinator at {self.cluster.coordinator}: {why}")
+            if self.coord.poll(min(left, 0.5) * 1000):
                 msg = self._decode(self.coord.recv(), "the coordinator")
                 if msg is None:
                     continue
@@ -167,7 +173,7 @@ class Server:
         if self.optim.grad_clip > 0:
             for s, addr in enumerate(self.server_addrs):
                 if s != self.rank:
-                    self.peers[s] = Dealer(addr)
+                    self.peers[s] = Dealer(addr, curve=self.curve)
         log.info("job started: %d worker(s), %d server(s), %d of %d parameters here (%s), %s",
                  job["num_workers"], job["num_servers"], self.shard.size, layout.size,
                  self.shard.describe_chunks(), job["dtype"])
@@ -182,16 +188,18 @@ class Server:
             return None
 
     def _reply(self, identity, cmd, rid, arrays=(), ranges=None, **meta):
-        sent = self.router.send(identity, codec.encode(cmd, self.name, rid=rid, arrays=arrays,
-                                                       ranges=ranges, **meta))
+        frames = codec.encode(cmd, self.name, rid=rid, arrays=arrays, ranges=ranges, **meta)
+        sent = self.router.send(identity, frames)
+        self.traffic.sent(identity, frames_nbytes(frames))
         if not sent:
-            log.warning("could not answer %s: the peer is gone", identity[:16])
+            log.warning("could not answer %s: the peer is gone or not reading", identity[:16])
 
     def _handle(self, identity: bytes, frames):
         msg = self._decode(frames, f"peer {identity[:16]!r}")
         if msg is None:
             self._reply(identity, ERROR, 0, message="malformed message refused (see the server's log)")
             return
+        self.traffic.received(identity, msg.sender, frames_nbytes(frames), msg.step, msg.cmd, self.router.last_peer)
         handler = {REGISTER: self._on_register, INIT: self._on_init, PULL: self._on_pull,
                    PUSH: self._on_push, NORM: self._on_norm, DONE: self._on_done,
                    STATUS: self._on_status, BARRIER: self._unsupported,
@@ -228,7 +236,9 @@ class Server:
                  msg.meta["rank"] if msg.meta["rank"] >= 0 else "(rank to assign)",
                  msg.meta["host"], msg.meta["pid"], self.members.missing())
         if self.members.complete():
-            for ident, job in self.members.start(placement_contiguous):
+            replies = self.members.start(placement_contiguous)
+            log.info("the job's address table:\n%s", self.members.describe_table())
+            for ident, job in replies:
                 if ident == b"":
                     self._start(job)
                 else:
@@ -257,6 +267,8 @@ class Server:
     def _on_pull(self, identity, msg):
         self._need_shard(msg)
         if not self.shard.initialized:
+            if len(self.deferred_pulls) >= 4 * self.num_workers:      # bounded, whatever peers send
+                raise ProtocolError("too many pulls are waiting for the initial parameters")
             self.deferred_pulls.append((identity, msg.rid, time.monotonic()))
             return
         self._send_params(identity, msg.rid)
@@ -300,9 +312,15 @@ class Server:
 
     def _on_norm(self, identity, msg):
         self._need_shard(msg)
+        if not self.peers:
+            raise ProtocolError("this server exchanges no gradient norms (clipping off, or a single server)")
         peer = parse_sender(msg.sender, "server", len(self.server_addrs))
-        if msg.step < self.shard.version:
-            raise ProtocolError(f"norm for step {msg.step} arrived after that step was applied")
+        if peer == self.rank:
+            raise ProtocolError("a norm from this server's own rank")
+        # a peer can only be at this server's step: it cannot finish the step without our norm,
+        # and the workers cannot push the next step before we answered this one
+        if msg.step != self.shard.version:
+            raise ProtocolError(f"norm for step {msg.step}, but this server is at step {self.shard.version}")
         self.norms.setdefault(msg.step, {})[peer] = float(msg.meta["sumsq"])
         self._maybe_finish_norms()
 
@@ -343,9 +361,16 @@ class Server:
             self.stopping = True
 
     def _on_status(self, identity, msg):
+        """What this server knows, for ``ps-status``; the coordinator adds the address table."""
         status = {"rank": self.rank, "addr": self.addr, "version": self.shard.version if self.shard else -1,
                   "uptime_s": round(time.monotonic() - self.started, 3), "refused": self.refused,
-                  "waiting_for": sorted(set(range(self.num_workers)) - set(self.pending)) if self.pending else []}
+                  "waiting_for": sorted(set(range(self.num_workers)) - set(self.pending)) if self.pending else [],
+                  "host": host_name(), "pid": os.getpid(), "time": time.time(),
+                  "bytes_in": self.traffic.bytes_in, "bytes_out": self.traffic.bytes_out,
+                  "peers": self.traffic.table()}
+        if self.members is not None:
+            status.update(members=self.members.table(), started=self.members.started,
+                          done=sorted(self.members.done), missing=self.members.missing())
         self._reply(identity, OK, msg.rid, status=status)
 
     # --- deadlines ----------------------------------------------------------------------

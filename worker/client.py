@@ -26,11 +26,10 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 import time
 
 from common import codec
-from common.cluster import ClusterConfig, JobConfig
+from common.cluster import ClusterConfig, JobConfig, host_name
 from common.config import to_dict
 from common.layout import Layout
 from common.protocol import DONE, ERROR, INIT, JOB, OK, PULL, PUSH, REGISTER, ProtocolError
@@ -56,7 +55,8 @@ class PSClient:
         self.rank = cluster.rank
         self.timeout = cluster.timeout
         self._rid = itertools.count(1)
-        self.coord = Dealer(cluster.coordinator)
+        self.curve = cluster.curve_keys()       # None without --curve
+        self.coord = Dealer(cluster.coordinator, curve=self.curve)
         self.links: list[Dealer] = []           # one per server, in server rank order
         self.servers: list[str] = []
         self.chunks: list[list[tuple[int, int]]] = []   # per server: the ranges it owns
@@ -74,7 +74,7 @@ class PSClient:
     def register(self, layout: Layout, dtype: str) -> dict:
         """Join the job; returns the coordinator's JOB answer once every process has
         registered. Sets ``self.rank`` (assigned by the coordinator when it was -1)."""
-        meta = dict(role=self.role, rank=self.rank, host=socket.gethostname(), pid=os.getpid(),
+        meta = dict(role=self.role, rank=self.rank, host=host_name(), pid=os.getpid(),
                     layout=layout.table(), layout_hash=layout.hash(), dtype=dtype,
                     job=to_dict(self.job_cfg))
         rid = next(self._rid)
@@ -97,7 +97,7 @@ class PSClient:
         for b, e, s in job["placement"]:
             self.chunks[s].append((b, e))
         for addr in self.servers:
-            link = Dealer(addr)
+            link = Dealer(addr, curve=self.curve)
             self.links.append(link)
             self.poller.add(link)
         log.info("registered as %s; servers %s", self.name, ", ".join(self.servers))
@@ -170,11 +170,16 @@ class PSClient:
         while rids:
             left = deadline - time.monotonic()
             if left <= 0:
-                missing = ", ".join(f"server {s} at {self.servers[s]}" for s in sorted(rids.values()))
+                missing = ", ".join(f"server {s} at {self.servers[s]} ({self.links[s].diagnose()})"
+                                    for s in sorted(rids.values()))
                 raise DeadlineError(f"{self.name}: no answer to {cmd} (step {step}) within "
                                     f"{self.timeout:.0f} s from {missing}; is it running? "
                                     "see its log")
-            for link in self.poller.poll(min(left, 1.0) * 1000):
+            for s in rids.values():                       # a refused handshake never answers
+                why = self.links[s].refused()
+                if why:
+                    raise RemoteError(f"{self.name}: cannot talk to server {s} at {self.servers[s]}: {why}")
+            for link in self.poller.poll(min(left, 0.5) * 1000):
                 while link.poll(0):
                     msg = self._decode(link.recv(), link.endpoint)
                     if msg is None or msg.rid not in rids:
@@ -193,8 +198,11 @@ class PSClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineError(f"{self.name}: {who} has not answered {what} within "
-                                    f"{timeout:.0f} s; is it running?")
-            if sock.poll(min(left, 1.0) * 1000):
+                                    f"{timeout:.0f} s ({sock.diagnose()}); is it running?")
+            why = sock.refused()                          # a refused handshake never answers
+            if why:
+                raise RemoteError(f"{self.name}: cannot talk to {who}: {why}")
+            if sock.poll(min(left, 0.5) * 1000):
                 msg = self._decode(sock.recv(), who)
                 if msg is None or msg.rid not in (rid, 0):
                     continue
