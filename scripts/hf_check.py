@@ -44,7 +44,8 @@ def main(argv=None):
     a = ours.forward(idx)
     with torch.no_grad():
         b = hf(torch.from_numpy(idx)).logits.numpy()
-    print(f"logits on {args.prompt!r}: max |ours - HF| = {np.abs(a - b).max():.1e} (largest logit {np.abs(a).max():.1f})")
+    print(f"logits on {args.prompt!r}: max |ours - HF| = {np.abs(a - b).max():.1e} "
+          f"(largest logit {np.abs(a).max():.1f})")
     mine = generate(ours, prompt, n, temperature=0)
     with torch.no_grad():
         theirs = hf.generate(torch.from_numpy(idx), max_new_tokens=n, do_sample=False, pad_token_id=0)[0]

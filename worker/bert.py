@@ -154,7 +154,8 @@ class BERT:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
         if idx.size and (int(idx.min()) < 0 or int(idx.max()) > self.mask_id):
             raise ValueError(f"token ids must lie in [0, {self.mask_id}] ({self.mask_id} = [MASK])")
-        if targets is not None and (targets.shape != idx.shape or (targets.size and int(targets.max()) >= self.mask_id)):
+        if targets is not None and (targets.shape != idx.shape
+                                    or (targets.size and int(targets.max()) >= self.mask_id)):
             raise ValueError(f"targets must have idx's shape {idx.shape} and be < {self.mask_id} (-1 = no loss)")
         p, a = self._p, self._activations(B, T)
         embedding_forward(a["encoded"], idx, p["wte.weight"], p["wpe.weight"])        # (B,T,C)
@@ -311,11 +312,13 @@ def load_bert(directory, dtype=numpy.float32) -> BERT:
                     n_head=d["n_head"], n_embd=d["n_embd"])
     model = BERT(cfg, dtype=dtype)
     tensors = load_file(str(directory / "model.safetensors"))
-    if set(tensors) != set(model.layout.names()):
-        raise ValueError(f"{directory}/model.safetensors: tensors {sorted(set(tensors) ^ set(model.layout.names()))[:6]} "
-                         "differ from the BERT layout of its config.json")
+    differ = sorted(set(tensors) ^ set(model.layout.names()))
+    if differ:
+        raise ValueError(f"{directory}/model.safetensors: tensors {differ[:6]} differ from the BERT layout "
+                         "of its config.json")
     for name, view in model.named_tensors().items():
         if tuple(tensors[name].shape) != view.shape:
-            raise ValueError(f"{directory}/model.safetensors: {name} has shape {tensors[name].shape}, expected {view.shape}")
+            raise ValueError(f"{directory}/model.safetensors: {name} has shape {tensors[name].shape}, "
+                             f"expected {view.shape}")
         view[...] = tensors[name]
     return model

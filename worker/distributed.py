@@ -16,6 +16,8 @@ One worker, top to bottom:
 
 Compare with ``worker/train.py``: the loop is the same, except that
 ``apply_update(model, optimizer, ...)`` became ``client.push_pull(grads, params, ...)``.
+``--model`` chooses what is learned (``worker/tasks.py``: the GPT, or the BERT-style
+encoder on masked bytes); ``--trace`` records the loop's spans (``common/trace.py``).
 
 Not here: sockets or bytes (``worker/client.py`` and ``common/``), the layers.
 """

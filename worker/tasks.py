@@ -3,10 +3,10 @@
 Two tasks share the loop of ``worker/distributed.py`` and the same servers (which see
 only a flat vector either way):
 
-| ``--model`` | model | batch | checkpoint | demonstration (``sample.txt``) |
-|---|---|---|---|---|
-| ``gpt``  | ``worker.model.GPT``, causal | next byte at every position | GPT-2's form, HF-loadable | sampled text |
-| ``bert`` | ``worker.bert.BERT``, bidirectional | 15% of the bytes masked, loss on them | ``save_bert`` | blanks filled in |
+- ``gpt``: ``worker.model.GPT`` (causal attention) predicts the next byte at every
+  position; checkpoint in GPT-2's form (HF-loadable); ``sample.txt`` holds sampled text.
+- ``bert``: ``worker.bert.BERT`` (bidirectional) fills in 15% of the bytes, masked;
+  checkpoint by ``save_bert``; ``sample.txt`` shows masked text and the model's guesses.
 
 Not here: the loop, the data pipeline (``worker/data.py``), the layers.
 """
