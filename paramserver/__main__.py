@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_arguments(p)
     add_arguments(p, JobConfig, "job (identical on every process)")
     add_arguments(p, OptimConfig, "optimizer (identical on every server)")
+    p.add_argument("--trace", default="", metavar="DIR",
+                   help="write a Chrome trace of this server to DIR/trace-server-RANK.json (ps-local --trace "
+                        "passes the run folder)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -54,9 +57,14 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_term)
 
     from paramserver.server import Server, ServerError
+    from common.trace import Tracer, trace_file
     from common.transport import TransportError
+    tracer = Tracer(f"server {rank}") if args.trace else None
     try:
-        return Server(cluster, optim, job, rank).run()
+        server = Server(cluster, optim, job, rank)
+        if tracer:
+            server.tracer = tracer
+        return server.run()
     except (ServerError, TransportError) as e:
         log.error("%s", e)
         return 1
@@ -66,6 +74,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log.info("interrupted; stopping")
         return 130
+    finally:
+        if tracer:
+            log.info("trace written to %s", tracer.save(trace_file(args.trace, "server", rank)))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from common.protocol import (
     BARRIER, DONE, ERROR, INIT, JOB, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS,
     ProtocolError,
 )
+from common.trace import NULL_TRACER
 from common.transport import Dealer, Poller, Router
 from paramserver.membership import Membership
 from paramserver.shard import Shard
@@ -85,6 +86,8 @@ class Server:
         self.stopping = False
         self.refused = 0                          # messages refused at the door
         self.started = time.monotonic()
+        self.tracer = NULL_TRACER                 # --trace: spans wait for pushes, store push, average, update, reply
+        self.ready_at = 0.0                       # tracer clock: when this step began waiting for pushes
         self.traffic = Traffic(cluster.num_servers, cluster.num_workers)   # per peer, for ps-status
 
     # --- the loop -------------------------------------------------------------------
@@ -250,6 +253,7 @@ class Server:
         self.shard.check_full_cover(msg.ranges, "init")
         self.shard.check_arrays(msg.arrays, msg.ranges, msg.dtypes, "init")
         self.shard.set_params(msg.arrays, msg.ranges)
+        self.ready_at = self.tracer.now()
         log.info("parameters initialized by %s", msg.sender)
         self._reply(identity, OK, msg.rid, version=self.shard.version)
         for ident, rid, _ in self.deferred_pulls:
@@ -281,16 +285,20 @@ class Server:
             raise ProtocolError(f"worker {rank} already pushed for step {msg.step}")
         shard.check_full_cover(msg.ranges, "push")
         shard.check_arrays(msg.arrays, msg.ranges, msg.dtypes, "push")
-        shard.store_gradient(rank, msg.arrays, msg.ranges)
+        with self.tracer.span("store push", step=msg.step, worker=rank):
+            shard.store_gradient(rank, msg.arrays, msg.ranges)
         if not self.pending:
             self.step_started = time.monotonic()
         self.pending[rank] = (identity, msg.rid, msg.meta)
         if len(self.pending) == self.num_workers:
+            self.tracer.add("wait for pushes", self.ready_at, self.tracer.now(), step=msg.step)
             self._average_step()
 
     def _average_step(self):
         shard = self.shard
-        shard.average(self.pending)
+        with self.tracer.span("average", step=shard.version):
+            shard.average(self.pending)
+        self.ready_at = self.tracer.now()          # (norm exchange, if any, runs from here)
         if self.optim.grad_clip > 0 and self.peers:
             step = shard.version
             mine = shard.local_sumsq()
@@ -320,6 +328,7 @@ class Server:
         got = self.norms.get(self.shard.version, {})
         if self.awaiting_norms and len(got) == len(self.server_addrs):
             self.awaiting_norms = False
+            self.tracer.add("norm exchange", self.ready_at, self.tracer.now(), step=self.shard.version)
             self._finish_step(sum(got[s] for s in sorted(got)))
             self.norms.pop(self.shard.version - 1, None)
 
@@ -328,12 +337,15 @@ class Server:
         metas = [self.pending[r][2] for r in sorted(self.pending)]
         losses = [m["loss"] for m in metas if "loss" in m]
         stats = {k: sum(m.get(k, 0) for m in metas) for k in ("tokens", "bytes_pushed", "bytes_pulled")}
-        shard.apply(global_sumsq)
+        with self.tracer.span("update", step=shard.version):
+            shard.apply(global_sumsq)
         extra = {"loss": sum(losses) / len(losses)} if losses else {}
-        for r in sorted(self.pending):
-            identity, rid, _ = self.pending[r]
-            self._send_params(identity, rid, stats=stats, **extra)
+        with self.tracer.span("reply", step=shard.version - 1):
+            for r in sorted(self.pending):
+                identity, rid, _ = self.pending[r]
+                self._send_params(identity, rid, stats=stats, **extra)
         self.pending.clear()
+        self.ready_at = self.tracer.now()
 
     def _on_done(self, identity, msg):
         if self.members is None:

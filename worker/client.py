@@ -33,6 +33,7 @@ from common.cluster import ClusterConfig, JobConfig, host_name
 from common.config import to_dict
 from common.layout import Layout
 from common.protocol import DONE, ERROR, INIT, JOB, OK, PULL, PUSH, REGISTER, ProtocolError
+from common.trace import NULL_TRACER
 from common.transport import Dealer, Poller
 
 log = logging.getLogger("client")
@@ -63,6 +64,7 @@ class PSClient:
         self.bytes_pushed = 0
         self.bytes_pulled = 0
         self.version = 0
+        self.tracer = NULL_TRACER               # spans: push (send), wait (for every answer), pull (copy in)
 
     @property
     def name(self) -> str:
@@ -119,7 +121,8 @@ class PSClient:
     def pull(self, params) -> int:
         """params[b:e] = the servers' values for every chunk; returns the version."""
         replies = self._all(PULL, None, step=self.version)
-        self._write_params(replies, params)
+        with self.tracer.span("pull", step=self.version):
+            self._write_params(replies, params)
         return self.version
 
     def push_pull(self, grads, params, step: int, **meta) -> dict:
@@ -131,7 +134,8 @@ class PSClient:
         self.bytes_pushed += sum(grads[b:e].nbytes for chunks in self.chunks for b, e in chunks)
         meta = dict(meta, bytes_pushed=self.bytes_pushed, bytes_pulled=self.bytes_pulled)
         replies = self._all(PUSH, grads, step=step, **meta)
-        self._write_params(replies, params)
+        with self.tracer.span("pull", step=step):
+            self._write_params(replies, params)
         return replies[0].meta
 
     def _write_params(self, replies, params):
@@ -152,12 +156,15 @@ class PSClient:
         """Send ``cmd`` to every server (with its chunks of ``vector`` if given) and
         wait for every answer; returns the answers in server order."""
         rids = {}
+        t_send = self.tracer.now()
         for s, link in enumerate(self.links):
             arrays = [vector[b:e] for b, e in self.chunks[s]] if vector is not None else []
             ranges = list(self.chunks[s]) if vector is not None else None
             rid = next(self._rid)
             rids[rid] = s
             link.send(codec.encode(cmd, self.name, step=step, rid=rid, arrays=arrays, ranges=ranges, **meta))
+        t_wait = self.tracer.now()
+        self.tracer.add(cmd, t_send, t_wait, step=step)
         replies: list = [None] * len(self.links)
         deadline = time.monotonic() + self.timeout
         while rids:
@@ -181,6 +188,7 @@ class PSClient:
                     if msg.cmd == ERROR:
                         raise RemoteError(f"server {s} at {self.servers[s]} refused {cmd}: {msg.meta['message']}")
                     replies[s] = msg
+        self.tracer.add("wait", t_wait, self.tracer.now(), step=step)
         return replies
 
     def _wait_one(self, sock, rid, who, what, timeout=None):

@@ -16,6 +16,8 @@ One worker, top to bottom:
 
 Compare with ``worker/train.py``: the loop is the same, except that
 ``apply_update(model, optimizer, ...)`` became ``client.push_pull(grads, params, ...)``.
+``--model`` chooses what is learned (``worker/tasks.py``: the GPT, or the BERT-style
+encoder on masked bytes); ``--trace`` records the loop's spans (``common/trace.py``).
 
 Not here: sockets or bytes (``worker/client.py`` and ``common/``), the layers.
 """
@@ -27,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cluster import ClusterConfig, JobConfig
-from worker import checkpoint
+from common.trace import NULL_TRACER, Tracer, trace_file
 from worker.client import PSClient
 from worker.data import BatchSampler, DataConfig, load_data, unigram_entropy, validation_batches
-from worker.model import GPT, GPTConfig
-from worker.sample import generate
-from worker.train import METRICS, MetricsWriter, compute_gradients, evaluate
+from worker.model import GPTConfig
+from worker.tasks import MODELS, make_task
+from worker.train import METRICS, MetricsWriter, evaluate
 
 log = logging.getLogger("worker")
 
@@ -48,6 +50,9 @@ class WorkerConfig:
     seed: int = 0                 # seeds the initial weights (worker 0's are used) and the data order
     out: str = ""                 # run folder for worker 0's metrics, model and sample ('' = runs/<timestamp>)
     sample_bytes: int = 300       # worker 0: bytes of text to sample from the final model (0 = none)
+    model: str = "gpt"            # gpt: next byte, causal attention | bert: 15% of the bytes masked, bidirectional
+    trace: bool = False           # write a Chrome trace of this worker (trace-worker-R.json in the run folder)
+    CHOICES = {"model": MODELS}
 
     def __post_init__(self):
         for name in ("batch_size", "steps", "eval_interval", "eval_batches", "log_interval"):
@@ -55,6 +60,8 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sample_bytes < 0:
             raise ValueError(f"sample_bytes must be >= 0, got {self.sample_bytes}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
 
 
 def run(cluster: ClusterConfig, job: JobConfig, mc: GPTConfig, dc: DataConfig, wc: WorkerConfig) -> dict:
@@ -66,7 +73,8 @@ def run(cluster: ClusterConfig, job: JobConfig, mc: GPTConfig, dc: DataConfig, w
 
 
 def _run(client: PSClient, cluster: ClusterConfig, mc: GPTConfig, dc: DataConfig, wc: WorkerConfig) -> dict:
-    model = GPT(mc, seed=wc.seed)
+    task = make_task(wc.model, mc, seed=wc.seed)
+    model = task.model
     t_register = time.perf_counter()
     job = client.register(model.layout, model.dtype.name)
     rank, W = client.rank, job["num_workers"]
@@ -75,17 +83,19 @@ def _run(client: PSClient, cluster: ClusterConfig, mc: GPTConfig, dc: DataConfig
 
     data = load_data(dc, rank=rank, num_workers=W, seed=wc.seed)
     log.info("%s", data.summary)
-    sampler = BatchSampler(data.train, wc.batch_size, mc.block_size, seed=wc.seed * 7919 + rank)
+    sampler = task.batches(BatchSampler(data.train, wc.batch_size, mc.block_size, seed=wc.seed * 7919 + rank),
+                           seed=wc.seed * 7919 + rank)
     lead = rank == 0
+    out = Path(wc.out or time.strftime("runs/%Y%m%d-%H%M%S"))
+    tracer = client.tracer = Tracer(f"worker {rank}") if wc.trace else NULL_TRACER
     if lead:
         client.init(model.params)
     client.pull(model.params)
 
     metrics = val_set = None
-    out = Path(wc.out or time.strftime("runs/%Y%m%d-%H%M%S"))
     if lead:
         out.mkdir(parents=True, exist_ok=True)
-        val_set = validation_batches(data.val, wc.batch_size, mc.block_size, wc.eval_batches)
+        val_set = task.validation(validation_batches(data.val, wc.batch_size, mc.block_size, wc.eval_batches))
         metrics = MetricsWriter(out / METRICS, keep_until=-1)    # a fresh file: keep no old line
         metrics.write({"step": 0, "val_loss": evaluate(model, val_set), "workers": W,
                        "servers": job["num_servers"], "unigram_entropy": unigram_entropy(data.train),
@@ -94,16 +104,23 @@ def _run(client: PSClient, cluster: ClusterConfig, mc: GPTConfig, dc: DataConfig
     t_start = time.perf_counter()
     window_t, window_tokens, val = t_start, 0, float("nan")
     for step in range(wc.steps):
+        t_step = tracer.now()
         idx, targets = sampler.next_batch()
-        loss = compute_gradients(model, idx, targets)
+        with tracer.span("forward", step=step):
+            model.zero_grad()
+            loss = model.forward(idx, targets)
+        with tracer.span("backward", step=step):
+            model.backward()
         reply = client.push_pull(model.grads, model.params, step, loss=loss, tokens=idx.size)
+        tracer.add("step", t_step, tracer.now(), step=step)
         done = step + 1
         window_tokens += reply.get("stats", {}).get("tokens", idx.size * W)
         if not lead:
             continue
         record = {"step": done, "loss": reply.get("loss", loss)}
         if done % wc.eval_interval == 0 or done == wc.steps:
-            val = record["val_loss"] = evaluate(model, val_set)
+            with tracer.span("evaluate", step=step):
+                val = record["val_loss"] = evaluate(model, val_set)
         if done % wc.log_interval == 0 or "val_loss" in record:
             now = time.perf_counter()
             stats = reply.get("stats", {})
@@ -115,13 +132,14 @@ def _run(client: PSClient, cluster: ClusterConfig, mc: GPTConfig, dc: DataConfig
 
     client.done()
     log.info("finished %d steps in %.1f s", wc.steps, time.perf_counter() - t_start)
+    if tracer.enabled:
+        log.info("trace written to %s", tracer.save(trace_file(out, "worker", rank)))
     result = {"rank": rank, "steps": wc.steps}
     if lead:
         metrics.close()
-        checkpoint.save_model(out, model, wc.steps)
+        task.save(out, wc.steps)
         if wc.sample_bytes:
-            text = generate(model, b"\n", wc.sample_bytes, temperature=0.8, top_k=40, seed=wc.seed)
-            (out / "sample.txt").write_text(text.decode("utf-8", errors="replace"))
+            (out / "sample.txt").write_text(task.demonstrate(data.val, wc.sample_bytes, seed=wc.seed))
         result.update(val_loss=val, out=str(out))
         log.info("validation loss %.4f; model saved in %s", val, out)
     return result
