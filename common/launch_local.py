@@ -39,7 +39,7 @@ from common.transport import free_port
 GRACE_S = 5.0      # after TERM, how long a process gets before KILL
 # The optimizer of the single-process trainer's small GPT (worker/train.py TRAIN_DEFAULTS;
 # a test keeps the two equal), so a ps-local run and a ps-train run compare.
-OPTIM_DEFAULTS = dict(lr=3e-3, warmup_steps=20, min_lr=3e-4, grad_clip=1.0)
+OPTIM_DEFAULTS = dict(lr=3e-3, warmup_steps=60, min_lr=3e-4, grad_clip=1.0)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,7 +70,7 @@ class TrainConfig:
 # cores; they override the dataclasses' defaults for this command only.
 # --lr-decay-steps, unless given, follows --steps (the cosine ends with the run).
 TRAIN_DEFAULTS = dict(block_size=64, n_layer=3, n_head=4, n_embd=96,
-                      lr=3e-3, warmup_steps=20, min_lr=3e-4, grad_clip=1.0)
+                      lr=3e-3, warmup_steps=60, min_lr=3e-4, grad_clip=1.0)
 
 
 # --- one step, reusable by the distributed worker ----------------------------------------
