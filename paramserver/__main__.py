@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_arguments(p)
     add_arguments(p, JobConfig, "job (identical on every process)")
     add_arguments(p, OptimConfig, "optimizer (identical on every server)")
+    p.add_argument("--out", default="", help="folder where the server writes server-RANK.json at the end: staleness "
+                   "histogram, updates/s, dropped pushes, the log of applied updates (default: none)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -38,6 +40,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cluster, job, optim = from_args(ClusterConfig, args), from_args(JobConfig, args), from_args(OptimConfig, args)
+        job.check_workers(cluster.num_workers)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
     from paramserver.server import Server, ServerError
     from common.transport import TransportError
     try:
-        return Server(cluster, optim, job, rank).run()
+        return Server(cluster, optim, job, rank, out=args.out).run()
     except (ServerError, TransportError) as e:
         log.error("%s", e)
         return 1
