@@ -14,6 +14,7 @@ Flags win over the environment, the environment over the defaults.
 | --bind            | PS_BIND         | where a server listens (tcp://*:PORT)               |
 | --advertise       | PS_ADVERTISE    | the address peers use to reach that server          |
 | --timeout         | PS_TIMEOUT      | seconds any wait may last before it fails           |
+| --curve           | PS_CURVE        | CurveZMQ key folder (ps-keys): encrypt, authenticate |
 
 Also here: ``JobConfig``, the settings every process of a job must share (the
 coordinator refuses a process whose settings differ), and the default advertised
@@ -31,7 +32,7 @@ from common.config import add_arguments
 
 ENV = {"rank": "PS_RANK", "num_servers": "PS_NUM_SERVERS", "num_workers": "PS_NUM_WORKERS",
        "coordinator": "PS_COORDINATOR", "bind": "PS_BIND", "advertise": "PS_ADVERTISE",
-       "timeout": "PS_TIMEOUT"}
+       "timeout": "PS_TIMEOUT", "curve": "PS_CURVE"}
 
 MODES = ("bsp", "asp", "ssp", "local-sgd")
 
@@ -46,6 +47,7 @@ class ClusterConfig:
     bind: str = ""                          # servers: where to listen, e.g. tcp://*:5701 ('' = the coordinator's port on server 0, any free port elsewhere)
     advertise: str = ""                     # servers: the address peers connect to ('' = this host's address on the route to the coordinator, with the bound port)
     timeout: float = 60.0                   # seconds any wait (registration, a step, a reply) may last before it fails naming who is missing
+    curve: str = ""                         # folder of CurveZMQ keys made by ps-keys: every socket encrypted and authenticated ('' = plain TCP)
 
     def __post_init__(self):
         if self.num_servers < 1 or self.num_workers < 1:
@@ -53,6 +55,13 @@ class ClusterConfig:
                              f"W={self.num_workers}")
         if self.timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+
+    def curve_keys(self):
+        """The CurveZMQ keys of ``--curve``, or None without it."""
+        if not self.curve:
+            return None
+        from common.transport import Curve
+        return Curve(self.curve)
 
 
 @dataclass

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=0,
                    help="BLAS threads per process (default: the cores divided among the processes, at least 1)")
     g.add_argument("--no-progress", action="store_true", help="print a line per evaluation instead of a bar")
+    g.add_argument("--curve", default="", help="CurveZMQ key folder made by ps-keys: encrypt and authenticate "
+                                               "every connection (default: plain TCP)")
     add_arguments(p, JobConfig, "consistency (every process)")
     add_arguments(p, OptimConfig, "optimizer (servers)", defaults=dict(OPTIM_DEFAULTS, lr_decay_steps=None),
                   default_text={"lr_decay_steps": "--steps"})
@@ -164,6 +166,8 @@ def main(argv=None) -> int:
     py = sys.executable
     common = ["--num-servers", str(args.servers), "--num-workers", str(args.workers),
               "--coordinator", coord, "--timeout", str(args.timeout)] + _flags(job)
+    if args.curve:
+        common += ["--curve", args.curve]
     worker_cmd = [py, "-m", "worker", *common, "--steps", str(args.steps), "--out", str(out), *worker_args]
 
     # the workers' flags are checked before anything starts, so a typo fails in a second

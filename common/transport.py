@@ -16,15 +16,29 @@ modify an array until the message is on its way (``track=True`` says when).
 
 Sockets close with a bounded linger (STYLE: the ZeroMQ guide's habits) so a process
 never hangs on exit waiting for a peer that is gone.
+
+CurveZMQ (RFC 26, with ZAP, RFC 27), when a job is given a key folder (``ps-keys``):
+every Router is a CURVE server holding the job's server key pair and admits only the
+client public keys in ``authorized/``; every Dealer is a CURVE client holding a client
+key pair and the server's public key. Traffic is encrypted and authenticated; a peer
+without an authorised key gets nothing. CURVE refusals are silent to the client, so
+each Dealer watches its own handshake (a socket monitor) and ``diagnose()`` turns what
+it saw into a sentence for the deadline error.
 """
 from __future__ import annotations
 
+import os
 import socket as _pysocket
+import threading
+from pathlib import Path
 
 import zmq
+import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
 
 LINGER_MS = 1000                 # at close, give queued messages this long to leave
 MAX_MESSAGE_BYTES = 2 << 30      # a peer sending a bigger frame is disconnected by libzmq
+QUEUE_MESSAGES = 100             # messages queued per connection and direction (high-water mark)
 
 
 class TransportError(RuntimeError):
@@ -58,14 +72,86 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# --- CurveZMQ keys ------------------------------------------------------------------------
+
+SERVER_KEY, CLIENT_KEY, AUTHORIZED = "server", "client", "authorized"
+ZAP_DOMAIN = b"paramserver"
+
+
+class Curve:
+    """The CurveZMQ keys of one process, read from a ``ps-keys`` folder:
+    ``server.key_secret`` (servers), ``<name>.key_secret`` (this process as a client),
+    ``server.key`` (every client), ``authorized/*.key`` (the clients servers admit)."""
+
+    def __init__(self, folder, client_name: str = CLIENT_KEY):
+        self.folder = Path(folder)
+        self.client_name = client_name
+        need = [self.folder / f"{SERVER_KEY}.key", self.folder / f"{client_name}.key_secret",
+                self.folder / AUTHORIZED]
+        missing = [str(p) for p in need if not p.exists()]
+        if missing:
+            raise TransportError(f"CurveZMQ key folder {self.folder} lacks {', '.join(missing)}; "
+                                 f"create it with: ps-keys {self.folder}")
+        self.server_public, _ = zmq.auth.load_certificate(str(self.folder / f"{SERVER_KEY}.key"))
+        self.client_public, self.client_secret = zmq.auth.load_certificate(
+            str(self.folder / f"{client_name}.key_secret"))
+
+    def server_pair(self):
+        path = self.folder / f"{SERVER_KEY}.key_secret"
+        if not path.exists():
+            raise TransportError(f"{path} is missing: this process cannot act as a CurveZMQ server")
+        return zmq.auth.load_certificate(str(path))
+
+
+def generate_keys(folder, clients=(CLIENT_KEY,)) -> list[Path]:
+    """Write the job's server key pair and one authorised key pair per client name into
+    ``folder`` (secret files readable by the owner only). Existing keys are kept."""
+    folder = Path(folder)
+    (folder / AUTHORIZED).mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in (SERVER_KEY, *clients):
+        if name == SERVER_KEY and (folder / f"{SERVER_KEY}.key").exists():
+            continue            # a client-only folder holds the server's public key alone: keep it
+        if not (folder / f"{name}.key_secret").exists():
+            pub, sec = zmq.auth.create_certificates(str(folder), name)
+            os.chmod(sec, 0o600)
+            written += [Path(pub), Path(sec)]
+        if name != SERVER_KEY:
+            allowed = folder / AUTHORIZED / f"{name}.key"
+            allowed.write_bytes((folder / f"{name}.key").read_bytes())
+    return written
+
+
+_auth_lock = threading.Lock()
+_authenticators: dict = {}
+
+
+def _zap(curve: Curve):
+    """One ZAP authenticator per process and key folder: admits the authorised client keys."""
+    from zmq.auth.thread import ThreadAuthenticator
+    with _auth_lock:
+        key = str(curve.folder.resolve())
+        if key not in _authenticators:
+            auth = ThreadAuthenticator(context())
+            auth.start()
+            auth.configure_curve(domain=ZAP_DOMAIN.decode(), location=str(curve.folder / AUTHORIZED))
+            _authenticators[key] = auth
+        return _authenticators[key]
+
+
+# --- sockets -------------------------------------------------------------------------------
+
 class _Socket:
     def __init__(self, kind, max_message_bytes=MAX_MESSAGE_BYTES):
         self.sock = context().socket(kind)
         self.sock.setsockopt(zmq.LINGER, LINGER_MS)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-        self.sock.setsockopt(zmq.RCVHWM, 0)      # BSP holds at most one request per peer;
-        self.sock.setsockopt(zmq.SNDHWM, 0)      # never drop or block on a full queue
+        # Bounded queues: a peer keeps a few requests in flight at most, so 100 messages per
+        # connection is plenty; past it, libzmq stops reading that peer's TCP socket (the
+        # sender waits), and a flood cannot grow this process's memory without bound.
+        self.sock.setsockopt(zmq.RCVHWM, QUEUE_MESSAGES)
+        self.sock.setsockopt(zmq.SNDHWM, QUEUE_MESSAGES)
         self.endpoint = None
 
     def poll(self, timeout_ms: float) -> bool:
@@ -90,8 +176,13 @@ def _buffers(frames):
 class Router(_Socket):
     """A bound socket that talks to many peers, each known by its identity."""
 
-    def __init__(self, bind: str, **kw):
+    def __init__(self, bind: str, curve: Curve | None = None, **kw):
         super().__init__(zmq.ROUTER, **kw)
+        if curve is not None:
+            _zap(curve)
+            self.sock.curve_publickey, self.sock.curve_secretkey = curve.server_pair()
+            self.sock.curve_server = True
+            self.sock.zap_domain = ZAP_DOMAIN
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)     # an unknown peer is an error, not a silent drop
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)      # a restarted peer takes over its identity
         endpoint = normalize(bind)
@@ -109,11 +200,13 @@ class Router(_Socket):
         return parts[0].bytes, _buffers(parts[1:])
 
     def send(self, identity: bytes, frames, track=False) -> bool:
-        """Send to one peer; False (not an exception) when that peer is gone."""
+        """Send to one peer; False (not an exception) when that peer is gone or its queue
+        is full because it does not read its answers."""
         try:
-            tracker = self.sock.send_multipart([identity] + list(frames), copy=False, track=track)
+            tracker = self.sock.send_multipart([identity] + list(frames), copy=False, track=track,
+                                               flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
-            if e.errno == zmq.EHOSTUNREACH:
+            if e.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):   # gone, or not reading its answers
                 return False
             raise
         return tracker if track else True
@@ -122,8 +215,17 @@ class Router(_Socket):
 class Dealer(_Socket):
     """A socket connected to one peer, for asynchronous requests."""
 
-    def __init__(self, connect: str, identity: bytes | None = None, **kw):
+    def __init__(self, connect: str, identity: bytes | None = None, curve: Curve | None = None, **kw):
         super().__init__(zmq.DEALER, **kw)
+        self.curve = curve
+        self._events: list[int] = []
+        if curve is not None:
+            self.sock.curve_serverkey = curve.server_public
+            self.sock.curve_publickey, self.sock.curve_secretkey = curve.client_public, curve.client_secret
+        # a monitor of our own handshakes, so a silent refusal can be explained at the deadline
+        self.monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         if identity:
             self.sock.setsockopt(zmq.IDENTITY, identity)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)          # reconnect with capped backoff
@@ -142,6 +244,42 @@ class Dealer(_Socket):
     def recv(self):
         """Frames of the next message; call after ``poll`` said one is waiting."""
         return _buffers(self.sock.recv_multipart(copy=False))
+
+    def refused(self) -> str | None:
+        """A sentence when a handshake with the peer failed and none succeeded (the peer
+        will never answer this socket), else None: callers stop waiting at once."""
+        text = self.diagnose()
+        failed = {zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                  zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}
+        ev = set(self._events)
+        return text if ev & failed and zmq.EVENT_HANDSHAKE_SUCCEEDED not in ev else None
+
+    def diagnose(self) -> str:
+        """What this socket's connection and handshakes did, in words, for deadline errors:
+        a refused CurveZMQ handshake never produces a reply, only these events."""
+        while self.monitor.poll(0):
+            self._events.append(recv_monitor_message(self.monitor)["event"])
+        ev = set(self._events)
+        if zmq.EVENT_HANDSHAKE_FAILED_AUTH in ev:
+            return ("the server refused this process's CurveZMQ key (it is not in the server's "
+                    "authorized/ folder)")
+        if zmq.EVENT_HANDSHAKE_SUCCEEDED in ev:
+            return "connected" + (" (CurveZMQ handshake succeeded)" if self.curve else "")
+        if ev & {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}:
+            return ("the handshake failed: the server uses another security mechanism "
+                    + ("or another server key (check the --curve folder)" if self.curve
+                       else "(does the job use --curve? then pass the same key folder)"))
+        if zmq.EVENT_CONNECTED in ev:
+            return ("TCP connected but no handshake completed: " +
+                    ("wrong server public key, or the server does not use CurveZMQ" if self.curve
+                     else "the server may be busy, or use CurveZMQ (--curve)"))
+        return "no TCP connection could be made"
+
+    def close(self, linger_ms: int = LINGER_MS):
+        if not self.monitor.closed:
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
+        super().close(linger_ms)
 
 
 class Poller:

@@ -239,6 +239,8 @@ class AsyncServing:
     def push(self, shard, identity, msg, rank: int):
         rule = self.rule
         rule.check_push(rank, msg.step)
+        if len(self.held) >= 4 * self.num_workers:       # refuse before anything changes
+            raise ProtocolError("too many reads are waiting (ssp)")
         base = msg.meta.get("base_version")
         if base is None or not 0 <= base <= shard.version:
             raise ProtocolError(f"{self.mode} push needs base_version in [0, {shard.version}] (the "
@@ -265,6 +267,8 @@ class AsyncServing:
 
     def read(self, identity, rid, rank: int, **meta):
         """A worker asks for the parameters (a pull, or the answer to its push)."""
+        if len(self.held) >= 4 * self.num_workers:       # bounded, whatever peers send
+            raise ProtocolError("too many reads are waiting (ssp)")
         self.held.append((identity, rid, rank, time.monotonic(), meta))
         self.release()
 

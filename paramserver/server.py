@@ -79,10 +79,11 @@ class Server:
         self.cluster, self.optim, self.job, self.rank = cluster, optim, job, rank
         self.out = out                            # folder for server-S.json ('' = none)
         self.name = f"server:{rank}"
-        self.router = Router(server_bind(cluster, rank))
+        self.curve = cluster.curve_keys()             # None without --curve
+        self.router = Router(server_bind(cluster, rank), curve=self.curve)
         self.addr = advertised_endpoint(cluster, self.router.endpoint)
         self.poller = Poller([self.router])
-        self.coord = None if rank == 0 else Dealer(cluster.coordinator)
+        self.coord = None if rank == 0 else Dealer(cluster.coordinator, curve=self.curve)
         if self.coord:
             self.poller.add(self.coord)
         self.members = (Membership(cluster.num_servers, cluster.num_workers, to_dict(optim), to_dict(job))
@@ -180,9 +181,13 @@ class Server:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ServerError(f"the coordinator at {self.cluster.coordinator} has not answered this "
-                                  f"server's registration for {self.cluster.timeout:.0f} s; is server 0 "
-                                  "running, and are all processes started?")
-            if self.coord.poll(min(left, 1.0) * 1000):
+                                  f"server's registration for {self.cluster.timeout:.0f} s "
+                                  f"({self.coord.diagnose()}); is server 0 running, and are all "
+                                  "processes started?")
+            why = self.coord.refused()                    # a refused handshake never answers
+            if why:
+                raise ServerError(f"cannot talk to the coordinator at {self.cluster.coordinator}: {why}")
+            if self.coord.poll(min(left, 0.5) * 1000):
                 msg = self._decode(self.coord.recv(), "the coordinator")
                 if msg is None:
                     continue
@@ -206,7 +211,7 @@ class Server:
         if self.optim.grad_clip > 0 and self.job.mode == "bsp":     # see _average_step
             for s, addr in enumerate(self.server_addrs):
                 if s != self.rank:
-                    self.peers[s] = Dealer(addr)
+                    self.peers[s] = Dealer(addr, curve=self.curve)
         log.info("job started: %d worker(s), %d server(s), %d of %d parameters here (%s), %s",
                  job["num_workers"], job["num_servers"], self.shard.size, layout.size,
                  self.shard.describe_chunks(), job["dtype"])
@@ -224,7 +229,7 @@ class Server:
         sent = self.router.send(identity, codec.encode(cmd, self.name, rid=rid, arrays=arrays,
                                                        ranges=ranges, **meta))
         if not sent:
-            log.warning("could not answer %s: the peer is gone", identity[:16])
+            log.warning("could not answer %s: the peer is gone or not reading", identity[:16])
 
     def _handle(self, identity: bytes, frames):
         msg = self._decode(frames, f"peer {identity[:16]!r}")
@@ -295,9 +300,13 @@ class Server:
     def _on_pull(self, identity, msg):
         self._need_shard(msg)
         if not self.shard.initialized:
+            if len(self.deferred_pulls) >= 4 * self.num_workers:      # bounded, whatever peers send
+                raise ProtocolError("too many pulls are waiting for the initial parameters")
             self.deferred_pulls.append((identity, msg.rid, time.monotonic()))
             return
         if msg.meta.get("min_version", 0) > self.shard.version:     # wait for that version
+            if len(self.waiting_pulls) >= 4 * self.num_workers:      # bounded, whatever peers send
+                raise ProtocolError("too many pulls are waiting for a version")
             self.waiting_pulls.append((identity, msg.rid, msg.meta["min_version"], time.monotonic()))
             return
         if self.asynchronous and msg.sender.startswith("worker:"):  # ssp: a read may have to wait
@@ -329,8 +338,10 @@ class Server:
             self.recorder.dropped(rank, shard.version - msg.step)
             if kind == LATE:
                 self._send_params(identity, msg.rid, dropped=True)
-            else:                           # its step is being applied: answer with the result
+            elif len(self.late) < self.num_workers:     # its step is being applied: answer after
                 self.late.append((identity, msg.rid))
+            else:
+                raise ProtocolError(f"too many late pushes for step {msg.step}")
             return
         shard.store_gradient(rank, msg.arrays, msg.ranges)
         if not self.pending:
@@ -357,9 +368,15 @@ class Server:
 
     def _on_norm(self, identity, msg):
         self._need_shard(msg)
+        if not self.peers:
+            raise ProtocolError("this server exchanges no gradient norms (clipping off, or a single server)")
         peer = parse_sender(msg.sender, "server", len(self.server_addrs))
-        if msg.step < self.shard.version:
-            raise ProtocolError(f"norm for step {msg.step} arrived after that step was applied")
+        if peer == self.rank:
+            raise ProtocolError("a norm from this server's own rank")
+        # a peer can only be at this server's step: it cannot finish the step without our norm,
+        # and the workers cannot push the next step before we answered this one
+        if msg.step != self.shard.version:
+            raise ProtocolError(f"norm for step {msg.step}, but this server is at step {self.shard.version}")
         self.norms.setdefault(msg.step, {})[peer] = float(msg.meta["sumsq"])
         self._maybe_finish_norms()
 

@@ -106,3 +106,12 @@ def test_hello_ps_trains_a_linear_model_through_real_servers():
     learned = done.stdout.split("learned w = [")[1].split("]")[0].split()
     assert abs(float(done.stdout.split("b = ")[1].split()[0]) - 0.7) < 0.01
     assert [round(float(x), 1) for x in learned] == [2.0, -1.0, 0.5, 3.0]
+
+
+def test_ps_local_over_curve(tmp_path):
+    from common.keys import main as ps_keys
+    ps_keys([str(tmp_path / "keys")])
+    done = ps_local("--steps", 10, "--out", tmp_path / "run", "--no-progress", "--curve", tmp_path / "keys",
+                    *SMALL, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "--curve" in (tmp_path / "run" / "logs" / "server-1.log").read_text().splitlines()[0]

@@ -67,7 +67,8 @@ class PSClient:
         self.rank = cluster.rank
         self.timeout = cluster.timeout
         self._rid = itertools.count(1)
-        self.coord = Dealer(cluster.coordinator)
+        self.curve = cluster.curve_keys()       # None without --curve
+        self.coord = Dealer(cluster.coordinator, curve=self.curve)
         self.links: list[Dealer] = []           # one per server, in server rank order
         self.servers: list[str] = []
         self.chunks: list[list[tuple[int, int]]] = []   # per server: the ranges it owns
@@ -117,7 +118,7 @@ class PSClient:
         for b, e, s in job["placement"]:
             self.chunks[s].append((b, e))
         for addr in self.servers:
-            link = Dealer(addr)
+            link = Dealer(addr, curve=self.curve)
             self.links.append(link)
             self.poller.add(link)
         self.versions = [0] * len(self.servers)
@@ -209,11 +210,16 @@ class PSClient:
         while rids:
             left = deadline - time.monotonic()
             if left <= 0:
-                missing = ", ".join(f"server {s} at {self.servers[s]}" for _, s in sorted(rids.values()))
+                missing = ", ".join(f"server {s} at {self.servers[s]} ({self.links[s].diagnose()})"
+                                    for _, s in sorted(rids.values()))
                 raise DeadlineError(f"{self.name}: no answer to {cmd} (step {step}) within "
                                     f"{self.timeout + self.grace:.0f} s from {missing}; is it running? "
                                     "see its log")
-            for link in self.poller.poll(min(left, 1.0) * 1000):
+            for _, s in rids.values():                    # a refused handshake never answers
+                why = self.links[s].refused()
+                if why:
+                    raise RemoteError(f"{self.name}: cannot talk to server {s} at {self.servers[s]}: {why}")
+            for link in self.poller.poll(min(left, 0.5) * 1000):
                 while link.poll(0):
                     msg = self._decode(link.recv(), link.endpoint)
                     if msg is None or msg.rid not in rids:
@@ -231,8 +237,11 @@ class PSClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineError(f"{self.name}: {who} has not answered {what} within "
-                                    f"{timeout:.0f} s; is it running?")
-            if sock.poll(min(left, 1.0) * 1000):
+                                    f"{timeout:.0f} s ({sock.diagnose()}); is it running?")
+            why = sock.refused()                          # a refused handshake never answers
+            if why:
+                raise RemoteError(f"{self.name}: cannot talk to {who}: {why}")
+            if sock.poll(min(left, 0.5) * 1000):
                 msg = self._decode(sock.recv(), who)
                 if msg is None or msg.rid not in (rid, 0):
                     continue
