@@ -31,7 +31,7 @@ from common.optim import OptimConfig, clip_scale, lr_at, make_optimizer
 from tests.cluster import Servers, run_threads
 from worker.client import PSClient, RemoteError
 from worker.consistency import make_loop
-from worker.distributed import parse_straggler
+from worker.distributed import ANY, Straggler, parse_straggler
 from worker.model import GPT, GPTConfig
 from worker.train import compute_gradients
 
@@ -125,9 +125,20 @@ def test_straggler_flag():
     assert parse_straggler("") is None
     assert parse_straggler("2:0.05") == (2, 0.05, None)
     assert parse_straggler("1:3x") == (1, 0.0, 3.0)
-    for bad in ("1", "x:2", "1:0.5x", "1:-2", "1:2y"):
+    assert parse_straggler("any:3x") == (ANY, 0.0, 3.0)
+    for bad in ("1", "x:2", "1:0.5x", "1:-2", "1:2y", "all:2"):
         with pytest.raises(ValueError):
             parse_straggler(bad)
+    with pytest.raises(ValueError, match="has 2 worker"):
+        Straggler("2:0.1", 0, 2, 0)
+    fixed = [Straggler("1:3x", r, 3, 0) for r in range(3)]
+    assert [s.pause(0, 0.5) for s in fixed] == [0.0, 1.0, 0.0] and fixed[1].involves_me
+    # 'any': at every step exactly one worker is slow, a different one from step to step
+    moving = [Straggler("any:0.2", r, 3, 7) for r in range(3)]
+    slow = [[s.pause(t, 0.01) for s in moving] for t in range(300)]
+    assert all(sorted(p) == [0.0, 0.0, 0.2] for p in slow)
+    share = [sum(p[r] > 0 for p in slow) / 300 for r in range(3)]
+    assert all(0.25 < x < 0.42 for x in share), share
 
 
 # --- ssp: the bound, checked on the recorded clocks -------------------------------------
@@ -386,3 +397,22 @@ def test_every_mode_ends_by_itself_with_its_metrics(mode, tmp_path):
         assert server["applied"] == sum(w["pushes"] for w in workers) >= 3 * steps
     if mode[0] == "local-sgd":
         assert server["updates"] == steps // 4 and all(w["pushes"] == steps // 4 for w in workers)
+
+
+def test_the_experiment_draws_labelled_curves(tmp_path):
+    """scripts/experiments/consistency.py, shortened: two modes, a few steps."""
+    pytest.importorskip("matplotlib")
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "experiments"))
+    import consistency as experiment
+    png = tmp_path / "c.png"
+    results, labels = experiment.main(["--modes", "bsp,ssp2", "--scenarios", "moving", "--steps", "8",
+                                       "--eval-interval", "4", "--out", str(tmp_path / "runs"), "--png", str(png)])
+    assert png.exists() and (tmp_path / "c_staleness_moving.png").exists()
+    runs = results["moving"]
+    assert [r["label"] for r in runs] == ["BSP", "SSP (s=2)"]
+    assert len(labels) == 4 and all(any(lab.startswith(r["label"] + ":") for lab in labels) for r in runs)
+    assert all(r["wall_s"] > 0 and 8 <= r["curve"][-1]["bsp_steps"] < 9 for r in runs)
+    assert runs[1]["max_clock_staleness"] <= 2
+    assert all(w["straggler"] for w in runs[0]["workers"])        # 'any': every worker may be slowed

@@ -28,6 +28,8 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+
+import numpy
 from pathlib import Path
 
 from common.cluster import ClusterConfig, JobConfig
@@ -53,7 +55,7 @@ class WorkerConfig:
     seed: int = 0                 # seeds the initial weights (worker 0's are used) and the data order
     out: str = ""                 # run folder for worker 0's metrics, model and sample ('' = runs/<timestamp>)
     sample_bytes: int = 300       # worker 0: bytes of text to sample from the final model (0 = none)
-    straggler: str = ""           # RANK:SECONDS (worker RANK sleeps that long after each gradient) or RANK:Fx (its steps take F times its compute time); '' = none
+    straggler: str = ""           # RANK:SECONDS (worker RANK sleeps that long after each gradient) or RANK:Fx (its steps take F times its compute time); RANK 'any': a different random worker at each step; '' = none
 
     def __post_init__(self):
         parse_straggler(self.straggler)
@@ -64,19 +66,56 @@ class WorkerConfig:
             raise ValueError(f"sample_bytes must be >= 0, got {self.sample_bytes}")
 
 
+ANY = -1
+
+
 def parse_straggler(text: str):
     """``"2:0.05"`` -> (2, 0.05, None): worker 2 sleeps 0.05 s after each gradient;
     ``"2:3x"`` -> (2, 0.0, 3.0): it sleeps twice its compute time, so each of its steps
-    takes 3x as long; ``""`` -> None."""
+    takes 3x as long; ``"any:3x"`` -> (ANY, 0.0, 3.0): at each step one worker, drawn
+    at random, is the slow one; ``""`` -> None."""
     if not text:
         return None
-    m = re.fullmatch(r"(\d+):(\d+(?:\.\d*)?|\.\d+)(x?)", text.strip())
+    m = re.fullmatch(r"(\d+|any):(\d+(?:\.\d*)?|\.\d+)(x?)", text.strip())
     if not m:
-        raise ValueError(f"straggler must be RANK:SECONDS or RANK:FACTORx (e.g. 1:0.05 or 1:3x), got {text!r}")
-    rank, value, factor = int(m.group(1)), float(m.group(2)), m.group(3) == "x"
+        raise ValueError(f"straggler must be RANK:SECONDS or RANK:FACTORx, RANK a number or 'any' "
+                         f"(e.g. 1:0.05, 1:3x, any:3x), got {text!r}")
+    rank = ANY if m.group(1) == "any" else int(m.group(1))
+    value, factor = float(m.group(2)), m.group(3) == "x"
     if factor and value < 1:
         raise ValueError(f"a straggler's factor must be >= 1, got {text!r}")
     return (rank, 0.0, value) if factor else (rank, value, None)
+
+
+class Straggler:
+    """Which of this worker's steps ``--straggler`` slows down, and by how long.
+
+    With RANK 'any', step t's slow worker is drawn from (seed, t), the same draw in every
+    worker: in BSP exactly one worker is slow at each step, but never the same one for
+    long, and each worker is slow on about 1/W of its steps."""
+
+    def __init__(self, text: str, rank: int, num_workers: int, seed: int):
+        parsed = parse_straggler(text)
+        self.rank, self.seconds, self.factor = parsed or (None, 0.0, None)
+        self.me, self.W, self.seed = rank, num_workers, seed
+        if self.rank is not None and self.rank != ANY and self.rank >= num_workers:
+            raise ValueError(f"--straggler names worker {self.rank}, but the job has {num_workers} worker(s)")
+
+    @property
+    def involves_me(self) -> bool:
+        return self.rank is not None and self.rank in (ANY, self.me)
+
+    def describe(self) -> str:
+        how = f"{self.factor:g}x its compute time" if self.factor else f"+{self.seconds:g} s per step"
+        return how + (" on the steps where it is drawn (one worker per step)" if self.rank == ANY else "")
+
+    def pause(self, step: int, compute_s: float) -> float:
+        """Seconds to sleep after this worker's ``step``-th gradient, which took ``compute_s``."""
+        if not self.involves_me:
+            return 0.0
+        if self.rank == ANY and numpy.random.default_rng([self.seed, step]).integers(self.W) != self.me:
+            return 0.0
+        return self.seconds or (self.factor - 1.0) * compute_s
 
 
 def run(cluster: ClusterConfig, job: JobConfig, mc: GPTConfig, dc: DataConfig, wc: WorkerConfig) -> dict:
@@ -103,11 +142,9 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
         client.init(model.params)
     client.pull(model.params)
     loop = make_loop(job_cfg, client, model, wc.steps, W, job.get("optim"))
-    straggler = parse_straggler(wc.straggler)
-    slow = straggler is not None and straggler[0] == rank
-    if slow:
-        log.info("this worker is the straggler: %s", f"{straggler[2]}x its compute time" if straggler[2]
-                 else f"+{straggler[1]} s per step")
+    straggler = Straggler(wc.straggler, rank, W, wc.seed)
+    if straggler.involves_me:
+        log.info("this worker is slowed: %s", straggler.describe())
 
     metrics = val_set = None
     out = Path(wc.out or time.strftime("runs/%Y%m%d-%H%M%S"))
@@ -132,8 +169,8 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
         loss = compute_gradients(model, idx, targets)
         dt = time.perf_counter() - t0
         compute_s += dt
-        if slow:
-            pause = straggler[1] or (straggler[2] - 1.0) * dt
+        pause = straggler.pause(iterations, dt)
+        if pause:
             time.sleep(pause)
             straggle_s += pause
         p = loop.step(loss, idx.size)
@@ -171,7 +208,7 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
              iterations, client.pushes, client.dropped, wall_s, client.wait_s)
     result = {"rank": rank, "steps": wc.steps, "mode": job_cfg.mode, "iterations": iterations,
               "pushes": client.pushes, "dropped": client.dropped, "wait_s": client.wait_s, "compute_s": compute_s,
-              "straggle_s": straggle_s, "wall_s": wall_s, "straggler": slow, "t_start": epoch_start,
+              "straggle_s": straggle_s, "wall_s": wall_s, "straggler": straggler.involves_me, "t_start": epoch_start,
               "t_end": epoch_start + wall_s, "bytes_pushed": client.bytes_pushed, "bytes_pulled": client.bytes_pulled}
     if lead or wc.out:
         out.mkdir(parents=True, exist_ok=True)
