@@ -138,12 +138,13 @@ class Shard:
         """This shard's share of the squared norm of the averaged gradient."""
         return sum_of_squares(self.avg)
 
-    def apply(self, global_sumsq: float | None = None, lr_step: int | None = None):
+    def apply(self, global_sumsq: float | None = None, lr_step: int | None = None, lr_scale: float = 1.0):
         """One optimizer step with the averaged gradient in ``self.avg``. With clipping
         on, ``global_sumsq`` is the squared norm of the averaged gradient over every
         shard of the job (each server adds the others' shares, see ``server.py``).
         ``lr_step``: where in the learning-rate schedule this update is (default: the
-        version; asp/ssp pass version // W, so W pushes make one step of the schedule)."""
+        version; asp/ssp pass version // W, so W pushes make one step of the schedule);
+        ``lr_scale`` multiplies the scheduled rate (asp/ssp: 1 / W, see consistency.py)."""
         cfg = self.optim_cfg
         scale = 1.0
         if cfg.grad_clip > 0:
@@ -151,7 +152,7 @@ class Shard:
                 raise ValueError("clipping needs the global squared norm")
             scale = clip_scale(global_sumsq ** 0.5, cfg.grad_clip)
         step = self.version if lr_step is None else lr_step
-        self.optimizer.step(self.params, self.avg, lr_at(cfg, step), grad_scale=scale)
+        self.optimizer.step(self.params, self.avg, lr_at(cfg, step) * lr_scale, grad_scale=scale)
         self.version += 1
 
     def apply_delta(self):

@@ -262,9 +262,9 @@ def test_asp_with_one_worker_equals_bsp_with_one_worker(name, S, tmp_path):
 
 def test_ssp_with_s0_is_bsp_one_gradient_at_a_time(tmp_path):
     """ssp(0): every worker of a round reads the same parameters, and the round's W
-    updates are applied one by one: with SGD at lr / W that is BSP's averaged step at lr."""
+    updates are applied one by one, each at lr / W: with SGD that is BSP's averaged step."""
     W, K, lr = 2, 4, 0.5
-    params, [summary] = gpt_job(JobConfig(mode="ssp", staleness=0), OptimConfig(optimizer="sgd", lr=lr / W),
+    params, [summary] = gpt_job(JobConfig(mode="ssp", staleness=0), OptimConfig(optimizer="sgd", lr=lr),
                                 1, W, K, tmp_path)
     want = single_process(OptimConfig(optimizer="sgd", lr=lr), K, range(W))
     for p in params:
@@ -341,7 +341,7 @@ def test_backup_worker_always_late_is_bsp_over_the_others(S, tmp_path):
 # --- torn answers ---------------------------------------------------------------------
 
 def test_asp_answers_are_never_torn_by_a_later_update(tmp_path):
-    """Every push adds 1 to every parameter (SGD, lr 1, gradient -1), so an answer of
+    """Every push adds 1 to every parameter (SGD, lr 1 / W per push, gradient -W), so an answer of
     version v must be v everywhere. Answers are big (8 MB) and updates keep coming while
     they are queued: an answer sent from the live parameters would mix two versions."""
     big = Layout([("x", (1 << 21,))])
@@ -350,7 +350,7 @@ def test_asp_answers_are_never_torn_by_a_later_update(tmp_path):
         def worker(rank):
             client = PSClient(servers.cluster(rank), job)
             client.register(big, "float32")
-            params, grads = np.zeros(big.size, np.float32), np.full(big.size, -1.0, np.float32)
+            params, grads = np.zeros(big.size, np.float32), np.full(big.size, -float(W), np.float32)
             if rank == 0:
                 client.init(params)
             client.pull(params)
