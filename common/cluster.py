@@ -13,8 +13,16 @@ Flags win over the environment, the environment over the defaults.
 | --coordinator     | PS_COORDINATOR  | HOST:PORT of server 0, the one address known first  |
 | --bind            | PS_BIND         | where a server listens (tcp://*:PORT)               |
 | --advertise       | PS_ADVERTISE    | the address peers use to reach that server          |
+| --interface       | PS_INTERFACE    | advertise this interface's address (eth0, ib0)      |
+| --subnet          | PS_SUBNET       | advertise this host's address inside this subnet    |
 | --timeout         | PS_TIMEOUT      | seconds any wait may last before it fails           |
 | --curve           | PS_CURVE        | CurveZMQ key folder (ps-keys): encrypt, authenticate |
+
+Bind and advertise are separate on purpose: in a container or behind NAT a server
+listens on ``tcp://*:PORT`` (or the container's address) while peers must dial the
+host's address. The advertised address is, in order: ``--advertise``; the address on
+``--interface`` and/or inside ``--subnet`` (``common/netaddr.py``); the address of
+the interface on the route to the coordinator.
 
 Also here: ``JobConfig``, the settings every process of a job must share (the
 coordinator refuses a process whose settings differ), and the default advertised
@@ -29,10 +37,11 @@ import typing
 from dataclasses import dataclass
 
 from common.config import add_arguments
+from common.netaddr import pick_address
 
 ENV = {"rank": "PS_RANK", "num_servers": "PS_NUM_SERVERS", "num_workers": "PS_NUM_WORKERS",
        "coordinator": "PS_COORDINATOR", "bind": "PS_BIND", "advertise": "PS_ADVERTISE",
-       "timeout": "PS_TIMEOUT", "curve": "PS_CURVE"}
+       "timeout": "PS_TIMEOUT", "interface": "PS_INTERFACE", "subnet": "PS_SUBNET", "curve": "PS_CURVE"}
 
 MODES = ("bsp", "asp", "ssp", "local-sgd")
 
@@ -47,6 +56,8 @@ class ClusterConfig:
     bind: str = ""                          # servers: where to listen, e.g. tcp://*:5701 ('' = the coordinator's port on server 0, any free port elsewhere)
     advertise: str = ""                     # servers: the address peers connect to ('' = this host's address on the route to the coordinator, with the bound port)
     timeout: float = 60.0                   # seconds any wait (registration, a step, a reply) may last before it fails naming who is missing
+    interface: str = ""                     # servers: advertise the address of this network interface (e.g. eth0, ib0) instead of the route's
+    subnet: str = ""                        # servers: advertise this host's address inside this subnet (e.g. 10.0.0.0/24)
     curve: str = ""                         # folder of CurveZMQ keys made by ps-keys: every socket encrypted and authenticated ('' = plain TCP)
 
     def __post_init__(self):
@@ -115,15 +126,11 @@ def add_cluster_arguments(parser: argparse.ArgumentParser):
     parser.set_defaults(**defaults)
 
 
-def route_address(to_host: str) -> str:
-    """The IP address of this host's interface on the route to ``to_host`` (no packet
-    is sent: connecting a UDP socket only asks the kernel for the route)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((socket.gethostbyname(to_host), 9))
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
+def host_name() -> str:
+    """This host's name as the job reports it: PS_HOST if set (launchers set it), else
+    Slurm's SLURMD_NODENAME (network-namespace nodes all share one hostname), else the
+    hostname."""
+    return os.environ.get("PS_HOST") or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def server_bind(cfg: ClusterConfig, rank: int) -> str:
@@ -144,5 +151,6 @@ def advertised_endpoint(cfg: ClusterConfig, bound_endpoint: str) -> str:
     host = bound_endpoint.split("://", 1)[1].rsplit(":", 1)[0]
     port = bound_endpoint.rsplit(":", 1)[1]
     if host in ("0.0.0.0", "*", "[::]", "::"):
-        host = route_address(cfg.coordinator.replace("tcp://", "").rsplit(":", 1)[0])
+        host = pick_address(cfg.interface, cfg.subnet,
+                            toward=cfg.coordinator.replace("tcp://", "").rsplit(":", 1)[0])
     return f"tcp://{host}:{port}"

@@ -35,6 +35,7 @@ from pathlib import Path
 from common.cluster import JobConfig
 from common.config import add_arguments, from_args, to_dict
 from common.optim import OptimConfig
+from common.trace import merge_traces
 from common.transport import free_port
 
 GRACE_S = 5.0      # after TERM, how long a process gets before KILL
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=0,
                    help="BLAS threads per process (default: the cores divided among the processes, at least 1)")
     g.add_argument("--no-progress", action="store_true", help="print a line per evaluation instead of a bar")
+    g.add_argument("--trace", action="store_true",
+                   help="every process writes a Chrome trace (trace-server-S.json, trace-worker-R.json), "
+                        "merged into trace.json in the run folder: open it at https://ui.perfetto.dev")
     g.add_argument("--curve", default="", help="CurveZMQ key folder made by ps-keys: encrypt and authenticate "
                                                "every connection (default: plain TCP)")
     add_arguments(p, JobConfig, "consistency (every process)")
@@ -169,6 +173,7 @@ def main(argv=None) -> int:
     if args.curve:
         common += ["--curve", args.curve]
     worker_cmd = [py, "-m", "worker", *common, "--steps", str(args.steps), "--out", str(out), *worker_args]
+    trace = ["--trace"] if args.trace else []
 
     # the workers' flags are checked before anything starts, so a typo fails in a second
     check = subprocess.run(worker_cmd + ["--dry-run"], capture_output=True, text=True)
@@ -192,10 +197,16 @@ def main(argv=None) -> int:
         for s in range(args.servers):
             bind = f"tcp://127.0.0.1:{port if s == 0 else '*'}"      # a local job stays on loopback
             run.start(f"server-{s}", [py, "-m", "paramserver", "--rank", str(s), "--bind", bind, *common,
-                                      *_flags(optim), "--out", str(out)])
+                                      *_flags(optim), "--out", str(out), *(trace and ["--trace", str(out)])])
         for r in range(args.workers):
-            run.start(f"worker-{r}", worker_cmd + ["--rank", str(r), "--no-progress"])
-        return _watch(run, out, args)
+            run.start(f"worker-{r}", worker_cmd + ["--rank", str(r), "--no-progress", *trace])
+        code = _watch(run, out, args)
+        if args.trace:
+            run.stop()                        # the servers write their traces as they exit
+            merged = merge_traces(out)
+            print(f"ps-local: timeline of every process in {merged}: open it at https://ui.perfetto.dev"
+                  if merged else "ps-local: no trace was written", file=sys.stdout if merged else sys.stderr)
+        return code
     except KeyboardInterrupt:
         interrupted = True
         print("\nps-local: interrupted; stopping every process", file=sys.stderr)

@@ -36,6 +36,8 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
+from common.netaddr import explain_unreachable
+
 LINGER_MS = 1000                 # at close, give queued messages this long to leave
 MAX_MESSAGE_BYTES = 2 << 30      # a peer sending a bigger frame is disconnected by libzmq
 QUEUE_MESSAGES = 100             # messages queued per connection and direction (high-water mark)
@@ -193,10 +195,15 @@ class Router(_Socket):
             raise TransportError(f"cannot bind {endpoint}: {e.strerror}. Is the port in use, or the "
                                  f"address not one of this host's?") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)   # port 0/* -> the real port
+        self.last_peer = ""            # the IP address the last message came from (for status views)
 
     def recv(self):
         """(identity, frames) of the next message; call after ``poll`` said one is waiting."""
         parts = self.sock.recv_multipart(copy=False)
+        try:
+            self.last_peer = parts[-1].get("Peer-Address") or ""
+        except (zmq.ZMQError, AttributeError):
+            self.last_peer = ""
         return parts[0].bytes, _buffers(parts[1:])
 
     def send(self, identity: bytes, frames, track=False) -> bool:
@@ -273,7 +280,8 @@ class Dealer(_Socket):
             return ("TCP connected but no handshake completed: " +
                     ("wrong server public key, or the server does not use CurveZMQ" if self.curve
                      else "the server may be busy, or use CurveZMQ (--curve)"))
-        return "no TCP connection could be made"
+        why = explain_unreachable(self.endpoint)        # refused, timed out, no route: which one
+        return "no TCP connection could be made" + (f" ({why})" if why else "")
 
     def close(self, linger_ms: int = LINGER_MS):
         if not self.monitor.closed:

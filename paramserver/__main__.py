@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, OptimConfig, "optimizer (identical on every server)")
     p.add_argument("--out", default="", help="folder where the server writes server-RANK.json at the end: staleness "
                    "histogram, updates/s, dropped pushes, the log of applied updates (default: none)")
+    p.add_argument("--trace", default="", metavar="DIR",
+                   help="write a Chrome trace of this server to DIR/trace-server-RANK.json (ps-local --trace "
+                        "passes the run folder)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -57,15 +60,26 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_term)
 
     from paramserver.server import Server, ServerError
+    from common.trace import Tracer, trace_file
     from common.transport import TransportError
+    tracer = Tracer(f"server {rank}") if args.trace else None
     try:
-        return Server(cluster, optim, job, rank, out=args.out).run()
+        server = Server(cluster, optim, job, rank, out=args.out)
+        if tracer:
+            server.tracer = tracer
+        return server.run()
     except (ServerError, TransportError) as e:
         log.error("%s", e)
+        return 1
+    except ValueError as e:                     # e.g. --interface or --subnet that this host lacks
+        log.error("cannot start: %s", e)
         return 1
     except KeyboardInterrupt:
         log.info("interrupted; stopping")
         return 130
+    finally:
+        if tracer:
+            log.info("trace written to %s", tracer.save(trace_file(args.trace, "server", rank)))
 
 
 if __name__ == "__main__":

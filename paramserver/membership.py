@@ -164,6 +164,15 @@ class Membership:
         out += [(w.identity, dict(common, rank=w.rank)) for w in self.workers]
         return out
 
+    def table(self) -> list[dict]:
+        """The address table: every registered process (role, rank, host, pid, address)."""
+        members = [self.servers[r] for r in sorted(self.servers)] + sorted(self.workers, key=lambda w: w.rank)
+        return [dict(role=m.role, rank=m.rank, host=m.host, pid=m.pid, addr=m.addr) for m in members]
+
+    def describe_table(self) -> str:
+        return "\n".join(f"  {m['role']:<6} {m['rank']:>3}  {m['host']:<16} pid {m['pid']:<8} {m['addr'] or '-'}"
+                         for m in self.table())
+
     def worker_names(self) -> dict[int, str]:
         return {w.rank: w.describe() for w in self.workers}
 

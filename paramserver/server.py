@@ -34,11 +34,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 
 from common import codec
-from common.cluster import ClusterConfig, JobConfig, advertised_endpoint, server_bind
+from common.cluster import ClusterConfig, JobConfig, advertised_endpoint, host_name, server_bind
 from common.config import to_dict
 from common.layout import Layout
 from common.optim import OptimConfig
@@ -46,10 +45,12 @@ from common.protocol import (
     BARRIER, DONE, ERROR, INIT, JOB, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS,
     ProtocolError,
 )
+from common.trace import NULL_TRACER
 from common.transport import Dealer, Poller, Router
 from paramserver.consistency import COUNT, LATE, AsyncRule, AsyncServing, Recorder, make_rule
 from paramserver.membership import Membership
 from paramserver.shard import Shard
+from paramserver.traffic import Traffic, frames_nbytes
 
 log = logging.getLogger("server")
 
@@ -110,6 +111,9 @@ class Server:
         self.snapshot = self.asynchronous is not None or job.backup_workers > 0   # see the module's docstring
         self.late: list[tuple] = []               # (identity, rid) of pushes late for a step being applied
         self.waiting_pulls: list[tuple] = []      # (identity, rid, min_version, since)
+        self.tracer = NULL_TRACER                 # --trace: spans wait for pushes, store push, average, update, reply
+        self.ready_at = 0.0                       # tracer clock: when this step began waiting for pushes
+        self.traffic = Traffic(cluster.num_servers, cluster.num_workers)   # per peer, for ps-status
 
     # --- the loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -159,7 +163,7 @@ class Server:
 
     # --- registration -----------------------------------------------------------------
     def _register(self):
-        meta = dict(role="server", rank=self.rank, host=socket.gethostname(), pid=os.getpid(),
+        meta = dict(role="server", rank=self.rank, host=host_name(), pid=os.getpid(),
                     addr=self.addr, optim=to_dict(self.optim), job=to_dict(self.job))
         if self.rank == 0:
             self.members.register(b"", meta)
@@ -226,8 +230,9 @@ class Server:
             return None
 
     def _reply(self, identity, cmd, rid, arrays=(), ranges=None, **meta):
-        sent = self.router.send(identity, codec.encode(cmd, self.name, rid=rid, arrays=arrays,
-                                                       ranges=ranges, **meta))
+        frames = codec.encode(cmd, self.name, rid=rid, arrays=arrays, ranges=ranges, **meta)
+        sent = self.router.send(identity, frames)
+        self.traffic.sent(identity, frames_nbytes(frames))
         if not sent:
             log.warning("could not answer %s: the peer is gone or not reading", identity[:16])
 
@@ -236,6 +241,7 @@ class Server:
         if msg is None:
             self._reply(identity, ERROR, 0, message="malformed message refused (see the server's log)")
             return
+        self.traffic.received(identity, msg.sender, frames_nbytes(frames), msg.step, msg.cmd, self.router.last_peer)
         handler = {REGISTER: self._on_register, INIT: self._on_init, PULL: self._on_pull,
                    PUSH: self._on_push, NORM: self._on_norm, DONE: self._on_done,
                    STATUS: self._on_status, BARRIER: self._unsupported,
@@ -272,7 +278,9 @@ class Server:
                  msg.meta["rank"] if msg.meta["rank"] >= 0 else "(rank to assign)",
                  msg.meta["host"], msg.meta["pid"], self.members.missing())
         if self.members.complete():
-            for ident, job in self.members.start(placement_contiguous):
+            replies = self.members.start(placement_contiguous)
+            log.info("the job's address table:\n%s", self.members.describe_table())
+            for ident, job in replies:
                 if ident == b"":
                     self._start(job)
                 else:
@@ -287,6 +295,7 @@ class Server:
         self.shard.check_full_cover(msg.ranges, "init")
         self.shard.check_arrays(msg.arrays, msg.ranges, msg.dtypes, "init")
         self.shard.set_params(msg.arrays, msg.ranges)
+        self.ready_at = self.tracer.now()
         log.info("parameters initialized by %s", msg.sender)
         self._reply(identity, OK, msg.rid, version=self.shard.version)
         for ident, rid, _ in self.deferred_pulls:
@@ -343,16 +352,20 @@ class Server:
             else:
                 raise ProtocolError(f"too many late pushes for step {msg.step}")
             return
-        shard.store_gradient(rank, msg.arrays, msg.ranges)
+        with self.tracer.span("store push", step=msg.step, worker=rank):
+            shard.store_gradient(rank, msg.arrays, msg.ranges)
         if not self.pending:
             self.step_started = time.monotonic()
         self.pending[rank] = (identity, msg.rid, msg.meta)
         if self.rule.complete(self.pending):
+            self.tracer.add("wait for pushes", self.ready_at, self.tracer.now(), step=msg.step)
             self._average_step()
 
     def _average_step(self):
         shard = self.shard
-        shard.average(self.pending)
+        with self.tracer.span("average", step=shard.version):
+            shard.average(self.pending)
+        self.ready_at = self.tracer.now()          # (norm exchange, if any, runs from here)
         if self.job.mode == "local-sgd":        # the workers clipped their own steps
             self._finish_step(None)
         elif self.optim.grad_clip > 0 and self.peers:
@@ -384,6 +397,7 @@ class Server:
         got = self.norms.get(self.shard.version, {})
         if self.awaiting_norms and len(got) == len(self.server_addrs):
             self.awaiting_norms = False
+            self.tracer.add("norm exchange", self.ready_at, self.tracer.now(), step=self.shard.version)
             self._finish_step(sum(got[s] for s in sorted(got)))
             self.norms.pop(self.shard.version - 1, None)
 
@@ -393,19 +407,22 @@ class Server:
         losses = [m["loss"] for m in metas if "loss" in m]
         stats = {k: sum(m.get(k, 0) for m in metas) for k in ("tokens", "bytes_pushed", "bytes_pulled")}
         self.recorder.step(self.pending, shard.version)
-        if self.job.mode == "local-sgd":
-            shard.apply_delta()
-        else:
-            shard.apply(global_sumsq)
+        with self.tracer.span("update", step=shard.version):
+            if self.job.mode == "local-sgd":
+                shard.apply_delta()
+            else:
+                shard.apply(global_sumsq)
         extra = {"loss": sum(losses) / len(losses)} if losses else {}
-        for r in sorted(self.pending):
-            identity, rid, _ = self.pending[r]
-            self._send_params(identity, rid, stats=stats, **extra)
+        with self.tracer.span("reply", step=shard.version - 1):
+            for r in sorted(self.pending):
+                identity, rid, _ = self.pending[r]
+                self._send_params(identity, rid, stats=stats, **extra)
         self.pending.clear()
         for identity, rid in self.late:
             self._send_params(identity, rid, dropped=True)
         self.late.clear()
         self._release_pulls()
+        self.ready_at = self.tracer.now()
 
     def _on_done(self, identity, msg):
         rank = parse_sender(msg.sender, "worker", self.num_workers)
@@ -427,10 +444,16 @@ class Server:
             self.stopping = True
 
     def _on_status(self, identity, msg):
+        """What this server knows, for ``ps-status``; the coordinator adds the address table."""
         status = {"rank": self.rank, "addr": self.addr, "version": self.shard.version if self.shard else -1,
                   "uptime_s": round(time.monotonic() - self.started, 3), "refused": self.refused,
                   "waiting_for": sorted(set(range(self.num_workers)) - set(self.pending)) if self.pending else [],
-                  "mode": self.job.mode}
+                  "host": host_name(), "pid": os.getpid(), "time": time.time(),
+                  "bytes_in": self.traffic.bytes_in, "bytes_out": self.traffic.bytes_out,
+                  "peers": self.traffic.table(), "mode": self.job.mode}
+        if self.members is not None:
+            status.update(members=self.members.table(), started=self.members.started,
+                          done=sorted(self.members.done), missing=self.members.missing())
         if self.asynchronous:
             status.update(clocks=list(self.rule.clocks), held=sorted(h[2] for h in self.asynchronous.held))
         self._reply(identity, OK, msg.rid, status=status)

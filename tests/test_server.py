@@ -103,8 +103,9 @@ def test_client_deadline_names_the_coordinator():
     port = free_port()
     client = PSClient(ClusterConfig(rank=0, coordinator=f"127.0.0.1:{port}", timeout=1.0))
     t0 = time.monotonic()
-    with pytest.raises(DeadlineError, match=f"coordinator at tcp://127.0.0.1:{port}"):
+    with pytest.raises(DeadlineError, match=f"coordinator at tcp://127.0.0.1:{port}") as e:
         client.register(LAYOUT, "float64")
+    assert "TCP connect: connection refused" in str(e.value)      # and why it cannot be reached
     assert time.monotonic() - t0 < 8           # timeout plus the registration grace of 5 s
     client.close()
 

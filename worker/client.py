@@ -38,14 +38,14 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 import time
 
 from common import codec
-from common.cluster import ClusterConfig, JobConfig
+from common.cluster import ClusterConfig, JobConfig, host_name
 from common.config import to_dict
 from common.layout import Layout
 from common.protocol import DONE, ERROR, INIT, JOB, OK, PULL, PUSH, REGISTER, ProtocolError
+from common.trace import NULL_TRACER
 from common.transport import Dealer, Poller
 
 log = logging.getLogger("client")
@@ -80,6 +80,7 @@ class PSClient:
         self.pushes = 0
         self.dropped = 0                        # pushes a server did not apply (backup workers)
         self.wait_s = 0.0                       # seconds spent waiting for answers to push/pull
+        self.tracer = NULL_TRACER               # spans: push (send), wait (for every answer), pull (copy in)
         mode = self.job_cfg.mode
         self.asynchronous = mode in ("asp", "ssp")
         self.catch_up = self.job_cfg.backup_workers > 0
@@ -95,7 +96,7 @@ class PSClient:
     def register(self, layout: Layout, dtype: str) -> dict:
         """Join the job; returns the coordinator's JOB answer once every process has
         registered. Sets ``self.rank`` (assigned by the coordinator when it was -1)."""
-        meta = dict(role=self.role, rank=self.rank, host=socket.gethostname(), pid=os.getpid(),
+        meta = dict(role=self.role, rank=self.rank, host=host_name(), pid=os.getpid(),
                     layout=layout.table(), layout_hash=layout.hash(), dtype=dtype,
                     job=to_dict(self.job_cfg))
         rid = next(self._rid)
@@ -149,7 +150,8 @@ class PSClient:
         servers = list(range(len(self.links))) if servers is None else list(servers)
         meta = {"min_version": min_version} if min_version else {}
         replies = self._all(PULL, None, step=self.version, servers=servers, **meta)
-        self._write_params(replies, params, servers)
+        with self.tracer.span("pull", step=self.version):
+            self._write_params(replies, params, servers)
         self.wait_s += time.monotonic() - t0
         return self.version
 
@@ -168,7 +170,8 @@ class PSClient:
         self.pushes += 1
         dropped = any(r.meta.get("dropped") for r in replies)
         self.dropped += dropped
-        self._write_params(replies, params)
+        with self.tracer.span("pull", step=step):
+            self._write_params(replies, params)
         if self.catch_up and len(set(self.versions)) > 1:
             # a late push can come back from one server after it moved on and from another
             # before: wait for the servers that are behind, so the parameters are one version
@@ -197,6 +200,7 @@ class PSClient:
         returns the answers in the order of ``servers``."""
         servers = list(range(len(self.links))) if servers is None else list(servers)
         rids = {}
+        t_send = self.tracer.now()
         for i, s in enumerate(servers):
             arrays = [vector[b:e] for b, e in self.chunks[s]] if vector is not None else []
             ranges = list(self.chunks[s]) if vector is not None else None
@@ -205,6 +209,8 @@ class PSClient:
             extra = dict(meta, **per_server[s]) if per_server else meta
             self.links[s].send(codec.encode(cmd, self.name, step=step, rid=rid, arrays=arrays, ranges=ranges,
                                             **extra))
+        t_wait = self.tracer.now()
+        self.tracer.add(cmd, t_send, t_wait, step=step)
         replies: list = [None] * len(servers)
         deadline = time.monotonic() + self.timeout + self.grace
         while rids:
@@ -228,6 +234,7 @@ class PSClient:
                     if msg.cmd == ERROR:
                         raise RemoteError(f"server {s} at {self.servers[s]} refused {cmd}: {msg.meta['message']}")
                     replies[i] = msg
+        self.tracer.add("wait", t_wait, self.tracer.now(), step=step)
         return replies
 
     def _wait_one(self, sock, rid, who, what, timeout=None):

@@ -18,6 +18,8 @@ One worker, top to bottom:
 
 Compare with ``worker/train.py``: the loop is the same, except that
 ``apply_update(model, optimizer, ...)`` became ``client.push_pull(grads, params, ...)``.
+``--model`` chooses what is learned (``worker/tasks.py``: the GPT, or the BERT-style
+encoder on masked bytes); ``--trace`` records the loop's spans (``common/trace.py``).
 
 Not here: sockets or bytes (``worker/client.py`` and ``common/``), the layers.
 """
@@ -33,13 +35,13 @@ import numpy
 from pathlib import Path
 
 from common.cluster import ClusterConfig, JobConfig
-from worker import checkpoint
+from common.trace import NULL_TRACER, Tracer, trace_file
 from worker.client import PSClient
 from worker.consistency import make_loop
 from worker.data import BatchSampler, DataConfig, load_data, unigram_entropy, validation_batches
-from worker.model import GPT, GPTConfig
-from worker.sample import generate
-from worker.train import METRICS, MetricsWriter, compute_gradients, evaluate
+from worker.model import GPTConfig
+from worker.tasks import MODELS, make_task
+from worker.train import METRICS, MetricsWriter, evaluate
 
 log = logging.getLogger("worker")
 
@@ -55,7 +57,10 @@ class WorkerConfig:
     seed: int = 0                 # seeds the initial weights (worker 0's are used) and the data order
     out: str = ""                 # run folder for worker 0's metrics, model and sample ('' = runs/<timestamp>)
     sample_bytes: int = 300       # worker 0: bytes of text to sample from the final model (0 = none)
+    model: str = "gpt"            # gpt: next byte, causal attention | bert: 15% of the bytes masked, bidirectional
+    trace: bool = False           # write a Chrome trace of this worker (trace-worker-R.json in the run folder)
     straggler: str = ""           # RANK:SECONDS (worker RANK sleeps that long after each gradient) or RANK:Fx (its steps take F times its compute time); RANK 'any': a different random worker at each step; '' = none
+    CHOICES = {"model": MODELS}
 
     def __post_init__(self):
         parse_straggler(self.straggler)
@@ -64,6 +69,8 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sample_bytes < 0:
             raise ValueError(f"sample_bytes must be >= 0, got {self.sample_bytes}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
 
 
 ANY = -1
@@ -127,7 +134,8 @@ def run(cluster: ClusterConfig, job: JobConfig, mc: GPTConfig, dc: DataConfig, w
 
 
 def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc: WorkerConfig) -> dict:
-    model = GPT(mc, seed=wc.seed)
+    task = make_task(wc.model, mc, seed=wc.seed)
+    model = task.model
     t_register = time.perf_counter()
     job = client.register(model.layout, model.dtype.name)
     rank, W = client.rank, job["num_workers"]
@@ -136,8 +144,11 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
 
     data = load_data(dc, rank=rank, num_workers=W, seed=wc.seed)
     log.info("%s", data.summary)
-    sampler = BatchSampler(data.train, wc.batch_size, mc.block_size, seed=wc.seed * 7919 + rank)
+    sampler = task.batches(BatchSampler(data.train, wc.batch_size, mc.block_size, seed=wc.seed * 7919 + rank),
+                           seed=wc.seed * 7919 + rank)
     lead = rank == 0
+    out = Path(wc.out or time.strftime("runs/%Y%m%d-%H%M%S"))
+    tracer = client.tracer = Tracer(f"worker {rank}") if wc.trace else NULL_TRACER
     if lead:
         client.init(model.params)
     client.pull(model.params)
@@ -147,10 +158,9 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
         log.info("this worker is slowed: %s", straggler.describe())
 
     metrics = val_set = None
-    out = Path(wc.out or time.strftime("runs/%Y%m%d-%H%M%S"))
     if lead:
         out.mkdir(parents=True, exist_ok=True)
-        val_set = validation_batches(data.val, wc.batch_size, mc.block_size, wc.eval_batches)
+        val_set = task.validation(validation_batches(data.val, wc.batch_size, mc.block_size, wc.eval_batches))
         metrics = MetricsWriter(out / METRICS, keep_until=-1)    # a fresh file: keep no old line
         metrics.write({"step": 0, "val_loss": evaluate(model, val_set), "workers": W,
                        "servers": job["num_servers"], "mode": job_cfg.mode, "elapsed_s": 0.0, "updates": 0,
@@ -164,9 +174,14 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
     record: dict = {"step": 0}
     p = None
     while not loop.finished():
+        t_step, step = tracer.now(), iterations
         idx, targets = sampler.next_batch()
         t0 = time.perf_counter()
-        loss = compute_gradients(model, idx, targets)
+        with tracer.span("forward", step=step):
+            model.zero_grad()
+            loss = model.forward(idx, targets)
+        with tracer.span("backward", step=step):
+            model.backward()
         dt = time.perf_counter() - t0
         compute_s += dt
         pause = straggler.pause(iterations, dt)
@@ -174,6 +189,7 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
             time.sleep(pause)
             straggle_s += pause
         p = loop.step(loss, idx.size)
+        tracer.add("step", t_step, tracer.now(), step=step)
         iterations += 1
         if not lead:
             continue
@@ -183,7 +199,8 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
         if loop.finished():
             break                                        # the last line is written below
         if p.synced and p.step // wc.eval_interval > last_eval // wc.eval_interval:
-            val = record["val_loss"] = evaluate(model, val_set)
+            with tracer.span("evaluate", step=step):
+                val = record["val_loss"] = evaluate(model, val_set)
             last_eval = p.step
         if p.step // wc.log_interval > last_log // wc.log_interval or "val_loss" in record:
             now = time.perf_counter()
@@ -206,6 +223,8 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
     client.done()
     log.info("finished: %d gradients computed, %d pushes (%d dropped) in %.1f s; waited %.1f s for answers",
              iterations, client.pushes, client.dropped, wall_s, client.wait_s)
+    if tracer.enabled:
+        log.info("trace written to %s", tracer.save(trace_file(out, "worker", rank)))
     result = {"rank": rank, "steps": wc.steps, "mode": job_cfg.mode, "iterations": iterations,
               "pushes": client.pushes, "dropped": client.dropped, "wait_s": client.wait_s, "compute_s": compute_s,
               "straggle_s": straggle_s, "wall_s": wall_s, "straggler": straggler.involves_me, "t_start": epoch_start,
@@ -215,10 +234,9 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
         (out / f"worker-{rank}.json").write_text(json.dumps(result) + "\n")
     if lead:
         metrics.close()
-        checkpoint.save_model(out, model, wc.steps)
+        task.save(out, wc.steps)
         if wc.sample_bytes:
-            text = generate(model, b"\n", wc.sample_bytes, temperature=0.8, top_k=40, seed=wc.seed)
-            (out / "sample.txt").write_text(text.decode("utf-8", errors="replace"))
+            (out / "sample.txt").write_text(task.demonstrate(data.val, wc.sample_bytes, seed=wc.seed))
         result.update(val_loss=val, out=str(out))
         log.info("validation loss %.4f; model saved in %s", val, out)
     return result
