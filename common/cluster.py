@@ -43,7 +43,7 @@ ENV = {"rank": "PS_RANK", "num_servers": "PS_NUM_SERVERS", "num_workers": "PS_NU
        "coordinator": "PS_COORDINATOR", "bind": "PS_BIND", "advertise": "PS_ADVERTISE",
        "timeout": "PS_TIMEOUT", "interface": "PS_INTERFACE", "subnet": "PS_SUBNET", "curve": "PS_CURVE"}
 
-MODES = ("bsp",)
+MODES = ("bsp", "asp", "ssp", "local-sgd")
 
 
 @dataclass
@@ -77,13 +77,38 @@ class ClusterConfig:
 
 @dataclass
 class JobConfig:
-    """Settings every process of the job must share (checked at registration)."""
+    """Settings every process of the job must share (checked at registration).
+
+    The consistency models (``paramserver/consistency.py`` for the servers' side,
+    ``worker/consistency.py`` for the workers'; docs/consistency.md for the lesson)."""
     CHOICES = {"mode": MODES}
-    mode: str = "bsp"                       # consistency model: bsp (bulk synchronous)
+    mode: str = "bsp"                       # consistency model: bsp (bulk synchronous), asp (asynchronous), ssp (stale synchronous), local-sgd (local steps, then model averaging)
+    staleness: int = 0                      # ssp: a worker may run this many clocks ahead of the slowest live worker (0 = lockstep)
+    local_steps: int = 1                    # local-sgd: optimizer steps each worker takes between two averagings (H)
+    backup_workers: int = 0                 # bsp: a step proceeds with the first W - b gradients; later ones are dropped and counted
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.staleness < 0 or self.local_steps < 1 or self.backup_workers < 0:
+            raise ValueError(f"need staleness >= 0, local_steps >= 1, backup_workers >= 0; got "
+                             f"{self.staleness}, {self.local_steps}, {self.backup_workers}")
+        # a setting that the chosen mode would ignore is a mistake: say so rather than ignore it
+        for name, default, mode in (("staleness", 0, "ssp"), ("local_steps", 1, "local-sgd"),
+                                    ("backup_workers", 0, "bsp")):
+            if getattr(self, name) != default and self.mode != mode:
+                raise ValueError(f"--{name.replace('_', '-')} applies to --mode {mode}, not {self.mode}")
+
+    @property
+    def synchronous(self) -> bool:
+        """Steps (rounds) that every worker takes together: bsp and local-sgd."""
+        return self.mode in ("bsp", "local-sgd")
+
+    def check_workers(self, num_workers: int):
+        """What needs W: at least one gradient must make a backup-worker step."""
+        if self.backup_workers >= num_workers:
+            raise ValueError(f"--backup-workers {self.backup_workers} leaves no gradient for a step "
+                             f"of {num_workers} worker(s); use at most {num_workers - 1}")
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser):

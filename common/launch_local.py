@@ -8,6 +8,8 @@ run folder:
         run_config.json    the effective configuration of the job
         metrics.jsonl      one line per step: loss, val_loss, tokens/s, bytes on the wire
         logs/server-0.log  one log per process
+        server-S.json      what the consistency model cost on server S: staleness, updates/s, drops
+        worker-R.json      worker R's pushes, dropped pushes, time computing and waiting
         model.safetensors  the final weights (GPT-2 names) + config.json for GPT-2 tooling
         sample.txt         text sampled from the final model
 
@@ -70,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, OptimConfig, "optimizer (servers)", defaults=dict(OPTIM_DEFAULTS, lr_decay_steps=None),
                   default_text={"lr_decay_steps": "--steps"})
     return p
+
+
+def describe_mode(job: JobConfig) -> str:
+    """``bsp``, ``ssp(s=2)``, ``local-sgd(H=4)``, ``bsp(backup workers=1)``..."""
+    extra = {"ssp": f"s={job.staleness}", "local-sgd": f"H={job.local_steps}"}.get(job.mode)
+    if job.backup_workers:
+        extra = f"backup workers={job.backup_workers}"
+    return f"{job.mode}({extra})" if extra else job.mode
 
 
 def _flags(cfg) -> list[str]:
@@ -146,6 +156,7 @@ def main(argv=None) -> int:
         args.lr_decay_steps = args.steps
     try:
         job, optim = from_args(JobConfig, args), from_args(OptimConfig, args)
+        job.check_workers(args.workers)
     except ValueError as e:
         parser.error(str(e))
     if args.servers < 1 or args.workers < 1 or args.steps < 1:
@@ -178,7 +189,7 @@ def main(argv=None) -> int:
         "worker": json.loads(check.stdout) if check.stdout.strip().startswith("{") else {},
     }, indent=2) + "\n")
     print(f"ps-local: {args.servers} server(s), {args.workers} worker(s), {args.steps} steps, "
-          f"mode {job.mode}, {threads} BLAS thread(s) per process; run folder {out}")
+          f"mode {describe_mode(job)}, {threads} BLAS thread(s) per process; run folder {out}")
 
     run = Job(out, threads)
     interrupted = False
@@ -186,7 +197,7 @@ def main(argv=None) -> int:
         for s in range(args.servers):
             bind = f"tcp://127.0.0.1:{port if s == 0 else '*'}"      # a local job stays on loopback
             run.start(f"server-{s}", [py, "-m", "paramserver", "--rank", str(s), "--bind", bind, *common,
-                                      *_flags(optim), *(trace and ["--trace", str(out)])])
+                                      *_flags(optim), "--out", str(out), *(trace and ["--trace", str(out)])])
         for r in range(args.workers):
             run.start(f"worker-{r}", worker_cmd + ["--rank", str(r), "--no-progress", *trace])
         code = _watch(run, out, args)

@@ -21,8 +21,12 @@ The conversation, in order (see docs/ for the lesson that walks through it):
     worker 0   -> each server  init  [its slice of the initial parameters]
     worker     -> each server  pull                     -> params [slice], version
     worker     -> each server  push  [gradient slice]   -> params [slice] after the update
+                                                           (bsp: once every worker pushed the step;
+                                                           asp: at once; ssp: once the slowest
+                                                           worker is close enough, see consistency)
     server     -> peer servers norm {sumsq}             (global-norm clipping)
-    worker     -> coordinator  done                     (finished its steps)
+    worker     -> coordinator  done                     (finished its steps; asp/ssp: to every
+                                                           server, so it stops counting as live)
     coordinator -> servers     shutdown                 (every worker is done)
 """
 from __future__ import annotations
@@ -70,7 +74,11 @@ META = {
                 "job": dict}),
     INIT: ({}, {}),
     PULL: ({}, {"min_version": int}),
-    PUSH: ({}, {"loss": _num, "tokens": int, "bytes_pushed": int, "bytes_pulled": int}),
+    # base_version: the server version the gradient was computed on (asp/ssp: staleness =
+    # version at apply - base_version); grad_sumsq: |g|^2 of the worker's WHOLE gradient, so
+    # a server that applies one worker's push alone can clip by the global norm
+    PUSH: ({}, {"loss": _num, "tokens": int, "bytes_pushed": int, "bytes_pulled": int,
+                "base_version": int, "grad_sumsq": _num}),
     NORM: ({"sumsq": _num}, {}),
     DONE: ({}, {}),
     BARRIER: ({"name": str}, {}),
@@ -78,7 +86,8 @@ META = {
     STATUS: ({}, {}),
     JOB: ({"rank": int, "servers": list, "placement": list, "layout": list, "layout_hash": str,
            "num_workers": int, "num_servers": int, "dtype": str}, {"optim": dict, "job": dict}),
-    OK: ({}, {"version": int, "message": str, "loss": _num, "stats": dict, "status": dict}),
+    # dropped: this push came after its step was complete (backup workers) and was not applied
+    OK: ({}, {"version": int, "message": str, "loss": _num, "stats": dict, "status": dict, "dropped": bool}),
     ERROR: ({"message": str}, {}),
 }
 

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_arguments(p)
     add_arguments(p, JobConfig, "job (identical on every process)")
     add_arguments(p, OptimConfig, "optimizer (identical on every server)")
+    p.add_argument("--out", default="", help="folder where the server writes server-RANK.json at the end: staleness "
+                   "histogram, updates/s, dropped pushes, the log of applied updates (default: none)")
     p.add_argument("--trace", default="", metavar="DIR",
                    help="write a Chrome trace of this server to DIR/trace-server-RANK.json (ps-local --trace "
                         "passes the run folder)")
@@ -41,6 +43,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cluster, job, optim = from_args(ClusterConfig, args), from_args(JobConfig, args), from_args(OptimConfig, args)
+        job.check_workers(cluster.num_workers)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
     from common.transport import TransportError
     tracer = Tracer(f"server {rank}") if args.trace else None
     try:
-        server = Server(cluster, optim, job, rank)
+        server = Server(cluster, optim, job, rank, out=args.out)
         if tracer:
             server.tracer = tracer
         return server.run()

@@ -15,6 +15,18 @@ Bulk synchronous SGD (BSP), as this server runs it for step t (its ``version``):
 Server 0 is also the coordinator (``membership.py``): it registers every process,
 hands out the job, and shuts the servers down when every worker is done.
 
+The other consistency models (``--mode``; their rules are in ``consistency.py``) use
+the same loop: backup workers change step 2 to "the first W - b workers" and answer a
+late push at once; local SGD's pushes are parameter changes, averaged and subtracted
+in step 4 (no optimizer, no clipping here); asp and ssp apply each push as it arrives
+(``consistency.AsyncServing``), and ssp holds an answer back while its worker is too
+far ahead.
+Replies are sent without a copy: in BSP the parameters cannot change before every
+answer has left (the next update needs every worker's next push, which needs its
+answer); in the other modes an update can come first, so answers are sent from a
+per-version copy (``Shard.param_snapshot``). With ``out``, the server writes what the
+consistency model cost (staleness, dropped pushes, updates/s) to ``server-S.json``.
+
 Not here: what a message looks like (``common/protocol.py``, ``common/codec.py``),
 sockets (``common/transport.py``), the optimizer (``common/optim.py``).
 """
@@ -35,6 +47,7 @@ from common.protocol import (
 )
 from common.trace import NULL_TRACER
 from common.transport import Dealer, Poller, Router
+from paramserver.consistency import COUNT, LATE, AsyncRule, AsyncServing, Recorder, make_rule
 from paramserver.membership import Membership
 from paramserver.shard import Shard
 from paramserver.traffic import Traffic, frames_nbytes
@@ -60,10 +73,12 @@ def parse_sender(sender: str, role: str, count: int) -> int:
 
 
 class Server:
-    def __init__(self, cluster: ClusterConfig, optim: OptimConfig, job: JobConfig, rank: int):
+    def __init__(self, cluster: ClusterConfig, optim: OptimConfig, job: JobConfig, rank: int, out: str = ""):
         if not 0 <= rank < cluster.num_servers:
             raise ValueError(f"server rank {rank} out of range for {cluster.num_servers} server(s)")
+        job.check_workers(cluster.num_workers)
         self.cluster, self.optim, self.job, self.rank = cluster, optim, job, rank
+        self.out = out                            # folder for server-S.json ('' = none)
         self.name = f"server:{rank}"
         self.curve = cluster.curve_keys()             # None without --curve
         self.router = Router(server_bind(cluster, rank), curve=self.curve)
@@ -86,6 +101,16 @@ class Server:
         self.stopping = False
         self.refused = 0                          # messages refused at the door
         self.started = time.monotonic()
+        self.rule = make_rule(job.mode, cluster.num_workers, job.staleness, job.backup_workers)
+        self.recorder = Recorder(job.mode, cluster.num_workers)
+        self.asynchronous = None                  # asp/ssp: the AsyncServing that applies pushes
+        if isinstance(self.rule, AsyncRule):
+            self.asynchronous = AsyncServing(self.rule, self.recorder, self._send_params,
+                                             lambda ident, rid, text: self._reply(ident, ERROR, rid, message=text),
+                                             job.mode, optim.grad_clip, cluster.timeout)
+        self.snapshot = self.asynchronous is not None or job.backup_workers > 0   # see the module's docstring
+        self.late: list[tuple] = []               # (identity, rid) of pushes late for a step being applied
+        self.waiting_pulls: list[tuple] = []      # (identity, rid, min_version, since)
         self.tracer = NULL_TRACER                 # --trace: spans wait for pushes, store push, average, update, reply
         self.ready_at = 0.0                       # tracer clock: when this step began waiting for pushes
         self.traffic = Traffic(cluster.num_servers, cluster.num_workers)   # per peer, for ps-status
@@ -107,7 +132,19 @@ class Server:
             log.info("stopped cleanly at version %s", self.shard.version if self.shard else 0)
             return 0
         finally:
+            self._write_metrics()
             self.close()
+
+    def _write_metrics(self):
+        if not self.out or self.shard is None:
+            return
+        try:
+            self.recorder.write(self.out, f"server-{self.rank}.json", self.shard.version, rank=self.rank,
+                                staleness_bound=self.job.staleness if self.job.mode == "ssp" else None,
+                                backup_workers=self.job.backup_workers, num_workers=self.num_workers,
+                                wall_s=time.monotonic() - self.started)
+        except OSError as e:
+            log.warning("could not write server-%d.json in %s: %s", self.rank, self.out, e)
 
     def close(self):
         for s in [self.router, self.coord, *self.peers.values()]:
@@ -115,8 +152,13 @@ class Server:
                 s.close()
 
     def _poll_timeout_ms(self) -> float:
+        starts = [p[3] for p in self.waiting_pulls]
+        if self.asynchronous and self.asynchronous.held:
+            starts.append(self.asynchronous.oldest())
         if self.pending or self.awaiting_norms:
-            return max(1.0, (self.step_started + self.cluster.timeout - time.monotonic()) * 1000)
+            starts.append(self.step_started)
+        if starts:
+            return max(1.0, (min(starts) + self.cluster.timeout - time.monotonic()) * 1000)
         return 1000.0
 
     # --- registration -----------------------------------------------------------------
@@ -170,7 +212,7 @@ class Server:
         chunks = [(b, e) for b, e, s in job["placement"] if s == self.rank]
         self.shard = Shard(chunks, job["dtype"], self.optim, layout.decay_ranges())
         self.server_addrs = list(job["servers"])
-        if self.optim.grad_clip > 0:
+        if self.optim.grad_clip > 0 and self.job.mode == "bsp":     # see _average_step
             for s, addr in enumerate(self.server_addrs):
                 if s != self.rank:
                     self.peers[s] = Dealer(addr, curve=self.curve)
@@ -261,7 +303,7 @@ class Server:
         self.deferred_pulls.clear()
 
     def _send_params(self, identity, rid, **meta):
-        arrays, ranges = self.shard.param_views()
+        arrays, ranges = self.shard.param_snapshot() if self.snapshot else self.shard.param_views()
         self._reply(identity, OK, rid, arrays=arrays, ranges=ranges, version=self.shard.version, **meta)
 
     def _on_pull(self, identity, msg):
@@ -271,7 +313,22 @@ class Server:
                 raise ProtocolError("too many pulls are waiting for the initial parameters")
             self.deferred_pulls.append((identity, msg.rid, time.monotonic()))
             return
+        if msg.meta.get("min_version", 0) > self.shard.version:     # wait for that version
+            if len(self.waiting_pulls) >= 4 * self.num_workers:      # bounded, whatever peers send
+                raise ProtocolError("too many pulls are waiting for a version")
+            self.waiting_pulls.append((identity, msg.rid, msg.meta["min_version"], time.monotonic()))
+            return
+        if self.asynchronous and msg.sender.startswith("worker:"):  # ssp: a read may have to wait
+            self.asynchronous.read(identity, msg.rid, parse_sender(msg.sender, "worker", self.num_workers))
+            return
         self._send_params(identity, msg.rid)
+
+    def _release_pulls(self):
+        """Answer the pulls that waited for a version this server has now reached."""
+        ready = [p for p in self.waiting_pulls if p[2] <= self.shard.version]
+        self.waiting_pulls = [p for p in self.waiting_pulls if p[2] > self.shard.version]
+        for identity, rid, _, _ in ready:
+            self._send_params(identity, rid)
 
     def _on_push(self, identity, msg):
         self._need_shard(msg)
@@ -279,18 +336,28 @@ class Server:
         shard = self.shard
         if not shard.initialized:
             raise ProtocolError("push before the parameters were initialized (worker 0 sends init first)")
-        if msg.step != shard.version:
-            raise ProtocolError(f"push for step {msg.step}, but this server is at step {shard.version} (BSP)")
-        if rank in self.pending:
-            raise ProtocolError(f"worker {rank} already pushed for step {msg.step}")
+        if self.asynchronous:
+            self.asynchronous.push(shard, identity, msg, rank)
+            self._release_pulls()
+            return
+        kind = self.rule.classify(msg.step, shard.version, self.pending, rank)
         shard.check_full_cover(msg.ranges, "push")
         shard.check_arrays(msg.arrays, msg.ranges, msg.dtypes, "push")
+        if kind != COUNT:                   # backup workers: this step went on without it
+            self.recorder.dropped(rank, shard.version - msg.step)
+            if kind == LATE:
+                self._send_params(identity, msg.rid, dropped=True)
+            elif len(self.late) < self.num_workers:     # its step is being applied: answer after
+                self.late.append((identity, msg.rid))
+            else:
+                raise ProtocolError(f"too many late pushes for step {msg.step}")
+            return
         with self.tracer.span("store push", step=msg.step, worker=rank):
             shard.store_gradient(rank, msg.arrays, msg.ranges)
         if not self.pending:
             self.step_started = time.monotonic()
         self.pending[rank] = (identity, msg.rid, msg.meta)
-        if len(self.pending) == self.num_workers:
+        if self.rule.complete(self.pending):
             self.tracer.add("wait for pushes", self.ready_at, self.tracer.now(), step=msg.step)
             self._average_step()
 
@@ -299,7 +366,9 @@ class Server:
         with self.tracer.span("average", step=shard.version):
             shard.average(self.pending)
         self.ready_at = self.tracer.now()          # (norm exchange, if any, runs from here)
-        if self.optim.grad_clip > 0 and self.peers:
+        if self.job.mode == "local-sgd":        # the workers clipped their own steps
+            self._finish_step(None)
+        elif self.optim.grad_clip > 0 and self.peers:
             step = shard.version
             mine = shard.local_sumsq()
             self.norms.setdefault(step, {})[self.rank] = mine
@@ -337,20 +406,34 @@ class Server:
         metas = [self.pending[r][2] for r in sorted(self.pending)]
         losses = [m["loss"] for m in metas if "loss" in m]
         stats = {k: sum(m.get(k, 0) for m in metas) for k in ("tokens", "bytes_pushed", "bytes_pulled")}
+        self.recorder.step(self.pending, shard.version)
         with self.tracer.span("update", step=shard.version):
-            shard.apply(global_sumsq)
+            if self.job.mode == "local-sgd":
+                shard.apply_delta()
+            else:
+                shard.apply(global_sumsq)
         extra = {"loss": sum(losses) / len(losses)} if losses else {}
         with self.tracer.span("reply", step=shard.version - 1):
             for r in sorted(self.pending):
                 identity, rid, _ = self.pending[r]
                 self._send_params(identity, rid, stats=stats, **extra)
         self.pending.clear()
+        for identity, rid in self.late:
+            self._send_params(identity, rid, dropped=True)
+        self.late.clear()
+        self._release_pulls()
         self.ready_at = self.tracer.now()
 
     def _on_done(self, identity, msg):
-        if self.members is None:
-            raise ProtocolError(f"done goes to the coordinator, not to {self.name}")
         rank = parse_sender(msg.sender, "worker", self.num_workers)
+        self.recorder.done(rank, self.shard.version if self.shard else 0)
+        if self.asynchronous:               # ssp: a finished worker no longer holds anyone back
+            self.asynchronous.done(rank)
+        if self.members is None:            # asp/ssp workers tell every server, not only server 0
+            if not self.asynchronous:
+                raise ProtocolError(f"done goes to the coordinator, not to {self.name}")
+            self._reply(identity, OK, msg.rid)
+            return
         all_done = self.members.mark_done(rank)
         self._reply(identity, OK, msg.rid)
         log.info("worker %d is done (%d of %d)", rank, len(self.members.done), self.num_workers)
@@ -367,10 +450,12 @@ class Server:
                   "waiting_for": sorted(set(range(self.num_workers)) - set(self.pending)) if self.pending else [],
                   "host": host_name(), "pid": os.getpid(), "time": time.time(),
                   "bytes_in": self.traffic.bytes_in, "bytes_out": self.traffic.bytes_out,
-                  "peers": self.traffic.table()}
+                  "peers": self.traffic.table(), "mode": self.job.mode}
         if self.members is not None:
             status.update(members=self.members.table(), started=self.members.started,
                           done=sorted(self.members.done), missing=self.members.missing())
+        if self.asynchronous:
+            status.update(clocks=list(self.rule.clocks), held=sorted(h[2] for h in self.asynchronous.held))
         self._reply(identity, OK, msg.rid, status=status)
 
     # --- deadlines ----------------------------------------------------------------------
@@ -387,6 +472,12 @@ class Server:
             raise ServerError(f"step {step}: worker(s) {missing} have not pushed within "
                               f"{self.cluster.timeout:.0f} s of the first push (workers "
                               f"{sorted(self.pending)} did); are they alive? see their logs")
+        if self.asynchronous:
+            self.asynchronous.expire(now)
+        for identity, rid, want, _ in [p for p in self.waiting_pulls if now - p[3] > self.cluster.timeout]:
+            self._reply(identity, ERROR, rid, message=f"version {want} not reached within "
+                                                      f"{self.cluster.timeout:.0f} s (at {self.shard.version})")
+        self.waiting_pulls = [p for p in self.waiting_pulls if now - p[3] <= self.cluster.timeout]
         expired = [p for p in self.deferred_pulls if now - p[2] > self.cluster.timeout]
         for ident, rid, _ in expired:
             self._reply(ident, ERROR, rid, message=f"the parameters were not initialized within "

@@ -9,6 +9,12 @@ the local slice, and refuses a range the server does not own.
 Gradients from the workers of one step land in per-worker slots, and are summed in
 rank order: the sum, and therefore the parameters, do not depend on the order in
 which pushes arrive (a run is reproducible bit for bit; the reliability tests rely on it).
+
+How an update is made depends on the consistency model (``consistency.py``): BSP and
+backup workers average slots and take an optimizer step (``average`` + ``apply``);
+ASP/SSP take an optimizer step with one worker's gradient as it arrives (``set_update``
++ ``apply``); local SGD averages the workers' parameter changes and subtracts them
+(``average`` + ``apply_delta``: an outer SGD step with learning rate 1).
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ class Shard:
         self.version = 0                    # optimizer steps applied
         self.initialized = False
         self._slots = {}                    # worker rank -> gradient buffer, reused every step
+        self._snapshot = None               # (version, [arrays]): a copy of the parameters to send
 
     # --- addressing ---------------------------------------------------------------
     def locate(self, begin: int, end: int) -> slice:
@@ -87,6 +94,18 @@ class Shard:
         """(arrays, ranges) of every chunk, views of the live parameters (no copy)."""
         return [self.params[self.locate(b, e)] for b, e in self.chunks], list(self.chunks)
 
+    def param_snapshot(self):
+        """(arrays, ranges) like ``param_views``, but of a copy taken at this version. A
+        reply is sent without a copy and may sit in libzmq's queue for a while; where an
+        update can come before it leaves (asp, ssp, late pushes of backup workers), it
+        must be sent from memory that no update touches. One copy per version, shared
+        by every reply at that version, and never written again (a new version gets a
+        new array, so a reply still queued keeps the old one alive)."""
+        if self._snapshot is None or self._snapshot[0] != self.version:
+            self._snapshot = (self.version, self.params.copy())
+        snap = self._snapshot[1]
+        return [snap[self.locate(b, e)] for b, e in self.chunks], list(self.chunks)
+
     # --- gradients ----------------------------------------------------------------
     def slot(self, rank: int):
         """The gradient buffer of worker ``rank`` (allocated at its first push, then reused)."""
@@ -99,6 +118,11 @@ class Shard:
         buf = self.slot(rank)
         for a, (b, e) in zip(arrays, ranges):
             buf[self.locate(b, e)] = a
+
+    def set_update(self, arrays, ranges):
+        """self.avg = one worker's gradient (asp/ssp: a push is applied alone)."""
+        for a, (b, e) in zip(arrays, ranges):
+            self.avg[self.locate(b, e)] = a
 
     def average(self, ranks) -> numpy.ndarray:
         """self.avg = mean of the slots of ``ranks``, summed in rank order."""
@@ -114,15 +138,25 @@ class Shard:
         """This shard's share of the squared norm of the averaged gradient."""
         return sum_of_squares(self.avg)
 
-    def apply(self, global_sumsq: float | None = None):
+    def apply(self, global_sumsq: float | None = None, lr_step: int | None = None, lr_scale: float = 1.0):
         """One optimizer step with the averaged gradient in ``self.avg``. With clipping
         on, ``global_sumsq`` is the squared norm of the averaged gradient over every
-        shard of the job (each server adds the others' shares, see ``server.py``)."""
+        shard of the job (each server adds the others' shares, see ``server.py``).
+        ``lr_step``: where in the learning-rate schedule this update is (default: the
+        version; asp/ssp pass version // W, so W pushes make one step of the schedule);
+        ``lr_scale`` multiplies the scheduled rate (asp/ssp: 1 / W, see consistency.py)."""
         cfg = self.optim_cfg
         scale = 1.0
         if cfg.grad_clip > 0:
             if global_sumsq is None:
                 raise ValueError("clipping needs the global squared norm")
             scale = clip_scale(global_sumsq ** 0.5, cfg.grad_clip)
-        self.optimizer.step(self.params, self.avg, lr_at(cfg, self.version), grad_scale=scale)
+        step = self.version if lr_step is None else lr_step
+        self.optimizer.step(self.params, self.avg, lr_at(cfg, step) * lr_scale, grad_scale=scale)
+        self.version += 1
+
+    def apply_delta(self):
+        """Local SGD: params -= the averaged parameter change in ``self.avg`` (model
+        averaging; the optimizer ran on the workers)."""
+        self.params -= self.avg
         self.version += 1

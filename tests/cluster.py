@@ -7,8 +7,10 @@ import time
 
 from common.transport import free_port
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# PYTHONPATH: subprocesses import this checkout, not whatever an editable install points at
 ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-           PYTHONUNBUFFERED="1")
+           PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
 
 
 class Servers:

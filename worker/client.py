@@ -19,6 +19,18 @@ Usage (the "hello PS" script in scripts/ is a complete example):
         reply = client.push_pull(grads, params, step, loss=loss)   # BSP: returns after the update
     client.done()
 
+How the answers are read depends on the consistency model (``--mode``, see
+``paramserver/consistency.py``): in bsp and local-sgd every server answers at the same
+version, and anything else is an error; with backup workers a push may come back
+``dropped`` (its step went on without it), and the client then catches up with any
+server that is behind, so that the worker's parameters are again one version; in asp
+and ssp each server has its own version, the client remembers each one and tells
+each server, with the next push, which version the gradient was computed on
+(``base_version``: the server measures staleness with it).
+
+The client counts the time it spends waiting for answers (``wait_s``: the network and
+the other workers, as the worker sees them), its pushes and its dropped pushes.
+
 Not here: sockets (``common/transport.py``), bytes (``common/codec.py``), the model.
 """
 from __future__ import annotations
@@ -63,8 +75,18 @@ class PSClient:
         self.poller = Poller()
         self.bytes_pushed = 0
         self.bytes_pulled = 0
-        self.version = 0
+        self.version = 0                        # the (lowest) version of the parameters held
+        self.versions: list[int] = []           # per server: the version of its last answer
+        self.pushes = 0
+        self.dropped = 0                        # pushes a server did not apply (backup workers)
+        self.wait_s = 0.0                       # seconds spent waiting for answers to push/pull
         self.tracer = NULL_TRACER               # spans: push (send), wait (for every answer), pull (copy in)
+        mode = self.job_cfg.mode
+        self.asynchronous = mode in ("asp", "ssp")
+        self.catch_up = self.job_cfg.backup_workers > 0
+        # where a server may hold an answer back (ssp) or wait for a version, its own deadline
+        # names the workers it waits for: give it time to say so before ours passes
+        self.grace = 0.0 if mode == "bsp" and not self.catch_up else max(2.0, 0.1 * self.timeout)
 
     @property
     def name(self) -> str:
@@ -100,11 +122,14 @@ class PSClient:
             link = Dealer(addr, curve=self.curve)
             self.links.append(link)
             self.poller.add(link)
+        self.versions = [0] * len(self.servers)
         log.info("registered as %s; servers %s", self.name, ", ".join(self.servers))
         return job
 
     def done(self):
         """Tell the coordinator this worker has finished (it stops the servers after the last)."""
+        if self.asynchronous and len(self.links) > 1:    # ssp: so it stops counting as a live worker
+            self._all(DONE, None, step=self.version, servers=range(1, len(self.links)))
         rid = next(self._rid)
         self.coord.send(codec.encode(DONE, self.name, rid=rid))
         self._wait_one(self.coord, rid, f"the coordinator at {self.coord.endpoint}", "done")
@@ -118,64 +143,85 @@ class PSClient:
         """Worker 0: give every server its chunks of the initial parameters."""
         self._all(INIT, params, step=0)
 
-    def pull(self, params) -> int:
-        """params[b:e] = the servers' values for every chunk; returns the version."""
-        replies = self._all(PULL, None, step=self.version)
+    def pull(self, params, servers=None, min_version: int = 0) -> int:
+        """params[b:e] = the servers' values for every chunk (of ``servers``: default all),
+        once each is at ``min_version`` or later; returns the version."""
+        t0 = time.monotonic()
+        servers = list(range(len(self.links))) if servers is None else list(servers)
+        meta = {"min_version": min_version} if min_version else {}
+        replies = self._all(PULL, None, step=self.version, servers=servers, **meta)
         with self.tracer.span("pull", step=self.version):
-            self._write_params(replies, params)
+            self._write_params(replies, params, servers)
+        self.wait_s += time.monotonic() - t0
         return self.version
 
     def push_pull(self, grads, params, step: int, **meta) -> dict:
         """Push ``grads`` for ``step``; each server answers after its update with fresh
         parameters, written into ``params``. Returns server 0's answer meta (it holds the
-        step's mean loss over the workers and summed counters under ``stats``)."""
+        step's mean loss over the workers and summed counters under ``stats``; with backup
+        workers ``dropped`` is True when this push came too late to count)."""
+        t0, waited = time.monotonic(), self.wait_s
         # the counters travel with the push: bytes pushed including this push, bytes pulled
         # until now (server 0 sums them over the workers into the answer's ``stats``)
         self.bytes_pushed += sum(grads[b:e].nbytes for chunks in self.chunks for b, e in chunks)
         meta = dict(meta, bytes_pushed=self.bytes_pushed, bytes_pulled=self.bytes_pulled)
-        replies = self._all(PUSH, grads, step=step, **meta)
+        per_server = [{"base_version": v} for v in self.versions] if self.asynchronous else None
+        replies = self._all(PUSH, grads, step=step, per_server=per_server, **meta)
+        self.pushes += 1
+        dropped = any(r.meta.get("dropped") for r in replies)
+        self.dropped += dropped
         with self.tracer.span("pull", step=step):
             self._write_params(replies, params)
-        return replies[0].meta
+        if self.catch_up and len(set(self.versions)) > 1:
+            # a late push can come back from one server after it moved on and from another
+            # before: wait for the servers that are behind, so the parameters are one version
+            target = max(self.versions)
+            self.pull(params, [s for s, v in enumerate(self.versions) if v < target], min_version=target)
+        self.wait_s = waited + time.monotonic() - t0
+        return dict(replies[0].meta, dropped=dropped)
 
-    def _write_params(self, replies, params):
-        versions = set()
-        for s, msg in enumerate(replies):
+    def _write_params(self, replies, params, servers=None):
+        servers = range(len(self.links)) if servers is None else servers
+        for s, msg in zip(servers, replies):
             for a, r in zip(msg.arrays, msg.ranges):
                 if r is None or r[1] > params.shape[0] or a.size != r[1] - r[0]:
                     raise ProtocolError(f"server {s} sent parameters for a bad range {r}")
                 params[r[0]:r[1]] = a
                 self.bytes_pulled += a.nbytes
-            versions.add(msg.meta.get("version"))
-        if len(versions) != 1:
-            raise RemoteError(f"servers are at different versions {sorted(versions)}")
-        self.version = versions.pop()
+            self.versions[s] = msg.meta.get("version")
+        if len(set(self.versions)) != 1 and not (self.asynchronous or self.catch_up):
+            raise RemoteError(f"servers are at different versions {sorted(set(self.versions))}")
+        self.version = min(self.versions)
 
     # --- request/reply plumbing ---------------------------------------------------------
-    def _all(self, cmd, vector, step: int, **meta) -> list:
-        """Send ``cmd`` to every server (with its chunks of ``vector`` if given) and
-        wait for every answer; returns the answers in server order."""
+    def _all(self, cmd, vector, step: int, servers=None, per_server=None, **meta) -> list:
+        """Send ``cmd`` to every server (or to ``servers``), with its chunks of ``vector``
+        if given and ``per_server[s]`` added to the meta, and wait for every answer;
+        returns the answers in the order of ``servers``."""
+        servers = list(range(len(self.links))) if servers is None else list(servers)
         rids = {}
         t_send = self.tracer.now()
-        for s, link in enumerate(self.links):
+        for i, s in enumerate(servers):
             arrays = [vector[b:e] for b, e in self.chunks[s]] if vector is not None else []
             ranges = list(self.chunks[s]) if vector is not None else None
             rid = next(self._rid)
-            rids[rid] = s
-            link.send(codec.encode(cmd, self.name, step=step, rid=rid, arrays=arrays, ranges=ranges, **meta))
+            rids[rid] = (i, s)
+            extra = dict(meta, **per_server[s]) if per_server else meta
+            self.links[s].send(codec.encode(cmd, self.name, step=step, rid=rid, arrays=arrays, ranges=ranges,
+                                            **extra))
         t_wait = self.tracer.now()
         self.tracer.add(cmd, t_send, t_wait, step=step)
-        replies: list = [None] * len(self.links)
-        deadline = time.monotonic() + self.timeout
+        replies: list = [None] * len(servers)
+        deadline = time.monotonic() + self.timeout + self.grace
         while rids:
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = ", ".join(f"server {s} at {self.servers[s]} ({self.links[s].diagnose()})"
-                                    for s in sorted(rids.values()))
+                                    for _, s in sorted(rids.values()))
                 raise DeadlineError(f"{self.name}: no answer to {cmd} (step {step}) within "
-                                    f"{self.timeout:.0f} s from {missing}; is it running? "
+                                    f"{self.timeout + self.grace:.0f} s from {missing}; is it running? "
                                     "see its log")
-            for s in rids.values():                       # a refused handshake never answers
+            for _, s in rids.values():                    # a refused handshake never answers
                 why = self.links[s].refused()
                 if why:
                     raise RemoteError(f"{self.name}: cannot talk to server {s} at {self.servers[s]}: {why}")
@@ -184,10 +230,10 @@ class PSClient:
                     msg = self._decode(link.recv(), link.endpoint)
                     if msg is None or msg.rid not in rids:
                         continue
-                    s = rids.pop(msg.rid)
+                    i, s = rids.pop(msg.rid)
                     if msg.cmd == ERROR:
                         raise RemoteError(f"server {s} at {self.servers[s]} refused {cmd}: {msg.meta['message']}")
-                    replies[s] = msg
+                    replies[i] = msg
         self.tracer.add("wait", t_wait, self.tracer.now(), step=step)
         return replies
 

@@ -6,13 +6,15 @@ One worker, top to bottom:
     load data shard r of W                 (worker/data.py)
     worker 0: init the servers             with its freshly initialised parameters
     pull                                   params <- the servers
-    repeat for each step t:
+    until the job's steps are done:
         forward + backward on a batch      grads (this worker's shard of the batch)
-        push grads, get params back        BSP: the servers average over every worker,
-                                           step the optimizer, answer with fresh params
+        (--straggler: this worker sleeps)  a slow worker, to see what each mode does with it
+        the mode's step                    BSP: push grads, the servers average over every
+                                           worker, step the optimizer, answer with fresh
+                                           params; the other modes: worker/consistency.py
         worker 0: log, evaluate
     done                                   the coordinator stops the servers after the last worker
-    worker 0: save model.safetensors, sample text
+    worker 0: save model.safetensors, sample text; every worker: worker-R.json (its waits)
 
 Compare with ``worker/train.py``: the loop is the same, except that
 ``apply_update(model, optimizer, ...)`` became ``client.push_pull(grads, params, ...)``.
@@ -23,14 +25,19 @@ Not here: sockets or bytes (``worker/client.py`` and ``common/``), the layers.
 """
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 from dataclasses import dataclass
+
+import numpy
 from pathlib import Path
 
 from common.cluster import ClusterConfig, JobConfig
 from common.trace import NULL_TRACER, Tracer, trace_file
 from worker.client import PSClient
+from worker.consistency import make_loop
 from worker.data import BatchSampler, DataConfig, load_data, unigram_entropy, validation_batches
 from worker.model import GPTConfig
 from worker.tasks import MODELS, make_task
@@ -43,7 +50,7 @@ log = logging.getLogger("worker")
 class WorkerConfig:
     """How a worker trains (every worker of a job should get the same values)."""
     batch_size: int = 16          # sequences per step on THIS worker (the job's batch is W times this)
-    steps: int = 300              # training steps (BSP: every worker takes the same number)
+    steps: int = 300              # training steps: bsp/local-sgd: each worker's; asp/ssp: the job's pushes / W (a fast worker pushes more)
     eval_interval: int = 50       # worker 0: validation loss every this many steps (and at the end)
     eval_batches: int = 8         # batches in the fixed validation set
     log_interval: int = 5         # worker 0: a metrics.jsonl line every this many steps
@@ -52,9 +59,11 @@ class WorkerConfig:
     sample_bytes: int = 300       # worker 0: bytes of text to sample from the final model (0 = none)
     model: str = "gpt"            # gpt: next byte, causal attention | bert: 15% of the bytes masked, bidirectional
     trace: bool = False           # write a Chrome trace of this worker (trace-worker-R.json in the run folder)
+    straggler: str = ""           # RANK:SECONDS (worker RANK sleeps that long after each gradient) or RANK:Fx (its steps take F times its compute time); RANK 'any': a different random worker at each step; '' = none
     CHOICES = {"model": MODELS}
 
     def __post_init__(self):
+        parse_straggler(self.straggler)
         for name in ("batch_size", "steps", "eval_interval", "eval_batches", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -64,22 +73,74 @@ class WorkerConfig:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
 
 
+ANY = -1
+
+
+def parse_straggler(text: str):
+    """``"2:0.05"`` -> (2, 0.05, None): worker 2 sleeps 0.05 s after each gradient;
+    ``"2:3x"`` -> (2, 0.0, 3.0): it sleeps twice its compute time, so each of its steps
+    takes 3x as long; ``"any:3x"`` -> (ANY, 0.0, 3.0): at each step one worker, drawn
+    at random, is the slow one; ``""`` -> None."""
+    if not text:
+        return None
+    m = re.fullmatch(r"(\d+|any):(\d+(?:\.\d*)?|\.\d+)(x?)", text.strip())
+    if not m:
+        raise ValueError(f"straggler must be RANK:SECONDS or RANK:FACTORx, RANK a number or 'any' "
+                         f"(e.g. 1:0.05, 1:3x, any:3x), got {text!r}")
+    rank = ANY if m.group(1) == "any" else int(m.group(1))
+    value, factor = float(m.group(2)), m.group(3) == "x"
+    if factor and value < 1:
+        raise ValueError(f"a straggler's factor must be >= 1, got {text!r}")
+    return (rank, 0.0, value) if factor else (rank, value, None)
+
+
+class Straggler:
+    """Which of this worker's steps ``--straggler`` slows down, and by how long.
+
+    With RANK 'any', step t's slow worker is drawn from (seed, t), the same draw in every
+    worker: in BSP exactly one worker is slow at each step, but never the same one for
+    long, and each worker is slow on about 1/W of its steps."""
+
+    def __init__(self, text: str, rank: int, num_workers: int, seed: int):
+        parsed = parse_straggler(text)
+        self.rank, self.seconds, self.factor = parsed or (None, 0.0, None)
+        self.me, self.W, self.seed = rank, num_workers, seed
+        if self.rank is not None and self.rank != ANY and self.rank >= num_workers:
+            raise ValueError(f"--straggler names worker {self.rank}, but the job has {num_workers} worker(s)")
+
+    @property
+    def involves_me(self) -> bool:
+        return self.rank is not None and self.rank in (ANY, self.me)
+
+    def describe(self) -> str:
+        how = f"{self.factor:g}x its compute time" if self.factor else f"+{self.seconds:g} s per step"
+        return how + (" on the steps where it is drawn (one worker per step)" if self.rank == ANY else "")
+
+    def pause(self, step: int, compute_s: float) -> float:
+        """Seconds to sleep after this worker's ``step``-th gradient, which took ``compute_s``."""
+        if not self.involves_me:
+            return 0.0
+        if self.rank == ANY and numpy.random.default_rng([self.seed, step]).integers(self.W) != self.me:
+            return 0.0
+        return self.seconds or (self.factor - 1.0) * compute_s
+
+
 def run(cluster: ClusterConfig, job: JobConfig, mc: GPTConfig, dc: DataConfig, wc: WorkerConfig) -> dict:
     client = PSClient(cluster, job)
     try:
-        return _run(client, cluster, mc, dc, wc)
+        return _run(client, job, mc, dc, wc)
     finally:
         client.close()
 
 
-def _run(client: PSClient, cluster: ClusterConfig, mc: GPTConfig, dc: DataConfig, wc: WorkerConfig) -> dict:
+def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc: WorkerConfig) -> dict:
     task = make_task(wc.model, mc, seed=wc.seed)
     model = task.model
     t_register = time.perf_counter()
     job = client.register(model.layout, model.dtype.name)
     rank, W = client.rank, job["num_workers"]
-    log.info("rank %d of %d; %d parameters over %d server(s); registration took %.1f s",
-             rank, W, model.num_params(), job["num_servers"], time.perf_counter() - t_register)
+    log.info("rank %d of %d; %d parameters over %d server(s); mode %s; registration took %.1f s",
+             rank, W, model.num_params(), job["num_servers"], job_cfg.mode, time.perf_counter() - t_register)
 
     data = load_data(dc, rank=rank, num_workers=W, seed=wc.seed)
     log.info("%s", data.summary)
@@ -91,6 +152,10 @@ def _run(client: PSClient, cluster: ClusterConfig, mc: GPTConfig, dc: DataConfig
     if lead:
         client.init(model.params)
     client.pull(model.params)
+    loop = make_loop(job_cfg, client, model, wc.steps, W, job.get("optim"))
+    straggler = Straggler(wc.straggler, rank, W, wc.seed)
+    if straggler.involves_me:
+        log.info("this worker is slowed: %s", straggler.describe())
 
     metrics = val_set = None
     if lead:
@@ -98,43 +163,75 @@ def _run(client: PSClient, cluster: ClusterConfig, mc: GPTConfig, dc: DataConfig
         val_set = task.validation(validation_batches(data.val, wc.batch_size, mc.block_size, wc.eval_batches))
         metrics = MetricsWriter(out / METRICS, keep_until=-1)    # a fresh file: keep no old line
         metrics.write({"step": 0, "val_loss": evaluate(model, val_set), "workers": W,
-                       "servers": job["num_servers"], "unigram_entropy": unigram_entropy(data.train),
+                       "servers": job["num_servers"], "mode": job_cfg.mode, "elapsed_s": 0.0, "updates": 0,
+                       "gradients": 0, "unigram_entropy": unigram_entropy(data.train),
                        "fingerprint": data.fingerprint})
 
-    t_start = time.perf_counter()
-    window_t, window_tokens, val = t_start, 0, float("nan")
-    for step in range(wc.steps):
-        t_step = tracer.now()
+    t_start, epoch_start = time.perf_counter(), time.time()
+    window_t, window_tokens, val, iterations = t_start, 0, float("nan"), 0
+    last_log = last_eval = 0             # the job's step at the last metrics line and evaluation
+    compute_s = straggle_s = 0.0
+    record: dict = {"step": 0}
+    p = None
+    while not loop.finished():
+        t_step, step = tracer.now(), iterations
         idx, targets = sampler.next_batch()
+        t0 = time.perf_counter()
         with tracer.span("forward", step=step):
             model.zero_grad()
             loss = model.forward(idx, targets)
         with tracer.span("backward", step=step):
             model.backward()
-        reply = client.push_pull(model.grads, model.params, step, loss=loss, tokens=idx.size)
+        dt = time.perf_counter() - t0
+        compute_s += dt
+        pause = straggler.pause(iterations, dt)
+        if pause:
+            time.sleep(pause)
+            straggle_s += pause
+        p = loop.step(loss, idx.size)
         tracer.add("step", t_step, tracer.now(), step=step)
-        done = step + 1
-        window_tokens += reply.get("stats", {}).get("tokens", idx.size * W)
+        iterations += 1
         if not lead:
             continue
-        record = {"step": done, "loss": reply.get("loss", loss)}
-        if done % wc.eval_interval == 0 or done == wc.steps:
+        # log and evaluate when the job's progress passes a multiple of the intervals (a mode
+        # may jump over one: backup workers, asp); local-sgd evaluates only averaged models
+        record = {"step": p.step, "loss": p.reply.get("loss", loss), "updates": p.updates, "gradients": p.gradients}
+        if loop.finished():
+            break                                        # the last line is written below
+        if p.synced and p.step // wc.eval_interval > last_eval // wc.eval_interval:
             with tracer.span("evaluate", step=step):
                 val = record["val_loss"] = evaluate(model, val_set)
-        if done % wc.log_interval == 0 or "val_loss" in record:
+            last_eval = p.step
+        if p.step // wc.log_interval > last_log // wc.log_interval or "val_loss" in record:
             now = time.perf_counter()
-            stats = reply.get("stats", {})
-            record.update(tokens_per_s=window_tokens / max(now - window_t, 1e-9), elapsed_s=now - t_start,
-                          bytes_pushed=stats.get("bytes_pushed", client.bytes_pushed),
+            stats = p.reply.get("stats", {})
+            record.update(tokens_per_s=(p.tokens - window_tokens) / max(now - window_t, 1e-9),
+                          elapsed_s=now - t_start, bytes_pushed=stats.get("bytes_pushed", client.bytes_pushed),
                           bytes_pulled=stats.get("bytes_pulled", client.bytes_pulled))
             metrics.write(record)
-            window_t, window_tokens = now, 0
-
+            window_t, window_tokens, last_log = now, p.tokens, p.step
+    wall_s = time.perf_counter() - t_start
+    if lead:
+        loop.finish()
+        now = time.perf_counter()
+        stats, tokens = (p.reply.get("stats", {}), p.tokens) if p else ({}, 0)
+        val = evaluate(model, val_set)
+        record.update(val_loss=val, tokens_per_s=(tokens - window_tokens) / max(now - window_t, 1e-9),
+                      elapsed_s=now - t_start, bytes_pushed=stats.get("bytes_pushed", client.bytes_pushed),
+                      bytes_pulled=stats.get("bytes_pulled", client.bytes_pulled))
+        metrics.write(record)
     client.done()
-    log.info("finished %d steps in %.1f s", wc.steps, time.perf_counter() - t_start)
+    log.info("finished: %d gradients computed, %d pushes (%d dropped) in %.1f s; waited %.1f s for answers",
+             iterations, client.pushes, client.dropped, wall_s, client.wait_s)
     if tracer.enabled:
         log.info("trace written to %s", tracer.save(trace_file(out, "worker", rank)))
-    result = {"rank": rank, "steps": wc.steps}
+    result = {"rank": rank, "steps": wc.steps, "mode": job_cfg.mode, "iterations": iterations,
+              "pushes": client.pushes, "dropped": client.dropped, "wait_s": client.wait_s, "compute_s": compute_s,
+              "straggle_s": straggle_s, "wall_s": wall_s, "straggler": straggler.involves_me, "t_start": epoch_start,
+              "t_end": epoch_start + wall_s, "bytes_pushed": client.bytes_pushed, "bytes_pulled": client.bytes_pulled}
+    if lead or wc.out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"worker-{rank}.json").write_text(json.dumps(result) + "\n")
     if lead:
         metrics.close()
         task.save(out, wc.steps)
@@ -143,4 +240,3 @@ def _run(client: PSClient, cluster: ClusterConfig, mc: GPTConfig, dc: DataConfig
         result.update(val_loss=val, out=str(out))
         log.info("validation loss %.4f; model saved in %s", val, out)
     return result
-

@@ -1,0 +1,141 @@
+"""What a worker does in each consistency model (the servers' side: paramserver/consistency.py).
+
+After computing the gradient of a batch, a worker hands it to its mode's loop:
+
+| mode         | one step of the worker                                      | the job ends when              |
+|--------------|-------------------------------------------------------------|--------------------------------|
+| bsp          | push(grads, step = version) -> params of version + 1        | version == steps               |
+| bsp, backup  | same; a push that came too late is dropped by the servers   | version == steps               |
+|              | and answered with their current parameters: the worker goes |                                |
+|              | on from that version (the batch it used is skipped)         |                                |
+| asp, ssp     | push(grads, clock, base_version) -> the newest parameters   | the servers applied W * steps  |
+|              | (ssp: the answer may wait for the slowest worker)           | pushes, whoever made them      |
+| local-sgd    | a local optimizer step; every H steps push the change       | steps local steps              |
+|              | params_then - params_now -> the averaged parameters         |                                |
+
+Why asp/ssp count pushes for the whole job: every mode then uses the same number of
+gradients (W * steps), and a fast worker makes more of them than a slow one, which is
+what asynchrony is for. A worker's clock is its own count of pushes.
+
+Every loop reports a ``Progress``: ``step`` is the job's progress in BSP steps (the
+gradients the servers have applied, divided by W), so metrics, progress bars and plots
+of every mode share one axis.
+
+Local SGD builds the optimizer the servers were given (the coordinator's JOB answer
+carries server 0's OptimConfig): the worker runs it, the servers only average.
+
+Not here: messages (``worker/client.py``), the model's arithmetic, the data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy
+
+from common.config import from_dict
+from common.optim import OptimConfig, make_optimizer, sum_of_squares
+from worker.train import apply_update           # the single-process step: clip, then the optimizer
+
+
+@dataclass
+class Progress:
+    step: int                   # the job's progress in BSP steps: gradients applied / W
+    updates: int                # the servers' version: updates applied
+    gradients: int              # gradients applied by the servers (local-sgd: computed by the workers)
+    tokens: int                 # tokens in those gradients, over every worker (as far as this worker knows)
+    synced: bool = True         # the parameters are the servers' (local-sgd: only right after an averaging)
+    reply: dict = field(default_factory=dict)     # server 0's answer meta ({} between averagings)
+
+
+class SyncLoop:
+    """bsp, with or without backup workers."""
+
+    def __init__(self, client, model, steps: int, num_workers: int, job, optim: dict | None = None):
+        self.client, self.model, self.steps = client, model, steps
+        self.k = num_workers - job.backup_workers      # gradients in one step
+        self.tokens = 0
+
+    def finished(self) -> bool:
+        return self.client.version >= self.steps
+
+    def step(self, loss: float, tokens: int) -> Progress:
+        c = self.client
+        reply = c.push_pull(self.model.grads, self.model.params, c.version, loss=loss, tokens=tokens)
+        if not reply["dropped"]:
+            self.tokens += reply.get("stats", {}).get("tokens", tokens * self.k)
+        return Progress(c.version, c.version, c.version * self.k, self.tokens, reply=reply)
+
+    def finish(self):
+        """Called once the job has ended: leave the newest parameters in the model."""
+
+
+class AsyncLoop:
+    """asp and ssp: every push is applied alone, as it arrives."""
+
+    def __init__(self, client, model, steps: int, num_workers: int, job, optim: dict | None = None):
+        self.client, self.model, self.W = client, model, num_workers
+        self.budget = steps * num_workers               # pushes in the whole job
+        self.clock = 0
+
+    def finished(self) -> bool:
+        return max(self.client.versions) >= self.budget
+
+    def step(self, loss: float, tokens: int) -> Progress:
+        c, m = self.client, self.model
+        # the whole gradient's squared norm: a server clips this push by it (global-norm clipping)
+        reply = c.push_pull(m.grads, m.params, self.clock, loss=loss, tokens=tokens,
+                            grad_sumsq=sum_of_squares(m.grads))
+        self.clock += 1
+        updates = max(c.versions)
+        return Progress(min(updates, self.budget) // self.W, updates, updates,
+                        reply.get("stats", {}).get("tokens", 0), reply=reply)
+
+    def finish(self):
+        self.client.pull(self.model.params)            # the others may have pushed since our last answer
+
+
+class LocalSGDLoop:
+    """local-sgd: H local optimizer steps, then the servers average the changes."""
+
+    def __init__(self, client, model, steps: int, num_workers: int, job, optim: dict | None = None):
+        self.client, self.model, self.steps, self.W = client, model, steps, num_workers
+        self.H = job.local_steps
+        if optim is None:
+            raise ValueError("local-sgd needs the job's optimizer settings (the coordinator's JOB answer)")
+        self.cfg = from_dict(OptimConfig, optim, "the job's optimizer")
+        self.optimizer = make_optimizer(self.cfg, model.num_params(), model.dtype, model.layout.decay_ranges())
+        self.anchor = model.params.copy()             # the parameters of the last averaging
+        self.i = self.round = 0
+        self.losses, self.round_tokens, self.tokens = [], 0, 0
+
+    def finished(self) -> bool:
+        return self.i >= self.steps
+
+    def step(self, loss: float, tokens: int) -> Progress:
+        m, c = self.model, self.client
+        apply_update(m, self.optimizer, self.cfg, self.i)
+        self.i += 1
+        self.losses.append(loss)
+        self.round_tokens += tokens
+        if self.i % self.H and self.i < self.steps:
+            return Progress(self.i, c.version, self.i * self.W, self.tokens + self.round_tokens * self.W,
+                            synced=False)
+        numpy.subtract(self.anchor, m.params, out=m.grads)     # the change: what the servers average
+        reply = c.push_pull(m.grads, m.params, self.round, loss=float(numpy.mean(self.losses)),
+                            tokens=self.round_tokens)
+        self.anchor[...] = m.params
+        self.round += 1
+        self.tokens += reply.get("stats", {}).get("tokens", self.round_tokens * self.W)
+        self.losses, self.round_tokens = [], 0
+        return Progress(self.i, c.version, self.i * self.W, self.tokens, reply=reply)
+
+    def finish(self):
+        """The last averaging left the servers' parameters in the model."""
+
+
+LOOPS = {"bsp": SyncLoop, "asp": AsyncLoop, "ssp": AsyncLoop, "local-sgd": LocalSGDLoop}
+
+
+def make_loop(job, client, model, steps: int, num_workers: int, optim: dict | None = None):
+    """The loop of ``job.mode`` (a ``JobConfig``)."""
+    return LOOPS[job.mode](client, model, steps, num_workers, job, optim)
