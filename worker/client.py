@@ -31,6 +31,14 @@ each server, with the next push, which version the gradient was computed on
 The client counts the time it spends waiting for answers (``wait_s``: the network and
 the other workers, as the worker sees them), its pushes and its dropped pushes.
 
+Failures (docs/failures.md): once registered, a thread sends the coordinator
+heartbeats (``worker/heartbeat.py``). Every push carries this process's session and a
+request id; when the connection to a server breaks and comes back (the server was
+restarted, a link flapped), the client sends the unanswered requests again, unchanged,
+and the server applies a push at most once. A worker the coordinator dropped (it was
+silent too long) registers again and goes on from the current parameters; when the
+coordinator says the job is stopping, or is gone, the next wait raises with the reason.
+
 Not here: sockets (``common/transport.py``), bytes (``common/codec.py``), the model.
 """
 from __future__ import annotations
@@ -47,6 +55,7 @@ from common.layout import Layout
 from common.protocol import DONE, ERROR, INIT, JOB, OK, PULL, PUSH, REGISTER, ProtocolError
 from common.trace import NULL_TRACER
 from common.transport import Dealer, Poller
+from worker.heartbeat import Heartbeat
 
 log = logging.getLogger("client")
 
@@ -68,7 +77,15 @@ class PSClient:
         self.timeout = cluster.timeout
         self._rid = itertools.count(1)
         self.curve = cluster.curve_keys()       # None without --curve
-        self.coord = Dealer(cluster.coordinator, curve=self.curve)
+        # one name per process, kept across reconnects (a server answers the reconnected socket)
+        self.identity = f"{role}:{self.rank}/{os.getpid()}/{id(self):x}".encode()
+        self.coord = Dealer(cluster.coordinator, identity=self.identity, curve=self.curve)
+        self.session = 0                        # this process's incarnation, from the coordinator
+        self.joined_at = 0                      # the version the job was at when this worker joined it
+        self.heartbeat: Heartbeat | None = None
+        self.resends = 0                        # requests sent again after a lost connection
+        self.rejoins = 0                        # registrations after being dropped
+        self._model = None                      # (layout, dtype): to register again
         self.links: list[Dealer] = []           # one per server, in server rank order
         self.servers: list[str] = []
         self.chunks: list[list[tuple[int, int]]] = []   # per server: the ranges it owns
@@ -77,6 +94,7 @@ class PSClient:
         self.bytes_pulled = 0
         self.version = 0                        # the (lowest) version of the parameters held
         self.versions: list[int] = []           # per server: the version of its last answer
+        self.resend_s = max(5.0, self.timeout / 3)   # also resend what waited this long (a safety net)
         self.pushes = 0
         self.dropped = 0                        # pushes a server did not apply (backup workers)
         self.wait_s = 0.0                       # seconds spent waiting for answers to push/pull
@@ -96,45 +114,75 @@ class PSClient:
     def register(self, layout: Layout, dtype: str) -> dict:
         """Join the job; returns the coordinator's JOB answer once every process has
         registered. Sets ``self.rank`` (assigned by the coordinator when it was -1)."""
+        self._model = (layout, dtype)
         meta = dict(role=self.role, rank=self.rank, host=host_name(), pid=os.getpid(),
                     layout=layout.table(), layout_hash=layout.hash(), dtype=dtype,
                     job=to_dict(self.job_cfg))
         rid = next(self._rid)
-        self.coord.send(codec.encode(REGISTER, self.name if self.rank >= 0 else f"{self.role}:?",
-                                     rid=rid, **meta))
+        frames = codec.encode(REGISTER, self.name if self.rank >= 0 else f"{self.role}:?", rid=rid, **meta)
+        self.coord.send(frames)
         # wait a little longer than the coordinator does: when registration times out there,
         # the coordinator's answer names who is missing, which this side cannot know
         grace = max(5.0, 0.25 * self.timeout)
         msg = self._wait_one(self.coord, rid, f"the coordinator at {self.coord.endpoint}",
                              "registration (are all the servers and workers of the job started?)",
-                             timeout=self.timeout + grace)
+                             timeout=self.timeout + grace, resend=frames)
         if msg.cmd != JOB:
             raise RemoteError(f"the coordinator answered {msg.cmd} to registration")
         job = msg.meta
         if job["layout_hash"] != layout.hash():
             raise RemoteError(f"the job's layout hash {job['layout_hash']} differs from ours {layout.hash()}")
         self.rank = job["rank"]
-        self.servers = list(job["servers"])
-        self.chunks = [[] for _ in self.servers]
-        for b, e, s in job["placement"]:
-            self.chunks[s].append((b, e))
-        for addr in self.servers:
-            link = Dealer(addr, curve=self.curve)
-            self.links.append(link)
-            self.poller.add(link)
-        self.versions = [0] * len(self.servers)
-        log.info("registered as %s; servers %s", self.name, ", ".join(self.servers))
+        self.session = job.get("session", 0)
+        self.joined_at = job.get("version", 0)
+        if not self.links:
+            self.servers = list(job["servers"])
+            self.chunks = [[] for _ in self.servers]
+            for b, e, s in job["placement"]:
+                self.chunks[s].append((b, e))
+            # not the coordinator link's name: server 0 is both, and a name is one connection
+            link_id = self.name.encode() + b"/" + self.identity.split(b"/", 1)[1] + b"/data"
+            for addr in self.servers:
+                link = Dealer(addr, identity=link_id, curve=self.curve)
+                self.links.append(link)
+                self.poller.add(link)
+            self.versions = [0] * len(self.servers)
+        c = self.cluster
+        if c.heartbeat > 0 and self.role == "worker":
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
+            self.heartbeat = Heartbeat(self, c.heartbeat, c.silence_s, c.timeout)
+            self.heartbeat.start()
+        log.info("%s as %s (session %d)%s; servers %s", "joined the running job" if job.get("rejoin") else "registered",
+                 self.name, self.session, f" at version {self.joined_at}" if self.joined_at else "",
+                 ", ".join(self.servers))
         return job
+
+    def rejoin_if_dropped(self) -> bool:
+        """If the coordinator dropped this worker (it was silent too long: a stall, a cut
+        link), register again under the same rank; True when it did (the caller pulls)."""
+        hb = self.heartbeat
+        if hb is None or hb.member or hb.error:
+            return False
+        log.warning("%s was dropped from the job (view %d); registering again", self.name, hb.view)
+        self.register(*self._model)
+        self.rejoins += 1
+        return True
 
     def done(self):
         """Tell the coordinator this worker has finished (it stops the servers after the last)."""
         if self.asynchronous and len(self.links) > 1:    # ssp: so it stops counting as a live worker
             self._all(DONE, None, step=self.version, servers=range(1, len(self.links)))
         rid = next(self._rid)
-        self.coord.send(codec.encode(DONE, self.name, rid=rid))
-        self._wait_one(self.coord, rid, f"the coordinator at {self.coord.endpoint}", "done")
+        frames = codec.encode(DONE, self.name, rid=rid)
+        self.coord.send(frames)
+        self._wait_one(self.coord, rid, f"the coordinator at {self.coord.endpoint}", "done", resend=frames)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
 
     def close(self):
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         for s in [self.coord, *self.links]:
             s.close()
 
@@ -151,7 +199,14 @@ class PSClient:
         meta = {"min_version": min_version} if min_version else {}
         replies = self._all(PULL, None, step=self.version, servers=servers, **meta)
         with self.tracer.span("pull", step=self.version):
-            self._write_params(replies, params, servers)
+            self._write_params(replies, params, servers, check=False)
+        if not self.asynchronous and len(set(self.versions)) > 1:
+            # a server may be one step ahead of another (it finished the step first): wait
+            # for the others to reach it, so that the parameters are of one version
+            target = max(self.versions)
+            behind = [s for s, v in enumerate(self.versions) if v < target]
+            replies = self._all(PULL, None, step=self.version, servers=behind, min_version=target)
+            self._write_params(replies, params, behind)
         self.wait_s += time.monotonic() - t0
         return self.version
 
@@ -165,6 +220,8 @@ class PSClient:
         # until now (server 0 sums them over the workers into the answer's ``stats``)
         self.bytes_pushed += sum(grads[b:e].nbytes for chunks in self.chunks for b, e in chunks)
         meta = dict(meta, bytes_pushed=self.bytes_pushed, bytes_pulled=self.bytes_pulled)
+        if self.session:
+            meta["session"] = self.session
         per_server = [{"base_version": v} for v in self.versions] if self.asynchronous else None
         replies = self._all(PUSH, grads, step=step, per_server=per_server, **meta)
         self.pushes += 1
@@ -180,7 +237,7 @@ class PSClient:
         self.wait_s = waited + time.monotonic() - t0
         return dict(replies[0].meta, dropped=dropped)
 
-    def _write_params(self, replies, params, servers=None):
+    def _write_params(self, replies, params, servers=None, check=True):
         servers = range(len(self.links)) if servers is None else servers
         for s, msg in zip(servers, replies):
             for a, r in zip(msg.arrays, msg.ranges):
@@ -189,7 +246,7 @@ class PSClient:
                 params[r[0]:r[1]] = a
                 self.bytes_pulled += a.nbytes
             self.versions[s] = msg.meta.get("version")
-        if len(set(self.versions)) != 1 and not (self.asynchronous or self.catch_up):
+        if check and len(set(self.versions)) != 1 and not (self.asynchronous or self.catch_up):
             raise RemoteError(f"servers are at different versions {sorted(set(self.versions))}")
         self.version = min(self.versions)
 
@@ -199,7 +256,7 @@ class PSClient:
         if given and ``per_server[s]`` added to the meta, and wait for every answer;
         returns the answers in the order of ``servers``."""
         servers = list(range(len(self.links))) if servers is None else list(servers)
-        rids = {}
+        rids, outbox = {}, {}
         t_send = self.tracer.now()
         for i, s in enumerate(servers):
             arrays = [vector[b:e] for b, e in self.chunks[s]] if vector is not None else []
@@ -207,8 +264,9 @@ class PSClient:
             rid = next(self._rid)
             rids[rid] = (i, s)
             extra = dict(meta, **per_server[s]) if per_server else meta
-            self.links[s].send(codec.encode(cmd, self.name, step=step, rid=rid, arrays=arrays, ranges=ranges,
-                                            **extra))
+            frames = codec.encode(cmd, self.name, step=step, rid=rid, arrays=arrays, ranges=ranges, **extra)
+            self.links[s].send(frames)
+            outbox[rid] = [frames, self.links[s].connections()[1], time.monotonic()]
         t_wait = self.tracer.now()
         self.tracer.add(cmd, t_send, t_wait, step=step)
         replies: list = [None] * len(servers)
@@ -221,10 +279,12 @@ class PSClient:
                 raise DeadlineError(f"{self.name}: no answer to {cmd} (step {step}) within "
                                     f"{self.timeout + self.grace:.0f} s from {missing}; is it running? "
                                     "see its log")
-            for _, s in rids.values():                    # a refused handshake never answers
+            self._check_job()
+            for rid, (_, s) in rids.items():              # a refused handshake never answers
                 why = self.links[s].refused()
                 if why:
                     raise RemoteError(f"{self.name}: cannot talk to server {s} at {self.servers[s]}: {why}")
+                self._maybe_resend(self.links[s], outbox[rid], f"{cmd} (step {step}) to server {s}")
             for link in self.poller.poll(min(left, 0.5) * 1000):
                 while link.poll(0):
                     msg = self._decode(link.recv(), link.endpoint)
@@ -237,9 +297,29 @@ class PSClient:
         self.tracer.add("wait", t_wait, self.tracer.now(), step=step)
         return replies
 
-    def _wait_one(self, sock, rid, who, what, timeout=None):
+    def _check_job(self):
+        """Raise when the heartbeat thread learned that the job is stopping or the coordinator is gone."""
+        if self.heartbeat is not None and self.heartbeat.error:
+            raise RemoteError(f"{self.name}: {self.heartbeat.error}")
+
+    def _maybe_resend(self, sock, entry, what, periodic=True):
+        """``entry`` = [frames, disconnects when sent, when sent]: send the very same message
+        again when the connection was lost since (it may have been lost with it), or (if
+        ``periodic``) when it waited ``resend_s``; the server answers a repeat without
+        applying it twice."""
+        frames, lost_before, when = entry
+        lost_now = sock.connections()[1]
+        if lost_now > lost_before or (periodic and time.monotonic() - when > self.resend_s):
+            log.info("%s: sending %s again (%s)", self.name, what,
+                     "its connection was lost" if lost_now > lost_before else f"no answer for {self.resend_s:.0f} s")
+            sock.send(frames)
+            entry[1:] = [lost_now, time.monotonic()]
+            self.resends += 1
+
+    def _wait_one(self, sock, rid, who, what, timeout=None, resend=None):
         timeout = timeout or self.timeout
         deadline = time.monotonic() + timeout
+        entry = [resend, sock.connections()[1], time.monotonic()] if resend is not None else None
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -248,6 +328,9 @@ class PSClient:
             why = sock.refused()                          # a refused handshake never answers
             if why:
                 raise RemoteError(f"{self.name}: cannot talk to {who}: {why}")
+            self._check_job()
+            if entry is not None:                         # registration: only after a lost connection
+                self._maybe_resend(sock, entry, what.split(" ")[0], periodic=not what.startswith("registration"))
             if sock.poll(min(left, 0.5) * 1000):
                 msg = self._decode(sock.recv(), who)
                 if msg is None or msg.rid not in (rid, 0):

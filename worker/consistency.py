@@ -105,7 +105,8 @@ class LocalSGDLoop:
         self.cfg = from_dict(OptimConfig, optim, "the job's optimizer")
         self.optimizer = make_optimizer(self.cfg, model.num_params(), model.dtype, model.layout.decay_ranges())
         self.anchor = model.params.copy()             # the parameters of the last averaging
-        self.i = self.round = 0
+        self.round = client.version                   # (> 0 when joining a running or resumed job)
+        self.i = self.round * self.H
         self.losses, self.round_tokens, self.tokens = [], 0, 0
 
     def finished(self) -> bool:

@@ -13,8 +13,15 @@ One worker, top to bottom:
                                            worker, step the optimizer, answer with fresh
                                            params; the other modes: worker/consistency.py
         worker 0: log, evaluate
+    worker 0: save model.safetensors       (before done: the training's result is safe first)
     done                                   the coordinator stops the servers after the last worker
-    worker 0: save model.safetensors, sample text; every worker: worker-R.json (its waits)
+    worker 0: sample text; every worker: worker-R.json (its waits)
+
+A worker that joins a running job (it was restarted, or the job resumed from the
+servers' checkpoints) starts at the job's version, with its data sampler moved on by
+the batches it would have drawn by then (rank r always reads shard r), so that a
+resumed job continues the same loss curve; worker 0 keeps the metrics lines up to
+that version. A worker dropped for silence registers again and pulls (docs/failures.md).
 
 Compare with ``worker/train.py``: the loop is the same, except that
 ``apply_update(model, optimizer, ...)`` became ``client.push_pull(grads, params, ...)``.
@@ -125,6 +132,14 @@ class Straggler:
         return self.seconds or (self.factor - 1.0) * compute_s
 
 
+def batches_before(job: JobConfig, version: int, num_workers: int) -> int:
+    """How many batches a worker of a job at ``version`` has drawn: bsp, one per step;
+    local-sgd, H per round; asp/ssp, about one per W updates."""
+    if job.mode == "local-sgd":
+        return version * job.local_steps
+    return version if job.mode == "bsp" else version // num_workers
+
+
 def run(cluster: ClusterConfig, job: JobConfig, mc: GPTConfig, dc: DataConfig, wc: WorkerConfig) -> dict:
     client = PSClient(cluster, job)
     try:
@@ -150,8 +165,13 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
     out = Path(wc.out or time.strftime("runs/%Y%m%d-%H%M%S"))
     tracer = client.tracer = Tracer(f"worker {rank}") if wc.trace else NULL_TRACER
     if lead:
-        client.init(model.params)
+        client.init(model.params)                    # (a server already initialized says so and keeps its own)
     client.pull(model.params)
+    joined = client.version
+    for _ in range(batches_before(job_cfg, joined, W)):    # the batches this rank drew before `joined`
+        sampler.next_batch()
+    if joined:
+        log.info("joining the job at version %d (the data sampler moved on accordingly)", joined)
     loop = make_loop(job_cfg, client, model, wc.steps, W, job.get("optim"))
     straggler = Straggler(wc.straggler, rank, W, wc.seed)
     if straggler.involves_me:
@@ -161,15 +181,17 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
     if lead:
         out.mkdir(parents=True, exist_ok=True)
         val_set = task.validation(validation_batches(data.val, wc.batch_size, mc.block_size, wc.eval_batches))
-        metrics = MetricsWriter(out / METRICS, keep_until=-1)    # a fresh file: keep no old line
-        metrics.write({"step": 0, "val_loss": evaluate(model, val_set), "workers": W,
-                       "servers": job["num_servers"], "mode": job_cfg.mode, "elapsed_s": 0.0, "updates": 0,
-                       "gradients": 0, "unigram_entropy": unigram_entropy(data.train),
-                       "fingerprint": data.fingerprint})
+        # a fresh file, or (joining a running or resumed job) the lines up to where it is
+        metrics = MetricsWriter(out / METRICS, keep_until=joined if joined else -1)
+        if not joined:
+            metrics.write({"step": 0, "val_loss": evaluate(model, val_set), "workers": W,
+                           "servers": job["num_servers"], "mode": job_cfg.mode, "elapsed_s": 0.0, "updates": 0,
+                           "gradients": 0, "unigram_entropy": unigram_entropy(data.train),
+                           "fingerprint": data.fingerprint})
 
     t_start, epoch_start = time.perf_counter(), time.time()
     window_t, window_tokens, val, iterations = t_start, 0, float("nan"), 0
-    last_log = last_eval = 0             # the job's step at the last metrics line and evaluation
+    last_log = last_eval = joined        # the job's step at the last metrics line and evaluation
     compute_s = straggle_s = 0.0
     record: dict = {"step": 0}
     p = None
@@ -189,6 +211,8 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
             time.sleep(pause)
             straggle_s += pause
         p = loop.step(loss, idx.size)
+        if client.rejoin_if_dropped():               # dropped for silence (a stall): back into the view
+            client.pull(model.params)
         tracer.add("step", t_step, tracer.now(), step=step)
         iterations += 1
         if not lead:
@@ -220,6 +244,7 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
                       elapsed_s=now - t_start, bytes_pushed=stats.get("bytes_pushed", client.bytes_pushed),
                       bytes_pulled=stats.get("bytes_pulled", client.bytes_pulled))
         metrics.write(record)
+        task.save(out, wc.steps)                     # before done: the coordinator may not outlive it
     client.done()
     log.info("finished: %d gradients computed, %d pushes (%d dropped) in %.1f s; waited %.1f s for answers",
              iterations, client.pushes, client.dropped, wall_s, client.wait_s)
@@ -228,13 +253,13 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
     result = {"rank": rank, "steps": wc.steps, "mode": job_cfg.mode, "iterations": iterations,
               "pushes": client.pushes, "dropped": client.dropped, "wait_s": client.wait_s, "compute_s": compute_s,
               "straggle_s": straggle_s, "wall_s": wall_s, "straggler": straggler.involves_me, "t_start": epoch_start,
-              "t_end": epoch_start + wall_s, "bytes_pushed": client.bytes_pushed, "bytes_pulled": client.bytes_pulled}
+              "t_end": epoch_start + wall_s, "bytes_pushed": client.bytes_pushed, "bytes_pulled": client.bytes_pulled,
+              "joined_at": joined, "resends": client.resends, "rejoins": client.rejoins}
     if lead or wc.out:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"worker-{rank}.json").write_text(json.dumps(result) + "\n")
     if lead:
         metrics.close()
-        task.save(out, wc.steps)
         if wc.sample_bytes:
             (out / "sample.txt").write_text(task.demonstrate(data.val, wc.sample_bytes, seed=wc.seed))
         result.update(val_loss=val, out=str(out))

@@ -1,0 +1,241 @@
+"""Synchronous steps on one server: bsp (with or without backup workers) and local-sgd.
+
+Step t, as this server runs it (its ``version`` is t):
+    1. each worker's PUSH of step t lands in that worker's slot; its answer is held back;
+    2. once every worker of the view has pushed (or a peer's proposal shows a missing
+       one cannot count), the server proposes the set of workers it holds, averages
+       their slots in rank order, and with S > 1 exchanges its proposal with the other
+       servers (NORM, which also carries its share of the squared norm of the averaged
+       gradient, so each server clips by the norm of the WHOLE gradient): the servers
+       agree on one set (``agreement.py``);
+    3. the optimizer steps (local-sgd: the averaged parameter change is subtracted),
+       ``version`` becomes t + 1, the applied pushes are recorded (``dedupe.py``), a
+       checkpoint is written when one is due (before any answer leaves: no worker ever
+       holds parameters newer than the server could restore), and every held push is
+       answered with the fresh parameters of this shard (a push is also a pull); a push
+       left out of the set is answered ``dropped``.
+Backup workers change step 2 to "the first W - b pushes" and answer a push that comes
+after those with ``dropped``. A resent push (same worker, session and request id) is
+never stored twice: while its step is open its answer just goes to the connection it
+came from last, and once applied it is answered again from the record.
+
+Not here: sockets and message decoding (``server.py``), asp/ssp (``consistency.py``).
+"""
+from __future__ import annotations
+
+import time
+
+from common import codec
+from common.protocol import NORM, ProtocolError, session_list
+from paramserver.agreement import Agreement
+from paramserver.consistency import COUNT, LATE, LATE_WAIT
+
+
+class SyncServing:
+    def __init__(self, server):
+        self.srv = server
+        S = server.cluster.num_servers
+        self.pending: dict[int, tuple] = {}     # worker rank -> (identity, rid, meta, session) of this step's push
+        self.late: list[tuple] = []             # (identity, rid, rank, session): answered ``dropped`` after the step
+        self.step_started = 0.0                 # when the first push of this step arrived
+        self.agreement = Agreement(server.rank, S, by_set=server.job.backup_workers == 0)
+        self.exchange = S > 1
+        self.clip = server.optim.grad_clip > 0 and server.job.mode == "bsp"   # local-sgd clips on the workers
+        self.sent_at = 0.0                      # when this step's proposal was last sent
+        self.sent_links: dict[int, int] = {}    # peer -> its link's handshakes when we last sent it our proposal
+
+    @property
+    def busy(self) -> bool:
+        """A step is open: pushes arrived, or a proposal is out."""
+        return bool(self.pending) or self.agreement.mine is not None
+
+    # --- pushes -----------------------------------------------------------------------
+    def push(self, identity, msg, rank: int, session: int):
+        srv, shard = self.srv, self.srv.shard
+        held = self.pending.get(rank)
+        if held is not None and held[1] == msg.rid and held[3] == session:
+            self.pending[rank] = (identity, *held[1:])          # a resend: answer where it came from
+            return
+        for i, (_, rid, r, sess) in enumerate(self.late):
+            if (rid, r, sess) == (msg.rid, rank, session):
+                self.late[i] = (identity, rid, r, sess)
+                return
+        if msg.step > shard.version:
+            srv.ahead(msg, rank, session)                       # raises: a protocol error, or this server is behind
+        if msg.step < shard.version:
+            kind = LATE                                         # its step went on without it
+        elif held is not None or self.agreement.mine is not None:
+            if held is not None and held[3] == session:
+                raise ProtocolError(f"worker {rank} already pushed for step {msg.step}")
+            kind = LATE_WAIT                                    # proposed already / a new incarnation of a pusher
+        else:
+            kind = srv.rule.classify(msg.step, shard.version, self.pending, rank)
+        shard.check_full_cover(msg.ranges, "push")
+        shard.check_arrays(msg.arrays, msg.ranges, msg.dtypes, "push")
+        if kind != COUNT:
+            srv.recorder.dropped(rank, shard.version - msg.step)
+            if kind == LATE:
+                srv._send_params(identity, msg.rid, dropped=True)
+            elif len(self.late) < srv.num_workers:
+                self.late.append((identity, msg.rid, rank, session))
+            else:
+                raise ProtocolError(f"too many late pushes for step {msg.step}")
+            return
+        with srv.tracer.span("store push", step=msg.step, worker=rank):
+            shard.store_gradient(rank, msg.arrays, msg.ranges)
+        if not self.pending:
+            self.step_started = time.monotonic()
+        self.pending[rank] = (identity, msg.rid, msg.meta, session)
+        self.maybe_propose()
+
+    def maybe_propose(self):
+        """Propose once the pushes this step waits for are in (see the module's docstring)."""
+        srv = self.srv
+        if self.agreement.mine is not None or not self.pending:
+            return
+        if self.agreement.by_set:
+            ready = self.agreement.complete(self._pushed(), srv.view)
+        else:
+            ready = srv.rule.complete(self.pending)
+        if not ready:
+            return
+        srv.tracer.add("wait for pushes", srv.ready_at, srv.tracer.now(), step=srv.shard.version)
+        self.agreement.propose(self._pushed())
+        self._average()
+        if self.exchange:
+            self._send_proposal(self.agreement.peers)
+            self._maybe_finish()
+        else:
+            self._finish(self.agreement.sumsq if self.clip else None)
+
+    def _pushed(self):
+        return [(r, p[3]) for r, p in self.pending.items()]
+
+    def _average(self):
+        srv, shard = self.srv, self.srv.shard
+        mine = self.agreement.ranks()
+        if mine:
+            with srv.tracer.span("average", step=shard.version):
+                shard.average(mine)
+        self.agreement.sumsq = shard.local_sumsq() if (self.clip and mine) else 0.0
+        srv.ready_at = srv.tracer.now()          # (the exchange, if any, runs from here)
+
+    # --- the exchange -----------------------------------------------------------------
+    def _send_proposal(self, peers, echo: bool = False, fresh: bool | None = None):
+        srv, a = self.srv, self.agreement
+        meta = {"sumsq": a.sumsq}
+        if a.by_set:
+            meta["workers"] = [list(p) for p in sorted(a.mine)]
+        fresh = a.fresh if fresh is None else fresh
+        if echo:
+            meta["echo"] = True
+        elif fresh:
+            meta["fresh"] = True
+        frames = codec.encode(NORM, srv.name, step=a.step, **meta)
+        for p in peers:
+            srv.peers[p].send(frames)
+            self.sent_links[p] = srv.peers[p].connections()[0]
+        if not echo:
+            self.sent_at = time.monotonic()
+
+    def on_norm(self, peer: int, msg):
+        srv, a = self.srv, self.agreement
+        workers = msg.meta.get("workers")
+        if workers is not None:
+            session_list(workers, srv.num_workers, "norm: workers")
+        echo = msg.meta.get("echo", False)
+        if msg.step == srv.shard.version:
+            shrunk = a.receive(peer, workers, msg.meta["sumsq"])
+            if a.mine is None:
+                self.maybe_propose()                 # its proposal may show we wait in vain
+            elif shrunk:
+                self._average()                      # over the smaller set; tell everyone
+                self._send_proposal(a.peers)
+            elif msg.meta.get("fresh"):
+                self._send_proposal([peer], echo=True)   # it restarted: it may have lost ours
+            self._maybe_finish()
+        elif msg.step == srv.shard.version - 1 and a.last is not None and a.last[0] == msg.step:
+            if not echo:                             # a peer still at our last step: answer with it
+                step, mine, sumsq = a.last
+                meta = {"sumsq": sumsq, "echo": True, **({"workers": mine} if a.by_set else {})}
+                srv.peers[peer].send(codec.encode(NORM, srv.name, step=step, **meta))
+        elif not echo:
+            raise ProtocolError(f"norm for step {msg.step}, but this server is at step {srv.shard.version}")
+
+    def _maybe_finish(self):
+        if self.agreement.done():
+            self.srv.tracer.add("norm exchange", self.srv.ready_at, self.srv.tracer.now(),
+                                step=self.srv.shard.version)
+            self._finish(self.agreement.global_sumsq() if self.clip else None)
+
+    def tick(self, now: float, resend_s: float):
+        """Resend our proposal to the peers that have not agreed yet, when their link came
+        back (a restarted peer lost it) or every ``resend_s`` seconds."""
+        a = self.agreement
+        if not self.exchange or a.mine is None or a.done():
+            return
+        due = now - self.sent_at > resend_s
+        redo = [p for p in a.waiting_for()
+                if due or self.srv.peers[p].connections()[0] > self.sent_links.get(p, 0)]
+        if redo:
+            self._send_proposal(redo, fresh=True)
+
+    # --- the update -------------------------------------------------------------------
+    def _finish(self, global_sumsq):
+        srv, shard, a = self.srv, self.srv.shard, self.agreement
+        step, mine = shard.version, a.ranks()
+        left_out = [r for r in sorted(self.pending) if r not in mine]
+        answer = {}
+        if mine:
+            metas = [self.pending[r][2] for r in mine]
+            losses = [m["loss"] for m in metas if "loss" in m]
+            stats = {k: sum(m.get(k, 0) for m in metas) for k in ("tokens", "bytes_pushed", "bytes_pulled")}
+            srv.recorder.step(mine, step)
+            with srv.tracer.span("update", step=step):
+                if srv.job.mode == "local-sgd":
+                    shard.apply_delta()
+                else:
+                    shard.apply(global_sumsq)
+            answer = dict(stats=stats, **({"loss": sum(losses) / len(losses)} if losses else {}))
+            for r in mine:
+                _, rid, _, session = self.pending[r]
+                srv.applied.record(r, session, rid, step, shard.version, answer)
+            a.finish()
+            srv.after_update()                       # checkpoint (before any answer leaves)
+        for r in left_out:
+            srv.recorder.dropped(r, 0)
+        with srv.tracer.span("reply", step=step):
+            for r in mine:
+                identity, rid, _, _ = self.pending[r]
+                srv._send_params(identity, rid, **answer)
+            for r in left_out:                       # not every server had it: not applied anywhere
+                identity, rid, _, _ = self.pending[r]
+                srv._send_params(identity, rid, dropped=True)
+            for identity, rid, _, _ in self.late:
+                srv._send_params(identity, rid, dropped=True)
+        self.pending.clear()
+        self.late.clear()
+        a.begin(shard.version)
+        srv._release_pulls()
+        srv.ready_at = srv.tracer.now()
+
+    # --- deadlines and failures -------------------------------------------------------
+    def overdue(self, now: float, timeout: float) -> str | None:
+        """Why this step is past its deadline, or None."""
+        if not self.busy or now - self.step_started <= timeout or not self.pending:
+            return None
+        srv, step = self.srv, self.srv.shard.version
+        if self.agreement.mine is not None:
+            missing = [f"server {s} at {srv.server_addrs[s]}" for s in self.agreement.waiting_for()]
+            return (f"step {step}: no agreeing proposal (norm) from {', '.join(missing)} within "
+                    f"{timeout:.0f} s; is that server alive?")
+        missing = sorted(set(srv.view) - set(self.pending))
+        return (f"step {step}: worker(s) {missing} have not pushed within {timeout:.0f} s of the first push "
+                f"(workers {sorted(self.pending)} did); are they alive? see their logs")
+
+    def held(self):
+        """(identity, rid) of every request this server holds an answer for."""
+        return [(p[0], p[1]) for p in self.pending.values()] + [(l[0], l[1]) for l in self.late]
+
+    def waiting_for(self) -> list[int]:
+        return sorted(set(self.srv.view) - set(self.pending)) if self.pending else []
