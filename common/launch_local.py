@@ -13,9 +13,14 @@ run folder:
         model.safetensors  the final weights (GPT-2 names) + config.json for GPT-2 tooling
         sample.txt         text sampled from the final model
 
-If any process dies, the others are stopped and the command exits non-zero, naming
-the process and its log. Ctrl-C stops every process (TERM, then KILL after a grace
-period); none is left behind.
+If a process fails (exits non-zero), the others are stopped and the command exits
+non-zero, naming the process and its log. A process killed by a signal from outside
+(``kill -9``: a crash) is left to the job's own failure handling: a worker is dropped
+and the steps go on, a server is waited for until ``--timeout``; with ``--respawn``
+ps-local starts it again (a server with ``--resume``, from its checkpoint) and the job
+goes on. ``--resume`` restarts a whole job from the servers' checkpoints in its run
+folder (docs/failures.md). Ctrl-C or TERM stops every process (TERM, then KILL after a
+grace period); none is left behind.
 
 This module starts processes; it imports neither role. Flags for the optimizer and
 the consistency model go to the servers (and the job flags to the workers too); every
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -68,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "merged into trace.json in the run folder: open it at https://ui.perfetto.dev")
     g.add_argument("--curve", default="", help="CurveZMQ key folder made by ps-keys: encrypt and authenticate "
                                                "every connection (default: plain TCP)")
+    g.add_argument("--checkpoint-every", type=int, default=50,
+                   help="the servers checkpoint every this many versions, and when they stop, into "
+                        "RUN/checkpoints (default: 50)")
+    g.add_argument("--respawn", action="store_true",
+                   help="start again a process killed by a signal (kill -9: a crash); a server resumes from its "
+                        "checkpoint (default: the job goes on without a worker, and waits --timeout for a server)")
+    g.add_argument("--resume", action="store_true",
+                   help="resume the job in --out from its servers' checkpoints (after a crash or Ctrl-C): the "
+                        "same flags, the run folder kept, the loss curve continued")
+    g.add_argument("--heartbeat", type=float, default=1.0,
+                   help="seconds between heartbeats; a worker silent for 5 of them is dropped (default: 1)")
     add_arguments(p, JobConfig, "consistency (every process)")
     add_arguments(p, OptimConfig, "optimizer (servers)", defaults=dict(OPTIM_DEFAULTS, lr_decay_steps=None),
                   default_text={"lr_decay_steps": "--steps"})
@@ -99,21 +116,38 @@ class Job:
         self.env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                         MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
         self.procs: dict[str, subprocess.Popen] = {}
+        self.cmds: dict[str, list[str]] = {}
+        self.crashed: dict[str, int] = {}       # name -> signal, for processes killed from outside
 
-    def start(self, name: str, cmd: list[str]):
-        log = open(self.logs / f"{name}.log", "w")
-        log.write("$ " + " ".join(cmd) + "\n")
+    def start(self, name: str, cmd: list[str], mode: str = "w"):
+        log = open(self.logs / f"{name}.log", mode)
+        log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
+        self.cmds[name] = cmd
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                             start_new_session=True)   # our signals, not the terminal's
 
     def failed(self):
-        """(name, exit code) of the first process that exited non-zero, or None."""
+        """(name, exit code) of the first process that exited with an error, or None (a process
+        killed by a signal from outside is a crash, see ``crashes``)."""
         for name, p in self.procs.items():
             code = p.poll()
-            if code not in (None, 0):
+            if code is not None and code > 0:
                 return name, code
         return None
+
+    def crashes(self) -> list[tuple[str, int]]:
+        """(name, signal) of the processes newly found killed by a signal."""
+        new = [(n, -p.poll()) for n, p in self.procs.items()
+               if p.poll() is not None and p.poll() < 0 and n not in self.crashed]
+        self.crashed.update(new)
+        return new
+
+    def restart(self, name: str):
+        cmd = self.cmds[name] + (["--resume"] if name.startswith("server-") and "--resume" not in self.cmds[name]
+                                 else [])
+        self.crashed.pop(name, None)
+        self.start(name, cmd, mode="a")
 
     def running(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() is None]
@@ -140,6 +174,8 @@ def _read_new_metrics(path: Path, pos: int):
     """New complete JSON lines of metrics.jsonl since byte ``pos``."""
     if not path.exists():
         return [], pos
+    if path.stat().st_size < pos:           # rewritten (a worker 0 that joined again keeps the lines up to its step)
+        pos = 0
     with open(path) as f:
         f.seek(pos)
         chunk = f.read()
@@ -162,14 +198,16 @@ def main(argv=None) -> int:
     if args.servers < 1 or args.workers < 1 or args.steps < 1:
         parser.error("--servers, --workers and --steps must be >= 1")
     out = Path(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
-    if out.exists() and any(out.iterdir()):
-        parser.error(f"run folder {out} already exists and is not empty; choose another --out")
+    if args.resume and not (out / "checkpoints").is_dir():
+        parser.error(f"--resume: {out / 'checkpoints'} does not exist; give the --out of the job to resume")
+    if not args.resume and out.exists() and any(out.iterdir()):
+        parser.error(f"run folder {out} already exists and is not empty; choose another --out (or --resume it)")
     threads = args.threads or max(1, (os.cpu_count() or 1) // (args.servers + args.workers))
     port = args.port or free_port()
     coord = f"127.0.0.1:{port}"
     py = sys.executable
     common = ["--num-servers", str(args.servers), "--num-workers", str(args.workers),
-              "--coordinator", coord, "--timeout", str(args.timeout)] + _flags(job)
+              "--coordinator", coord, "--timeout", str(args.timeout), "--heartbeat", str(args.heartbeat)] + _flags(job)
     if args.curve:
         common += ["--curve", args.curve]
     worker_cmd = [py, "-m", "worker", *common, "--steps", str(args.steps), "--out", str(out), *worker_args]
@@ -182,7 +220,8 @@ def main(argv=None) -> int:
         return 2
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.json").write_text(json.dumps({
+    config_name = "run_config.json" if not args.resume else f"run_config.resumed-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    (out / config_name).write_text(json.dumps({
         "launcher": {"servers": args.servers, "workers": args.workers, "steps": args.steps,
                      "coordinator": coord, "threads": threads, "timeout": args.timeout},
         "job": to_dict(job), "optimizer": to_dict(optim), "worker_args": worker_args,
@@ -193,11 +232,16 @@ def main(argv=None) -> int:
 
     run = Job(out, threads)
     interrupted = False
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_term)
     try:
         for s in range(args.servers):
             bind = f"tcp://127.0.0.1:{port if s == 0 else '*'}"      # a local job stays on loopback
             run.start(f"server-{s}", [py, "-m", "paramserver", "--rank", str(s), "--bind", bind, *common,
-                                      *_flags(optim), "--out", str(out), *(trace and ["--trace", str(out)])])
+                                      *_flags(optim), "--out", str(out), "--checkpoint-every", str(args.checkpoint_every),
+                                      *(["--resume"] if args.resume else []), *(trace and ["--trace", str(out)])])
         for r in range(args.workers):
             run.start(f"worker-{r}", worker_cmd + ["--rank", str(r), "--no-progress", *trace])
         code = _watch(run, out, args)
@@ -219,12 +263,30 @@ def main(argv=None) -> int:
                   file=sys.stderr)
 
 
+def _crashed(run: Job, name: str, sig: int, args):
+    """A process was killed from outside: start it again (--respawn), or say what happens now."""
+    if args.respawn:
+        print(f"\nps-local: {name} was killed by signal {sig}; starting it again"
+              + (" from its checkpoint (--resume)" if name.startswith("server-") else ""), file=sys.stderr)
+        run.restart(name)
+        return
+    again = shlex.join(run.cmds[name] + (["--resume"] if name.startswith("server-") else []))
+    what = ("the job goes on without it (the coordinator drops it from the view)" if name.startswith("worker-")
+            else f"the job waits up to --timeout ({args.timeout:g} s) for it to come back")
+    print(f"\nps-local: {name} was killed by signal {sig}; {what}. To start it again:\n    {again}",
+          file=sys.stderr)
+
+
 def _watch(run: Job, out: Path, args) -> int:
     from tqdm import tqdm
     metrics, pos, last = out / "metrics.jsonl", 0, {}
     bar = None if args.no_progress else tqdm(total=args.steps, unit="step", dynamic_ncols=True)
     try:
-        while run.running():
+        while True:
+            for name, sig in run.crashes():
+                _crashed(run, name, sig, args)
+            if not run.running():
+                break
             dead = run.failed()
             if dead:
                 name, code = dead
