@@ -21,6 +21,22 @@ TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16
 OPTIM = ["--optimizer", "adamw", "--lr", "3e-3", "--grad-clip", "1.0", "--warmup-steps", "2"]
 
 
+def corpus(folder, size=64_000, seed=0) -> Path:
+    """A small text file of words drawn from a fixed vocabulary (fast to load, the same every run)."""
+    import random
+    words = ("the server holds a shard of the flat vector and every worker pushes its gradient then pulls "
+             "fresh parameters back step after step until the job is done or a process dies").split()
+    rng = random.Random(seed)
+    text, n = [], 0
+    while n < size:
+        line = " ".join(rng.choice(words) for _ in range(rng.randrange(4, 14))) + ".\n"
+        text.append(line)
+        n += len(line)
+    path = Path(folder) / "corpus.txt"
+    path.write_text("".join(text))
+    return path
+
+
 class Job:
     """S servers and W workers on 127.0.0.1; logs and the run folder under ``folder``."""
 
@@ -36,7 +52,8 @@ class Job:
         self.common = ["--num-servers", S, "--num-workers", W, "--coordinator", self.coordinator,
                        "--timeout", timeout, "--heartbeat", heartbeat, "--heartbeat-misses", misses]
         self.server_args = [*OPTIM, "--checkpoint-every", every, *server_args]
-        self.worker_args = [*TINY, "--steps", steps, *worker_args]
+        data = corpus(self.folder)
+        self.worker_args = [*TINY, "--data", data, "--steps", steps, *worker_args]
         self.env = dict(ENV, **(env or {}))
         self.procs: dict[str, subprocess.Popen] = {}
         self.started: dict[str, float] = {}
