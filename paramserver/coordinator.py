@@ -72,7 +72,8 @@ class Coordinator:
         if m.version:
             log.info("the job resumes from the servers' checkpoints at version %d", m.version)
         now = time.monotonic()
-        self.liveness.start([("server", r) for r in m.servers] + [("worker", w.rank) for w in m.workers], now)
+        self.liveness.start([("server", r) for r in m.servers if r != 0] + [("worker", w.rank) for w in m.workers],
+                            now)
         for ident, job in replies:
             if ident == b"":
                 self.srv._start(job)
