@@ -240,7 +240,8 @@ def main(argv=None) -> int:
         for s in range(args.servers):
             bind = f"tcp://127.0.0.1:{port if s == 0 else '*'}"      # a local job stays on loopback
             run.start(f"server-{s}", [py, "-m", "paramserver", "--rank", str(s), "--bind", bind, *common,
-                                      *_flags(optim), "--out", str(out), "--checkpoint-every", str(args.checkpoint_every),
+                                      *_flags(optim), "--out", str(out),
+                                      "--checkpoint-every", str(args.checkpoint_every),
                                       *(["--resume"] if args.resume else []), *(trace and ["--trace", str(out)])])
         for r in range(args.workers):
             run.start(f"worker-{r}", worker_cmd + ["--rank", str(r), "--no-progress", *trace])

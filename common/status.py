@@ -139,7 +139,8 @@ def render(coordinator: str, snap: dict, table: list[dict]) -> str:
     lines = [head, f"{'role':<7}{'rank':>4} {'host':<12} {'pid':<8} {'address':<26} {'last msg':>12} "
                    f"{'heartbeat':>14} {'step':>6} {'bytes/s':>10}"]
     for r in table:
-        beat = "-" if r.get("heartbeat") is None else f"{r['heartbeat']:.1f} s" + (" dropped" if r.get("dropped") else "")
+        beat = "-" if r.get("heartbeat") is None else f"{r['heartbeat']:.1f} s"
+        beat += " dropped" if r.get("dropped") else ""
         lines.append(f"{r['role']:<7}{r['rank']:>4} {r['host']:<12} {r['pid']:<8} {r['addr'] or '-':<26} "
                      f"{r['last']:>12} {beat:>14} {'-' if r['step'] is None else r['step']:>6} {_human(r['rate']):>10}")
         if r.get("error"):

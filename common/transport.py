@@ -234,7 +234,8 @@ class Dealer(_Socket):
             self.sock.curve_publickey, self.sock.curve_secretkey = curve.client_public, curve.client_secret
         # a monitor of our own handshakes, so a silent refusal can be explained at the deadline
         self.monitor = self.sock.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         if identity:
             self.sock.setsockopt(zmq.IDENTITY, identity)

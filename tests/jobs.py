@@ -69,20 +69,20 @@ class Job:
         return [sys.executable, "-m", "worker", "--rank", r, *self.common, "--out", self.out,
                 *self.worker_args, *extra]
 
-    def _start(self, name, cmd):
+    def _start(self, name, cmd, prefix=None):
         n = self.runs[name] = self.runs.get(name, 0) + 1
         log = open(self.logs / f"{name}.{n}.log", "w")
-        cmd = self.prefix + [str(c) for c in cmd]
+        cmd = (self.prefix if prefix is None else list(prefix)) + [str(c) for c in cmd]
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                             start_new_session=True)
         self.started[name] = time.monotonic()
         return self.procs[name]
 
-    def server(self, s, *extra):
-        return self._start(f"server-{s}", self.server_cmd(s, *extra))
+    def server(self, s, *extra, prefix=None):
+        return self._start(f"server-{s}", self.server_cmd(s, *extra), prefix)
 
-    def worker(self, r, *extra):
-        return self._start(f"worker-{r}", self.worker_cmd(r, *extra))
+    def worker(self, r, *extra, prefix=None):
+        return self._start(f"worker-{r}", self.worker_cmd(r, *extra), prefix)
 
     def start(self, servers=(), workers=()):
         """Every server and worker (or those given), servers first."""

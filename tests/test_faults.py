@@ -66,7 +66,8 @@ def victim_of(role):
     return {"worker": "worker-1", "server": "server-1", "coordinator": "server-0"}[role]
 
 
-CASES = [(role, phase) for role in ("worker", "server", "coordinator") for phase in ("start-up", "mid-step", "shutdown")]
+CASES = [(role, phase) for role in ("worker", "server", "coordinator")
+         for phase in ("start-up", "mid-step", "shutdown")]
 
 
 @pytest.mark.parametrize("role,phase", CASES, ids=[f"{r}-{p}" for r, p in CASES])
