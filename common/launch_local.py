@@ -170,19 +170,26 @@ class Job:
         return "\n".join("    " + line for line in text[-lines:])
 
 
-def _read_new_metrics(path: Path, pos: int):
-    """New complete JSON lines of metrics.jsonl since byte ``pos``."""
+def _read_new_metrics(path: Path, pos):
+    """New complete JSON lines of metrics.jsonl since ``pos`` = (file, byte offset): a file
+    replaced (worker 0 joining a running or resumed job rewrites it) is read again whole."""
     if not path.exists():
         return [], pos
-    if path.stat().st_size < pos:           # rewritten (a worker 0 that joined again keeps the lines up to its step)
-        pos = 0
-    with open(path) as f:
-        f.seek(pos)
+    ident, offset = pos if isinstance(pos, tuple) else (None, pos)
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if (st.st_dev, st.st_ino) != ident or st.st_size < offset:
+            offset = 0
+        f.seek(offset)
         chunk = f.read()
-    if not chunk.endswith("\n"):
-        chunk = chunk[:chunk.rfind("\n") + 1]
-    records = [json.loads(line) for line in chunk.splitlines() if line.strip()]
-    return records, pos + len(chunk.encode())
+    chunk = chunk[:chunk.rfind(b"\n") + 1]
+    records = []
+    for line in chunk.decode(errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass                               # not a line of ours: skip it rather than stop the watch
+    return records, ((st.st_dev, st.st_ino), offset + len(chunk))
 
 
 def main(argv=None) -> int:

@@ -34,6 +34,7 @@ import numpy
 from tqdm import tqdm
 
 from common.config import add_arguments, describe, dump_json, from_args, from_dict, to_dict
+from common.files import atomic_write
 from common.optim import OptimConfig, clip_scale, lr_at, make_optimizer, sum_of_squares
 from worker import checkpoint
 from worker.data import (BatchSampler, DataConfig, bigram_entropy, load_data, unigram_entropy,
@@ -114,7 +115,8 @@ class MetricsWriter:
         if keep_until is not None and self.path.exists():
             kept = [ln for ln in self.path.read_text().splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= keep_until]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            # a new file in place of the old (a reader following it, like ps-local, sees a new inode)
+            atomic_write(self.path, "".join(ln + "\n" for ln in kept).encode())
         self._f = open(self.path, "a")
 
     def write(self, record: dict):
