@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy
 
 from common.layout import gpt_layout
+from worker import fastmodel
+from worker.fastlayers import Scratch
 from worker.layers import (
     attention_backward, attention_forward, embedding_backward, embedding_forward,
     gelu_backward, gelu_forward, layernorm_backward, layernorm_forward, matmul_backward,
@@ -53,7 +55,7 @@ class GPTConfig:
 class _Activations:
     """Every activation of one forward pass, and their gradients, for one (B, T)."""
 
-    def __init__(self, xp, dtype, B, T, config):
+    def __init__(self, xp, dtype, B, T, config, fast=False):
         C, L, NH, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size
         z = lambda *shape: xp.zeros(shape, dtype=dtype)  # noqa: E731
         self.B, self.T = B, T
@@ -68,7 +70,11 @@ class _Activations:
                 fch=z(B, T, 4 * C), fch_gelu=z(B, T, 4 * C), fcproj=z(B, T, C),
                 res3=z(B, T, C),
             ))
+            if fast:                                    # kept by worker/fastlayers.py
+                self.blocks[-1].update(ln1_xhat=z(B, T, C), ln2_xhat=z(B, T, C),
+                                       fch_tanh=z(B, T, 4 * C))
         self.lnf, self.lnf_mean, self.lnf_rstd = z(B, T, C), z(B, T), z(B, T)
+        self.lnf_xhat = z(B, T, C) if fast else None
         self.logits = z(B, T, V)                        # reused as dlogits in backward
         self.probs = z(B, T, V)
         self.losses = z(B, T)
@@ -79,18 +85,23 @@ class _Activations:
         self.d4C_a = z(B, T, 4 * C)                     # d fch_gelu
         self.d4C_b = z(B, T, 4 * C)                     # d fch
         self.dlosses = z(B, T)
+        self.scratch = Scratch() if fast else None      # work buffers of the fast path
 
 
 class GPT:
     """GPT-2 whose parameters live in the flat vector ``self.params`` (gradients in
     ``self.grads``), views named as in GPT-2."""
 
-    def __init__(self, config: GPTConfig, dtype=numpy.float32, seed: int = 0):
+    def __init__(self, config: GPTConfig, dtype=numpy.float32, seed: int = 0, reference: bool = False):
+        """``reference=True`` runs every layer through ``worker/layers.py`` (the readable
+        specification); the default runs the blocks through ``worker/fastlayers.py``,
+        which computes the same thing up to rounding, faster."""
         self.config = config
         self.dtype = numpy.dtype(dtype)
         if self.dtype not in (numpy.float32, numpy.float64):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
         self.xp = numpy
+        self.reference = bool(reference)
         self.layout = config.layout()
         self.params = self.xp.zeros(self.layout.size, dtype=self.dtype)
         self.grads = self.xp.zeros(self.layout.size, dtype=self.dtype)
@@ -134,8 +145,12 @@ class GPT:
     # --- forward --------------------------------------------------------------------
     def _activations(self, B, T):
         if self._acts is None or (self._acts.B, self._acts.T) != (B, T):
-            self._acts = _Activations(self.xp, self.dtype, B, T, self.config)
+            self._acts = _Activations(self.xp, self.dtype, B, T, self.config, fast=self._fast)
         return self._acts
+
+    @property
+    def _fast(self):
+        return not self.reference and self.xp is numpy
 
     def _check_tokens(self, idx, what):
         cfg = self.config
@@ -167,6 +182,22 @@ class GPT:
         p, a = self._p, self._activations(B, T)
 
         embedding_forward(a.encoded, idx, p["wte.weight"], p["wpe.weight"])   # (B,T,C)
+        if self._fast:
+            fastmodel.forward_blocks(self, a)                                   # (B,T,V) logits
+        else:
+            self._forward_blocks_reference(a)
+
+        if targets is None:
+            self._batch = None
+            return a.logits.copy()
+        softmax_crossentropy_forward(a.losses, a.probs, a.logits, targets)
+        n_valid = int((targets >= 0).sum())
+        self._batch = (idx, targets, n_valid)
+        return float(a.losses.sum()) / max(n_valid, 1)
+
+    def _forward_blocks_reference(self, a):
+        """The blocks, ln_f and the tied logits projection with worker/layers.py."""
+        cfg, p = self.config, self._p
         x = a.encoded
         for i, blk in enumerate(a.blocks):
             h = f"h.{i}."
@@ -190,14 +221,6 @@ class GPT:
         layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, x, p["ln_f.weight"], p["ln_f.bias"])
         matmul_forward(a.logits, a.lnf, p["wte.weight"].T)                      # (B,T,V), tied
 
-        if targets is None:
-            self._batch = None
-            return a.logits.copy()
-        softmax_crossentropy_forward(a.losses, a.probs, a.logits, targets)
-        n_valid = int((targets >= 0).sum())
-        self._batch = (idx, targets, n_valid)
-        return float(a.losses.sum()) / max(n_valid, 1)
-
     # --- backward -------------------------------------------------------------------
     def backward(self, dloss: float = 1.0):
         """Accumulate into ``grads`` (``+=``) the gradient of ``dloss`` times the loss of
@@ -206,10 +229,19 @@ class GPT:
         if self._batch is None:
             raise RuntimeError("backward() needs a forward(idx, targets) first")
         idx, targets, n_valid = self._batch
-        cfg, p, g, a = self.config, self._p, self._g, self._acts
+        a = self._acts
         a.dlosses[...] = dloss / max(n_valid, 1)
         dlogits = a.logits                                # the logits are not needed any more
         softmax_crossentropy_backward(dlogits, a.dlosses, a.probs, targets)
+        if self._fast:
+            fastmodel.backward_blocks(self, a, idx)
+        else:
+            self._backward_blocks_reference(a, idx)
+
+    def _backward_blocks_reference(self, a, idx):
+        """From dlogits (in ``a.logits``) down to the embeddings, with worker/layers.py."""
+        cfg, p, g = self.config, self._p, self._g
+        dlogits = a.logits
         matmul_backward(a.dC, g["wte.weight"].T, None, dlogits, a.lnf, p["wte.weight"].T)
         x_last = a.blocks[-1]["res3"] if a.blocks else a.encoded
         a.dres[...] = 0
