@@ -8,6 +8,12 @@ How it measures, so that the ratio is honest on a shared, noisy machine:
   in its environment before numpy or torch is imported (and torch.set_num_threads), so
   thread pools do not leak from one framework into the other, and the peak memory
   reported is that subprocess's own ``ru_maxrss``;
+- both get ``--threads`` cores' worth of threads: torch as its intra-op threads
+  (OMP/MKL/torch.set_num_threads = N); ours as N slices of the batch in N threads
+  (``GPT(threads=N)``), each with a single-threaded OpenBLAS (OPENBLAS_NUM_THREADS=1).
+  ``--ours-blas`` also times ours the naive way, one thread calling an N-thread OpenBLAS.
+  The CPU time / wall time of every timed series is reported, so neither side can use
+  more cores than it is given without it showing;
 - one timed step = zero_grad + forward + backward + AdamW step (torch.optim.AdamW with
   its default foreach implementation; ours is common.optim.AdamW, same hyperparameters
   and the same weight-decay groups); warmup steps are excluded;
@@ -36,13 +42,15 @@ CONFIGS = {
     "B": dict(vocab_size=256, block_size=256, n_layer=6, n_head=6, n_embd=384, batch=8),
 }
 ADAMW = dict(lr=3e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-FRAMEWORKS = ("ours", "torch", "torch-sdpa")
+FRAMEWORKS = ("ours", "ours-blas", "torch", "torch-sdpa")
 
 
-def thread_env(threads: int) -> dict:
+def thread_env(framework: str, threads: int) -> dict:
+    """The environment of a framework's subprocess: its thread counts, set before import."""
     env = dict(os.environ)
+    blas = 1 if framework == "ours" else threads        # ours: N threads x 1-thread BLAS
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
+        env[var] = str(blas)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -68,8 +76,8 @@ def _child(framework: str, config: str, warmup: int, steps: int, threads: int) -
     cfg = CONFIGS[config]
     gcfg = GPTConfig(**{k: v for k, v in cfg.items() if k != "batch"})
     idx, targets = _batch(cfg)
-    model = GPT(gcfg, dtype=np.float32, seed=0)
-    if framework == "ours":
+    model = GPT(gcfg, dtype=np.float32, seed=0, threads=threads if framework == "ours" else 1)
+    if framework.startswith("ours"):
         opt = make_optimizer(OptimConfig(optimizer="adamw", **ADAMW), model.params.size,
                              np.float32, model.layout.decay_ranges())
 
@@ -103,18 +111,21 @@ def _child(framework: str, config: str, warmup: int, steps: int, threads: int) -
     for _ in range(warmup):
         step()
     times = []
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - t0)
+    cpu_per_wall = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
     return dict(framework=framework, config=config, times=times, loss=float(loss),
+                cpu_per_wall=cpu_per_wall,
                 maxrss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def run_child(framework, config, warmup, steps, threads) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", framework, "--config", config,
            "--warmup", str(warmup), "--steps", str(steps), "--threads", str(threads)]
-    proc = subprocess.run(cmd, env=thread_env(threads), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=thread_env(framework, threads), capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{framework} on config {config} failed (exit {proc.returncode}):\n"
                          f"{proc.stderr[-3000:]}")
@@ -128,6 +139,7 @@ def bench_config(config, frameworks, rounds, warmup, steps, threads) -> dict:
     tokens = cfg["batch"] * cfg["block_size"]
     times = {f: [] for f in frameworks}
     rss = {f: 0.0 for f in frameworks}
+    cpu = {f: [] for f in frameworks}
     losses = {}
     for r in range(rounds):
         order = frameworks if r % 2 == 0 else frameworks[::-1]   # alternate who goes first
@@ -135,19 +147,28 @@ def bench_config(config, frameworks, rounds, warmup, steps, threads) -> dict:
             res = run_child(f, config, warmup, steps, threads)
             times[f] += res["times"]
             rss[f] = max(rss[f], res["maxrss_mib"])
+            cpu[f].append(res["cpu_per_wall"])
             losses[f] = res["loss"]
             print(f"  config {config} round {r + 1}/{rounds} {f:10s} "
-                  f"median {1e3 * statistics.median(res['times']):8.1f} ms/step", flush=True)
+                  f"median {1e3 * statistics.median(res['times']):8.1f} ms/step  "
+                  f"cpu/wall {res['cpu_per_wall']:.2f}", flush=True)
     out = {"tokens_per_step": tokens}
+    per = len(times["ours"]) // rounds
     for f in frameworks:
         ms = 1e3 * statistics.median(times[f])
         out[f] = dict(ms_per_step=round(ms, 2), tokens_per_s=round(tokens / ms * 1e3, 1),
                       peak_rss_mib=round(rss[f], 1), steps_timed=len(times[f]),
+                      cpu_per_wall=round(statistics.median(cpu[f]), 2),
                       last_loss=round(losses[f], 4))
     for f in frameworks:
-        if f != "ours":
+        if not f.startswith("ours"):
             out["ratio_ours_over_" + f.replace("-", "_")] = round(
                 out["ours"]["tokens_per_s"] / out[f]["tokens_per_s"], 3)
+            # the same ratio per round (each round's medians): how much the noise moved it
+            out["ratio_per_round_" + f.replace("-", "_")] = [
+                round(statistics.median(times[f][r * per:(r + 1) * per])
+                      / statistics.median(times["ours"][r * per:(r + 1) * per]), 3)
+                for r in range(rounds)]
     return out
 
 
@@ -168,6 +189,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--sdpa", action="store_true",
                     help="also time torch with F.scaled_dot_product_attention (a second torch figure)")
+    ap.add_argument("--ours-blas", action="store_true",
+                    help="also time ours as one thread over an N-thread OpenBLAS (GPT(threads=1))")
     ap.add_argument("--no-torch", action="store_true", help="time ours only (no ratio)")
     ap.add_argument("--_child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -180,7 +203,8 @@ def main(argv=None):
         print(json.dumps(_child(args._child, args.config, args.warmup, args.steps, args.threads)))
         return
 
-    frameworks = ["ours"] + ([] if args.no_torch else ["torch"] + (["torch-sdpa"] if args.sdpa else []))
+    frameworks = (["ours"] + (["ours-blas"] if args.ours_blas else [])
+                  + ([] if args.no_torch else ["torch"] + (["torch-sdpa"] if args.sdpa else [])))
     configs = list(CONFIGS) if args.config == "all" else [args.config]
     result = dict(device="cpu", threads=args.threads, rounds=args.rounds, steps=args.steps,
                   warmup=args.warmup, cpu=_cpu_name(), configs={})
@@ -190,9 +214,9 @@ def main(argv=None):
         result["configs"][c] = r
         for f in frameworks:
             print(f"config {c} {f:10s} {r[f]['ms_per_step']:9.1f} ms/step {r[f]['tokens_per_s']:10.0f} "
-                  f"tokens/s  peak RSS {r[f]['peak_rss_mib']:7.1f} MiB")
+                  f"tokens/s  peak RSS {r[f]['peak_rss_mib']:7.1f} MiB  cpu/wall {r[f]['cpu_per_wall']:.2f}")
         for k, v in r.items():
-            if k.startswith("ratio"):
+            if k.startswith("ratio_ours"):
                 print(f"config {c} {k} = {v:.3f}  (target >= 1.2)" if k == "ratio_ours_over_torch"
                       else f"config {c} {k} = {v:.3f}")
     print(json.dumps(result))

@@ -44,9 +44,10 @@ def forward_blocks(model, a):
     matmul_forward(a.logits, a.lnf, p["wte.weight"].T)                          # (B,T,V), tied
 
 
-def backward_blocks(model, a, idx):
-    """From dlogits (in a.logits) down to the embeddings: accumulates into model.grads."""
-    p, g, NH, S = model._p, model._g, model.config.n_head, a.scratch
+def backward_blocks(model, a, idx, g):
+    """From dlogits (in a.logits) down to the embeddings: accumulates into the gradient
+    views ``g`` (name -> view, as model.named_grads())."""
+    p, NH, S = model._p, model.config.n_head, a.scratch
     F.matmul_backward(a.dC, g["wte.weight"].T, None, a.logits, a.lnf, p["wte.weight"].T, S)
     a.dres[...] = 0
     F.layernorm_backward(a.dres, g["ln_f.weight"], g["ln_f.bias"], a.dC, a.lnf_xhat,

@@ -10,12 +10,23 @@ to the token embedding.
 Activations are allocated once per (B, T) and reused by every later call with the same
 shape, so a training loop allocates no new activation memory step after step.
 
+Two paths compute the same thing: ``reference=True`` runs every layer of
+``worker/layers.py`` (the specification, NumPy or CuPy); the default runs the blocks
+through ``worker/fastmodel.py`` (fused NumPy layers, same results up to rounding).
+With ``threads=N`` the batch is cut into N slices along B, each run start to finish by
+its own thread with its own activations and gradient buffer (data parallelism inside
+the process; NumPy and BLAS release the GIL); the slices' gradients are summed at the
+end of ``backward``. Each thread then wants a single-threaded BLAS
+(``OPENBLAS_NUM_THREADS=1``): N threads of 1 BLAS thread use N cores with no
+fine-grained synchronisation, which is also what keeps them fast on a shared machine.
+
 Not here: the optimizer (``common/optim.py``), data (``worker/data.py``), the loop
 (``worker/train.py``), GPU kernels (``worker/kernels/``).
 """
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy
@@ -88,14 +99,32 @@ class _Activations:
         self.scratch = Scratch() if fast else None      # work buffers of the fast path
 
 
+class _Part:
+    """One slice ``[lo, hi)`` of the batch along B, run by one thread: its activations
+    and, for every slice but the first, its own gradient buffer (the first accumulates
+    straight into the model's ``grads``)."""
+
+    def __init__(self, model, index, lo, hi, T):
+        self.lo, self.hi, self.T = lo, hi, T
+        self.acts = _Activations(model.xp, model.dtype, hi - lo, T, model.config, fast=model._fast)
+        if index == 0:
+            self.grads, self.grad_views = None, model._g
+        else:
+            self.grads = model.xp.zeros(model.layout.size, dtype=model.dtype)
+            self.grad_views = model.layout.views(self.grads)
+
+
 class GPT:
     """GPT-2 whose parameters live in the flat vector ``self.params`` (gradients in
     ``self.grads``), views named as in GPT-2."""
 
-    def __init__(self, config: GPTConfig, dtype=numpy.float32, seed: int = 0, reference: bool = False):
+    def __init__(self, config: GPTConfig, dtype=numpy.float32, seed: int = 0,
+                 reference: bool = False, threads: int = 1):
         """``reference=True`` runs every layer through ``worker/layers.py`` (the readable
-        specification); the default runs the blocks through ``worker/fastlayers.py``,
-        which computes the same thing up to rounding, faster."""
+        specification) instead of the fast path. ``threads`` > 1 runs slices of the batch
+        in that many threads (see the module's docstring)."""
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
         self.config = config
         self.dtype = numpy.dtype(dtype)
         if self.dtype not in (numpy.float32, numpy.float64):
@@ -107,7 +136,9 @@ class GPT:
         self.grads = self.xp.zeros(self.layout.size, dtype=self.dtype)
         self._p = self.layout.views(self.params)
         self._g = self.layout.views(self.grads)
-        self._acts = None
+        self.threads = threads
+        self._parts = []              # one _Part per slice of the batch, for the last (B, T)
+        self._pool = None             # threads - 1 helper threads, started on first use
         self._batch = None            # (idx, targets, number of valid targets) of the last forward
         self.init_weights(seed)
 
@@ -142,11 +173,33 @@ class GPT:
     def zero_grad(self):
         self.grads[...] = 0
 
+    # --- slices of the batch ----------------------------------------------------------
+    def _slices(self, B, T):
+        """The _Parts for a batch (B, T): min(threads, B) contiguous slices along B,
+        allocated on the first call with this shape and reused after."""
+        if not self._parts or (self._parts[-1].hi, self._parts[0].T) != (B, T):
+            n = min(self.threads, B)
+            cuts = [B * i // n for i in range(n + 1)]
+            self._parts = [_Part(self, i, cuts[i], cuts[i + 1], T) for i in range(n)]
+        return self._parts
+
+    @property
+    def _acts(self):
+        """The activations of the first slice (all of them when threads == 1)."""
+        return self._parts[0].acts if self._parts else None
+
+    def _run(self, fn, parts):
+        """fn(part) for every part, part 0 in this thread and the others in the pool;
+        the results in order (an exception in any of them is raised here)."""
+        if len(parts) == 1:
+            return [fn(parts[0])]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="gpt-slice")
+        futures = [self._pool.submit(fn, part) for part in parts[1:]]
+        first = fn(parts[0])
+        return [first] + [f.result() for f in futures]
+
     # --- forward --------------------------------------------------------------------
-    def _activations(self, B, T):
-        if self._acts is None or (self._acts.B, self._acts.T) != (B, T):
-            self._acts = _Activations(self.xp, self.dtype, B, T, self.config, fast=self._fast)
-        return self._acts
 
     @property
     def _fast(self):
@@ -165,7 +218,6 @@ class GPT:
         target is >= 0 (a float), and keep what ``backward`` needs.
         Without: return the logits (B, T, V), a fresh array."""
         cfg = self.config
-        xp = self.xp
         self._check_tokens(idx, "idx")
         B, T = idx.shape
         if T > cfg.block_size:
@@ -179,21 +231,28 @@ class GPT:
                 raise ValueError(f"targets shape {targets.shape} != idx shape {idx.shape}")
             if targets.size and int(targets.max()) >= cfg.vocab_size:
                 raise ValueError(f"targets must be < vocab_size {cfg.vocab_size} (negative = ignored)")
-        p, a = self._p, self._activations(B, T)
+        p = self._p
 
-        embedding_forward(a.encoded, idx, p["wte.weight"], p["wpe.weight"])   # (B,T,C)
-        if self._fast:
-            fastmodel.forward_blocks(self, a)                                   # (B,T,V) logits
-        else:
-            self._forward_blocks_reference(a)
+        def run(part):                           # one slice of the batch, in its thread
+            a, rows = part.acts, slice(part.lo, part.hi)
+            embedding_forward(a.encoded, idx[rows], p["wte.weight"], p["wpe.weight"])  # (b,T,C)
+            if self._fast:
+                fastmodel.forward_blocks(self, a)                               # (b,T,V) logits
+            else:
+                self._forward_blocks_reference(a)
+            if targets is None:
+                return None
+            softmax_crossentropy_forward(a.losses, a.probs, a.logits, targets[rows])
+            return float(a.losses.sum())
 
+        parts = self._slices(B, T)
+        self._batch = None
+        loss_sums = self._run(run, parts)
         if targets is None:
-            self._batch = None
-            return a.logits.copy()
-        softmax_crossentropy_forward(a.losses, a.probs, a.logits, targets)
+            return numpy.concatenate([part.acts.logits for part in parts])     # a fresh array
         n_valid = int((targets >= 0).sum())
         self._batch = (idx, targets, n_valid)
-        return float(a.losses.sum()) / max(n_valid, 1)
+        return sum(loss_sums) / max(n_valid, 1)
 
     def _forward_blocks_reference(self, a):
         """The blocks, ln_f and the tied logits projection with worker/layers.py."""
@@ -229,18 +288,29 @@ class GPT:
         if self._batch is None:
             raise RuntimeError("backward() needs a forward(idx, targets) first")
         idx, targets, n_valid = self._batch
-        a = self._acts
-        a.dlosses[...] = dloss / max(n_valid, 1)
-        dlogits = a.logits                                # the logits are not needed any more
-        softmax_crossentropy_backward(dlogits, a.dlosses, a.probs, targets)
-        if self._fast:
-            fastmodel.backward_blocks(self, a, idx)
-        else:
-            self._backward_blocks_reference(a, idx)
 
-    def _backward_blocks_reference(self, a, idx):
-        """From dlogits (in ``a.logits``) down to the embeddings, with worker/layers.py."""
-        cfg, p, g = self.config, self._p, self._g
+        def run(part):                           # one slice of the batch, in its thread
+            a, rows = part.acts, slice(part.lo, part.hi)
+            g = part.grad_views                  # self._g for slice 0, a private buffer else
+            if part.grads is not None:
+                part.grads[...] = 0
+            a.dlosses[...] = dloss / max(n_valid, 1)
+            dlogits = a.logits                   # the logits are not needed any more
+            softmax_crossentropy_backward(dlogits, a.dlosses, a.probs, targets[rows])
+            if self._fast:
+                fastmodel.backward_blocks(self, a, idx[rows], g)
+            else:
+                self._backward_blocks_reference(a, idx[rows], g)
+
+        parts = self._slices(*idx.shape)
+        self._run(run, parts)
+        for part in parts[1:]:                   # the slices' gradients, summed in order
+            self.grads += part.grads
+
+    def _backward_blocks_reference(self, a, idx, g):
+        """From dlogits (in ``a.logits``) down to the embeddings, with worker/layers.py;
+        accumulates into the gradient views ``g``."""
+        cfg, p = self.config, self._p
         dlogits = a.logits
         matmul_backward(a.dC, g["wte.weight"].T, None, dlogits, a.lnf, p["wte.weight"].T)
         x_last = a.blocks[-1]["res3"] if a.blocks else a.encoded
