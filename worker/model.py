@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy
 
-from common.layout import gpt_layout
+from common.layout import even_ranges, gpt_layout
 from worker import fastmodel
 from worker.fastlayers import Scratch
 from worker.layers import (
@@ -188,15 +188,15 @@ class GPT:
         """The activations of the first slice (all of them when threads == 1)."""
         return self._parts[0].acts if self._parts else None
 
-    def _run(self, fn, parts):
-        """fn(part) for every part, part 0 in this thread and the others in the pool;
+    def _run(self, fn, items):
+        """fn(item) for every item, the first in this thread and the others in the pool;
         the results in order (an exception in any of them is raised here)."""
-        if len(parts) == 1:
-            return [fn(parts[0])]
+        if len(items) == 1:
+            return [fn(items[0])]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="gpt-slice")
-        futures = [self._pool.submit(fn, part) for part in parts[1:]]
-        first = fn(parts[0])
+        futures = [self._pool.submit(fn, item) for item in items[1:]]
+        first = fn(items[0])
         return [first] + [f.result() for f in futures]
 
     # --- forward --------------------------------------------------------------------
@@ -304,8 +304,12 @@ class GPT:
 
         parts = self._slices(*idx.shape)
         self._run(run, parts)
-        for part in parts[1:]:                   # the slices' gradients, summed in order
-            self.grads += part.grads
+        if len(parts) > 1:                       # the slices' gradients, summed in order,
+            def reduce(rng):                     # each thread over its own range
+                lo, hi = rng
+                for part in parts[1:]:
+                    self.grads[lo:hi] += part.grads[lo:hi]
+            self._run(reduce, even_ranges(self.layout.size, len(parts), 16))
 
     def _backward_blocks_reference(self, a, idx, g):
         """From dlogits (in ``a.logits``) down to the embeddings, with worker/layers.py;
