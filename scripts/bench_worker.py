@@ -10,7 +10,8 @@ How it measures, so that the ratio is honest on a shared, noisy machine:
   reported is that subprocess's own ``ru_maxrss``;
 - both get ``--threads`` cores' worth of threads: torch as its intra-op threads
   (OMP/MKL/torch.set_num_threads = N); ours as N slices of the batch in N threads
-  (``GPT(threads=N)``), each with a single-threaded OpenBLAS (OPENBLAS_NUM_THREADS=1).
+  (``GPT(threads=N)``), each with a single-threaded OpenBLAS (OPENBLAS_NUM_THREADS=1),
+  and an AdamW stepping in N threads (``make_optimizer(..., threads=N)``).
   ``--ours-blas`` also times ours the naive way, one thread calling an N-thread OpenBLAS.
   The CPU time / wall time of every timed series is reported, so neither side can use
   more cores than it is given without it showing;
@@ -79,7 +80,7 @@ def _child(framework: str, config: str, warmup: int, steps: int, threads: int) -
     model = GPT(gcfg, dtype=np.float32, seed=0, threads=threads if framework == "ours" else 1)
     if framework.startswith("ours"):
         opt = make_optimizer(OptimConfig(optimizer="adamw", **ADAMW), model.params.size,
-                             np.float32, model.layout.decay_ranges())
+                             np.float32, model.layout.decay_ranges(), threads=model.threads)
 
         def step():
             model.zero_grad()
