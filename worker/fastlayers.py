@@ -221,7 +221,7 @@ def attention_forward(out, att, qkv, n_head, scratch):
         s = att[:, :, r0:r1, :r1]                                      # (B,NH,rq,r1) view
         np.matmul(qs[:, :, r0:r1], k[:, :, :r1].transpose(0, 1, 3, 2), out=s)
         diag = s[..., r0:r1]                                           # (B,NH,rq,rq)
-        diag += _future_mask(scratch, r1 - r0, s.dtype)
+        np.copyto(diag, -np.inf, where=_future(scratch, r1 - r0))      # t sees only 0..t
         m = scratch.get(f"att_m{r1 - r0}", (B, n_head, r1 - r0), s.dtype)
         np.max(s, axis=-1, out=m)
         s -= m[..., None]
@@ -232,13 +232,9 @@ def attention_forward(out, att, qkv, n_head, scratch):
         np.matmul(s, v[:, :, :r1], out=y[:, :, r0:r1])
 
 
-def _future_mask(scratch, n, dtype):
-    """(n, n): 0 on and below the diagonal, -inf above."""
-    def build():
-        mask = np.zeros((n, n), dtype=dtype)
-        mask[np.triu_indices(n, k=1)] = -np.inf
-        return mask
-    return scratch.constant(f"att_mask{n}{np.dtype(dtype).char}", build)
+def _future(scratch, n):
+    """(n, n) booleans: True above the diagonal (the future of each row's position)."""
+    return scratch.constant(f"att_future{n}", lambda: np.triu(np.ones((n, n), dtype=bool), k=1))
 
 
 def attention_backward(dqkv, dout, qkv, att, n_head, scratch):
@@ -271,8 +267,7 @@ def attention_backward(dqkv, dout, qkv, att, n_head, scratch):
         np.matmul(d, k[:, :, :r1], out=dq[:, :, r0:r1])
     for c0, c1 in blocks:
         np.matmul(dpre[:, :, c0:, c0:c1].transpose(0, 1, 3, 2), q[:, :, c0:], out=dk[:, :, c0:c1])
-    dq *= scale
-    dk *= scale
+    dqkv[..., :2 * C] *= scale                 # dq and dk, in one pass over (B,T,2C)
 
 
 # --------------------------------------------------------------------------------------
