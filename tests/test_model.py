@@ -147,9 +147,19 @@ def test_threads_equal_one_thread(threads, B):
 def test_threads_reraise_errors_and_bad_values():
     with pytest.raises(ValueError, match="threads"):
         GPT(TINY, threads=0)
-    model = GPT(TINY, threads=2)
+    model = GPT(TINY, dtype=np.float64, threads=2)
     idx, targets = tiny_batch(B=4)
     model.forward(idx, targets)
+    probs = model._parts[1].acts.probs
     model._parts[1].acts.probs = None          # break the second slice only
     with pytest.raises((TypeError, AttributeError)):
         model.backward()
+    # after the failure, a new step starts clean: no gradient left over in the slices
+    model._parts[1].acts.probs = probs
+    model.zero_grad()
+    model.forward(idx, targets)
+    model.backward()
+    ref = GPT(TINY, dtype=np.float64)
+    ref.forward(idx, targets)
+    ref.backward()
+    np.testing.assert_allclose(model.grads, ref.grads, rtol=1e-10, atol=1e-14)

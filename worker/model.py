@@ -107,6 +107,7 @@ class _Part:
     def __init__(self, model, index, lo, hi, T):
         self.lo, self.hi, self.T = lo, hi, T
         self.acts = _Activations(model.xp, model.dtype, hi - lo, T, model.config, fast=model._fast)
+        self.dirty = False            # True while a backward may have left gradients here
         if index == 0:
             self.grads, self.grad_views = None, model._g
         else:
@@ -171,7 +172,12 @@ class GPT:
         return self.layout.size
 
     def zero_grad(self):
-        self.grads[...] = 0
+        if self.threads == 1:
+            self.grads[...] = 0
+        else:                                    # each thread zeroes its own range
+            def zero(rng):
+                self.grads[rng[0]:rng[1]] = 0
+            self._run(zero, even_ranges(self.layout.size, self.threads, 16))
 
     # --- slices of the batch ----------------------------------------------------------
     def _slices(self, B, T):
@@ -292,8 +298,9 @@ class GPT:
         def run(part):                           # one slice of the batch, in its thread
             a, rows = part.acts, slice(part.lo, part.hi)
             g = part.grad_views                  # self._g for slice 0, a private buffer else
-            if part.grads is not None:
+            if part.grads is not None and part.dirty:    # left over from a failed backward
                 part.grads[...] = 0
+            part.dirty = True
             a.dlosses[...] = dloss / max(n_valid, 1)
             dlogits = a.logits                   # the logits are not needed any more
             softmax_crossentropy_backward(dlogits, a.dlosses, a.probs, targets[rows])
@@ -304,12 +311,17 @@ class GPT:
 
         parts = self._slices(*idx.shape)
         self._run(run, parts)
-        if len(parts) > 1:                       # the slices' gradients, summed in order,
-            def reduce(rng):                     # each thread over its own range
+        if len(parts) > 1:
+            # the slices' gradients summed in order, each thread over its own range, and
+            # the private buffers zeroed on the way (ready for the next backward)
+            def reduce(rng):
                 lo, hi = rng
                 for part in parts[1:]:
                     self.grads[lo:hi] += part.grads[lo:hi]
+                    part.grads[lo:hi] = 0
             self._run(reduce, even_ranges(self.layout.size, len(parts), 16))
+        for part in parts:
+            part.dirty = False
 
     def _backward_blocks_reference(self, a, idx, g):
         """From dlogits (in ``a.logits``) down to the embeddings, with worker/layers.py;
