@@ -185,9 +185,9 @@ def main(argv=None):
     ap.add_argument("--config", choices=[*CONFIGS, "all"], default="all", help="model shape (default all)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where ours runs (default cpu)")
     ap.add_argument("--threads", type=int, default=2, help="BLAS / torch threads of each framework (default 2)")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per framework per round (default 5)")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per framework per round (default 4)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed series (default 2)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     ap.add_argument("--sdpa", action="store_true",
                     help="also time torch with F.scaled_dot_product_attention (a second torch figure)")
     ap.add_argument("--ours-blas", action="store_true",
