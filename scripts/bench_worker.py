@@ -142,7 +142,9 @@ def bench_config(config, frameworks, rounds, warmup, steps, threads) -> dict:
     rss = {f: 0.0 for f in frameworks}
     cpu = {f: [] for f in frameworks}
     losses = {}
+    loads = []
     for r in range(rounds):
+        loads.append(round(os.getloadavg()[0], 2))
         order = frameworks if r % 2 == 0 else frameworks[::-1]   # alternate who goes first
         for f in order:
             res = run_child(f, config, warmup, steps, threads)
@@ -153,7 +155,7 @@ def bench_config(config, frameworks, rounds, warmup, steps, threads) -> dict:
             print(f"  config {config} round {r + 1}/{rounds} {f:10s} "
                   f"median {1e3 * statistics.median(res['times']):8.1f} ms/step  "
                   f"cpu/wall {res['cpu_per_wall']:.2f}", flush=True)
-    out = {"tokens_per_step": tokens}
+    out = {"tokens_per_step": tokens, "load_avg_per_round": loads}
     per = len(times["ours"]) // rounds
     for f in frameworks:
         ms = 1e3 * statistics.median(times[f])
@@ -209,6 +211,10 @@ def main(argv=None):
     configs = list(CONFIGS) if args.config == "all" else [args.config]
     result = dict(device="cpu", threads=args.threads, rounds=args.rounds, steps=args.steps,
                   warmup=args.warmup, cpu=_cpu_name(), configs={})
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"note: the 1-minute load average is {load:.2f} before starting: other processes "
+              f"share the CPUs, so figures will be noisy (the ratio is measured interleaved)")
     for c in configs:
         print(f"config {c}: {CONFIGS[c]}", flush=True)
         r = bench_config(c, frameworks, args.rounds, args.warmup, args.steps, args.threads)
