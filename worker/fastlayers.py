@@ -193,7 +193,7 @@ def matmul_backward(dx, dw, db, dout, x, w, scratch):
     np.matmul(x2.T, dout2, out=tmp)
     dw += tmp
     if db is not None:
-        db += dout2.sum(axis=0)
+        db += _ones(scratch, dout2.shape[0], dout.dtype) @ dout2      # column sums
 
 
 # --------------------------------------------------------------------------------------
