@@ -19,7 +19,12 @@ How it measures, so that the ratio is honest on a shared, noisy machine:
   its default foreach implementation; ours is common.optim.AdamW, same hyperparameters
   and the same weight-decay groups); warmup steps are excluded;
 - the frameworks alternate in rounds (ours, torch, torch, ours, ...), so machine noise
-  hits both alike; the figure is the median step time over every round.
+  hits both alike; the figure is the median step time over every round, and the ratio
+  of each round is in the JSON with the load average when the round started;
+- a second, "clean" ratio uses only the rounds in which every framework got nearly all
+  of its cores (cpu/wall >= 0.85 x threads): when other processes take the CPUs,
+  torch's OpenMP threads slow down far more than ours (several times), which flatters
+  ours; the clean ratio compares the implementations, and is the one to quote.
 
 The last line printed is one JSON object with every figure. It does not measure the
 GPU (``--device cuda`` is reserved for the CuPy backend) or the parameter server.
@@ -44,6 +49,7 @@ CONFIGS = {
 }
 ADAMW = dict(lr=3e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 FRAMEWORKS = ("ours", "ours-blas", "torch", "torch-sdpa")
+CLEAN_CPU_SHARE = 0.85   # a round is clean if every framework's cpu/wall >= this x threads
 
 
 def thread_env(framework: str, threads: int) -> dict:
@@ -156,19 +162,32 @@ def bench_config(config, frameworks, rounds, warmup, steps, threads) -> dict:
                   f"median {1e3 * statistics.median(res['times']):8.1f} ms/step  "
                   f"cpu/wall {res['cpu_per_wall']:.2f}", flush=True)
     out = {"tokens_per_step": tokens, "load_avg_per_round": loads}
-    per = len(times["ours"]) // rounds
+    per = steps
+    # rounds in which every framework ran on (nearly) all of its cores: the machine was
+    # quiet enough to compare the implementations rather than how each suffers from
+    # other processes (torch's OpenMP threads degrade far more than ours when they do)
+    full = CLEAN_CPU_SHARE * threads
+    clean = [r for r in range(rounds) if all(cpu[f][r] >= full for f in frameworks)]
+    out["clean_rounds"] = clean
     for f in frameworks:
         ms = 1e3 * statistics.median(times[f])
         out[f] = dict(ms_per_step=round(ms, 2), tokens_per_s=round(tokens / ms * 1e3, 1),
                       peak_rss_mib=round(rss[f], 1), steps_timed=len(times[f]),
                       cpu_per_wall=round(statistics.median(cpu[f]), 2),
                       last_loss=round(losses[f], 4))
+        if clean:
+            ms = 1e3 * statistics.median([t for r in clean for t in times[f][r * per:(r + 1) * per]])
+            out[f]["clean_ms_per_step"] = round(ms, 2)
+            out[f]["clean_tokens_per_s"] = round(tokens / ms * 1e3, 1)
     for f in frameworks:
         if not f.startswith("ours"):
-            out["ratio_ours_over_" + f.replace("-", "_")] = round(
+            name = f.replace("-", "_")
+            out["ratio_ours_over_" + name] = round(
                 out["ours"]["tokens_per_s"] / out[f]["tokens_per_s"], 3)
+            out["clean_ratio_ours_over_" + name] = round(
+                out["ours"]["clean_tokens_per_s"] / out[f]["clean_tokens_per_s"], 3) if clean else None
             # the same ratio per round (each round's medians): how much the noise moved it
-            out["ratio_per_round_" + f.replace("-", "_")] = [
+            out["ratio_per_round_" + name] = [
                 round(statistics.median(times[f][r * per:(r + 1) * per])
                       / statistics.median(times["ours"][r * per:(r + 1) * per]), 3)
                 for r in range(rounds)]
@@ -224,8 +243,11 @@ def main(argv=None):
                   f"tokens/s  peak RSS {r[f]['peak_rss_mib']:7.1f} MiB  cpu/wall {r[f]['cpu_per_wall']:.2f}")
         for k, v in r.items():
             if k.startswith("ratio_ours"):
-                print(f"config {c} {k} = {v:.3f}  (target >= 1.2)" if k == "ratio_ours_over_torch"
-                      else f"config {c} {k} = {v:.3f}")
+                print(f"config {c} {k} = {v:.3f}  (all rounds; target >= 1.2)")
+            if k.startswith("clean_ratio"):
+                print(f"config {c} {k} = " + (f"{v:.3f}  (the {len(r['clean_rounds'])} rounds in which "
+                      f"every framework had cpu/wall >= {CLEAN_CPU_SHARE * args.threads:.2f})"
+                      if v is not None else "n/a (no round in which every framework had its cores)"))
     print(json.dumps(result))
 
 
