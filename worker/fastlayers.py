@@ -55,11 +55,13 @@ class Scratch:
         return self._consts[name]
 
     def get(self, name, shape, dtype, zeros=False):
-        """The buffer ``name``; a new one (zeroed if ``zeros``) when the shape or dtype changed."""
-        shape = tuple(shape)
-        buf = self._bufs.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = self._bufs[name] = (np.zeros if zeros else np.empty)(shape, dtype=dtype)
+        """The buffer ``name`` of this shape and dtype, allocated (zeroed if ``zeros``) the
+        first time it is asked for; one buffer per (name, shape, dtype), so layers of
+        different widths that share a name each keep their own."""
+        key = (name, tuple(shape), np.dtype(dtype).char)
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = (np.zeros if zeros else np.empty)(key[1], dtype=dtype)
         return buf
 
 
