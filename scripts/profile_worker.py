@@ -1,6 +1,7 @@
 """Where a training step of the NumPy worker spends its time, layer function by layer function.
 
-Wraps every layer function that ``worker/model.py`` calls with a timer, runs a few
+Wraps every layer function that ``worker/model.py`` calls with a CPU-time timer (thread
+time, so that other processes on a shared machine do not inflate it), runs a few
 training steps (zero_grad, forward, backward, AdamW), and prints the time per function
 per step, sorted, with its share of the step. It is a profiling aid, not a benchmark
 (see ``scripts/bench_worker.py`` for the ratio against PyTorch).
@@ -38,11 +39,11 @@ def main(argv=None):
 
     def timed(name, fn):
         def wrapper(*a, **k):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             try:
                 return fn(*a, **k)
             finally:
-                totals[name] += time.perf_counter() - t0
+                totals[name] += time.thread_time() - t0
                 calls[name] += 1
         return wrapper
 
@@ -71,9 +72,9 @@ def main(argv=None):
     step_total = 0.0
     for _ in range(args.steps):
         for name, fn in parts.items():
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             fn()
-            dt = time.perf_counter() - t0
+            dt = time.thread_time() - t0
             totals["[" + name + "]"] += dt
             step_total += dt
     n = args.steps
