@@ -6,7 +6,7 @@ training steps (zero_grad, forward, backward, AdamW), and prints the time per fu
 per step, sorted, with its share of the step. It is a profiling aid, not a benchmark
 (see ``scripts/bench_worker.py`` for the ratio against PyTorch).
 
-    PYTHONPATH=$PWD OPENBLAS_NUM_THREADS=2 python scripts/profile_worker.py --config B
+    PYTHONPATH=$PWD OPENBLAS_NUM_THREADS=1 python scripts/profile_worker.py --config B [--reference]
 """
 from __future__ import annotations
 
