@@ -190,3 +190,17 @@ def test_steps_after_the_first_allocate_no_scratch():
 
     first = step()
     assert step() == first and all(len(bufs) > 5 for bufs in first)
+
+
+def test_switching_paths_on_one_model():
+    """``reference`` may be flipped on a live model: the activations follow the path."""
+    model = GPT(CFG, np.float64, seed=1)
+    rng = np.random.default_rng(2)
+    idx, targets = rng.integers(0, 13, size=(2, 9)), rng.integers(0, 13, size=(2, 9))
+    fast = model.forward(idx, targets)
+    model.reference = True
+    assert abs(model.forward(idx, targets) - fast) < 1e-12
+    model.backward()
+    model.reference = False
+    assert abs(model.forward(idx, targets) - fast) < 1e-12
+    model.backward()

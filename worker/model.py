@@ -105,7 +105,7 @@ class _Part:
     straight into the model's ``grads``)."""
 
     def __init__(self, model, index, lo, hi, T):
-        self.lo, self.hi, self.T = lo, hi, T
+        self.lo, self.hi, self.T, self.fast = lo, hi, T, model._fast
         self.acts = _Activations(model.xp, model.dtype, hi - lo, T, model.config, fast=model._fast)
         self.dirty = False            # True while a backward may have left gradients here
         if index == 0:
@@ -183,7 +183,8 @@ class GPT:
     def _slices(self, B, T):
         """The _Parts for a batch (B, T): min(threads, B) contiguous slices along B,
         allocated on the first call with this shape and reused after."""
-        if not self._parts or (self._parts[-1].hi, self._parts[0].T) != (B, T):
+        if not self._parts or (self._parts[-1].hi, self._parts[0].T, self._parts[0].fast) != (
+                B, T, self._fast):
             n = min(self.threads, B)
             cuts = [B * i // n for i in range(n + 1)]
             self._parts = [_Part(self, i, cuts[i], cuts[i + 1], T) for i in range(n)]
