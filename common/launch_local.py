@@ -118,14 +118,29 @@ class Job:
         self.procs: dict[str, subprocess.Popen] = {}
         self.cmds: dict[str, list[str]] = {}
         self.crashed: dict[str, int] = {}       # name -> signal, for processes killed from outside
+        self.starting = False                   # inside Popen: a Ctrl-C/TERM waits (else the child is orphaned)
+        self.interrupted = 0
 
     def start(self, name: str, cmd: list[str], mode: str = "w"):
         log = open(self.logs / f"{name}.log", mode)
         log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
         self.cmds[name] = cmd
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True)   # our signals, not the terminal's
+        self.starting = True
+        try:
+            self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                                start_new_session=True)   # our signals, not the terminal's
+        finally:
+            self.starting = False
+        if self.interrupted:
+            raise KeyboardInterrupt(f"signal {self.interrupted}")
+
+    def on_signal(self, signum, frame):
+        """Ctrl-C or TERM: stop (a KeyboardInterrupt), but not in the middle of starting a process."""
+        if self.starting:
+            self.interrupted = signum
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
 
     def failed(self):
         """(name, exit code) of the first process that exited with an error, or None (a process
@@ -240,9 +255,8 @@ def main(argv=None) -> int:
     run = Job(out, threads)
     interrupted = False
 
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, run.on_signal)
+    signal.signal(signal.SIGINT, run.on_signal)
     try:
         for s in range(args.servers):
             bind = f"tcp://127.0.0.1:{port if s == 0 else '*'}"      # a local job stays on loopback

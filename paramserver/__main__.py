@@ -74,6 +74,8 @@ def main(argv=None) -> int:
         server = Server(cluster, optim, job, rank, out=args.out, durability=durability)
         if tracer:
             server.tracer = tracer
+        signal.signal(signal.SIGTERM, server.on_signal)
+        signal.signal(signal.SIGINT, server.on_signal)
         return server.run()
     except (ServerError, TransportError) as e:
         log.error("%s", e)

@@ -15,8 +15,9 @@ carries the share of the squared gradient norm for global clipping as well):
     on a peer's proposal P:   mine := mine & P;  if mine shrank, re-average, send it again
     done when every peer's latest proposal equals mine
 
-Proposals only shrink, and each is a subset of its sender's pushes, so every server
-ends with the same set: the intersection of what the servers hold, i.e. the workers
+Proposals only shrink (so one that arrives after a smaller one from the same peer is
+stale and ignored: the order of arrival does not matter), and each is a subset of its
+sender's pushes, so every server ends with the same set: the intersection of what the servers hold, i.e. the workers
 whose push reached every server (the proof is in docs/failures.md). In the common
 case (nobody died) every proposal is the full view and one exchange suffices: the
 S(S-1) small messages of the norm exchange that clipping needed anyway. A push left
@@ -81,6 +82,9 @@ class Agreement:
         """A peer's proposal for this step (``workers``: [[rank, session], ...]); True when
         it shrank ours (re-average, resend)."""
         theirs = frozenset(map(tuple, workers)) if (self.by_set and workers is not None) else None
+        before = self.heard.get(peer, (None, 0.0))[0]
+        if theirs is not None and before is not None and theirs > before:
+            return False                    # an older proposal overtaken by a newer one: proposals only shrink
         self.heard[peer] = (theirs, float(sumsq))
         if self.mine is None or theirs is None or self.mine <= theirs:
             return False

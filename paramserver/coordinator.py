@@ -98,6 +98,13 @@ class Coordinator:
             return
         if meta["role"] != "server" or meta["rank"] == 0:
             raise ProtocolError(f"the job has started; a {meta['role']} {meta['rank']} cannot join it")
+        if self.srv.asynchronous is not None:
+            text = (f"server {meta['rank']} came back into a running {self.srv.job.mode} job: in asp/ssp each "
+                    "server counts every worker's pushes (its clocks), and those died with it. Resume the whole "
+                    "job from the servers' checkpoints (every role with --resume; docs/failures.md)")
+            self.srv._reply(identity, ERROR, msg.rid, message=text)
+            self.fail(text)
+            return
         member = m.returning_server(identity, meta)
         rank, mine = member.rank, self.srv.shard.version
         version = max(m.versions[rank])

@@ -32,6 +32,7 @@ sockets (``common/transport.py``), the optimizer (``common/optim.py``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -119,6 +120,8 @@ class Server:
         self.last_beat = 0.0                      # when this server last sent a heartbeat (s > 0)
         self.coord_heard = time.monotonic()       # when the coordinator last answered one
         self.checkpoints_written = 0
+        self.busy = 0                             # > 0 while state changes: a TERM waits for the end of it
+        self.interrupted = 0
         self.rule = make_rule(job.mode, cluster.num_workers, job.staleness, job.backup_workers)
         self.recorder = Recorder(job.mode, cluster.num_workers)
         self.asynchronous = None                  # asp/ssp: the AsyncServing that applies pushes
@@ -154,15 +157,17 @@ class Server:
         try:
             self._register()
             while not self.stopping:
-                for sock in self.poller.poll(self._poll_timeout_ms()):
-                    while sock.poll(0) and not self.stopping:
-                        if sock is self.router:
-                            identity, frames = self.router.recv()
-                            self._handle(identity, frames)
-                        else:
-                            self._handle_control(sock.recv())
-                self._heartbeat()
-                self._check_deadlines()
+                ready = self.poller.poll(self._poll_timeout_ms())
+                with self._critical():
+                    for sock in ready:
+                        while sock.poll(0) and not self.stopping:
+                            if sock is self.router:
+                                identity, frames = self.router.recv()
+                                self._handle(identity, frames)
+                            else:
+                                self._handle_control(sock.recv())
+                    self._heartbeat()
+                    self._check_deadlines()
             log.info("stopped cleanly at version %s", self.shard.version if self.shard else 0)
             return 0
         finally:
@@ -346,7 +351,29 @@ class Server:
         if not sent:
             log.warning("could not answer %s: the peer is gone or not reading", identity[:24])
 
+    def on_signal(self, signum, frame):
+        """TERM or Ctrl-C: stop, but never in the middle of a change of state (an update half
+        applied would go into the checkpoint written on the way out)."""
+        if self.busy:
+            self.interrupted = signum
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    @contextlib.contextmanager
+    def _critical(self):
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
+        if not self.busy and self.interrupted:
+            raise KeyboardInterrupt(f"signal {self.interrupted}")
+
     def _handle(self, identity: bytes, frames):
+        with self._critical():
+            self._handle_message(identity, frames)
+
+    def _handle_message(self, identity: bytes, frames):
         msg = self._decode(frames, f"peer {identity[:24]!r}")
         if msg is None:
             self._reply(identity, ERROR, 0, message="malformed message refused (see the server's log)")

@@ -118,3 +118,15 @@ def test_a_server_restarted_behind_the_job_stops_it_and_says_how_to_resume(tmp_p
         for name in ("server-0", "worker-0", "worker-1"):
             assert "came back from its checkpoint of version" in job.log(name), job.log(name)[-2000:]
         assert "Resume the whole job" in job.log("server-1")
+
+
+def test_a_server_restarted_into_an_asp_job_stops_it_and_says_why(tmp_path):
+    mode = ["--mode", "asp"]
+    with Job(tmp_path, S=2, W=2, steps=400, timeout=10, server_args=mode, worker_args=mode) as job:
+        job.start()
+        job.until(lambda: job.step() >= 10, 60, "step 10")
+        job.kill("server-1")
+        job.server(1, "--resume")
+        codes = job.wait(60)
+        assert all(c == 1 for c in codes.values()), codes
+        assert "came back into a running asp job" in job.log("worker-0")
