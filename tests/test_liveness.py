@@ -110,3 +110,67 @@ def test_ps_status_shows_heartbeats_and_the_view(tmp_path):
         text = subprocess.run([sys.executable, "-m", "common.status", "--coordinator", job.coordinator,
                                "--interval", "0.3"], capture_output=True, text=True, env=ENV, timeout=60).stdout
         assert "view 2 (workers [0])" in text and "dropped" in text
+
+
+def test_a_push_sent_twice_is_applied_once(tmp_path):
+    """The same push (same session and request id) sent three times while its step waits,
+    and again after the step was applied: one update; the waiting copies get one answer
+    (on the connection they came from last), the late copy is answered again."""
+    with Servers(1, 2, str(tmp_path), FLAGS + ["--out", tmp_path / "out"], timeout=20) as servers:
+        copies_in = threading.Event()
+
+        def worker(rank):
+            c = PSClient(servers.cluster(rank, **BEAT))
+            c.register(LAYOUT, "float64")
+            params = np.zeros(LAYOUT.size)
+            if rank == 0:
+                c.init(params)
+            c.pull(params)
+            if rank == 1:
+                assert copies_in.wait(20)
+                c.push_pull(np.full(LAYOUT.size, 3.0), params, 0)
+                c.done()
+                c.close()
+                return params
+            link = c.links[0]
+
+            def answer():
+                assert link.poll(20000), "no answer"
+                return codec.decode(link.recv())
+            push = codec.encode(PUSH, c.name, step=0, rid=77, arrays=[np.ones(LAYOUT.size)],
+                                ranges=[(0, LAYOUT.size)], session=c.session)
+            for _ in range(3):
+                link.send(push)
+            link.send(codec.encode("pull", c.name, rid=78))      # answered after the copies were read (in order)
+            first = answer()
+            assert first.rid == 78 and first.meta["version"] == 0
+            copies_in.set()                                     # now worker 1 pushes: the step completes
+            applied = answer()
+            link.send(push)                                     # a copy of a push already applied
+            again = answer()
+            assert not link.poll(500), "more answers than pushes"
+            c.done()
+            c.close()
+            return applied, again
+        (applied, again), params1 = run_threads(worker, 2, timeout=60)
+        for a in (applied, again):
+            assert a.rid == 77 and a.meta["version"] == 1
+            np.testing.assert_array_equal(a.arrays[0], np.full(LAYOUT.size, -1.0))   # 0 - 0.5 * (1 + 3) / 2
+        np.testing.assert_array_equal(params1, np.full(LAYOUT.size, -1.0))
+        assert servers.wait() == [0]
+        metrics = json.loads((tmp_path / "out" / "server-0.json").read_text())
+        assert metrics["version"] == 1 and metrics["repeated_pushes"] == 1
+
+
+def test_refusals_are_counted_in_the_written_metrics(tmp_path):
+    with Servers(1, 1, str(tmp_path), FLAGS + ["--out", tmp_path / "out"], timeout=20) as servers:
+        c = PSClient(servers.cluster(0, **BEAT))
+        c.register(LAYOUT, "float64")
+        c.init(np.zeros(LAYOUT.size))
+        for bad in ([b"\xc1garbage"], codec.encode("barrier", "worker:0", rid=3, name="x")):
+            c.links[0].send([bytes(f) for f in bad])
+            assert c.links[0].poll(10000) and codec.decode(c.links[0].recv()).cmd == "error"
+        c.done()
+        c.close()
+        assert servers.wait() == [0]
+        assert json.loads((tmp_path / "out" / "server-0.json").read_text())["refused"] == 2
