@@ -32,20 +32,17 @@ sockets (``common/transport.py``), the optimizer (``common/optim.py``).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import time
 
 from common import codec
-from common.cluster import ClusterConfig, JobConfig, advertised_endpoint, host_name, server_bind
+from common.cluster import ClusterConfig, JobConfig, advertised_endpoint, host_name
 from common.config import to_dict
 from common.layout import Layout
 from common.optim import OptimConfig
 from common.protocol import (
-    BARRIER, DONE, ERROR, HEARTBEAT, INIT, JOB, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS, VIEW,
-    ProtocolError, session_list,
+    BARRIER, DONE, ERROR, HEARTBEAT, INIT, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS, VIEW, ProtocolError,
 )
 from common.trace import NULL_TRACER
 from common.transport import Dealer, Poller, Router
@@ -54,15 +51,13 @@ from paramserver.checkpoint import DurabilityConfig
 from paramserver.consistency import AsyncRule, AsyncServing, Recorder, make_rule
 from paramserver.coordinator import Coordinator
 from paramserver.dedupe import Applied
+from paramserver.failures import FailureHandling, ServerError
+from paramserver.joining import Joining
 from paramserver.shard import Shard
 from paramserver.steps import SyncServing
 from paramserver.traffic import Traffic, frames_nbytes
 
 log = logging.getLogger("server")
-
-
-class ServerError(RuntimeError):
-    """The job cannot go on (a deadline passed, the coordinator refused us); the text says why."""
 
 
 def placement_contiguous(layout: Layout, num_servers: int) -> list:
@@ -78,7 +73,7 @@ def parse_sender(sender: str, role: str, count: int) -> int:
     return int(k)
 
 
-class Server:
+class Server(Joining, FailureHandling):
     error_type = ServerError
     placement = staticmethod(placement_contiguous)
 
@@ -137,17 +132,6 @@ class Server:
         self.tracer = NULL_TRACER                 # --trace: spans wait for pushes, store push, average, update, reply
         self.ready_at = 0.0                       # tracer clock: when this step began waiting for pushes
         self.traffic = Traffic(cluster.num_servers, cluster.num_workers)   # per peer, for ps-status
-
-    def _bind_address(self) -> str:
-        """Where to listen: a server resuming binds the address in its checkpoint (so the
-        connections of workers and peers find it again), unless --bind names a port."""
-        bind = server_bind(self.cluster, self.rank)
-        if self.resumable and (not self.cluster.bind or bind.rsplit(":", 1)[1] in ("*", "0")):
-            try:
-                return checkpoint.peek(self.checkpoints, self.rank, self.resumable[-1]).get("bind", bind)
-            except (OSError, ValueError, KeyError) as e:
-                log.warning("cannot read the address in the newest checkpoint (%s); binding %s", e, bind)
-        return bind
 
     # --- the loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -209,132 +193,6 @@ class Server:
             wait = min(wait, self.cluster.heartbeat / 2)
         return max(1.0, wait * 1000)
 
-    # --- registration -----------------------------------------------------------------
-    def _register(self):
-        meta = dict(role="server", rank=self.rank, host=host_name(), pid=os.getpid(),
-                    addr=self.addr, optim=to_dict(self.optim), job=to_dict(self.job))
-        if self.durability.resume:
-            meta["versions"] = self.resumable
-        if self.rank == 0:
-            self.members.register(b"", meta)
-            deadline = time.monotonic() + self.cluster.timeout
-            while not self.members.started:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    text = (f"registration timed out after {self.cluster.timeout:.0f} s: still missing "
-                            f"{self.members.missing()}; the coordinator is {self.addr}")
-                    self._refuse_registered(text)
-                    raise ServerError(text)
-                if self.router.poll(min(left, 1.0) * 1000):
-                    identity, frames = self.router.recv()
-                    self._handle(identity, frames)
-            return
-        frames = codec.encode(REGISTER, self.name, rid=1, **meta)
-        self.coord.send(frames)
-        sent_on = self.coord.connections()[0]
-        deadline = time.monotonic() + self.cluster.timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ServerError(f"the coordinator at {self.cluster.coordinator} has not answered this "
-                                  f"server's registration for {self.cluster.timeout:.0f} s "
-                                  f"({self.coord.diagnose()}); is server 0 running, and are all "
-                                  "processes started?")
-            why = self.coord.refused()                    # a refused handshake never answers
-            if why:
-                raise ServerError(f"cannot talk to the coordinator at {self.cluster.coordinator}: {why}")
-            if self.coord.connections()[0] > max(sent_on, 1):   # reconnected: the request may be lost
-                self.coord.send(frames)
-                sent_on = self.coord.connections()[0]
-            if self.coord.poll(min(left, 0.5) * 1000):
-                msg = self._decode(self.coord.recv(), "the coordinator")
-                if msg is None:
-                    continue
-                if msg.cmd == ERROR:
-                    raise ServerError(f"the coordinator refused this server: {msg.meta['message']}")
-                if msg.cmd == JOB:
-                    self._start(msg.meta)
-                    return
-
-    def _refuse_registered(self, text):
-        for m in [*self.members.servers.values(), *self.members.workers]:
-            if m.identity:
-                self.router.send(m.identity, codec.encode(ERROR, self.name, message=text))
-
-    def _start(self, job: dict):
-        """Set up the shard from the coordinator's JOB answer (and a checkpoint when it names a version)."""
-        layout = Layout.from_table(job["layout"])
-        chunks = [(b, e) for b, e, s in job["placement"] if s == self.rank]
-        self.shard = Shard(chunks, job["dtype"], self.optim, layout.decay_ranges())
-        self.layout_hash = job["layout_hash"]
-        self.server_addrs = list(job["servers"])
-        self.session = job.get("session", 0)
-        self.on_view(job.get("view", 1), job.get("workers", [[r, 0] for r in range(self.num_workers)]))
-        if self.sync and self.sync.exchange:            # the step agreement (and norms for clipping)
-            for s, addr in enumerate(self.server_addrs):
-                if s != self.rank:
-                    self.peers[s] = Dealer(addr, identity=self.identity + b"/peer", curve=self.curve)
-        version = job.get("version", 0)
-        if version:
-            self._load_checkpoint(version, job.get("rejoin", False))
-        self.coord_heard = time.monotonic()
-        log.info("job started: %d worker(s), %d server(s), %d of %d parameters here (%s), %s, version %d",
-                 job["num_workers"], job["num_servers"], self.shard.size, layout.size,
-                 self.shard.describe_chunks(), job["dtype"], self.shard.version)
-
-    def _load_checkpoint(self, version: int, rejoin: bool):
-        if version not in self.resumable:
-            raise ServerError(f"the job resumes at version {version}, but this server has no checkpoint of it "
-                              f"(it has {self.resumable or 'none'} in {self.checkpoints or '(no folder)'}); "
-                              "start it with --resume and its --checkpoint-dir")
-        try:
-            extra = checkpoint.load(self.checkpoints, self.rank, version, self.shard, self.layout_hash)
-        except checkpoint.CheckpointError as e:
-            raise ServerError(str(e)) from None
-        self.applied.load(extra.get("applied", []))
-        if self.sync:
-            self.sync.agreement.load(extra.get("agreement", {}))
-            self.sync.agreement.begin(version)
-        if rejoin:                                 # back into a running job
-            self.resumed_at = version
-        log.info("loaded the checkpoint of version %d from %s", version, self.checkpoints)
-        a = self.sync.agreement if self.sync else None
-        if a is not None and a.last is not None and self.peers and self.resumed_at is not None:
-            step, mine, sumsq = a.last            # a peer may still wait for our part of our last step
-            meta = {"sumsq": sumsq, "echo": True, **({"workers": mine} if a.by_set else {})}
-            for peer in self.peers.values():
-                peer.send(codec.encode(NORM, self.name, step=step, **meta))
-
-    # --- checkpoints ------------------------------------------------------------------
-    def _checkpoint(self):
-        if not self.checkpoints or self.shard is None or not self.shard.initialized:
-            return
-        extra = {"bind": self.router.endpoint, "addr": self.addr, "view": self.view_number,
-                 "workers": [[r, s] for r, s in sorted(self.view.items())], "applied": self.applied.state(),
-                 "agreement": self.sync.agreement.state() if self.sync else {}}
-        t0 = time.perf_counter()
-        with self.tracer.span("checkpoint", step=self.shard.version):
-            path = checkpoint.save(self.checkpoints, self.rank, self.shard, self.layout_hash, extra)
-        self.checkpoints_written += 1
-        log.debug("checkpoint %s written in %.3f s", path, time.perf_counter() - t0)
-
-    def after_update(self):
-        """An update was applied: a checkpoint when one is due; the fault injection of --die-at-version."""
-        version, d = self.shard.version, self.durability
-        if d.checkpoint_every and version % d.checkpoint_every == 0:
-            self._checkpoint()
-        if d.die_at_version and version == d.die_at_version:
-            log.warning("--die-at-version %d: killing this server (SIGKILL), as a crash would", version)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def _final_checkpoint(self):
-        """The checkpoint of the version this server stops at (unless it just wrote it)."""
-        try:
-            if self.shard is not None and checkpoint.versions(self.checkpoints, self.rank)[-1:] != [self.shard.version]:
-                self._checkpoint()
-        except (OSError, ValueError) as e:
-            log.warning("could not write the final checkpoint in %s: %s", self.checkpoints, e)
-
     # --- dispatch -----------------------------------------------------------------------
     def _decode(self, frames, who):
         try:
@@ -350,24 +208,6 @@ class Server:
         self.traffic.sent(identity, frames_nbytes(frames))
         if not sent:
             log.warning("could not answer %s: the peer is gone or not reading", identity[:24])
-
-    def on_signal(self, signum, frame):
-        """TERM or Ctrl-C: stop, but never in the middle of a change of state (an update half
-        applied would go into the checkpoint written on the way out)."""
-        if self.busy:
-            self.interrupted = signum
-            return
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    @contextlib.contextmanager
-    def _critical(self):
-        self.busy += 1
-        try:
-            yield
-        finally:
-            self.busy -= 1
-        if not self.busy and self.interrupted:
-            raise KeyboardInterrupt(f"signal {self.interrupted}")
 
     def _handle(self, identity: bytes, frames):
         with self._critical():
@@ -394,31 +234,6 @@ class Server:
             if msg.cmd != NORM:
                 self._reply(identity, ERROR, msg.rid, message=str(e))
 
-    def _handle_control(self, frames):
-        """A message from the coordinator (servers s > 0): a heartbeat's answer, a view, the end."""
-        msg = self._decode(frames, "the coordinator")
-        if msg is None:
-            return
-        if msg.cmd in (OK, VIEW):
-            self.coord_heard = time.monotonic()
-            if "workers" in msg.meta and "view" in msg.meta:
-                try:
-                    self.on_view(msg.meta["view"], msg.meta["workers"])
-                except ProtocolError as e:
-                    self.refused += 1
-                    log.warning("refused a view from the coordinator: %s", e)
-        elif msg.cmd == SHUTDOWN and msg.meta.get("failed"):
-            self.answer_all_with_error(f"the job is stopping: {msg.meta.get('reason', '')}")
-            raise ServerError(f"the coordinator stopped the job: {msg.meta.get('reason', '')}")
-        elif msg.cmd == SHUTDOWN:
-            log.info("the coordinator asked this server to stop (%s)", msg.meta.get("reason", ""))
-            self.stopping = True
-        elif msg.cmd == ERROR:
-            self.answer_all_with_error(msg.meta["message"])
-            raise ServerError(f"the coordinator: {msg.meta['message']}")
-        else:
-            log.warning("ignored %s from the coordinator", msg.cmd)
-
     def _unsupported(self, identity, msg):
         raise ProtocolError(f"{msg.cmd} is not a request this server ({self.name}) serves")
 
@@ -436,63 +251,6 @@ class Server:
         if self.coordinator is None:
             raise ProtocolError(f"heartbeats go to the coordinator, not to {self.name}")
         self.coordinator.on_heartbeat(identity, msg)
-
-    def on_view(self, number: int, pairs):
-        """The coordinator's view ``number``: the live workers and their sessions."""
-        if number <= self.view_number:
-            return
-        view = session_list(pairs, self.num_workers, "view: workers")
-        gone, new = set(self.view) - set(view), set(view) - set(self.view)
-        self.view, self.view_number = view, number
-        if self.view_number > 1 and (gone or new):
-            log.info("view %d: workers %s%s%s", number, sorted(view), f"; dropped {sorted(gone)}" if gone else "",
-                     f"; joined {sorted(new)}" if new else "")
-        if self.asynchronous:
-            for r in gone:
-                self.asynchronous.done(r)            # a dead worker holds nobody back (ssp)
-            for r in new:
-                self.rule.live.add(r)
-        elif self.sync and self.shard is not None:
-            self.sync.maybe_propose()                # a step may have waited for a worker now gone
-
-    def _heartbeat(self):
-        """Servers s > 0: a heartbeat to the coordinator when one is due."""
-        if self.coord is None or self.shard is None or self.cluster.heartbeat <= 0:
-            return
-        now = time.monotonic()
-        if now - self.last_beat >= self.cluster.heartbeat:
-            self.last_beat = now
-            self.coord.send(codec.encode(HEARTBEAT, self.name, step=self.shard.version, session=self.session,
-                                         version=self.shard.version))
-
-    def ahead(self, msg, rank: int, session: int):
-        """A push for a step this server has not reached: a protocol error, unless this server
-        came back from a checkpoint older than the job (then it stops the job, saying why)."""
-        if self.resumed_at is not None and self.view.get(rank) == session and self.shard.version == self.resumed_at:
-            text = (f"this server came back from its checkpoint of version {self.resumed_at}, but worker {rank} "
-                    f"is already at step {msg.step}: the steps in between died with this server's previous "
-                    "process. Resume the whole job from the servers' checkpoints (every role with --resume; "
-                    "docs/failures.md)")
-            if self.coord is not None:
-                self.coord.send(codec.encode(HEARTBEAT, self.name, session=self.session, error=text))
-            self.answer_all_with_error(text)
-            raise ServerError(text)
-        raise ProtocolError(f"push for step {msg.step}, but this server is at step {self.shard.version}")
-
-    def answer_all_with_error(self, text: str):
-        """Refuse every request this server holds an answer for (the job is stopping)."""
-        self.failure = self.failure or text
-        held = [(p[0], p[1]) for p in self.waiting_pulls] + [(p[0], p[1]) for p in self.deferred_pulls]
-        if self.sync:
-            held += self.sync.held()
-            self.sync.pending.clear()
-            self.sync.late.clear()
-        if self.asynchronous:
-            held += [(h[0], h[1]) for h in self.asynchronous.held]
-            self.asynchronous.held = []
-        for identity, rid in held:
-            self._reply(identity, ERROR, rid, message=text)
-        self.waiting_pulls, self.deferred_pulls = [], []
 
     # --- handlers -----------------------------------------------------------------------
     def _on_init(self, identity, msg):
@@ -633,17 +391,3 @@ class Server:
                                                    f"{self.cluster.timeout:.0f} s (worker 0 sends them)")
         self.deferred_pulls = [p for p in self.deferred_pulls if p not in expired]
 
-    def _watch_coordinator(self, now: float):
-        """A server s > 0 stops when the coordinator is gone: its heartbeats unanswered for the
-        silence of a worker and its connection lost, or unanswered for the job's timeout."""
-        if self.cluster.heartbeat <= 0:
-            return
-        quiet = now - self.coord_heard
-        handshakes, _ = self.coord.connections()
-        lost = handshakes > 0 and not self.coord.is_up()
-        if quiet > self.cluster.timeout or (lost and quiet > self.cluster.silence_s):
-            text = (f"the coordinator (server 0 at {self.cluster.coordinator}) has not answered heartbeats for "
-                    f"{quiet:.1f} s ({self.coord.diagnose()}): it is dead or cut off, and the job cannot go on "
-                    "without it; resume the whole job from the checkpoints (docs/failures.md)")
-            self.answer_all_with_error(text)
-            raise ServerError(text)
