@@ -27,6 +27,10 @@ checkpoint (``checkpoint.py``) every ``--checkpoint-every`` versions and when it
 a server restarted with ``--resume`` binds its old address, registers again, loads the
 checkpoint of the version the coordinator names, and goes on.
 
+The server is cut in three: this module (the loop, dispatch and request handlers),
+``joining.py`` (address, registration, the JOB answer, checkpoints) and ``failures.py``
+(signals, heartbeats, views, stopping with an error), joined as mixins.
+
 Not here: what a message looks like (``common/protocol.py``, ``common/codec.py``),
 sockets (``common/transport.py``), the optimizer (``common/optim.py``).
 """
