@@ -257,7 +257,8 @@ class PSClient:
         returns the answers in the order of ``servers``."""
         servers = list(range(len(self.links))) if servers is None else list(servers)
         rids, outbox = {}, {}
-        t_send = self.tracer.now()
+        lost = {s: self.links[s].connections()[1] for s in servers}    # read before the sends (a resend
+        t_send = self.tracer.now()                                      # compares with it), not between them
         for i, s in enumerate(servers):
             arrays = [vector[b:e] for b, e in self.chunks[s]] if vector is not None else []
             ranges = list(self.chunks[s]) if vector is not None else None
@@ -266,7 +267,7 @@ class PSClient:
             extra = dict(meta, **per_server[s]) if per_server else meta
             frames = codec.encode(cmd, self.name, step=step, rid=rid, arrays=arrays, ranges=ranges, **extra)
             self.links[s].send(frames)
-            outbox[rid] = [frames, self.links[s].connections()[1], time.monotonic()]
+            outbox[rid] = [frames, lost[s], time.monotonic()]
         t_wait = self.tracer.now()
         self.tracer.add(cmd, t_send, t_wait, step=step)
         replies: list = [None] * len(servers)
