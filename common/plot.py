@@ -128,9 +128,13 @@ def plot_runs(runs: list, out, title: str = "", against: tuple[str, ...] = ("ste
         for ax, panel in zip(axes.flat, panels):
             if panel.startswith("loss_"):
                 x = AGAINST[panel[5:]][0]
-                if panel != "loss_bytes":      # train lines against bytes are vertical between local-sgd rounds
+                if panel != "loss_bytes":
                     line(ax, series(records, "loss", x), color=c, lw=1, alpha=0.6, label=f"{label} train")
-                line(ax, series(records, "val_loss", x), color=c, lw=2, marker="o", ms=3, label=f"{label} val")
+                    line(ax, series(records, "val_loss", x), color=c, lw=2, marker="o", ms=3, label=f"{label} val")
+                else:                          # validation only (train lines are vertical between local-sgd
+                    xs, ys = series(records, "val_loss", x)      # rounds), on a log axis: no point at 0 bytes
+                    line(ax, ([a for a in xs if a > 0], [b for a, b in zip(xs, ys) if a > 0]), color=c, lw=2,
+                         marker="o", ms=3, label=f"{label} val")
             elif panel == "tokens":
                 line(ax, series(records, "tokens_per_s"), color=c, label=label)
             elif panel == "bytes":
@@ -152,7 +156,7 @@ def plot_runs(runs: list, out, title: str = "", against: tuple[str, ...] = ("ste
                     ax.set_ylim(0, 1.02)
                     cumulative.add(panel)
     titles = {"loss_step": ("loss (nats per token)", "step"), "loss_time": ("loss (nats per token)", "wall time (s)"),
-              "loss_bytes": ("validation loss (nats per token)", AGAINST["bytes"][1] + ", log scale above 1"),
+              "loss_bytes": ("validation loss (nats per token)", AGAINST["bytes"][1] + ", log scale"),
               "tokens": ("tokens per second (whole job)", "step"),
               "bytes": ("bytes on the wire, pushed + pulled (MB, cumulative)", "step"),
               "staleness_hist": ("staleness of the applied updates (share of updates)",
@@ -163,8 +167,8 @@ def plot_runs(runs: list, out, title: str = "", against: tuple[str, ...] = ("ste
         if panel in cumulative:
             ax.set_ylabel("share of updates <= x")
             titles[panel] = (titles[panel][0].replace("(share of updates)", "(cumulative share)"), titles[panel][1])
-        if panel == "loss_bytes":              # H = 1 and H = 400 differ 400x in bytes: a log axis, 0 kept
-            ax.set_xscale("symlog", linthresh=1.0)
+        if panel == "loss_bytes":              # local SGD's H = 1 and H = 400 differ 400x in bytes
+            ax.set_xscale("log")
         ax.set_title(titles[panel][0], fontsize=10)
         ax.set_xlabel(titles[panel][1])
         ax.grid(alpha=0.3)

@@ -1,6 +1,7 @@
 """Lessons 4, 5 and 8: one line of figures per run folder, read from the files the run wrote.
 
     python scripts/lessons/runs_table.py runs/lesson4/fixed-*
+    python scripts/lessons/runs_table.py --curve runs/lesson5/momentum-*   # every validation, side by side
 
 For every folder (``ps-local``, ``ps-launch`` or Slurm run) it prints:
 - ``mode``: the consistency model, from ``run_config.json`` (``ps-local``) or the first
@@ -16,6 +17,9 @@ For every folder (``ps-local``, ``ps-launch`` or Slurm run) it prints:
 - ``stale 0``: the share of applied updates computed on the newest parameters, and
   ``max stale``: the largest staleness in versions / in clocks (``server-S.json``; a
   ``-`` where the mode has none).
+
+With ``--curve`` it prints instead the validation loss of every evaluation, one column
+per run, to 6 decimals: enough to see two runs agree (or not) to float32's precision.
 
 Not here: plots (``ps-plot``), anything a run did not write down.
 """
@@ -71,10 +75,19 @@ def row(run: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="One line of figures per run folder (lessons 4, 5, 8).")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("--curve", action="store_true", help="the validation loss of every evaluation, a column per run")
     args = p.parse_args(argv)
     missing = [str(r) for r in args.runs if not (r / "metrics.jsonl").exists()]
     if missing:
         p.error(f"no metrics.jsonl in {', '.join(missing)}")
+    if args.curve:
+        curves = [{r["step"]: r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                   if r.get("val_loss") is not None} for run in args.runs]
+        names = [r.name for r in args.runs]
+        print("step  " + "  ".join(f"{n:>12}" for n in names))
+        for step in sorted(set().union(*curves)):
+            print(f"{step:4d}  " + "  ".join(f"{c[step]:12.6f}" if step in c else f"{'-':>12}" for c in curves))
+        return 0
     rows = [row(r) for r in args.runs]
     cols = list(dict.fromkeys(k for r in rows for k in r))
     width = {c: max(len(c), *(len(r.get(c, "-")) for r in rows)) for c in cols}
