@@ -189,21 +189,24 @@ def run_block(block: dict, work: Path, env: dict) -> None:
                 and not ln.lstrip().startswith("#")]
     else:
         cmds = [["bash", "-e", "-o", "pipefail", "-c", code]]
-    procs = [subprocess.Popen(c, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True) for c in cmds]
-    results = []
+    logs = [(work / f".block-{block['line']}-{i}.out", work / f".block-{block['line']}-{i}.err")
+            for i in range(len(cmds))]                 # files, not pipes: parallel processes never block on a full pipe
+    procs = []
     try:
+        for c, (out, err) in zip(cmds, logs):
+            with open(out, "w") as o, open(err, "w") as e:
+                procs.append(subprocess.Popen(c, cwd=work, env=env, stdout=o, stderr=e, text=True,
+                                              start_new_session=True))
         for p in procs:
-            out, err = p.communicate(timeout=600)
-            results.append((p.returncode, out, err))
+            p.wait(timeout=600)
     finally:
         for p in procs:                        # a failed or hung block leaves nothing running
             if p.poll() is None:
                 os.killpg(p.pid, 9)
                 p.wait()
-    for (code_, out, err), cmd in zip(results, cmds):
-        assert code_ == 0, (f"the block at line {block['line']} failed (exit {code_}):\n{cmd[-1]}\n--- stdout\n"
-                            f"{out[-3000:]}\n--- stderr\n{err[-3000:]}")
+    for p, c, (out, err) in zip(procs, cmds, logs):
+        assert p.returncode == 0, (f"the block at line {block['line']} failed (exit {p.returncode}):\n{c[-1]}\n"
+                                   f"--- stdout\n{out.read_text()[-3000:]}\n--- stderr\n{err.read_text()[-3000:]}")
 
 
 def test_the_markers_are_read():
@@ -224,6 +227,17 @@ def test_the_markers_are_read():
         blocks("<!-- test: skip: -->\n```bash\nps-train\n```\n")
     assert missing(["numpy", "cmd:sh", "no_such_module_here", "cmd:no-such-command-here"]) == [
         "no_such_module_here", "cmd:no-such-command-here"]
+
+
+def test_a_block_fails_when_any_of_its_commands_fails(tmp_path):
+    env = dict(os.environ)
+    run_block({"lang": "bash", "line": 1, "parallel": True, "code": "sleep 0.2\necho {port} > p.txt"}, tmp_path, env)
+    assert int((tmp_path / "p.txt").read_text()) > 0                     # {port}: a free port
+    for bad in ({"lang": "bash", "line": 2, "parallel": True, "code": "sleep 0.2\nfalse"},
+                {"lang": "bash", "line": 3, "parallel": False, "code": "false\ntrue"},
+                {"lang": "bash", "line": 4, "parallel": False, "code": "false | true"}):
+        with pytest.raises(AssertionError, match=f"line {bad['line']} failed"):
+            run_block(bad, tmp_path, env)
 
 
 def test_the_pip_stand_in_checks_extras_and_installs_nothing(tmp_path):
