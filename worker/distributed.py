@@ -57,6 +57,7 @@ class WorkerConfig:
     seed: int = 0                 # seeds the initial weights (worker 0's are used) and the data order
     out: str = ""                 # run folder for worker 0's metrics, model and sample ('' = runs/<timestamp>)
     sample_bytes: int = 300       # worker 0: bytes of text to sample from the final model (0 = none)
+    threads: int = 1              # compute threads: slices of the batch in parallel (with OPENBLAS_NUM_THREADS=1)
     model: str = "gpt"            # gpt: next byte, causal attention | bert: 15% of the bytes masked, bidirectional
     trace: bool = False           # write a Chrome trace of this worker (trace-worker-R.json in the run folder)
     straggler: str = ""           # RANK:SECONDS (worker RANK sleeps that long after each gradient) or RANK:Fx (its steps take F times its compute time); RANK 'any': a different random worker at each step; '' = none
@@ -64,7 +65,7 @@ class WorkerConfig:
 
     def __post_init__(self):
         parse_straggler(self.straggler)
-        for name in ("batch_size", "steps", "eval_interval", "eval_batches", "log_interval"):
+        for name in ("batch_size", "steps", "eval_interval", "eval_batches", "log_interval", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sample_bytes < 0:
@@ -134,7 +135,7 @@ def run(cluster: ClusterConfig, job: JobConfig, mc: GPTConfig, dc: DataConfig, w
 
 
 def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc: WorkerConfig) -> dict:
-    task = make_task(wc.model, mc, seed=wc.seed)
+    task = make_task(wc.model, mc, seed=wc.seed, threads=wc.threads)
     model = task.model
     t_register = time.perf_counter()
     job = client.register(model.layout, model.dtype.name)
