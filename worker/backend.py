@@ -50,12 +50,24 @@ def _cuda_module():
 def parse(device: str) -> tuple[str, int | None]:
     """``"cpu"`` -> ("cpu", None), ``"cuda"`` -> ("cuda", None), ``"cuda:1"`` -> ("cuda", 1);
     ``ValueError`` for anything else."""
-    kind, _, index = str(device).partition(":")
-    if kind in DEVICES and not index:
+    kind, sep, index = str(device).partition(":")
+    if kind in DEVICES and not sep:
         return kind, None
     if kind == "cuda" and index.isdigit():
         return kind, int(index)
     raise ValueError(f"device must be cpu, cuda or cuda:N (N a device number); got {device!r}")
+
+
+def check_device(device: str, precision: str = "fp32"):
+    """The flags' check, without touching CUDA: ``device`` parses, ``precision`` is one of
+    fp32, bf16, fp16, and a 16-bit precision comes with a GPU. ``ValueError`` else."""
+    from worker.kernels.halfs import PRECISIONS
+    kind, _ = parse(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "fp32" and kind == "cpu":
+        raise ValueError(f"--precision {precision} needs --device cuda; on the CPU the model "
+                         "computes in float32")
 
 
 def probe(device: str):

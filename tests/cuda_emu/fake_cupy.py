@@ -160,6 +160,7 @@ def fake_cupy():
     mod.ndarray = ndarray
     mod.asnumpy = lambda a: numpy.array(a, copy=True).view(numpy.ndarray)
     mod.copies = ndarray._copies = []
+    mod.get_default_memory_pool = lambda: types.SimpleNamespace(total_bytes=lambda: 0)
     cublas = types.SimpleNamespace(gemmEx=gemmEx, setStream=lambda handle, ptr: None)
     mod.cuda = types.SimpleNamespace(
         cublas=cublas, Stream=Stream, Event=Event,
