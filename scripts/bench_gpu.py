@@ -15,6 +15,9 @@ How it measures:
   synchronisation; warmup steps (kernel compilation, cuBLAS heuristics, the memory
   pools) are excluded; the frameworks alternate in rounds and the figure is the
   median step time over every round;
+- ours runs twice: ``ours`` with the memory-efficient attention (saves lse, never a
+  T x T matrix) and ``ours-att`` keeping the T x T matrix with its products in cuBLAS,
+  as torch eager does; each gets its ratio;
 - precision: ``bf16`` (default) is our 16-bit activations with float32 master
   parameters against ``torch.autocast(bfloat16)`` with float32 parameters; ``fp32`` is
   float32 everywhere, TF32 off on both sides (ours: CUBLAS_COMPUTE_32F; torch:
@@ -52,7 +55,9 @@ CONFIGS = {
     "small": dict(vocab_size=256, block_size=256, n_layer=6, n_head=6, n_embd=384, batch=8),   # config B
 }
 ADAMW = dict(lr=3e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-FRAMEWORKS = ("ours", "torch", "torch-sdpa")
+# ours: attention saving lse (memory-efficient kernels); ours-att: saving the T x T att,
+# products in cuBLAS (as torch eager); torch-sdpa: flash attention, the stronger baseline
+FRAMEWORKS = ("ours", "ours-att", "torch", "torch-sdpa")
 PRECISIONS = ("bf16", "fp32", "fp16")
 
 # Dense peak TFLOP/s from NVIDIA's datasheets: (bf16/fp16 tensor core, fp32 non-tensor).
@@ -109,11 +114,12 @@ def _child(framework: str, config: str, precision: str, warmup: int, steps: int,
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, gcfg.vocab_size, size=(cfg["batch"], gcfg.block_size + 1))
     idx, targets = tokens[:, :-1].copy(), tokens[:, 1:].copy()
-    if framework == "ours":
+    if framework.startswith("ours"):
         from common.optim import OptimConfig
         from worker import backend
         from worker.deviceoptim import DeviceOptimizer
-        model = GPT(gcfg, seed=0, device="cuda", precision=precision)
+        model = GPT(gcfg, seed=0, device="cuda", precision=precision,
+                    attention="att" if framework == "ours-att" else "lse")
         xp = model.xp
         opt = DeviceOptimizer(xp, OptimConfig(optimizer="adamw", **ADAMW), model.num_params(),
                               model.dtype, model.layout.decay_ranges())
@@ -207,10 +213,10 @@ def summarise(config: str, precision: str, runs: dict, peak_override: float | No
                       mfu=None if peak is None else round(mfu(tps, fpt, peak), 4),
                       first_loss=round(results[0]["first_loss"], 4), last_loss=round(results[-1]["loss"], 4),
                       peak_mem_gib=round(max(r["peak_mem_gib"] for r in results), 2))
-    for f in runs:
-        if f != "ours" and "ours" in runs:
-            out["ratio_ours_over_" + f.replace("-", "_")] = round(
-                out["ours"]["tokens_per_s"] / out[f]["tokens_per_s"], 3)
+    for o in (f for f in runs if f.startswith("ours")):
+        for t in (f for f in runs if f.startswith("torch")):
+            out[f"ratio_{o}_over_{t}".replace("-", "_")] = round(
+                out[o]["tokens_per_s"] / out[t]["tokens_per_s"], 3)
     return out
 
 
@@ -250,7 +256,8 @@ def main(argv=None):
         backend.probe("cuda")             # no GPU here: say why, before starting anything
     except backend.BackendError as e:
         raise SystemExit(f"bench_worker.py: {e}") from None
-    frameworks = ["ours"] + ([] if args.no_torch else ["torch"] + (["torch-sdpa"] if args.sdpa else []))
+    frameworks = (["ours", "ours-att"] + ([] if args.no_torch else ["torch"])
+                  + (["torch-sdpa"] if args.sdpa and not args.no_torch else []))
     runs = {f: [] for f in frameworks}
     print(f"config {args.config}: {CONFIGS[args.config]}, precision {args.precision}", flush=True)
     for r in range(args.rounds):

@@ -148,3 +148,25 @@ def check_half_layers(dev, dtype, rng):
                  "attention_forward_flash", "attention_backward_D", "gelu_forward", "gelu_backward",
                  "residual_forward", "softmax_crossentropy_forward", "softmax_crossentropy_backward"):
         assert name in launched, f"{name}<{ct}> never launched"
+
+
+# the 16-bit scores are rounded before the softmax (as under torch.autocast): an error
+# of |s| 2^-9 (bf16) in the exponent, hence the wider bounds, with moderate scores
+ATT_TOL = {halfs.BF16: 4e-2, halfs.FP16: 5e-3}
+
+
+def check_half_attention_att(dev, dtype, rng, T=37):
+    """Attention that saves att (B,NH,T,T) in 16 bits: cuBLAS batched products around
+    the causal softmax kernels, against the layer in float64 on the rounded inputs."""
+    B, NH, hs = 2, 2, 16
+    C = NH * hs
+    at = HalfRun(dev, dtype, (), qkv=rng.normal(size=(B, T, 3 * C)) * 0.5, out=np.zeros((B, T, C)),
+                 att=np.zeros((B, NH, T, T)), dout=rng.normal(size=(B, T, C)), dqkv=np.zeros((B, T, 3 * C)))
+    for f, a in ((layers.attention_forward, at.h), (kernels.attention_forward, at.d)):
+        f(a["out"], a["att"], a["qkv"], NH)
+    for f, a in ((layers.attention_backward, at.h), (kernels.attention_backward, at.d)):
+        f(a["dqkv"], a["dout"], a["qkv"], a["att"], NH)
+    for n in ("out", "att", "dqkv"):
+        close(halfs.to_float32(dev.to_host(at.d[n])), at.h[n], ATT_TOL[dtype], f"attention (att, 16 bits): {n}")
+    ct = halfs.CTYPES[np.dtype(dtype)]
+    assert {f"causal_softmax_forward<{ct}>", f"causal_softmax_backward<{ct}>"} <= set(dev.calls)

@@ -60,11 +60,11 @@ def perturbed(model, seed=1, sd=0.05):
     return params + rng.normal(0.0, sd, size=params.shape)
 
 
-def pair(xp, dtype, precision, cfg=CFG):
+def pair(xp, dtype, precision, cfg=CFG, attention="lse"):
     """(reference model, device model) with the same perturbed parameters; the reference
     is float64 for the 16-bit precisions."""
     ref = GPT(cfg, dtype=np.float64 if precision != "fp32" else dtype, seed=0, reference=True)
-    dev = GPT(cfg, dtype=dtype, seed=0, device="cuda", precision=precision)
+    dev = GPT(cfg, dtype=dtype, seed=0, device="cuda", precision=precision, attention=attention)
     theta = perturbed(ref)
     ref.params[...] = theta
     dev.params[...] = xp.asarray(theta.astype(dtype))   # fp32: the reference's values exactly
@@ -78,10 +78,10 @@ def rel_err(got, want):
     return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
 
 
-def check_loss_and_gradients(xp, dtype, precision, report=print):
+def check_loss_and_gradients(xp, dtype, precision, attention="lse", report=print):
     """Forward + backward of both models; the loss and every gradient compared.
     Returns (loss error, {name: gradient error})."""
-    ref, dev = pair(xp, dtype, precision)
+    ref, dev = pair(xp, dtype, precision, attention=attention)
     idx, targets = batch()
     loss_ref = ref.forward(idx, targets)
     ref.backward()
@@ -93,7 +93,7 @@ def check_loss_and_gradients(xp, dtype, precision, report=print):
     host_grads = dev.grads.get()
     errs = {n: rel_err(g, ref.named_grads()[n]) for n, g in dev.layout.views(host_grads).items()}
     worst = max(errs, key=errs.get)
-    report(f"whole model {precision} ({np.dtype(dtype).name}): loss {loss_dev:.6f} vs {loss_ref:.6f}, "
+    report(f"whole model {precision} ({np.dtype(dtype).name}, attention saving {attention}): loss {loss_dev:.6f} vs {loss_ref:.6f}, "
            f"rel err {loss_err:.2e} (tol {tol_loss:g}); gradients: max rel err {errs[worst]:.2e} "
            f"({worst}; tol {tol_grad:g}) over {len(errs)} tensors")
     assert loss_err <= tol_loss, f"loss {loss_dev} vs {loss_ref}"

@@ -47,10 +47,10 @@ def test_mfu_arithmetic():
 def test_summary_ratio_and_mfu():
     fake = lambda ms: [dict(device="NVIDIA H100 80GB HBM3", times=[ms / 1e3] * 3, first_loss=10.9,  # noqa: E731
                             loss=10.8, peak_mem_gib=20.0)]
-    out = bench_gpu.summarise("gpt2", "bf16", {"ours": fake(100.0), "torch": fake(125.0)})
+    out = bench_gpu.summarise("gpt2", "bf16", {"ours": fake(100.0), "ours-att": fake(80.0), "torch": fake(125.0)})
     assert out["tokens_per_step"] == 8192 and out["peak_tflops"] == 989.4
     assert out["ours"]["tokens_per_s"] == pytest.approx(81920.0)
-    assert out["ratio_ours_over_torch"] == 1.25
+    assert out["ratio_ours_over_torch"] == 1.25 and out["ratio_ours_att_over_torch"] == 1.562
     assert out["ours"]["mfu"] == pytest.approx(81920 * 854_438_400 / 989.4e12, abs=1e-4)
 
 
@@ -82,7 +82,9 @@ def test_both_children_start_from_the_same_loss(monkeypatch, tmp_path):
     monkeypatch.setitem(bench_gpu.CONFIGS, "tiny", dict(vocab_size=64, block_size=16, n_layer=1, n_head=2,
                                                         n_embd=32, batch=2))
     ours = bench_gpu._child("ours", "tiny", "fp32", warmup=1, steps=1)
+    ours_att = bench_gpu._child("ours-att", "tiny", "fp32", warmup=1, steps=1)
     torch_ = bench_gpu._child("torch", "tiny", "fp32", warmup=1, steps=1, torch_device="cpu")
-    assert ours["first_loss"] == pytest.approx(torch_["first_loss"], rel=1e-5)
-    assert ours["loss"] == pytest.approx(torch_["loss"], rel=1e-3)   # one AdamW step later
+    for o in (ours, ours_att):
+        assert o["first_loss"] == pytest.approx(torch_["first_loss"], rel=1e-5)
+        assert o["loss"] == pytest.approx(torch_["loss"], rel=1e-3)   # one AdamW step later
     assert np.isfinite(ours["times"]).all() and len(torch_["times"]) == 1

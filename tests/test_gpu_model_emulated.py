@@ -43,21 +43,25 @@ def xp(emulator, monkeypatch):
     return fake
 
 
+@pytest.mark.parametrize("attention", ["lse", "att"])
 @pytest.mark.parametrize("dtype,precision", [(np.float32, "fp32"), (np.float64, "fp32"),
                                              (np.float32, "bf16"), (np.float32, "fp16")])
-def test_loss_and_every_gradient_match_the_reference(xp, emulator, dtype, precision):
-    mc.check_loss_and_gradients(xp, dtype, precision)
+def test_loss_and_every_gradient_match_the_reference(xp, emulator, dtype, precision, attention):
+    mc.check_loss_and_gradients(xp, dtype, precision, attention)
     ct = {"float32": "float", "float64": "double"}[np.dtype(dtype).name] if precision == "fp32" else precision
     ran = {n.split("<")[0] for n in emulator.calls if f"<{ct}" in n}
+    attention_kernels = {"lse": ("attention_forward_flash", "attention_backward_D", "attention_backward_dq_flash",
+                                 "attention_backward_dkdv_flash"),
+                         "att": ("causal_softmax_forward", "causal_softmax_backward")}[attention]
     for name in ("embedding_forward", "embedding_backward_wte", "embedding_backward_wpe",
                  "layernorm_forward", "layernorm_backward_dx", "layernorm_backward_dwdb_partial",
                  "bias_forward", "column_partial_sums", "gelu_forward", "gelu_backward",
-                 "residual_forward", "attention_forward_flash", "attention_backward_D",
-                 "attention_backward_dq_flash", "attention_backward_dkdv_flash",
-                 "softmax_crossentropy_forward", "softmax_crossentropy_backward"):
+                 "residual_forward", "softmax_crossentropy_forward", "softmax_crossentropy_backward",
+                 *attention_kernels):
         assert name in ran, f"{name}<{ct}> never launched"
     # the forward is not re-run in the backward: out is passed to it
-    assert sum(c for n, c in emulator.calls.items() if n.startswith("attention_forward_flash")) == mc.CFG.n_layer
+    assert sum(c for n, c in emulator.calls.items()
+               if n.startswith(attention_kernels[0])) == mc.CFG.n_layer
 
 
 @pytest.mark.parametrize("dtype,precision", [(np.float32, "fp32"), (np.float32, "bf16")])

@@ -25,10 +25,11 @@ def xp(monkeypatch):
     cupy.cuda.Device().synchronize()       # a kernel fault surfaces in its own test
 
 
+@pytest.mark.parametrize("attention", ["lse", "att"])
 @pytest.mark.parametrize("dtype,precision", [(np.float32, "fp32"), (np.float64, "fp32"),
                                              (np.float32, "bf16"), (np.float32, "fp16")])
-def test_loss_and_every_gradient_match_the_reference(xp, dtype, precision):
-    mc.check_loss_and_gradients(xp, dtype, precision)
+def test_loss_and_every_gradient_match_the_reference(xp, dtype, precision, attention):
+    mc.check_loss_and_gradients(xp, dtype, precision, attention)
 
 
 @pytest.mark.parametrize("dtype,precision", [(np.float32, "fp32"), (np.float32, "bf16")])
@@ -49,12 +50,13 @@ def test_fp16_loss_scaling_recovers_from_overflow(xp):
     assert mc.check_loss_scaling(xp) >= 1
 
 
-def test_gpt2_124m_shape_bf16_trains(xp):
+@pytest.mark.parametrize("attention", ["lse", "att"])
+def test_gpt2_124m_shape_bf16_trains(xp, attention):
     from common.optim import OptimConfig
     from worker.deviceoptim import DeviceOptimizer
     from worker.model import GPT, GPTConfig
     cfg = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
-    model = GPT(cfg, seed=0, device="cuda", precision="bf16")
+    model = GPT(cfg, seed=0, device="cuda", precision="bf16", attention=attention)
     opt = DeviceOptimizer(cupy, OptimConfig(optimizer="adamw", lr=6e-4, weight_decay=0.1),
                           model.num_params(), np.float32, model.layout.decay_ranges())
     idx, targets = mc.batch(cfg=cfg, shape=(4, 1024))
@@ -65,6 +67,6 @@ def test_gpt2_124m_shape_bf16_trains(xp):
         model.backward()
         assert bool(cupy.isfinite(model.grads).all())
         opt.step(model.params, model.grads, 6e-4)
-    print(f"GPT-2 124M bf16, B=4 T=1024: losses {[round(x, 4) for x in losses]}")
+    print(f"GPT-2 124M bf16 (attention saving {attention}), B=4 T=1024: losses {[round(x, 4) for x in losses]}")
     assert np.isfinite(losses).all() and abs(losses[0] - np.log(cfg.vocab_size)) < 0.5
     assert losses[-1] < losses[0]

@@ -134,3 +134,8 @@ def test_half_conversions_bit_for_bit(dev, rng):
 @pytest.mark.parametrize("dtype", halfs.HALF_DTYPES, ids=["bf16", "fp16"])
 def test_half_layers(dev, rng, dtype):
     hc.check_half_layers(dev, dtype, rng)
+
+
+@pytest.mark.parametrize("dtype", halfs.HALF_DTYPES, ids=["bf16", "fp16"])
+def test_half_attention_att(dev, rng, dtype):
+    hc.check_half_attention_att(dev, dtype, rng)

@@ -144,3 +144,8 @@ def test_gemm_gpt2_shapes_bf16(dev, rng):
         for f, a in ((layers.matmul_backward, r.h), (kernels.matmul_backward, r.d)):
             f(a["dx"], a["dw"].T if tied else a["dw"], None, a["dout"], a["x"], a["w"].T if tied else a["w"])
         r.compare(["out", "dx", "dw"], f"gemm bf16 {w_shape}", ("dw",))
+
+
+@pytest.mark.parametrize("dtype", halfs.HALF_DTYPES, ids=["bf16", "fp16"])
+def test_half_attention_att(dev, rng, dtype):
+    hc.check_half_attention_att(dev, dtype, rng)

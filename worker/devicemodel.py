@@ -4,9 +4,12 @@
 ``grads`` as flat CuPy vectors and hands its forward and backward to ``DevicePath``:
 the same sequence of layers as ``GPT._forward_blocks_reference`` and
 ``_backward_blocks_reference`` (which remain the readable specification), each one
-the ``worker.kernels`` launcher of the same name; attention saves ``lse`` (B,NH,T),
-not the T x T matrix, and its backward gets the forward's output instead of running
-the forward again. The whole path is checked against the NumPy model in
+the ``worker.kernels`` launcher of the same name. Attention (``attention=``) saves
+``lse`` (B,NH,T) by default: the memory-efficient kernels, never a T x T matrix, whose
+backward gets the forward's output instead of running the forward again; ``"att"``
+keeps the softmaxed T x T matrix per layer and does the products in cuBLAS (tensor
+cores in 16 bits), as PyTorch eager does: more memory, and which of the two is faster
+on a given GPU is for ``bench_worker.py --device cuda`` to say. The whole path is checked against the NumPy model in
 ``tests/test_gpu_model_emulated.py`` (on the CPU emulator) and
 ``tests/test_gpu_model_gpu.py`` (on a GPU).
 
@@ -33,13 +36,15 @@ import numpy
 from worker import kernels as K
 from worker.kernels import halfs
 
+ATTENTION = ("lse", "att")      # what attention saves for the backward (module docstring)
+
 
 class _Activations:
     """Every activation of one forward pass on the device, and the gradients of those
     that need one, for one (B, T). ``cdtype``: the compute type; ``adtype``: its
     accumulation type (statistics, lse, losses)."""
 
-    def __init__(self, xp, cdtype, adtype, B, T, config):
+    def __init__(self, xp, cdtype, adtype, B, T, config, attention="lse"):
         C, L, NH, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size
         z = lambda *shape: xp.zeros(shape, dtype=cdtype)  # noqa: E731
         f = lambda *shape: xp.zeros(shape, dtype=adtype)  # noqa: E731
@@ -47,7 +52,8 @@ class _Activations:
         self.encoded = z(B, T, C)                       # wte[idx] + wpe
         self.blocks = [dict(
             ln1=z(B, T, C), ln1_mean=f(B, T), ln1_rstd=f(B, T),
-            qkv=z(B, T, 3 * C), lse=f(B, NH, T), atty=z(B, T, C),
+            qkv=z(B, T, 3 * C), atty=z(B, T, C),
+            saved=f(B, NH, T) if attention == "lse" else z(B, NH, T, T),   # lse, or att
             attproj=z(B, T, C), res2=z(B, T, C),
             ln2=z(B, T, C), ln2_mean=f(B, T), ln2_rstd=f(B, T),
             fch=z(B, T, 4 * C), fch_gelu=z(B, T, 4 * C), fcproj=z(B, T, C),
@@ -93,13 +99,15 @@ class LossScaler:
 class DevicePath:
     """Forward and backward of ``model`` (a ``GPT`` whose ``xp`` is CuPy) on the GPU."""
 
-    def __init__(self, model, precision: str = "fp32"):
+    def __init__(self, model, precision: str = "fp32", attention: str = "lse"):
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
         if precision not in halfs.PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(halfs.PRECISIONS)}, got {precision!r}")
         if precision != "fp32" and model.dtype != numpy.float32:
             raise ValueError(f"--precision {precision} keeps float32 master parameters; "
                              f"the model's dtype is {model.dtype}")
-        self.model, self.xp, self.precision = model, model.xp, precision
+        self.model, self.xp, self.precision, self.attention = model, model.xp, precision, attention
         self.half = precision != "fp32"
         self.cdtype = halfs.COMPUTE_DTYPE[precision] if self.half else model.dtype
         self.adtype = numpy.dtype(numpy.float32) if self.half else model.dtype
@@ -117,7 +125,8 @@ class DevicePath:
     def _activations(self, B, T):
         if self.acts is None or (self.acts.B, self.acts.T) != (B, T):
             self.acts = None            # free the old ones before allocating
-            self.acts = _Activations(self.xp, self.cdtype, self.adtype, B, T, self.model.config)
+            self.acts = _Activations(self.xp, self.cdtype, self.adtype, B, T, self.model.config,
+                                     self.attention)
         return self.acts
 
     # --- forward --------------------------------------------------------------------
@@ -139,7 +148,7 @@ class DevicePath:
                                 p[h + "ln_1.weight"], p[h + "ln_1.bias"])
             K.matmul_forward(blk["qkv"], blk["ln1"], p[h + "attn.c_attn.weight"],
                              p[h + "attn.c_attn.bias"])                           # (B,T,3C)
-            K.attention_forward(blk["atty"], blk["lse"], blk["qkv"], cfg.n_head)    # (B,T,C)
+            K.attention_forward(blk["atty"], blk["saved"], blk["qkv"], cfg.n_head)  # (B,T,C)
             K.matmul_forward(blk["attproj"], blk["atty"], p[h + "attn.c_proj.weight"],
                              p[h + "attn.c_proj.bias"])
             K.residual_forward(blk["res2"], x, blk["attproj"])
@@ -210,7 +219,7 @@ class DevicePath:
                                  blk["res2"], blk["ln2_mean"], blk["ln2_rstd"], p[h + "ln_2.weight"])
             K.matmul_backward(a.dC, g[h + "attn.c_proj.weight"], g[h + "attn.c_proj.bias"],
                               a.dres, blk["atty"], p[h + "attn.c_proj.weight"])
-            K.attention_backward(a.dqkv, a.dC, blk["qkv"], blk["lse"], cfg.n_head, blk["atty"])
+            K.attention_backward(a.dqkv, a.dC, blk["qkv"], blk["saved"], cfg.n_head, blk["atty"])
             K.matmul_backward(a.dC, g[h + "attn.c_attn.weight"], g[h + "attn.c_attn.bias"],
                               a.dqkv, blk["ln1"], p[h + "attn.c_attn.weight"])
             K.layernorm_backward(a.dres, g[h + "ln_1.weight"], g[h + "ln_1.bias"], a.dC,

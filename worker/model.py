@@ -126,12 +126,13 @@ class GPT:
 
     def __init__(self, config: GPTConfig, dtype=numpy.float32, seed: int = 0,
                  reference: bool = False, threads: int = 1, device: str = "cpu",
-                 precision: str = "fp32"):
+                 precision: str = "fp32", attention: str = "lse"):
         """``reference=True`` runs every layer through ``worker/layers.py`` (the readable
         specification) instead of the fast path. ``threads`` > 1 runs slices of the batch
         in that many threads (see the module's docstring). ``device`` ``"cuda"`` (or
         ``"cuda:N"``) puts the model on a GPU (``worker/backend.py`` chooses it, once per
-        process), computing in ``precision`` (``fp32``, ``bf16``, ``fp16``)."""
+        process), computing in ``precision`` (``fp32``, ``bf16``, ``fp16``), its attention
+        saving ``lse`` or ``att`` (``worker/devicemodel.py``)."""
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
         self.config = config
@@ -162,7 +163,7 @@ class GPT:
         self._gpu = None              # the device path (worker/devicemodel.py) when not on the CPU
         if self.xp is not numpy:
             from worker.devicemodel import DevicePath
-            self._gpu = DevicePath(self, precision)
+            self._gpu = DevicePath(self, precision, attention)
         self.init_weights(seed)
 
     # --- parameters -----------------------------------------------------------------

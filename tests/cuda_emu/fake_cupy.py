@@ -4,7 +4,7 @@
 array results are ``ndarray`` below (an ndarray subclass that ``layers.array_module``
 takes for CuPy), plus the few pieces of ``cupy.cuda`` the worker uses:
 
-- ``cuda.cublas.gemmEx``: cuBLAS's column-major contract, computed with NumPy on the
+- ``cuda.cublas.gemmEx`` and ``gemmStridedBatchedEx``: cuBLAS's column-major contract, computed with NumPy on the
   raw pointers and leading dimensions it is given (so the row-major / column-major
   mapping of ``worker/kernels/gemm.py`` is checked, not assumed), accumulating in
   float64 and rounding to the output type; it refuses the type combinations and
@@ -114,6 +114,20 @@ def gemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb,
     Cm[...] = halfs.from_float32(acc, dt) if halfs.is_half(dt) else acc.astype(dt)
 
 
+def gemmStridedBatchedEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B, Btype, ldb,
+                         strideB, beta, C, Ctype, ldc, strideC, batchCount, computeType, algo):
+    """gemmEx on each of ``batchCount`` matrices, ``stride*`` elements apart."""
+    for i in range(batchCount):
+        gemmEx(handle, transa, transb, m, n, k, alpha, A + i * strideA * _DATA[Atype].itemsize, Atype, lda,
+               B + i * strideB * _DATA[Btype].itemsize, Btype, ldb, beta,
+               C + i * strideC * _DATA[Ctype].itemsize, Ctype, ldc, computeType, algo)
+
+
+def _set_pointer_mode(handle, mode):
+    if mode != 0:                                # the stand-in reads alpha and beta from the host
+        raise CUBLASError(f"pointer mode {mode}: only CUBLAS_POINTER_MODE_HOST (0) is emulated")
+
+
 # --------------------------------------------------------------------------------------
 # streams, events, pinned memory
 
@@ -161,7 +175,9 @@ def fake_cupy():
     mod.asnumpy = lambda a: numpy.array(a, copy=True).view(numpy.ndarray)
     mod.copies = ndarray._copies = []
     mod.get_default_memory_pool = lambda: types.SimpleNamespace(total_bytes=lambda: 0)
-    cublas = types.SimpleNamespace(gemmEx=gemmEx, setStream=lambda handle, ptr: None)
+    cublas = types.SimpleNamespace(gemmEx=gemmEx, gemmStridedBatchedEx=gemmStridedBatchedEx,
+                                   setStream=lambda handle, ptr: None,
+                                   setPointerMode=_set_pointer_mode)
     mod.cuda = types.SimpleNamespace(
         cublas=cublas, Stream=Stream, Event=Event,
         alloc_pinned_memory=lambda nbytes: bytearray(max(1, nbytes)),

@@ -2,8 +2,10 @@
 
 Two contracts, told apart by the array the caller saves for the backward:
 
-- ``att`` (B,NH,T,T), as ``worker/layers.py``: cuBLAS (``cupy.matmul``) for q.k^T and
-  att.v, our kernels for the causal softmax and its backward; float32 and float64.
+- ``att`` (B,NH,T,T), as ``worker/layers.py``: cuBLAS (strided batched GEMMs on
+  contiguous copies of q, k, v, ``gemm.py``) for q.k^T, att.v and their gradients, our
+  kernels for the causal softmax and its backward; every element type (in 16 bits the
+  scores are rounded to 16 bits before the softmax, as under torch.autocast).
 - ``lse`` (B,NH,T), the log-sum-exp of each row of scaled scores: the memory-efficient
   kernels that never hold a T x T array; float32, float64, and bf16 / fp16 with ``lse``
   in float32. Its NumPy specification is ``reference.py``.
@@ -20,7 +22,7 @@ from __future__ import annotations
 import math
 
 from worker import layers
-from worker.kernels import loader, reference
+from worker.kernels import gemm, loader, reference
 from worker.kernels.ops import _I32, _blocks, _kind, _reference, _scalar, _threads
 
 _ATT_WARPS = 8                 # rows per block of the memory-efficient attention (attention.cu)
@@ -34,6 +36,11 @@ def _heads(qkv, n_head):
     hs = C3 // 3 // n_head
     q5 = qkv.reshape(B, T, 3, n_head, hs)
     return [q5[:, :, i].transpose(0, 2, 1, 3) for i in range(3)]   # (B,NH,T,hs) views
+
+
+def _packed_heads(xp, x, B, T, n_head, hs):
+    """A (B,NH,T,hs) view as a contiguous (B*NH, T, hs) batch of matrices (a copy)."""
+    return xp.ascontiguousarray(x).reshape(B * n_head, T, hs)
 
 
 def _flash_variant(ct, hs):
@@ -60,15 +67,18 @@ def attention_forward(out, att, qkv, n_head):
             grid, block, (out, att, qkv, _I32(T), _I32(n_head), _I32(hs), _scalar(ct, scale)))
         return
     ct = _kind((out, att, qkv))
-    if ct not in ("float", "double") or att.shape != (B, n_head, T, T) or out.shape != (B, T, C3 // 3):
+    if ct is None or att.shape != (B, n_head, T, T) or out.shape != (B, T, C3 // 3):
         return _reference(layers.attention_forward, out, att, qkv, n_head)
     import cupy
-    q, k_, v = _heads(qkv, n_head)
-    cupy.matmul(q, k_.transpose(0, 1, 3, 2), out=att)  # (B,NH,T,T) raw scores
+    q, k_, v = (_packed_heads(cupy, x, B, T, n_head, hs) for x in _heads(qkv, n_head))
+    att3 = att.reshape(B * n_head, T, T)
+    if not gemm.gemm(att3, q, k_.transpose(0, 2, 1)):                 # raw scores q.k^T
+        return _reference(layers.attention_forward, out, att, qkv, n_head)
     loader.function("attention", f"causal_softmax_forward<{ct}>")(
         (B * n_head * T,), (_threads(T),), (att, _I32(T), _scalar(ct, scale)))
-    y = cupy.matmul(att, v)                             # (B,NH,T,hs)
-    out.reshape(B, T, n_head, hs)[...] = y.transpose(0, 2, 1, 3)
+    y = cupy.empty((B * n_head, T, hs), dtype=qkv.dtype)
+    gemm.gemm(y, att3, v)                                             # (B*NH,T,hs)
+    out.reshape(B, T, n_head, hs)[...] = y.reshape(B, n_head, T, hs).transpose(0, 2, 1, 3)
 
 
 def attention_backward(dqkv, dout, qkv, att, n_head, out=None):
@@ -99,16 +109,23 @@ def attention_backward(dqkv, dout, qkv, att, n_head, out=None):
         loader.function("attention", f"attention_backward_dkdv_flash<{variant}>")(grid, block, args)
         return
     ct = _kind((dqkv, dout, qkv, att))
-    if (ct not in ("float", "double") or att.shape != (B, n_head, T, T)
+    if (ct is None or att.shape != (B, n_head, T, T)
             or dout.shape != (B, T, C3 // 3) or dqkv.shape != qkv.shape):
         return _reference(layers.attention_backward, dqkv, dout, qkv, att, n_head)
     import cupy
-    q, k_, v = _heads(qkv, n_head)
-    dq, dk, dv = _heads(dqkv, n_head)
-    dy = dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)        # (B,NH,T,hs)
-    dv[...] = cupy.matmul(att.transpose(0, 1, 3, 2), dy)
-    datt = cupy.matmul(dy, v.transpose(0, 1, 3, 2))                  # (B,NH,T,T), fresh
+    BH = B * n_head
+    q, k_, v = (_packed_heads(cupy, x, B, T, n_head, hs) for x in _heads(qkv, n_head))
+    dy = _packed_heads(cupy, dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3), B, T, n_head, hs)
+    att3 = att.reshape(BH, T, T)
+    dq, dk, dv = (cupy.empty((BH, T, hs), dtype=qkv.dtype) for _ in range(3))
+    datt = cupy.empty((BH, T, T), dtype=qkv.dtype)
+    if not gemm.gemm(dv, att3.transpose(0, 2, 1), dy):               # dv = att^T dy
+        return _reference(layers.attention_backward, dqkv, dout, qkv, att, n_head)
+    gemm.gemm(datt, dy, v.transpose(0, 2, 1))                         # datt = dy v^T
     loader.function("attention", f"causal_softmax_backward<{ct}>")(
-        (B * n_head * T,), (_threads(T),), (datt, att, _I32(T), _scalar(ct, scale)))
-    dq[...] = cupy.matmul(datt, k_)
-    dk[...] = cupy.matmul(datt.transpose(0, 1, 3, 2), q)
+        (BH * T,), (_threads(T),), (datt, att, _I32(T), _scalar(ct, scale)))
+    gemm.gemm(dq, datt, k_)
+    gemm.gemm(dk, datt.transpose(0, 2, 1), q)
+    d5 = dqkv.reshape(B, T, 3, n_head, hs)
+    for i, d in enumerate((dq, dk, dv)):
+        d5[:, :, i] = d.reshape(B, n_head, T, hs).transpose(0, 2, 1, 3)

@@ -57,8 +57,8 @@ FAMILIES = {
                          ALL, INDICES),
     "embedding": (_pairs(("embedding_forward", "embedding_backward_wte"), ALL, INDICES)
                   + _each(("embedding_backward_wpe",), ALL)),
-    "attention": (_each(("causal_softmax_forward", "causal_softmax_backward"), FLOATS)
-                  + _each(("attention_backward_D",), ALL)
+    "attention": (_each(("causal_softmax_forward", "causal_softmax_backward",
+                         "attention_backward_D"), ALL)
                   + [f"{n}<{t}, {hs}>" for n in ("attention_forward_flash",
                                                  "attention_backward_dq_flash",
                                                  "attention_backward_dkdv_flash")
