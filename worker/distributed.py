@@ -186,6 +186,7 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
     last_log = last_eval = 0             # the job's step at the last metrics line and evaluation
     compute_s = straggle_s = 0.0
     record: dict = {"step": 0}
+    wire: dict = {}                      # the job's totals from the servers (local-sgd: once per round)
     p = None
     while not loop.finished():
         t_step, step = tracer.now(), iterations
@@ -209,6 +210,7 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
         iterations += 1
         if not lead:
             continue
+        wire = p.reply.get("stats", wire)
         # log and evaluate when the job's progress passes a multiple of the intervals (a mode
         # may jump over one: backup workers, asp); local-sgd evaluates only averaged models
         record = {"step": p.step, "loss": p.reply.get("loss", loss), "updates": p.updates, "gradients": p.gradients}
@@ -220,7 +222,7 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
             last_eval = p.step
         if p.step // wc.log_interval > last_log // wc.log_interval or "val_loss" in record:
             now = time.perf_counter()
-            stats = p.reply.get("stats", {})
+            stats = wire
             record.update(tokens_per_s=(p.tokens - window_tokens) / max(now - window_t, 1e-9),
                           elapsed_s=now - t_start, bytes_pushed=stats.get("bytes_pushed", client.bytes_pushed),
                           bytes_pulled=stats.get("bytes_pulled", client.bytes_pulled))
@@ -231,7 +233,7 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
         loop.finish()
         host.params_to_device()
         now = time.perf_counter()
-        stats, tokens = (p.reply.get("stats", {}), p.tokens) if p else ({}, 0)
+        stats, tokens = (wire, p.tokens) if p else ({}, 0)
         val = evaluate(model, val_set)
         record.update(val_loss=val, tokens_per_s=(tokens - window_tokens) / max(now - window_t, 1e-9),
                       elapsed_s=now - t_start, bytes_pushed=stats.get("bytes_pushed", client.bytes_pushed),
