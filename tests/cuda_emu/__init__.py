@@ -89,6 +89,9 @@ class EmuKernel:
         self.calls += 1
 
 
+_BUILT: dict = {}      # (family, source text) -> (library, entries), built once per process
+
+
 class Emulator:
     """Builds families on demand; ``function`` has the signature of ``loader.function``."""
 
@@ -101,7 +104,11 @@ class Emulator:
         if name_expression not in loader.FAMILIES[family]:
             raise KeyError(name_expression)
         if family not in self.libs:
-            self.libs[family] = build(family, self.workdir)
+            # one build per source text in this process: the test files share it
+            key = (family, loader.source(family))
+            if key not in _BUILT:
+                _BUILT[key] = build(family, self.workdir)
+            self.libs[family] = _BUILT[key]
         dll, entries = self.libs[family]
         self.calls[name_expression] = self.calls.get(name_expression, 0) + 1
         return EmuKernel(dll, entries[name_expression], name_expression)
