@@ -25,6 +25,13 @@ grace period); none is left behind.
 This module starts processes; it imports neither role. Flags for the optimizer and
 the consistency model go to the servers (and the job flags to the workers too); every
 other flag goes to the workers, which check them before anything starts.
+
+Devices: ``--device cuda`` (a worker flag) puts every worker on the GPU; ``--devices
+cuda:0,cpu,cpu`` gives each worker rank its own (``worker_flags``), e.g. one CuPy
+worker beside CPU workers; the servers hold float32 vectors and do not care. A
+``--precision`` other than fp32 then goes to the GPU workers only. Each distinct
+device is checked (``python -m worker --dry-run``) before anything starts, so a GPU
+asked for where there is none fails in a second with the reason.
 """
 from __future__ import annotations
 
@@ -72,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trace", action="store_true",
                    help="every process writes a Chrome trace (trace-server-S.json, trace-worker-R.json), "
                         "merged into trace.json in the run folder: open it at https://ui.perfetto.dev")
+    g.add_argument("--devices", default="",
+                   help="each worker's device, by rank, comma-separated: e.g. cuda:0,cpu,cpu (one CuPy "
+                        "worker and two CPU workers), or one device for all (default: the workers' "
+                        "--device, cpu)")
     g.add_argument("--curve", default="", help="CurveZMQ key folder made by ps-keys: encrypt and authenticate "
                                                "every connection (default: plain TCP)")
     g.add_argument("--checkpoint-every", type=int, default=50,
@@ -97,6 +108,38 @@ def describe_mode(job: JobConfig) -> str:
     if job.backup_workers:
         extra = f"backup workers={job.backup_workers}"
     return f"{job.mode}({extra})" if extra else job.mode
+
+
+def worker_flags(devices: str, workers: int, worker_args: list[str]) -> list[list[str]]:
+    """The flags added to each worker rank's command for ``--devices``: ``--device D``, and
+    the job's ``--precision`` only where D is a GPU (a CPU worker computes in float32).
+    ``devices`` '' adds nothing; a single device applies to every rank."""
+    if not devices:
+        return [[] for _ in range(workers)]
+    if any(a == "--device" or a.startswith("--device=") for a in worker_args):
+        raise ValueError("give --devices (one device per worker) or --device (all workers), not both")
+    listed = [d.strip() for d in devices.split(",")]
+    if len(listed) == 1:
+        listed *= workers
+    if len(listed) != workers or not all(listed):
+        raise ValueError(f"--devices lists {len(listed)} device(s) for {workers} worker(s): give one per "
+                         "worker rank, or one for all (e.g. --devices cuda:0,cpu,cpu)")
+    precision = [a for i, a in enumerate(worker_args)
+                 if a.startswith("--precision") or (i and worker_args[i - 1] == "--precision")]
+    return [["--device", d] + (precision if d != "cpu" else []) for d in listed]
+
+
+def _without_precision(args: list[str]) -> list[str]:
+    """``args`` less any ``--precision X`` / ``--precision=X`` (added back per rank)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--precision":
+            skip = True
+        elif not a.startswith("--precision="):
+            out.append(a)
+    return out
 
 
 def _flags(cfg) -> list[str]:
@@ -232,20 +275,27 @@ def main(argv=None) -> int:
               "--coordinator", coord, "--timeout", str(args.timeout), "--heartbeat", str(args.heartbeat)] + _flags(job)
     if args.curve:
         common += ["--curve", args.curve]
-    worker_cmd = [py, "-m", "worker", *common, "--steps", str(args.steps), "--out", str(out), *worker_args]
+    try:
+        per_rank = worker_flags(args.devices, args.workers, worker_args)
+    except ValueError as e:
+        parser.error(str(e))
+    shared_args = _without_precision(worker_args) if args.devices else worker_args
+    worker_cmd = [py, "-m", "worker", *common, "--steps", str(args.steps), "--out", str(out), *shared_args]
     trace = ["--trace"] if args.trace else []
 
-    # the workers' flags are checked before anything starts, so a typo fails in a second
-    check = subprocess.run(worker_cmd + ["--dry-run"], capture_output=True, text=True)
-    if check.returncode != 0:
-        sys.stderr.write(check.stderr or check.stdout)
-        return 2
+    # the workers' flags (and devices) are checked before anything starts, so a typo fails in a second
+    for extra in dict.fromkeys(tuple(f) for f in per_rank):
+        check = subprocess.run(worker_cmd + list(extra) + ["--dry-run"], capture_output=True, text=True)
+        if check.returncode != 0:
+            sys.stderr.write(check.stderr or check.stdout)
+            return 2
 
     out.mkdir(parents=True, exist_ok=True)
     config_name = "run_config.json" if not args.resume else f"run_config.resumed-{time.strftime('%Y%m%d-%H%M%S')}.json"
     (out / config_name).write_text(json.dumps({
         "launcher": {"servers": args.servers, "workers": args.workers, "steps": args.steps,
-                     "coordinator": coord, "threads": threads, "timeout": args.timeout},
+                     "coordinator": coord, "threads": threads, "timeout": args.timeout,
+                     "devices": [f[1] if f else "" for f in per_rank]},
         "job": to_dict(job), "optimizer": to_dict(optim), "worker_args": worker_args,
         "worker": json.loads(check.stdout) if check.stdout.strip().startswith("{") else {},
     }, indent=2) + "\n")
@@ -265,7 +315,7 @@ def main(argv=None) -> int:
                                       "--checkpoint-every", str(args.checkpoint_every),
                                       *(["--resume"] if args.resume else []), *(trace and ["--trace", str(out)])])
         for r in range(args.workers):
-            run.start(f"worker-{r}", worker_cmd + ["--rank", str(r), "--no-progress", *trace])
+            run.start(f"worker-{r}", worker_cmd + per_rank[r] + ["--rank", str(r), "--no-progress", *trace])
         code = _watch(run, out, args)
         if args.trace:
             run.stop()                        # the servers write their traces as they exit

@@ -5,9 +5,11 @@ One worker, top to bottom:
     register with the coordinator          -> rank r, the servers, who owns which chunk
     load data shard r of W                 (worker/data.py)
     worker 0: init the servers             with its freshly initialised parameters
-    pull                                   params <- the servers
+    pull                                   params <- the servers (on a GPU: into pinned host
+                                           memory, then copied up: worker/staging.py)
     until the job's steps are done:
-        forward + backward on a batch      grads (this worker's shard of the batch)
+        forward + backward on a batch      grads (this worker's shard of the batch; on a GPU
+                                           copied down to pinned host memory for the wire)
         (--straggler: this worker sleeps)  a slow worker, to see what each mode does with it
         the mode's step                    BSP: push grads, the servers average over every
                                            worker, step the optimizer, answer with fresh
@@ -43,10 +45,13 @@ from pathlib import Path
 
 from common.cluster import ClusterConfig, JobConfig
 from common.trace import NULL_TRACER, Tracer, trace_file
+from worker import backend
 from worker.client import PSClient
 from worker.consistency import make_loop
 from worker.data import BatchSampler, DataConfig, load_data, unigram_entropy, validation_batches
+from worker.kernels.halfs import PRECISIONS
 from worker.model import GPTConfig
+from worker.staging import HostStaging
 from worker.tasks import MODELS, make_task
 from worker.train import METRICS, MetricsWriter, evaluate
 
@@ -65,13 +70,16 @@ class WorkerConfig:
     out: str = ""                 # run folder for worker 0's metrics, model and sample ('' = runs/<timestamp>)
     sample_bytes: int = 300       # worker 0: bytes of text to sample from the final model (0 = none)
     threads: int = 1              # compute threads: slices of the batch in parallel (with OPENBLAS_NUM_THREADS=1)
+    device: str = "cpu"           # where this worker computes: cpu (NumPy), cuda or cuda:N (the CUDA kernels on that GPU; ps-local --devices gives each worker its own)
+    precision: str = "fp32"       # with --device cuda: fp32, or bf16 / fp16 activations and matmuls (float32 parameters and gradients on the wire)
     model: str = "gpt"            # gpt: next byte, causal attention | bert: 15% of the bytes masked, bidirectional
     trace: bool = False           # write a Chrome trace of this worker (trace-worker-R.json in the run folder)
     straggler: str = ""           # RANK:SECONDS (worker RANK sleeps that long after each gradient) or RANK:Fx (its steps take F times its compute time); RANK 'any': a different random worker at each step; '' = none
-    CHOICES = {"model": MODELS}
+    CHOICES = {"model": MODELS, "precision": PRECISIONS}
 
     def __post_init__(self):
         parse_straggler(self.straggler)
+        backend.check_device(self.device, self.precision)
         for name in ("batch_size", "steps", "eval_interval", "eval_batches", "log_interval", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -150,8 +158,10 @@ def run(cluster: ClusterConfig, job: JobConfig, mc: GPTConfig, dc: DataConfig, w
 
 
 def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc: WorkerConfig) -> dict:
-    task = make_task(wc.model, mc, seed=wc.seed, threads=wc.threads)
+    task = make_task(wc.model, mc, seed=wc.seed, threads=wc.threads, device=wc.device, precision=wc.precision)
     model = task.model
+    # what the wire sees of the model: host vectors (on a GPU, pinned copies; on the CPU, the model's own)
+    host = HostStaging(model)
     t_register = time.perf_counter()
     job = client.register(model.layout, model.dtype.name)
     rank, W = client.rank, job["num_workers"]
@@ -160,20 +170,23 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
 
     data = load_data(dc, rank=rank, num_workers=W, seed=wc.seed)
     log.info("%s", data.summary)
+    log.info("computing on %s, precision %s", backend.describe(wc.device), wc.precision)
     sampler = task.batches(BatchSampler(data.train, wc.batch_size, mc.block_size, seed=wc.seed * 7919 + rank),
                            seed=wc.seed * 7919 + rank)
     lead = rank == 0
     out = Path(wc.out or time.strftime("runs/%Y%m%d-%H%M%S"))
     tracer = client.tracer = Tracer(f"worker {rank}") if wc.trace else NULL_TRACER
     if lead:
-        client.init(model.params)                    # (a server already initialized says so and keeps its own)
-    client.pull(model.params)
+        host.params_to_host()
+        client.init(host.params)                     # (a server already initialized says so and keeps its own)
+    client.pull(host.params)
+    host.params_to_device()
     joined = client.version
     for _ in range(batches_before(job_cfg, joined, W)):    # the batches this rank drew before `joined`
         sampler.next_batch()
     if joined:
         log.info("joining the job at version %d (the data sampler moved on accordingly)", joined)
-    loop = make_loop(job_cfg, client, model, wc.steps, W, job.get("optim"))
+    loop = make_loop(job_cfg, client, host, wc.steps, W, job.get("optim"))
     straggler = Straggler(wc.straggler, rank, W, wc.seed)
     if straggler.involves_me:
         log.info("this worker is slowed: %s", straggler.describe())
@@ -206,6 +219,7 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
             loss = model.forward(idx, targets)
         with tracer.span("backward", step=step):
             model.backward()
+            host.grads_to_host()          # a GPU's gradients into pinned host memory, once computed
         dt = time.perf_counter() - t0
         compute_s += dt
         pause = straggler.pause(iterations, dt)
@@ -214,7 +228,8 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
             straggle_s += pause
         p = loop.step(loss, idx.size)
         if client.rejoin_if_dropped():               # dropped for silence (a stall): back into the view
-            client.pull(model.params)
+            client.pull(host.params)
+        host.params_to_device()           # the answer back to a GPU (asynchronous); on the CPU, nothing
         tracer.add("step", t_step, tracer.now(), step=step)
         iterations += 1
         if not lead:
@@ -240,6 +255,7 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
     wall_s = time.perf_counter() - t_start
     if lead:
         loop.finish()
+        host.params_to_device()
         now = time.perf_counter()
         stats, tokens = (wire, p.tokens) if p else ({}, 0)
         val = evaluate(model, val_set)
