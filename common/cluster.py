@@ -36,8 +36,10 @@ import socket
 import typing
 from dataclasses import dataclass
 
+from common.compress import SCHEMES
 from common.config import add_arguments
 from common.netaddr import pick_address
+from common.placement import DEFAULT_CHUNK_MB
 
 ENV = {"rank": "PS_RANK", "num_servers": "PS_NUM_SERVERS", "num_workers": "PS_NUM_WORKERS",
        "coordinator": "PS_COORDINATOR", "bind": "PS_BIND", "advertise": "PS_ADVERTISE",
@@ -81,11 +83,15 @@ class JobConfig:
 
     The consistency models (``paramserver/consistency.py`` for the servers' side,
     ``worker/consistency.py`` for the workers'; docs/consistency.md for the lesson)."""
-    CHOICES = {"mode": MODES}
+    CHOICES = {"mode": MODES, "compress": SCHEMES, "error_feedback": ("on", "off")}
     mode: str = "bsp"                       # consistency model: bsp (bulk synchronous), asp (asynchronous), ssp (stale synchronous), local-sgd (local steps, then model averaging)
     staleness: int = 0                      # ssp: a worker may run this many clocks ahead of the slowest live worker (0 = lockstep)
     local_steps: int = 1                    # local-sgd: optimizer steps each worker takes between two averagings (H)
     backup_workers: int = 0                 # bsp: a step proceeds with the first W - b gradients; later ones are dropped and counted
+    chunk_mb: float = DEFAULT_CHUNK_MB      # the flat vector is cut into equal chunks of at most this many MiB, dealt over the servers (see --show-placement)
+    compress: str = "none"                  # gradient compression on the push: none, fp16, bf16, int8 (stochastic, QSGD-style), topk or randk (common/compress.py)
+    compress_ratio: float = 0.01            # topk/randk: the fraction of each chunk's entries sent
+    error_feedback: str = "on"              # with --compress: keep on the worker what was not sent and add it to the next push
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -98,6 +104,15 @@ class JobConfig:
                                     ("backup_workers", 0, "bsp")):
             if getattr(self, name) != default and self.mode != mode:
                 raise ValueError(f"--{name.replace('_', '-')} applies to --mode {mode}, not {self.mode}")
+        if self.compress not in SCHEMES:
+            raise ValueError(f"compress must be one of {', '.join(SCHEMES)}, got {self.compress!r}")
+        if self.error_feedback not in ("on", "off"):
+            raise ValueError(f"error_feedback must be on or off, got {self.error_feedback!r}")
+        if not 0 < self.compress_ratio <= 1 or not self.chunk_mb > 0:
+            raise ValueError(f"need 0 < compress_ratio <= 1 and chunk_mb > 0; got {self.compress_ratio}, "
+                             f"{self.chunk_mb}")
+        if self.compress_ratio != 0.01 and self.compress not in ("topk", "randk"):
+            raise ValueError(f"--compress-ratio applies to --compress topk or randk, not {self.compress}")
 
     @property
     def synchronous(self) -> bool:

@@ -105,17 +105,32 @@ class Optimizer:
 
     def step(self, params, grads, lr: float, grad_scale: float = 1.0):
         """One in-place update of ``params`` with ``grad_scale * grads``."""
-        if params.shape != (self.size,) or grads.shape != (self.size,):
-            raise ValueError(f"expected params and grads of shape ({self.size},), got "
-                             f"{params.shape} and {grads.shape}")
+        self.begin()
+        self.update(params, grads, lr, grad_scale)
+
+    def begin(self):
+        """Start step ``t + 1``; then ``update`` every range once (a server updates its
+        chunks one by one, each as soon as it may: ``paramserver/shard.py``)."""
         self.t += 1
+
+    def update(self, params, grads, lr: float, grad_scale: float = 1.0, lo: int = 0, hi: int | None = None):
+        """The current step's in-place update of ``params[lo:hi]`` with ``grad_scale *
+        grads[lo:hi]`` (full vectors; every element is updated on its own, so ranges
+        updated one after the other give exactly the update of the whole)."""
+        hi = self.size if hi is None else hi
+        if params.shape != (self.size,) or grads.shape != (self.size,) or not 0 <= lo <= hi <= self.size:
+            raise ValueError(f"expected params and grads of shape ({self.size},) and 0 <= lo <= hi <= "
+                             f"{self.size}, got {params.shape}, {grads.shape}, [{lo}, {hi})")
         if self.cfg.weight_decay and lr:
             keep = 1.0 - lr * self.cfg.weight_decay
             for b, e in self.decay_ranges:
-                params[b:e] *= keep
-        self._update(params, grads, lr, grad_scale)
+                if max(b, lo) < min(e, hi):
+                    params[max(b, lo):min(e, hi)] *= keep
+        self._update(params[lo:hi], grads[lo:hi], lr, grad_scale, slice(lo, hi))
 
-    def _update(self, params, grads, lr, grad_scale):
+    def _update(self, params, grads, lr, grad_scale, r: slice):
+        """Update ``params`` (the slice ``r`` of the vector) with ``grads``; state and scratch
+        are sliced by ``r``."""
         raise NotImplementedError
 
     # checkpointing: plain dicts of arrays and numbers
@@ -129,8 +144,8 @@ class Optimizer:
 class SGD(Optimizer):
     name = "sgd"
 
-    def _update(self, params, grads, lr, grad_scale):
-        s = self._scratch
+    def _update(self, params, grads, lr, grad_scale, r):
+        s = self._scratch[r]
         numpy.multiply(grads, lr * grad_scale, out=s)
         params -= s
 
@@ -142,8 +157,8 @@ class Momentum(Optimizer):
         super().__init__(*args, **kwargs)
         self.buf = numpy.zeros(self.size, dtype=self.dtype)
 
-    def _update(self, params, grads, lr, grad_scale):
-        buf, s = self.buf, self._scratch
+    def _update(self, params, grads, lr, grad_scale, r):
+        buf, s = self.buf[r], self._scratch[r]
         buf *= self.cfg.momentum
         numpy.multiply(grads, grad_scale, out=s)
         buf += s
@@ -167,9 +182,9 @@ class AdamW(Optimizer):
         self.v = numpy.zeros(self.size, dtype=self.dtype)
         self._scratch2 = numpy.empty(self.size, dtype=self.dtype)
 
-    def _update(self, params, grads, lr, grad_scale):
+    def _update(self, params, grads, lr, grad_scale, r):
         c = self.cfg
-        m, v, s, s2 = self.m, self.v, self._scratch, self._scratch2
+        m, v, s, s2 = self.m[r], self.v[r], self._scratch[r], self._scratch2[r]
         numpy.multiply(grads, grad_scale, out=s)          # s = g
         m *= c.beta1
         numpy.multiply(s, 1.0 - c.beta1, out=s2)

@@ -7,6 +7,12 @@ The header is:
      "arrays": [{"dtype": "float32", "shape": [4096], "range": [0, 4096]}, ...],
      "meta": {...command-specific fields...}}
 
+A compressed chunk of a push travels as several arrays that all carry the chunk's
+range and each name its part in ``enc`` (``{"dtype": "uint32", "shape": [41],
+"range": [0, 4096], "enc": "idx"}``; the parts of each scheme: ``common/compress.py``).
+A push may carry any of the server's chunks: a worker that overlaps communication
+with its backward pushes each chunk as soon as its gradient is final (``worker/client.py``).
+
 ``validate_header`` checks a decoded header against this module's schemas before any
 handler sees it (STYLE habit 6: check at the door): the version, the command, the
 types and bounds of every field, the array descriptors and the command's own fields.
@@ -40,6 +46,7 @@ MAX_HEADER_BYTES = 4 << 20        # a header is small; a GPT-2 layout table is ~
 MAX_ARRAYS = 4096                 # arrays per message
 MAX_DIMS = 8
 MAX_SENDER_LEN = 64
+MAX_ENC_LEN = 16
 
 # dtypes that may travel; "bfloat16" travels as raw 16-bit words (numpy has no bf16)
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "uint16",
@@ -133,8 +140,12 @@ def validate_header(h) -> dict:
     _check(isinstance(arrays, list) and len(arrays) <= MAX_ARRAYS,
            f"'arrays' must be a list of at most {MAX_ARRAYS} descriptors")
     for i, a in enumerate(arrays):
-        _check(isinstance(a, dict) and set(a) <= {"dtype", "shape", "range"} and "dtype" in a and "shape" in a,
-               f"array {i}: expected a map with dtype, shape and optional range, got {a!r}")
+        _check(isinstance(a, dict) and set(a) <= {"dtype", "shape", "range", "enc"} and "dtype" in a
+               and "shape" in a, f"array {i}: expected a map with dtype, shape, optional range and enc, got {a!r}")
+        if "enc" in a:
+            _check(isinstance(a["enc"], str) and 0 < len(a["enc"]) <= MAX_ENC_LEN and "range" in a,
+                   f"array {i}: enc must be a part name of 1..{MAX_ENC_LEN} characters on an array with a range, "
+                   f"got {a.get('enc')!r}")
         _check(a["dtype"] in DTYPES, f"array {i}: dtype must be one of {', '.join(DTYPES)}, got {a['dtype']!r}")
         shape = a["shape"]
         _check(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) and 0 <= d < 2 ** 40 for d in shape),

@@ -10,7 +10,10 @@ A ``Poller`` waits on several sockets with a timeout: every wait in this project
 poll with a deadline, never a blocking receive.
 
 Frames are received without a copy (``copy=False``): callers get memoryviews of the
-bytes libzmq received and decode them in place (``common/codec.py``). Sends take
+bytes libzmq received and decode them in place (``common/codec.py``). Or, with
+``recv_placed``, a caller that knows from a message's header where its arrays belong
+has them received straight into those buffers (``recv_into``, pyzmq >= 26.4): one copy,
+out of libzmq's message into memory reused step after step. Sends take
 buffers (memoryviews of numpy arrays) and do not copy them either; a sender must not
 modify an array until the message is on its way (``track=True`` says when).
 
@@ -175,6 +178,32 @@ def _buffers(frames):
     return [f.buffer for f in frames]
 
 
+def _recv_rest(sock, head, place):
+    """The frames after ``head`` of the message being received on ``sock``. ``place(head)``
+    returns, per array frame, a writable buffer to receive it into (``recv_into``: the one
+    copy out of libzmq's message, into memory the caller reuses step after step) or None
+    (receive a frame, no copy); ``place`` returning None receives every frame as a frame.
+    Returns (frames, placed): a frame whose size differs from its buffer's comes back as
+    a zero-filled stand-in of the size received, so decoding refuses it (the buffer holds
+    part of it: the caller must not count it as received)."""
+    dests = place(head) if sock.getsockopt(zmq.RCVMORE) else None
+    frames, placed, i = [head], [], 0
+    while sock.getsockopt(zmq.RCVMORE):
+        buf = dests[i] if dests is not None and i < len(dests) else None
+        if buf is None:
+            frames.append(sock.recv(copy=False).buffer)
+            placed.append(False)
+        else:
+            n = sock.recv_into(buf)
+            size = memoryview(buf).nbytes
+            # the wrong size: a zero-filled stand-in of the size received (at most the buffer's
+            # size and one byte), so that decoding refuses it by its length
+            frames.append(buf if n == size else memoryview(bytes(min(n, size + 1))))
+            placed.append(n == size)
+        i += 1
+    return frames, placed
+
+
 class Router(_Socket):
     """A bound socket that talks to many peers, each known by its identity."""
 
@@ -205,6 +234,21 @@ class Router(_Socket):
         except (zmq.ZMQError, AttributeError):
             self.last_peer = ""
         return parts[0].bytes, _buffers(parts[1:])
+
+    def recv_placed(self, place):
+        """(identity, frames, placed) of the next message, its array frames received into
+        the buffers ``place(identity, header)`` names (see ``_recv_rest``); ``place``
+        must not raise."""
+        identity = self.sock.recv()
+        if not self.sock.getsockopt(zmq.RCVMORE):
+            return identity, [], []
+        head = self.sock.recv(copy=False)
+        try:
+            self.last_peer = head.get("Peer-Address") or ""
+        except (zmq.ZMQError, AttributeError):
+            self.last_peer = ""
+        frames, placed = _recv_rest(self.sock, head.buffer, lambda h: place(identity, h))
+        return identity, frames, placed
 
     def send(self, identity: bytes, frames, track=False) -> bool:
         """Send to one peer; False (not an exception) when that peer is gone or its queue
@@ -251,6 +295,11 @@ class Dealer(_Socket):
     def recv(self):
         """Frames of the next message; call after ``poll`` said one is waiting."""
         return _buffers(self.sock.recv_multipart(copy=False))
+
+    def recv_placed(self, place):
+        """(frames, placed) of the next message, its array frames received into the
+        buffers ``place(header)`` names (see ``_recv_rest``); ``place`` must not raise."""
+        return _recv_rest(self.sock, self.sock.recv(copy=False).buffer, place)
 
     def refused(self) -> str | None:
         """A sentence when a handshake with the peer failed and none succeeded (the peer

@@ -37,16 +37,19 @@ import os
 import time
 
 from common import codec
+from common.compress import make_scheme
 from common.cluster import ClusterConfig, JobConfig, advertised_endpoint, host_name, server_bind
 from common.config import to_dict
 from common.layout import Layout
 from common.optim import OptimConfig
+from common.placement import place_chunks, place_contiguous
 from common.protocol import (
     BARRIER, DONE, ERROR, INIT, JOB, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS,
     ProtocolError,
 )
 from common.trace import NULL_TRACER
 from common.transport import Dealer, Poller, Router
+from paramserver.assembly import StepAssembly
 from paramserver.consistency import COUNT, LATE, AsyncRule, AsyncServing, Recorder, make_rule
 from paramserver.membership import Membership
 from paramserver.shard import Shard
@@ -59,9 +62,7 @@ class ServerError(RuntimeError):
     """The job cannot go on (a deadline passed, the coordinator refused us); the text says why."""
 
 
-def placement_contiguous(layout: Layout, num_servers: int) -> list:
-    """Server s owns one contiguous range of the flat vector, balanced by bytes."""
-    return [[b, e, s] for s, (b, e) in enumerate(layout.shard_ranges(num_servers))]
+placement_contiguous = place_contiguous      # the placement before chunks (common/placement.py)
 
 
 def parse_sender(sender: str, role: str, count: int) -> int:
@@ -114,6 +115,10 @@ class Server:
         self.tracer = NULL_TRACER                 # --trace: spans wait for pushes, store push, average, update, reply
         self.ready_at = 0.0                       # tracer clock: when this step began waiting for pushes
         self.traffic = Traffic(cluster.num_servers, cluster.num_workers)   # per peer, for ps-status
+        # plain BSP: pushes arrive chunk by chunk, each chunk averaged and updated as soon as it
+        # may be, each push answered as soon as its chunks are updated (assembly.py)
+        self.chunkwise = job.mode == "bsp" and job.backup_workers == 0
+        self.assembly: StepAssembly | None = None
 
     # --- the loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -124,8 +129,8 @@ class Server:
                 for sock in self.poller.poll(self._poll_timeout_ms()):
                     while sock.poll(0) and not self.stopping:
                         if sock is self.router:
-                            identity, frames = self.router.recv()
-                            self._handle(identity, frames)
+                            identity, frames, placed = self.router.recv_placed(self._place)
+                            self._handle(identity, frames, placed)
                         else:
                             self._handle_control(sock.recv())
                 self._check_deadlines()
@@ -155,7 +160,7 @@ class Server:
         starts = [p[3] for p in self.waiting_pulls]
         if self.asynchronous and self.asynchronous.held:
             starts.append(self.asynchronous.oldest())
-        if self.pending or self.awaiting_norms:
+        if self.pending or self.awaiting_norms or (self.assembly and self.assembly.started):
             starts.append(self.step_started)
         if starts:
             return max(1.0, (min(starts) + self.cluster.timeout - time.monotonic()) * 1000)
@@ -210,7 +215,10 @@ class Server:
         """Set up the shard from the coordinator's JOB answer."""
         layout = Layout.from_table(job["layout"])
         chunks = [(b, e) for b, e, s in job["placement"] if s == self.rank]
-        self.shard = Shard(chunks, job["dtype"], self.optim, layout.decay_ranges())
+        scheme = make_scheme(self.job.compress, self.job.compress_ratio, self.job.error_feedback == "on")
+        self.shard = Shard(chunks, job["dtype"], self.optim, layout.decay_ranges(), scheme)
+        if self.chunkwise:
+            self.assembly = StepAssembly(len(chunks), self.num_workers)
         self.server_addrs = list(job["servers"])
         if self.optim.grad_clip > 0 and self.job.mode == "bsp":     # see _average_step
             for s, addr in enumerate(self.server_addrs):
@@ -221,9 +229,9 @@ class Server:
                  self.shard.describe_chunks(), job["dtype"])
 
     # --- dispatch -----------------------------------------------------------------------
-    def _decode(self, frames, who):
+    def _decode(self, frames, who, placed=None):
         try:
-            return codec.decode(frames)
+            return codec.decode(frames, placed=placed)
         except ProtocolError as e:
             self.refused += 1
             log.warning("refused a malformed message from %s: %s", who, e)
@@ -236,8 +244,33 @@ class Server:
         if not sent:
             log.warning("could not answer %s: the peer is gone or not reading", identity[:16])
 
-    def _handle(self, identity: bytes, frames):
-        msg = self._decode(frames, f"peer {identity[:16]!r}")
+    def _place(self, identity: bytes, head):
+        """Where the arrays of an arriving message go: a plain BSP push of whole chunks this
+        worker has not pushed yet in this step lands straight in the worker's gradient slot
+        (the transport's recv_into: one copy, into memory reused every step). Anything else,
+        or anything doubtful, arrives as frames and goes through the usual checks."""
+        shard, asm = self.shard, self.assembly
+        if asm is None or not shard.initialized:
+            return None
+        try:
+            h = codec.parse_header(head)
+            if h["cmd"] != PUSH or h["step"] != shard.version:
+                return None
+            rank = parse_sender(h["from"], "worker", self.num_workers)
+        except ProtocolError:
+            return None
+        if rank in self.pending:
+            return None
+        slot, dests = shard.slot(rank), []
+        for d in h["arrays"]:
+            r = d.get("range")
+            c = shard._index.get(tuple(r)) if r and "enc" not in d and d["dtype"] == shard.dtype.name else None
+            ok = c is not None and d["shape"] == [r[1] - r[0]] and not asm.has(rank, c)
+            dests.append(memoryview(slot[shard.chunk_slice(c)]).cast("B") if ok else None)
+        return dests
+
+    def _handle(self, identity: bytes, frames, placed=None):
+        msg = self._decode(frames, f"peer {identity[:16]!r}", placed)
         if msg is None:
             self._reply(identity, ERROR, 0, message="malformed message refused (see the server's log)")
             return
@@ -278,7 +311,7 @@ class Server:
                  msg.meta["rank"] if msg.meta["rank"] >= 0 else "(rank to assign)",
                  msg.meta["host"], msg.meta["pid"], self.members.missing())
         if self.members.complete():
-            replies = self.members.start(placement_contiguous)
+            replies = self.members.start(lambda layout, S: place_chunks(layout, S, self.job.chunk_mb))
             log.info("the job's address table:\n%s", self.members.describe_table())
             for ident, job in replies:
                 if ident == b"":
@@ -341,8 +374,12 @@ class Server:
             self._release_pulls()
             return
         kind = self.rule.classify(msg.step, shard.version, self.pending, rank)
+        if self.chunkwise:
+            self._on_chunks(identity, msg, rank)
+            return
         shard.check_full_cover(msg.ranges, "push")
-        shard.check_arrays(msg.arrays, msg.ranges, msg.dtypes, "push")
+        with self.tracer.span("store push", step=msg.step, worker=rank):
+            shard.store_gradient(rank, msg)     # decodes and checks; a late push's slot is not averaged
         if kind != COUNT:                   # backup workers: this step went on without it
             self.recorder.dropped(rank, shard.version - msg.step)
             if kind == LATE:
@@ -352,8 +389,6 @@ class Server:
             else:
                 raise ProtocolError(f"too many late pushes for step {msg.step}")
             return
-        with self.tracer.span("store push", step=msg.step, worker=rank):
-            shard.store_gradient(rank, msg.arrays, msg.ranges)
         if not self.pending:
             self.step_started = time.monotonic()
         self.pending[rank] = (identity, msg.rid, msg.meta)
@@ -361,10 +396,55 @@ class Server:
             self.tracer.add("wait for pushes", self.ready_at, self.tracer.now(), step=msg.step)
             self._average_step()
 
+    def _on_chunks(self, identity, msg, rank):
+        """Plain BSP: a push of some of this server's chunks (``assembly.py``). Each chunk is
+        averaged once every worker has pushed it and, without clipping, updated at once;
+        a push is answered once its chunks are updated. The last push of the step runs
+        the step's end (``_average_step``), which updates what is left in the order of the
+        flat vector and answers with the step's mean loss and counters."""
+        shard, asm = self.shard, self.assembly
+        if not msg.arrays or None in msg.ranges:
+            raise ProtocolError("a push carries whole chunks, each with its range in the flat vector")
+        chunks = [shard.chunk_index(*r) for r in dict.fromkeys(msg.ranges)]
+        asm.check(rank, chunks)              # before anything is written: a resent chunk changes nothing
+        with self.tracer.span("store push", step=msg.step, worker=rank):
+            shard.store_gradient(rank, msg)
+        if not asm.started:
+            self.step_started = time.monotonic()
+        complete = asm.add(identity, msg.rid, rank, chunks, msg.meta)
+        if complete:
+            with self.tracer.span("average", step=msg.step):
+                for c in complete:
+                    shard.average_chunk(c, range(self.num_workers))
+        if asm.rank_done(rank):
+            self.pending[rank] = (identity, msg.rid, asm.meta[rank])
+        if self.rule.complete(self.pending):
+            self.tracer.add("wait for pushes", self.ready_at, self.tracer.now(), step=msg.step)
+            self._average_step()
+        elif self.optim.grad_clip == 0:       # no global norm to wait for: update what is complete now
+            with self.tracer.span("update", step=shard.version):
+                self._update_chunks(None)
+
+    def _update_chunks(self, global_sumsq, **meta):
+        """Update the complete chunks not yet updated, in the order of the flat vector, and
+        answer each push as soon as every chunk it carried is updated (with ``meta``)."""
+        shard, asm = self.shard, self.assembly
+        for c in asm.to_update():
+            if not shard.updating:
+                shard.begin_update(global_sumsq)
+            shard.update_chunk(c)
+            asm.updated.add(c)
+            for m in asm.answerable():
+                chunks = sorted(m.chunks)
+                with self.tracer.span("reply", step=shard.version):
+                    self._reply(m.identity, OK, m.rid, arrays=[shard.params[shard.chunk_slice(c)] for c in chunks],
+                                ranges=[shard.chunks[c] for c in chunks], version=shard.version + 1, **meta)
+
     def _average_step(self):
         shard = self.shard
-        with self.tracer.span("average", step=shard.version):
-            shard.average(self.pending)
+        if not self.chunkwise:              # (chunkwise: each chunk was averaged as it completed)
+            with self.tracer.span("average", step=shard.version):
+                shard.average(self.pending)
         self.ready_at = self.tracer.now()          # (norm exchange, if any, runs from here)
         if self.job.mode == "local-sgd":        # the workers clipped their own steps
             self._finish_step(None)
@@ -407,16 +487,21 @@ class Server:
         losses = [m["loss"] for m in metas if "loss" in m]
         stats = {k: sum(m.get(k, 0) for m in metas) for k in ("tokens", "bytes_pushed", "bytes_pulled")}
         self.recorder.step(self.pending, shard.version)
+        extra = {"loss": sum(losses) / len(losses)} if losses else {}
         with self.tracer.span("update", step=shard.version):
             if self.job.mode == "local-sgd":
                 shard.apply_delta()
+            elif self.chunkwise:            # update and answer chunk by chunk, in forward order
+                self._update_chunks(global_sumsq, stats=stats, **extra)
+                shard.end_update()
+                self.assembly.reset()
             else:
                 shard.apply(global_sumsq)
-        extra = {"loss": sum(losses) / len(losses)} if losses else {}
-        with self.tracer.span("reply", step=shard.version - 1):
-            for r in sorted(self.pending):
-                identity, rid, _ = self.pending[r]
-                self._send_params(identity, rid, stats=stats, **extra)
+        if not self.chunkwise:
+            with self.tracer.span("reply", step=shard.version - 1):
+                for r in sorted(self.pending):
+                    identity, rid, _ = self.pending[r]
+                    self._send_params(identity, rid, stats=stats, **extra)
         self.pending.clear()
         for identity, rid in self.late:
             self._send_params(identity, rid, dropped=True)
@@ -461,7 +546,8 @@ class Server:
     # --- deadlines ----------------------------------------------------------------------
     def _check_deadlines(self):
         now = time.monotonic()
-        if (self.pending or self.awaiting_norms) and now - self.step_started > self.cluster.timeout:
+        started = self.pending or self.awaiting_norms or (self.assembly and self.assembly.started)
+        if started and now - self.step_started > self.cluster.timeout:
             step = self.shard.version
             if self.awaiting_norms:
                 got = self.norms.get(step, {})

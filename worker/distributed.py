@@ -7,7 +7,10 @@ One worker, top to bottom:
     worker 0: init the servers             with its freshly initialised parameters
     pull                                   params <- the servers
     until the job's steps are done:
-        forward + backward on a batch      grads (this worker's shard of the batch)
+        forward + backward on a batch      grads (this worker's shard of the batch); with
+                                           --overlap (bsp), each layer's gradients leave as
+                                           soon as the backward has them, and the forward
+                                           waits for each layer's new parameters
         (--straggler: this worker sleeps)  a slow worker, to see what each mode does with it
         the mode's step                    BSP: push grads, the servers average over every
                                            worker, step the optimizer, answer with fresh
@@ -59,6 +62,7 @@ class WorkerConfig:
     sample_bytes: int = 300       # worker 0: bytes of text to sample from the final model (0 = none)
     model: str = "gpt"            # gpt: next byte, causal attention | bert: 15% of the bytes masked, bidirectional
     trace: bool = False           # write a Chrome trace of this worker (trace-worker-R.json in the run folder)
+    overlap: bool = True          # bsp: push each layer's gradients during the backward and wait for each layer's new parameters in the next forward (--no-overlap: push and pull after the backward)
     straggler: str = ""           # RANK:SECONDS (worker RANK sleeps that long after each gradient) or RANK:Fx (its steps take F times its compute time); RANK 'any': a different random worker at each step; '' = none
     CHOICES = {"model": MODELS}
 
@@ -152,7 +156,7 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
     if lead:
         client.init(model.params)
     client.pull(model.params)
-    loop = make_loop(job_cfg, client, model, wc.steps, W, job.get("optim"))
+    loop = make_loop(job_cfg, client, model, wc.steps, W, job.get("optim"), overlap=wc.overlap)
     straggler = Straggler(wc.straggler, rank, W, wc.seed)
     if straggler.involves_me:
         log.info("this worker is slowed: %s", straggler.describe())
@@ -177,11 +181,11 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
         t_step, step = tracer.now(), iterations
         idx, targets = sampler.next_batch()
         t0 = time.perf_counter()
-        with tracer.span("forward", step=step):
-            model.zero_grad()
-            loss = model.forward(idx, targets)
-        with tracer.span("backward", step=step):
-            model.backward()
+        with tracer.span("forward", step=step):         # overlap: waits for each layer's new parameters
+            loss = model.forward(idx, targets, **loop.forward_hooks())
+        with tracer.span("backward", step=step):        # overlap: each layer's gradients leave when final
+            model.zero_grad()      # after the forward: until then the last step's push may still be leaving
+            model.backward(**loop.backward_hooks(loss, idx.size))
         dt = time.perf_counter() - t0
         compute_s += dt
         pause = straggler.pause(iterations, dt)
@@ -193,6 +197,9 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
         iterations += 1
         if not lead:
             continue
+        if not p.synced and (loop.finished() or p.step // wc.eval_interval > last_eval // wc.eval_interval
+                             or p.step // wc.log_interval > last_log // wc.log_interval):
+            p = loop.settle(p)          # overlap: logging and evaluating need this step's answers
         # log and evaluate when the job's progress passes a multiple of the intervals (a mode
         # may jump over one: backup workers, asp); local-sgd evaluates only averaged models
         record = {"step": p.step, "loss": p.reply.get("loss", loss), "updates": p.updates, "gradients": p.gradients}
@@ -210,6 +217,8 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
                           bytes_pulled=stats.get("bytes_pulled", client.bytes_pulled))
             metrics.write(record)
             window_t, window_tokens, last_log = now, p.tokens, p.step
+    if p is not None:
+        p = loop.settle(p)              # overlap: the last answers in before this worker says done
     wall_s = time.perf_counter() - t_start
     if lead:
         loop.finish()

@@ -10,6 +10,13 @@ to the token embedding.
 Activations are allocated once per (B, T) and reused by every later call with the same
 shape, so a training loop allocates no new activation memory step after step.
 
+Two optional hooks let a distributed worker overlap communication with compute
+(``worker/consistency.py``): ``forward(..., before=f)`` calls ``f(begin, end)`` before
+the first use of ``params[begin:end]`` (the embeddings, each block, ln_f: the order of
+the flat vector), and ``backward(after=g)`` calls ``g(begin, end)`` once
+``grads[begin:end]`` is final (ln_f, the blocks from the last, then the embeddings:
+wte is tied to the output, so its gradient is final only at the very end).
+
 Not here: the optimizer (``common/optim.py``), data (``worker/data.py``), the loop
 (``worker/train.py``), GPU kernels (``worker/kernels/``).
 """
@@ -81,9 +88,14 @@ class _Activations:
         self.dlosses = z(B, T)
 
 
+def _no_hook(begin, end):
+    pass
+
+
 class GPT:
     """GPT-2 whose parameters live in the flat vector ``self.params`` (gradients in
     ``self.grads``), views named as in GPT-2."""
+    LAYER_HOOKS = True            # forward(before=) and backward(after=): see the module's docstring
 
     def __init__(self, config: GPTConfig, dtype=numpy.float32, seed: int = 0):
         self.config = config
@@ -96,6 +108,9 @@ class GPT:
         self.grads = self.xp.zeros(self.layout.size, dtype=self.dtype)
         self._p = self.layout.views(self.params)
         self._g = self.layout.views(self.grads)
+        L = self.layout           # the ranges the hooks name
+        self._spans = dict(embed=(L.span("wte.")[0], L.span("wpe.")[1]), ln_f=L.span("ln_f."),
+                           blocks=[L.span(f"h.{i}.") for i in range(config.n_layer)])
         self._acts = None
         self._batch = None            # (idx, targets, number of valid targets) of the last forward
         self.init_weights(seed)
@@ -144,11 +159,12 @@ class GPT:
         if idx.dtype.kind not in "iu":
             raise ValueError(f"{what} must hold integers, got {idx.dtype}")
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, before=_no_hook):
         """Run the model on token ids ``idx`` (B, T).
         With ``targets`` (B, T): return the mean cross-entropy over positions whose
         target is >= 0 (a float), and keep what ``backward`` needs.
-        Without: return the logits (B, T, V), a fresh array."""
+        Without: return the logits (B, T, V), a fresh array.
+        ``before(begin, end)`` is called before params[begin:end] is first used."""
         cfg = self.config
         xp = self.xp
         self._check_tokens(idx, "idx")
@@ -166,10 +182,12 @@ class GPT:
                 raise ValueError(f"targets must be < vocab_size {cfg.vocab_size} (negative = ignored)")
         p, a = self._p, self._activations(B, T)
 
+        before(*self._spans["embed"])
         embedding_forward(a.encoded, idx, p["wte.weight"], p["wpe.weight"])   # (B,T,C)
         x = a.encoded
         for i, blk in enumerate(a.blocks):
             h = f"h.{i}."
+            before(*self._spans["blocks"][i])
             layernorm_forward(blk["ln1"], blk["ln1_mean"], blk["ln1_rstd"], x,
                               p[h + "ln_1.weight"], p[h + "ln_1.bias"])
             matmul_forward(blk["qkv"], blk["ln1"], p[h + "attn.c_attn.weight"],
@@ -187,6 +205,7 @@ class GPT:
                            p[h + "mlp.c_proj.bias"])                            # (B,T,C)
             residual_forward(blk["res3"], blk["res2"], blk["fcproj"])
             x = blk["res3"]
+        before(*self._spans["ln_f"])
         layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, x, p["ln_f.weight"], p["ln_f.bias"])
         matmul_forward(a.logits, a.lnf, p["wte.weight"].T)                      # (B,T,V), tied
 
@@ -199,10 +218,11 @@ class GPT:
         return float(a.losses.sum()) / max(n_valid, 1)
 
     # --- backward -------------------------------------------------------------------
-    def backward(self, dloss: float = 1.0):
+    def backward(self, dloss: float = 1.0, after=_no_hook):
         """Accumulate into ``grads`` (``+=``) the gradient of ``dloss`` times the loss of
         the last ``forward(idx, targets)``. Call ``zero_grad()`` between steps; several
-        backward calls between two ``zero_grad()`` accumulate micro-batches."""
+        backward calls between two ``zero_grad()`` accumulate micro-batches.
+        ``after(begin, end)`` is called once grads[begin:end] is final."""
         if self._batch is None:
             raise RuntimeError("backward() needs a forward(idx, targets) first")
         idx, targets, n_valid = self._batch
@@ -215,6 +235,7 @@ class GPT:
         a.dres[...] = 0
         layernorm_backward(a.dres, g["ln_f.weight"], g["ln_f.bias"], a.dC, x_last,
                            a.lnf_mean, a.lnf_rstd, p["ln_f.weight"])
+        after(*self._spans["ln_f"])
         # The residual stream: res3 = res2 + fcproj and res2 = x + attproj. residual_backward
         # would copy dres into both branches; here both branches read a.dres in place and
         # the LayerNorms add their share into it, which is the same sum without copies.
@@ -238,4 +259,6 @@ class GPT:
                             a.dqkv, blk["ln1"], p[h + "attn.c_attn.weight"])
             layernorm_backward(a.dres, g[h + "ln_1.weight"], g[h + "ln_1.bias"], dln1,
                                x_in, blk["ln1_mean"], blk["ln1_rstd"], p[h + "ln_1.weight"])
+            after(*self._spans["blocks"][i])
         embedding_backward(g["wte.weight"], g["wpe.weight"], a.dres, idx)
+        after(*self._spans["embed"])
