@@ -100,10 +100,14 @@ def parse_header(head) -> dict:
 def decode(frames, header: dict | None = None, placed=None) -> Message:
     """A ``Message`` from received frames (bytes, memoryviews or zmq frames' buffers).
     ``header``: frame 0 already parsed by ``parse_header``; ``placed[i]``: True where
-    frame i + 1 was received into its destination (recorded in ``Message.placed``)."""
+    frame i + 1 was received into its destination (recorded in ``Message.placed``),
+    None where it did not fit there (the message is refused)."""
     if not frames:
         raise ProtocolError("empty message")
     h = header if header is not None else parse_header(frames[0])
+    if placed is not None and None in placed:
+        raise ProtocolError(f"array {list(placed).index(None)} is larger than the buffer its header promised "
+                            "room for; the message is refused")
     descs = h["arrays"]
     if len(frames) != 1 + len(descs):
         raise ProtocolError(f"header announces {len(descs)} array frame(s), message has {len(frames) - 1}")

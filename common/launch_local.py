@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trace", action="store_true",
                    help="every process writes a Chrome trace (trace-server-S.json, trace-worker-R.json), "
                         "merged into trace.json in the run folder: open it at https://ui.perfetto.dev")
+    g.add_argument("--show-placement", action="store_true",
+                   help="print how the flat vector is cut into chunks (--chunk-mb) and dealt over the servers, "
+                        "and exit (the workers' model flags apply)")
     g.add_argument("--curve", default="", help="CurveZMQ key folder made by ps-keys: encrypt and authenticate "
                                                "every connection (default: plain TCP)")
     add_arguments(p, JobConfig, "consistency (every process)")
@@ -175,6 +178,8 @@ def main(argv=None) -> int:
     worker_cmd = [py, "-m", "worker", *common, "--steps", str(args.steps), "--out", str(out), *worker_args]
     trace = ["--trace"] if args.trace else []
 
+    if args.show_placement:
+        return subprocess.run(worker_cmd + ["--show-placement"]).returncode
     # the workers' flags are checked before anything starts, so a typo fails in a second
     check = subprocess.run(worker_cmd + ["--dry-run"], capture_output=True, text=True)
     if check.returncode != 0:

@@ -15,8 +15,9 @@ Distributed DNN Training in Heterogeneous GPU/CPU Clusters", OSDI 2020):
   a server can update and answer on its own, so chunks smaller than a layer let
   communication overlap the backward and the next forward;
 - the count is at least ``MIN_CHUNKS_PER_SERVER`` per server (small models still
-  pipeline) and a multiple of the number of servers, so the chunks are equal up to
-  the alignment and every server carries the same bytes.
+  pipeline) unless that makes chunks under ``MIN_CHUNK_BYTES`` (each message costs a
+  fixed ~0.1-0.3 ms of Python on both sides), and a multiple of the number of servers,
+  so the chunks are equal up to the alignment and every server carries the same bytes.
 Chunks are then assigned greedily, largest first, each to the least-loaded server
 (Graham's LPT rule); with equal chunks this deals them out round-robin, so the chunks
 of every layer are spread over every server and a layer's push goes to all of them
@@ -34,16 +35,19 @@ from __future__ import annotations
 from common.layout import Layout, even_ranges
 
 MIN_CHUNKS_PER_SERVER = 4
+MIN_CHUNK_BYTES = 512 << 10   # ... but not below this: a message costs ~0.1-0.3 ms of Python, as long as 0.5 MiB takes on the wire
 ALIGN = 16                    # elements: a chunk starts on a 64-byte boundary in float32
 DEFAULT_CHUNK_MB = 4.0
 
 
-def chunk_ranges(size: int, num_servers: int, chunk_elems: int, align: int = ALIGN) -> list[tuple[int, int]]:
+def chunk_ranges(size: int, num_servers: int, chunk_elems: int, align: int = ALIGN,
+                 min_elems: int = MIN_CHUNK_BYTES // 4) -> list[tuple[int, int]]:
     """``[0, size)`` cut into n contiguous chunks of at most about ``chunk_elems``
     elements, n a multiple of ``num_servers`` and at least ``MIN_CHUNKS_PER_SERVER *
-    num_servers``, fewer only where the vector is too small; boundaries on multiples of
-    ``align`` (of 1 for a vector too small to give every server an aligned chunk), so
-    lengths differ by at most ``align``. No chunk is empty."""
+    num_servers`` where that leaves chunks of ``min_elems`` or more (else as many as
+    that allows, one per server at least); boundaries on multiples of ``align`` (of 1
+    for a vector too small to give every server an aligned chunk), so lengths differ by
+    at most ``align``. No chunk is empty."""
     if size < 0 or num_servers < 1 or chunk_elems < 1:
         raise ValueError(f"need size >= 0, servers >= 1, chunk >= 1; got {size}, {num_servers}, {chunk_elems}")
     if size == 0:
@@ -51,7 +55,7 @@ def chunk_ranges(size: int, num_servers: int, chunk_elems: int, align: int = ALI
     if size < align * num_servers:
         align = 1
     units = -(-size // align)                         # aligned blocks in the vector
-    n = max(-(-size // chunk_elems), MIN_CHUNKS_PER_SERVER * num_servers)
+    n = max(-(-size // chunk_elems), min(MIN_CHUNKS_PER_SERVER * num_servers, size // max(1, min_elems)))
     n = num_servers * -(-n // num_servers)            # a multiple of S: equal bytes per server
     if n > units:                                     # never an empty chunk
         n = num_servers * (units // num_servers) or units

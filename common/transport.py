@@ -35,6 +35,7 @@ import socket as _pysocket
 import threading
 from pathlib import Path
 
+import numpy
 import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
@@ -44,6 +45,7 @@ from common.netaddr import explain_unreachable
 LINGER_MS = 1000                 # at close, give queued messages this long to leave
 MAX_MESSAGE_BYTES = 2 << 30      # a peer sending a bigger frame is disconnected by libzmq
 QUEUE_MESSAGES = 100             # messages queued per connection and direction (high-water mark)
+COPY_THRESHOLD = 256 << 10       # frames smaller than this are copied into libzmq rather than lent to it
 
 
 class TransportError(RuntimeError):
@@ -157,6 +159,9 @@ class _Socket:
         # sender waits), and a flood cannot grow this process's memory without bound.
         self.sock.setsockopt(zmq.RCVHWM, QUEUE_MESSAGES)
         self.sock.setsockopt(zmq.SNDHWM, QUEUE_MESSAGES)
+        # a zero-copy send costs more than copying a small frame (measured: 39 us against 7 us
+        # for 64 KiB, 9.5 us against 29 us for 1 MiB): frames below this are copied
+        self.sock.copy_threshold = COPY_THRESHOLD
         self.endpoint = None
 
     def poll(self, timeout_ms: float) -> bool:
@@ -183,9 +188,11 @@ def _recv_rest(sock, head, place):
     returns, per array frame, a writable buffer to receive it into (``recv_into``: the one
     copy out of libzmq's message, into memory the caller reuses step after step) or None
     (receive a frame, no copy); ``place`` returning None receives every frame as a frame.
-    Returns (frames, placed): a frame whose size differs from its buffer's comes back as
-    a zero-filled stand-in of the size received, so decoding refuses it (the buffer holds
-    part of it: the caller must not count it as received)."""
+    Returns (frames, placed): placed[i] is True where frame i + 1 filled its buffer; a
+    frame smaller than its buffer comes back as the part it filled (False), a bigger
+    one was truncated: None, and a stand-in of its length (``codec.decode`` refuses the
+    message; the buffer holds part of it, so a caller counts nothing as received unless
+    the message decodes and passes its checks)."""
     dests = place(head) if sock.getsockopt(zmq.RCVMORE) else None
     frames, placed, i = [head], [], 0
     while sock.getsockopt(zmq.RCVMORE):
@@ -195,13 +202,20 @@ def _recv_rest(sock, head, place):
             placed.append(False)
         else:
             n = sock.recv_into(buf)
-            size = memoryview(buf).nbytes
-            # the wrong size: a zero-filled stand-in of the size received (at most the buffer's
-            # size and one byte), so that decoding refuses it by its length
-            frames.append(buf if n == size else memoryview(bytes(min(n, size + 1))))
-            placed.append(n == size)
+            view = memoryview(buf).cast("B")
+            if n <= view.nbytes:        # all of it arrived (placed only if it filled the buffer)
+                frames.append(view[:n])
+                placed.append(n == view.nbytes)
+            else:                       # truncated: lost (None), a stand-in of its length
+                frames.append(memoryview(_zeros(n)))
+                placed.append(None)
         i += 1
     return frames, placed
+
+
+def _zeros(n: int):
+    """n zero bytes that take no memory (a broadcast view)."""
+    return numpy.broadcast_to(numpy.zeros(1, numpy.uint8), (n,))
 
 
 class Router(_Socket):

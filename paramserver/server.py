@@ -119,6 +119,7 @@ class Server:
         # may be, each push answered as soon as its chunks are updated (assembly.py)
         self.chunkwise = job.mode == "bsp" and job.backup_workers == 0
         self.assembly: StepAssembly | None = None
+        self._parsed = (None, None)               # (frame 0, its header) of the message being received
 
     # --- the loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -219,6 +220,8 @@ class Server:
         self.shard = Shard(chunks, job["dtype"], self.optim, layout.decay_ranges(), scheme)
         if self.chunkwise:
             self.assembly = StepAssembly(len(chunks), self.num_workers)
+            if self.num_workers == 1:
+                self.shard.share_slot_with_avg(0)       # one worker: no copy to average
         self.server_addrs = list(job["servers"])
         if self.optim.grad_clip > 0 and self.job.mode == "bsp":     # see _average_step
             for s, addr in enumerate(self.server_addrs):
@@ -230,8 +233,10 @@ class Server:
 
     # --- dispatch -----------------------------------------------------------------------
     def _decode(self, frames, who, placed=None):
+        head, header = self._parsed
+        self._parsed = (None, None)
         try:
-            return codec.decode(frames, placed=placed)
+            return codec.decode(frames, header=header if frames and frames[0] is head else None, placed=placed)
         except ProtocolError as e:
             self.refused += 1
             log.warning("refused a malformed message from %s: %s", who, e)
@@ -249,13 +254,15 @@ class Server:
         worker has not pushed yet in this step lands straight in the worker's gradient slot
         (the transport's recv_into: one copy, into memory reused every step). Anything else,
         or anything doubtful, arrives as frames and goes through the usual checks."""
-        shard, asm = self.shard, self.assembly
-        if asm is None or not shard.initialized:
-            return None
         try:
             h = codec.parse_header(head)
-            if h["cmd"] != PUSH or h["step"] != shard.version:
-                return None
+        except ProtocolError:
+            return None
+        self._parsed = (head, h)                  # _handle decodes with it: the header is parsed once
+        shard, asm = self.shard, self.assembly
+        if asm is None or not shard.initialized or h["cmd"] != PUSH or h["step"] != shard.version:
+            return None
+        try:
             rank = parse_sender(h["from"], "worker", self.num_workers)
         except ProtocolError:
             return None

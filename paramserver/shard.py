@@ -58,6 +58,7 @@ class Shard:
         self._slots = {}                    # worker rank -> gradient buffer, reused every step
         self._snapshot = None               # (version, [arrays]): a copy of the parameters to send
         self._step = None                   # (lr, grad scale) of the update in progress (begin_update)
+        self.avg_scale = 1.0                # avg holds avg_scale^-1 times the mean (average_chunk: the sum)
 
     # --- addressing ---------------------------------------------------------------
     def locate(self, begin: int, end: int) -> slice:
@@ -146,6 +147,7 @@ class Shard:
 
     def set_update(self, msg) -> list[int]:
         """self.avg = one worker's gradient (asp/ssp: a push is applied alone)."""
+        self.avg_scale = 1.0
         return self.write_chunks(self.avg, msg)
 
     def write_chunks(self, dest, msg) -> list[int]:
@@ -190,6 +192,7 @@ class Shard:
     def average(self, ranks) -> numpy.ndarray:
         """self.avg = mean of the slots of ``ranks``, summed in rank order."""
         ranks = sorted(ranks)
+        self.avg_scale = 1.0
         numpy.copyto(self.avg, self._slots[ranks[0]])
         for r in ranks[1:]:
             self.avg += self._slots[r]
@@ -197,20 +200,27 @@ class Shard:
             self.avg *= 1.0 / len(ranks)
         return self.avg
 
+    def share_slot_with_avg(self, rank: int):
+        """With one worker the average is its gradient: let its pushes land in ``avg``."""
+        self._slots[rank] = self.avg
+
     def average_chunk(self, i: int, ranks):
-        """self.avg over chunk ``i`` = mean of the slots of ``ranks`` there, in rank order
-        (the same sums, hence the same bits, as ``average``)."""
+        """self.avg over chunk ``i`` = the SUM of the slots of ``ranks`` there, in rank order
+        (the same sums as ``average``); the 1 / W goes into the optimizer's gradient scale
+        (``avg_scale``), which multiplies the gradient anyway: one pass over memory saved."""
         sl, ranks = self.chunk_slice(i), sorted(ranks)
-        avg = self.avg[sl]
-        numpy.copyto(avg, self._slots[ranks[0]][sl])
-        for r in ranks[1:]:
-            avg += self._slots[r][sl]
+        avg, slots = self.avg[sl], self._slots
         if len(ranks) > 1:
-            avg *= 1.0 / len(ranks)
+            numpy.add(slots[ranks[0]][sl], slots[ranks[1]][sl], out=avg)
+        elif slots[ranks[0]] is not self.avg:
+            numpy.copyto(avg, slots[ranks[0]][sl])
+        for r in ranks[2:]:
+            avg += slots[r][sl]
+        self.avg_scale = 1.0 / len(ranks)
 
     def local_sumsq(self) -> float:
         """This shard's share of the squared norm of the averaged gradient."""
-        return sum_of_squares(self.avg)
+        return sum_of_squares(self.avg) * self.avg_scale ** 2
 
     def apply(self, global_sumsq: float | None = None, lr_step: int | None = None, lr_scale: float = 1.0):
         """One optimizer step with the averaged gradient in ``self.avg``. With clipping
@@ -234,7 +244,7 @@ class Shard:
             scale = clip_scale(global_sumsq ** 0.5, cfg.grad_clip)
         step = self.version if lr_step is None else lr_step
         self.optimizer.begin()
-        self._step = (lr_at(cfg, step) * lr_scale, scale)
+        self._step = (lr_at(cfg, step) * lr_scale, scale * self.avg_scale)
 
     @property
     def updating(self) -> bool:

@@ -104,6 +104,7 @@ class PSClient:
         self.version = 0                        # the (lowest) version of the parameters held
         self.versions: list[int] = []           # per server: the version of its last answer
         self.pushes = 0
+        self.push_messages = 0                  # PUSH messages sent (overlap: several per server and step)
         self.dropped = 0                        # pushes a server did not apply (backup workers)
         self.wait_s = 0.0                       # seconds spent waiting for answers to push/pull
         self.tracer = NULL_TRACER               # spans: push (send), wait (for every answer), pull (copy in)
@@ -122,6 +123,7 @@ class PSClient:
         self._final: list = []                  # ranges whose gradients are final (push_final)
         self._fresh: set = set()                # chunks whose answer (new parameters) is in
         self._answers: dict = {}                # server -> its answers' meta, merged
+        self._parsed = (None, None)             # (frame 0, its header) of the answer being received
         # where a server may hold an answer back (ssp) or wait for a version, its own deadline
         # names the workers it waits for: give it time to say so before ours passes
         self.grace = 0.0 if mode == "bsp" and not self.catch_up else max(2.0, 0.1 * self.timeout)
@@ -282,13 +284,16 @@ class PSClient:
         return self._step is not None
 
     def _push(self, chunk_ids):
-        """One PUSH per server for the given chunks (compressed if the job says so)."""
-        by_server: dict[int, list] = {}
+        """PUSH the given chunks (compressed if the job says so): in plain BSP one message per
+        chunk, so that a server averages, updates and answers one chunk while the next is
+        still on the wire (a pipeline); elsewhere one message per server, all its chunks."""
+        groups: dict = {}
         for i in chunk_ids:
-            by_server.setdefault(self._chunk_list[i][2], []).append(i)
+            groups.setdefault(i if self.chunkwise else self._chunk_list[i][2], []).append(i)
             self._unsent.discard(i)
         g = self._grads
-        for s, ids in sorted(by_server.items()):
+        for key, ids in sorted(groups.items()):
+            s = self._chunk_list[ids[0]][2]
             arrays, ranges, encs = [], [], []
             for i in ids:
                 b, e, _ = self._chunk_list[i]
@@ -317,6 +322,7 @@ class PSClient:
         self.links[s].send(frames)
         if cmd == PUSH:
             self.bytes_pushed += codec.frames_nbytes(frames)
+            self.push_messages += 1
         self._out[rid] = _Request(s, cmd, step, list(answers))
         self.tracer.add(cmd, t, self.tracer.now(), step=step)
 
@@ -368,6 +374,7 @@ class PSClient:
             h = codec.parse_header(head)
         except ProtocolError:
             return None
+        self._parsed = (head, h)                  # decoded with it: the header is parsed once
         req, params = self._out.get(h["rid"]), self._params
         if h["cmd"] != OK or req is None or params is None:
             return None
@@ -418,8 +425,10 @@ class PSClient:
                 return msg
 
     def _decode(self, frames, who, placed=None):
+        head, header = self._parsed
+        self._parsed = (None, None)
         try:
-            return codec.decode(frames, placed=placed)
+            return codec.decode(frames, header=header if frames and frames[0] is head else None, placed=placed)
         except ProtocolError as e:
             log.warning("dropped a malformed answer from %s: %s", who, e)
             return None
