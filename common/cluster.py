@@ -61,6 +61,7 @@ class ClusterConfig:
     interface: str = ""                     # servers: advertise the address of this network interface (e.g. eth0, ib0) instead of the route's
     subnet: str = ""                        # servers: advertise this host's address inside this subnet (e.g. 10.0.0.0/24)
     curve: str = ""                         # folder of CurveZMQ keys made by ps-keys: every socket encrypted and authenticated ('' = plain TCP)
+    ipc: bool = True                        # a server advertised on 127.0.0.1 also listens on a Unix socket, which processes of its host use instead of TCP
 
     def __post_init__(self):
         if self.num_servers < 1 or self.num_workers < 1:
@@ -92,6 +93,7 @@ class JobConfig:
     compress: str = "none"                  # gradient compression on the push: none, fp16, bf16, int8 (stochastic, QSGD-style), topk or randk (common/compress.py)
     compress_ratio: float = 0.01            # topk/randk: the fraction of each chunk's entries sent
     error_feedback: str = "on"              # with --compress: keep on the worker what was not sent and add it to the next push
+    compress_momentum: float = 0.0          # with --compress: momentum applied on the workers before compressing (Deep Gradient Compression's momentum correction; the servers then run --optimizer sgd)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -113,6 +115,12 @@ class JobConfig:
                              f"{self.chunk_mb}")
         if self.compress_ratio != 0.01 and self.compress not in ("topk", "randk"):
             raise ValueError(f"--compress-ratio applies to --compress topk or randk, not {self.compress}")
+        if not 0 <= self.compress_momentum < 1:
+            raise ValueError(f"compress_momentum must lie in [0, 1), got {self.compress_momentum}")
+        if self.compress_momentum and self.compress == "none":
+            raise ValueError("--compress-momentum applies with --compress (without, use --optimizer momentum)")
+        if self.error_feedback != "on" and self.compress == "none":
+            raise ValueError("--error-feedback applies with --compress")
 
     @property
     def synchronous(self) -> bool:

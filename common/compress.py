@@ -288,11 +288,23 @@ class PushEncoder:
 
     ``encode(b, e, grads)`` -> [(part name, array)] for the chunk ``[b, e)`` of the
     gradient; the arrays stay valid (and must not be reused) until the push is answered,
-    which is before the next encode of the same chunk."""
+    which is before the next encode of the same chunk.
 
-    def __init__(self, scheme: Scheme, size: int, dtype, error_feedback: bool = True, seed: int = 0):
+    ``momentum`` > 0 is Deep Gradient Compression's momentum correction (Lin et al. 2018,
+    section 3.2): the worker keeps the velocity u <- momentum u + g and compresses u (with
+    error feedback) instead of g, and the servers run plain SGD; for a sparse scheme the
+    velocity of the entries just sent is zeroed ("momentum factor masking"), so a
+    coordinate's momentum does not push it again after its accumulated value has left.
+    Without compression this is exactly momentum SGD on the servers (the mean of the
+    workers' velocities is the velocity of the mean); with top-k it is what makes 1% of
+    the entries learn as fast as all of them (docs/wire.md)."""
+
+    def __init__(self, scheme: Scheme, size: int, dtype, error_feedback: bool = True, seed: int = 0,
+                 momentum: float = 0.0):
         self.scheme = scheme
         self.error_feedback = error_feedback
+        self.momentum = momentum
+        self.velocity = numpy.zeros(size, dtype=dtype) if momentum else None
         self.residual = numpy.zeros(size, dtype=dtype) if error_feedback else None
         self.rng = numpy.random.default_rng(seed)
         self._bufs: dict = {}
@@ -303,13 +315,27 @@ class PushEncoder:
         bufs = self._bufs.get(key)
         if bufs is None:
             bufs = self._bufs[key] = self.scheme.buffers(e - b)
+        g = grads[b:e]
+        if self.momentum:                                # u = m u + g: the velocity is what travels
+            u = self.velocity[b:e]
+            u *= self.momentum
+            u += g
+            g = u
         if not self.error_feedback:
-            return self.scheme.encode(grads[b:e], bufs, self.rng)
+            parts = self.scheme.encode(g, bufs, self.rng)
+            self._mask(g, parts)
+            return parts
         p = self.residual[b:e]
-        p += grads[b:e]                                  # p = e + g
+        p += g                                           # p = e + g
         parts = self.scheme.encode(p, bufs, self.rng)
         scratch = self._scratch.get(key)
         if scratch is None and not isinstance(self.scheme, TopK):
             scratch = self._scratch[key] = numpy.empty(e - b, dtype=self.residual.dtype)
         self.scheme.subtract_sent(p, dict(parts), scratch)   # e = p - D(C(p)): what was not sent
+        self._mask(g, parts)
         return parts
+
+    def _mask(self, u, parts):
+        """Momentum factor masking: the velocity of the entries a sparse scheme sent is zeroed."""
+        if self.momentum and isinstance(self.scheme, TopK):
+            u[dict(parts)["idx"]] = 0

@@ -160,6 +160,9 @@ def main(argv=None) -> int:
     try:
         job, optim = from_args(JobConfig, args), from_args(OptimConfig, args)
         job.check_workers(args.workers)
+        if job.compress_momentum and optim.optimizer != "sgd":
+            raise ValueError(f"--compress-momentum applies momentum on the workers: use --optimizer sgd, "
+                             f"not {optim.optimizer}")
     except ValueError as e:
         parser.error(str(e))
     if args.servers < 1 or args.workers < 1 or args.steps < 1:

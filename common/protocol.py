@@ -78,7 +78,7 @@ _num = (int, float)
 META = {
     REGISTER: ({"role": str, "rank": int, "host": str, "pid": int},
                {"addr": str, "layout": list, "layout_hash": str, "dtype": str, "optim": dict,
-                "job": dict}),
+                "job": dict, "ipc": str}),
     INIT: ({}, {}),
     PULL: ({}, {"min_version": int}),
     # base_version: the server version the gradient was computed on (asp/ssp: staleness =
@@ -92,7 +92,7 @@ META = {
     SHUTDOWN: ({}, {"reason": str}),
     STATUS: ({}, {}),
     JOB: ({"rank": int, "servers": list, "placement": list, "layout": list, "layout_hash": str,
-           "num_workers": int, "num_servers": int, "dtype": str}, {"optim": dict, "job": dict}),
+           "num_workers": int, "num_servers": int, "dtype": str}, {"optim": dict, "job": dict, "ipc": list}),
     # dropped: this push came after its step was complete (backup workers) and was not applied
     OK: ({}, {"version": int, "message": str, "loss": _num, "stats": dict, "status": dict, "dropped": bool}),
     ERROR: ({"message": str}, {}),

@@ -156,7 +156,9 @@ class Membership:
         self.started = True
         placement = placement_fn(self.layout, self.num_servers)
         servers = [self.servers[r].addr for r in range(self.num_servers)]
-        common = dict(servers=servers, placement=placement, layout=self.layout.table(),
+        # servers' Unix sockets ('' where none): a process on the same host connects there
+        ipc = [self.servers[r].meta.get("ipc", "") for r in range(self.num_servers)]
+        common = dict(servers=servers, placement=placement, layout=self.layout.table(), ipc=ipc,
                       layout_hash=self.layout_hash, num_workers=self.num_workers,
                       num_servers=self.num_servers, dtype=self.dtype, optim=self.optim,
                       job=self.job_settings)

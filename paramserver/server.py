@@ -48,7 +48,7 @@ from common.protocol import (
     ProtocolError,
 )
 from common.trace import NULL_TRACER
-from common.transport import Dealer, Poller, Router
+from common.transport import Dealer, Poller, Router, local_endpoint, reachable_locally
 from paramserver.assembly import StepAssembly
 from paramserver.consistency import COUNT, LATE, AsyncRule, AsyncServing, Recorder, make_rule
 from paramserver.membership import Membership
@@ -78,12 +78,18 @@ class Server:
         if not 0 <= rank < cluster.num_servers:
             raise ValueError(f"server rank {rank} out of range for {cluster.num_servers} server(s)")
         job.check_workers(cluster.num_workers)
+        if job.compress_momentum and optim.optimizer != "sgd":
+            raise ValueError(f"--compress-momentum {job.compress_momentum} applies momentum on the workers: run "
+                             f"the servers with --optimizer sgd, not {optim.optimizer}")
         self.cluster, self.optim, self.job, self.rank = cluster, optim, job, rank
         self.out = out                            # folder for server-S.json ('' = none)
         self.name = f"server:{rank}"
         self.curve = cluster.curve_keys()             # None without --curve
         self.router = Router(server_bind(cluster, rank), curve=self.curve)
         self.addr = advertised_endpoint(cluster, self.router.endpoint)
+        self.ipc = local_endpoint(self.addr, host_name()) if cluster.ipc else ""
+        if self.ipc and not self.router.bind_also(self.ipc):
+            self.ipc = ""
         self.poller = Poller([self.router])
         self.coord = None if rank == 0 else Dealer(cluster.coordinator, curve=self.curve)
         if self.coord:
@@ -156,6 +162,11 @@ class Server:
         for s in [self.router, self.coord, *self.peers.values()]:
             if s is not None:
                 s.close()
+        if self.ipc:                        # the Unix socket's file, if libzmq left it
+            try:
+                os.unlink(self.ipc[len("ipc://"):])
+            except OSError:
+                pass
 
     def _poll_timeout_ms(self) -> float:
         starts = [p[3] for p in self.waiting_pulls]
@@ -171,6 +182,8 @@ class Server:
     def _register(self):
         meta = dict(role="server", rank=self.rank, host=host_name(), pid=os.getpid(),
                     addr=self.addr, optim=to_dict(self.optim), job=to_dict(self.job))
+        if self.ipc:
+            meta["ipc"] = self.ipc
         if self.rank == 0:
             self.members.register(b"", meta)
             deadline = time.monotonic() + self.cluster.timeout
@@ -224,9 +237,11 @@ class Server:
                 self.shard.share_slot_with_avg(0)       # one worker: no copy to average
         self.server_addrs = list(job["servers"])
         if self.optim.grad_clip > 0 and self.job.mode == "bsp":     # see _average_step
+            ipc = job.get("ipc") or [""] * len(self.server_addrs)
             for s, addr in enumerate(self.server_addrs):
                 if s != self.rank:
-                    self.peers[s] = Dealer(addr, curve=self.curve)
+                    near = self.cluster.ipc and reachable_locally(ipc[s])
+                    self.peers[s] = Dealer(ipc[s] if near else addr, curve=self.curve)
         log.info("job started: %d worker(s), %d server(s), %d of %d parameters here (%s), %s",
                  job["num_workers"], job["num_servers"], self.shard.size, layout.size,
                  self.shard.describe_chunks(), job["dtype"])

@@ -43,14 +43,14 @@ def layout_b():
 
 # --- the processes -------------------------------------------------------------------------
 
-def ours_worker(rank: int, coordinator: str, num_servers: int, chunk_mb: float):
+def ours_worker(rank: int, coordinator: str, num_servers: int, chunk_mb: float, ipc: bool):
     """A worker: registers, then one push_pull per "go" line on stdin; prints its seconds."""
     import numpy as np
     from common.cluster import ClusterConfig, JobConfig
     from worker.client import PSClient
     layout = layout_b()
     client = PSClient(ClusterConfig(rank=rank, num_servers=num_servers, num_workers=2, coordinator=coordinator,
-                                    timeout=120), JobConfig(chunk_mb=chunk_mb))
+                                    timeout=120, ipc=ipc), JobConfig(chunk_mb=chunk_mb))
     client.register(layout, "float32")
     params = np.zeros(layout.size, np.float32)
     grads = np.random.default_rng(rank).standard_normal(layout.size).astype(np.float32) * 1e-3
@@ -179,7 +179,7 @@ class Job:
             p.wait(timeout=60)
 
 
-def start_ours(servers: int, chunk_mb: float, logdir: str):
+def start_ours(servers: int, chunk_mb: float, logdir: str, ipc: bool):
     from common.transport import free_port
     port = free_port()
     coord = f"127.0.0.1:{port}"
@@ -189,11 +189,11 @@ def start_ours(servers: int, chunk_mb: float, logdir: str):
         server_procs.append(subprocess.Popen(
             [sys.executable, "-m", "paramserver", "--rank", str(s), "--num-servers", str(servers), "--num-workers", "2",
              "--coordinator", coord, "--bind", bind, "--optimizer", "sgd", "--lr", "1e-6", "--chunk-mb", str(chunk_mb),
-             "--timeout", "120", "--log-level", "WARNING"],
+             "--timeout", "120", "--log-level", "WARNING", "--ipc" if ipc else "--no-ipc"],
             env=ENV, stdout=open(os.path.join(logdir, f"server-{s}.log"), "w"), stderr=subprocess.STDOUT))
     me = [sys.executable, __file__]
     job = Job("ours", [me + ["--role", "ours", "--rank", str(r), "--coordinator", coord, "--servers", str(servers),
-                             "--chunk-mb", str(chunk_mb)] for r in range(2)], logdir)
+                             "--chunk-mb", str(chunk_mb)] + ([] if ipc else ["--no-ipc"]) for r in range(2)], logdir)
     return job, server_procs
 
 
@@ -202,6 +202,9 @@ def main(argv=None):
     ap.add_argument("--servers", type=int, default=2, help="parameter servers S (default: 2)")
     ap.add_argument("--rounds", type=int, default=9, help="alternating rounds (default: 9)")
     ap.add_argument("--chunk-mb", type=float, default=4.0, help="the job's chunk size in MiB (default: 4)")
+    ap.add_argument("--ipc", action=argparse.BooleanOptionalAction, default=True,
+                    help="our workers reach the servers of their host through Unix sockets, as a job on one host does "
+                         "by default (--no-ipc: TCP loopback, like gloo) (default: on)")
     ap.add_argument("--raw", action="store_true",
                     help="also time raw pyzmq sending our messages (the same chunks to the same servers and the "
                          "same bytes back, nothing else): the wire's own bound")
@@ -211,7 +214,7 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.role == "ours":
-        return ours_worker(args.rank, args.coordinator, args.servers, args.chunk_mb)
+        return ours_worker(args.rank, args.coordinator, args.servers, args.chunk_mb, args.ipc)
     if args.role == "gloo":
         return gloo_worker(args.rank, args.port)
     if args.role == "raw":
@@ -226,7 +229,7 @@ def main(argv=None):
         have_torch = False
         print("torch is not installed: gloo is skipped, only our time is measured")
     with tempfile.TemporaryDirectory() as logdir:
-        ours, server_procs = start_ours(args.servers, args.chunk_mb, logdir)
+        ours, server_procs = start_ours(args.servers, args.chunk_mb, logdir, args.ipc)
         jobs = [ours]
         try:
             if have_torch:
@@ -234,8 +237,10 @@ def main(argv=None):
                 jobs.append(Job("gloo", [[sys.executable, __file__, "--role", "gloo", "--rank", str(r),
                                           "--port", str(port)] for r in range(2)], logdir))
             if args.raw:
-                raw_servers = [subprocess.Popen([sys.executable, "-c", RAW_SERVER, "tcp://127.0.0.1:*"], env=ENV,
-                                                stdout=subprocess.PIPE, text=True) for _ in range(args.servers)]
+                raw_servers = [subprocess.Popen([sys.executable, "-c", RAW_SERVER,
+                                                 f"ipc://{logdir}/raw-{s}.ipc" if args.ipc else "tcp://127.0.0.1:*"],
+                                                env=ENV, stdout=subprocess.PIPE, text=True)
+                               for s in range(args.servers)]
                 addrs = [p.stdout.readline().strip() for p in raw_servers]
                 jobs.append(Job("raw", [[sys.executable, __file__, "--role", "raw", "--rank", str(r), "--coordinator",
                                          ",".join(addrs), "--chunk-mb", str(args.chunk_mb)] for r in range(2)], logdir))
@@ -254,9 +259,10 @@ def main(argv=None):
     print(f"one BSP sync of config B's gradients ({nbytes / 1e6:.1f} MB float32), 2 workers, 127.0.0.1, "
           f"median of {args.rounds} rounds")
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"  ours ({args.servers} server(s), chunks of {args.chunk_mb:g} MiB, push + average + SGD + pull): "
+    print(f"  ours ({args.servers} server(s), chunks of {args.chunk_mb:g} MiB, {'Unix sockets' if args.ipc else 'TCP'}, "
+          f"push + average + SGD + pull): "
           f"{med['ours'] * 1e3:.1f} ms   (rounds: {', '.join(f'{t * 1e3:.0f}' for t in times['ours'])})")
-    result = {"bench": "sync", "bytes": nbytes, "servers": args.servers, "chunk_mb": args.chunk_mb,
+    result = {"bench": "sync", "bytes": nbytes, "servers": args.servers, "chunk_mb": args.chunk_mb, "ipc": args.ipc,
               "rounds": args.rounds, "ours_ms": med["ours"] * 1e3}
     if "raw" in med:
         print(f"  raw pyzmq, our messages, no work: {med['raw'] * 1e3:.1f} ms   "

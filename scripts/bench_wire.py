@@ -43,7 +43,7 @@ ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONUNBU
            PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                     os.environ.get("PYTHONPATH")])))
 
-RAW_SERVER = """
+RAW_SERVER = r"""
 import sys, zmq
 ctx = zmq.Context.instance()
 r = ctx.socket(zmq.ROUTER)
@@ -63,8 +63,9 @@ while True:
 class Raw:
     """The baseline: raw pyzmq, n bytes each way, no copies, no header."""
 
-    def __init__(self, logdir):
-        self.addr = f"tcp://127.0.0.1:{free_port()}"
+    def __init__(self, logdir, transport):
+        port = free_port()
+        self.addr = f"tcp://127.0.0.1:{port}" if transport == "tcp" else f"ipc://{logdir}/raw-{port}.ipc"
         self.proc = subprocess.Popen([sys.executable, "-c", RAW_SERVER, self.addr], env=ENV,
                                      stdout=open(os.path.join(logdir, "raw.log"), "w"), stderr=subprocess.STDOUT)
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -88,15 +89,16 @@ class Raw:
 class Ours:
     """One server and this process as its one worker, a float32 vector of n bytes."""
 
-    def __init__(self, n, logdir, chunk_mb):
+    def __init__(self, n, logdir, chunk_mb, transport):
         port = free_port()
         job = JobConfig(chunk_mb=chunk_mb)
+        ipc = transport == "ipc"
         cmd = [sys.executable, "-m", "paramserver", "--rank", "0", "--num-servers", "1", "--num-workers", "1",
                "--coordinator", f"127.0.0.1:{port}", "--bind", f"tcp://127.0.0.1:{port}", "--optimizer", "sgd",
-               "--lr", "1e-6", "--chunk-mb", str(chunk_mb), "--log-level", "WARNING"]
+               "--lr", "1e-6", "--chunk-mb", str(chunk_mb), "--log-level", "WARNING", "--ipc" if ipc else "--no-ipc"]
         self.proc = subprocess.Popen(cmd, env=ENV, stdout=open(os.path.join(logdir, f"server-{n}.log"), "w"),
                                      stderr=subprocess.STDOUT)
-        self.client = PSClient(ClusterConfig(rank=0, coordinator=f"127.0.0.1:{port}", timeout=60), job)
+        self.client = PSClient(ClusterConfig(rank=0, coordinator=f"127.0.0.1:{port}", timeout=60, ipc=ipc), job)
         self.client.register(Layout([("x", (n // 4,))]), "float32")
         self.params, self.grads = np.zeros(n // 4, np.float32), np.full(n // 4, 1e-3, np.float32)
         self.client.init(self.params)
@@ -131,11 +133,14 @@ def main(argv=None):
     ap.add_argument("--mib-per-round", type=float, default=256,
                     help="bytes each side moves per size and round, in MiB: sets the round trips (default: 256)")
     ap.add_argument("--chunk-mb", type=float, default=JobConfig.chunk_mb, help="the job's chunk size (default: 4)")
+    ap.add_argument("--transport", choices=["tcp", "ipc"], default="tcp",
+                    help="both sides over TCP loopback, or both over a Unix socket (what a job on one host uses "
+                         "by default) (default: tcp)")
     args = ap.parse_args(argv)
     sizes = [k * 1024 for k in args.kib]
     with tempfile.TemporaryDirectory() as logdir:
-        raw = Raw(logdir)
-        ours = {n: Ours(n, logdir, args.chunk_mb) for n in sizes}
+        raw = Raw(logdir, args.transport)
+        ours = {n: Ours(n, logdir, args.chunk_mb, args.transport) for n in sizes}
         results = {n: {"ours": [], "raw": []} for n in sizes}
         try:
             for r in range(args.rounds):
@@ -148,8 +153,8 @@ def main(argv=None):
             for o in ours.values():
                 o.close()
             raw.close()
-    print(f"push+pull goodput (2 x size per round trip), median of {args.rounds} rounds, chunks of "
-          f"{args.chunk_mb:g} MiB; raw pyzmq: the same bytes, no header, no copies")
+    print(f"push+pull goodput (2 x size per round trip) over {args.transport}, median of {args.rounds} rounds, "
+          f"chunks of {args.chunk_mb:g} MiB; raw pyzmq: the same bytes, no header, no copies")
     print(f"{'size':>9}  {'ours GB/s':>9}  {'raw GB/s':>9}  {'ours ms':>8}  {'raw ms':>8}  {'ratio':>6}")
     out = []
     for n in sizes:
@@ -164,7 +169,8 @@ def main(argv=None):
     worst = min(o["ratio"] for o in out)
     print(f"ratio ours/raw: worst {worst:.2f}, median {statistics.median(o['ratio'] for o in out):.2f} "
           f"(target >= 0.8)")
-    print(json.dumps({"bench": "wire", "rounds": args.rounds, "chunk_mb": args.chunk_mb, "sizes": out,
+    print(json.dumps({"bench": "wire", "transport": args.transport, "rounds": args.rounds, "chunk_mb": args.chunk_mb,
+                      "sizes": out,
                       "worst_ratio": worst}))
 
 

@@ -184,3 +184,32 @@ def test_compressed_chunks_travel_and_decode():
         decode_chunk(scheme, [bad, msg.arrays[3]], msg.encs[2:], out)
     with pytest.raises(ProtocolError, match="expected uint32"):
         decode_chunk(scheme, [msg.arrays[2].astype(np.int64), msg.arrays[3]], msg.encs[2:], out)
+
+
+def test_momentum_correction_sends_the_velocity():
+    """DGC's momentum correction: the worker's velocity u = m u + g is what error feedback
+    carries. Dense (fp16): sum of sent + residual = sum of the velocities of momentum SGD,
+    so server SGD on what was sent is momentum SGD on the gradients, up to the residual.
+    Sparse (top-k): the velocity of the entries sent is zeroed, the others' go on."""
+    n, T, m = 800, 25, 0.5
+    rng = np.random.default_rng(2)
+    grads = [rng.integers(-512, 512, n) * 2.0 ** -10 for _ in range(T)]
+
+    dense = PushEncoder(make_scheme("fp16"), n, np.float64, seed=1, momentum=m)
+    u, total_u, total_sent = np.zeros(n), np.zeros(n), np.zeros(n)
+    for g in grads:
+        u = m * u + g
+        total_u += u
+        parts = dense.encode(0, n, g)
+        sent = np.empty(n)
+        decode_chunk(dense.scheme, [a for _, a in parts], [p for p, _ in parts], sent)
+        total_sent += sent
+    np.testing.assert_allclose(total_sent + dense.residual, total_u, rtol=0, atol=1e-12)
+
+    sparse = PushEncoder(make_scheme("topk", 0.05), n, np.float64, seed=1, momentum=m)
+    for g in grads:
+        before = sparse.velocity.copy()
+        idx = dict(sparse.encode(0, n, g))["idx"]
+        assert (sparse.velocity[idx] == 0).all()
+        rest = np.setdiff1d(np.arange(n), idx)
+        np.testing.assert_array_equal(sparse.velocity[rest], (m * before + g)[rest])

@@ -63,7 +63,7 @@ from common.config import to_dict
 from common.layout import Layout, merge_ranges
 from common.protocol import DONE, ERROR, INIT, JOB, OK, PULL, PUSH, REGISTER, ProtocolError
 from common.trace import NULL_TRACER
-from common.transport import Dealer, Poller
+from common.transport import Dealer, Poller, reachable_locally
 
 log = logging.getLogger("client")
 
@@ -164,9 +164,11 @@ class PSClient:
         scheme = make_scheme(jc.compress, jc.compress_ratio, jc.error_feedback == "on")
         if scheme is not None:                  # the residual lives here: one per worker, whole vector
             self.encoder = PushEncoder(scheme, layout.size, dtype, jc.error_feedback == "on",
-                                       seed=[1, self.rank])
-        for addr in self.servers:
-            link = Dealer(addr, curve=self.curve)
+                                       seed=[1, self.rank], momentum=jc.compress_momentum)
+        ipc = job.get("ipc") or [""] * len(self.servers)
+        for addr, near in zip(self.servers, ipc):
+            # a server of this host is reached through its Unix socket (cluster.ipc): no TCP stack
+            link = Dealer(near if self.cluster.ipc and reachable_locally(near) else addr, curve=self.curve)
             self.links.append(link)
             self.poller.add(link)
         self.versions = [0] * len(self.servers)
