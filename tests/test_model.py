@@ -122,3 +122,44 @@ def test_tiny_model_overfits_one_batch():
         if loss < 0.05:
             break
     assert loss < 0.05, f"loss {loss:.3f} after {step + 1} steps"
+
+
+@pytest.mark.parametrize("threads, B", [(2, 4), (3, 5), (4, 2)])
+def test_threads_equal_one_thread(threads, B):
+    """Slices of the batch in threads give the one-thread loss, logits and gradient (to
+    rounding: the slices' gradients are summed in another order), also when there are
+    more threads than rows and when backward accumulates micro-batches."""
+    one = GPT(TINY, dtype=np.float64, seed=4)
+    many = GPT(TINY, dtype=np.float64, seed=4, threads=threads)
+    idx, targets = tiny_batch(B=B, T=5, seed=7)
+    targets[-1, 2] = -1
+    for m in (one, many):
+        m.zero_grad()
+        for _ in range(2):                    # two micro-batches accumulate
+            m.forward(idx, targets)
+            m.backward(0.5)
+    assert len(many._parts) == min(threads, B)
+    assert abs(one.forward(idx, targets) - many.forward(idx, targets)) < 1e-12
+    np.testing.assert_allclose(many.grads, one.grads, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(many.forward(idx), one.forward(idx), rtol=1e-12)
+
+
+def test_threads_reraise_errors_and_bad_values():
+    with pytest.raises(ValueError, match="threads"):
+        GPT(TINY, threads=0)
+    model = GPT(TINY, dtype=np.float64, threads=2)
+    idx, targets = tiny_batch(B=4)
+    model.forward(idx, targets)
+    probs = model._parts[1].acts.probs
+    model._parts[1].acts.probs = None          # break the second slice only
+    with pytest.raises((TypeError, AttributeError)):
+        model.backward()
+    # after the failure, a new step starts clean: no gradient left over in the slices
+    model._parts[1].acts.probs = probs
+    model.zero_grad()
+    model.forward(idx, targets)
+    model.backward()
+    ref = GPT(TINY, dtype=np.float64)
+    ref.forward(idx, targets)
+    ref.backward()
+    np.testing.assert_allclose(model.grads, ref.grads, rtol=1e-10, atol=1e-14)

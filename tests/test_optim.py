@@ -110,3 +110,53 @@ def test_state_roundtrip():
 def test_bad_config_refused(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         OptimConfig(**kwargs)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adamw"])
+def test_chunked_step_equals_whole_vector_formula(name, threads, monkeypatch):
+    """Steps walk the vector in chunks, shared out among threads; with chunks of 7
+    elements, decay ranges that cross chunk boundaries and a grad_scale, the result is
+    the whole-vector formula's."""
+    import common.optim
+    monkeypatch.setattr(common.optim, "CHUNK", 7)
+    rng = np.random.default_rng(4)
+    n = 50
+    p0 = rng.normal(size=n)
+    mask = np.zeros(n)
+    mask[3:12] = mask[20:21] = mask[30:50] = 1
+    cfg = OptimConfig(optimizer=name, lr=0.01, momentum=0.9, beta1=0.9, beta2=0.95, eps=1e-8,
+                      weight_decay=0.1)
+    opt = make_optimizer(cfg, n, np.float64, decay_ranges=[(3, 12), (20, 21), (30, 50)],
+                         threads=threads)
+    assert sum(len(run) for run in opt._runs) == 8 and len(opt._runs) == threads
+    p, grads = p0.copy(), [rng.normal(size=n) for _ in range(4)]
+    for g in grads:
+        opt.step(p, g, cfg.lr, grad_scale=0.5)
+    want, buf = p0.copy(), np.zeros(n)
+    if name == "adamw":
+        want = reference_adamw(p0, [0.5 * g for g in grads], 0.01, 0.9, 0.95, 1e-8, 0.1, mask)
+    else:
+        for g in grads:
+            want = want - 0.01 * 0.1 * want * mask
+            buf = 0.9 * buf + 0.5 * g
+            want = want - 0.01 * (buf if name == "momentum" else 0.5 * g)
+    np.testing.assert_allclose(p, want, rtol=1e-12, atol=1e-15)
+
+
+def test_threads_do_not_change_the_result():
+    rng = np.random.default_rng(5)
+    n = 3 * (1 << 16) + 5                       # several real chunks
+    p0, g = rng.normal(size=n).astype(np.float32), rng.normal(size=n).astype(np.float32)
+    cfg = OptimConfig(optimizer="adamw", lr=0.01, weight_decay=0.1)
+    out = []
+    for threads in (1, 2, 4):
+        opt = make_optimizer(cfg, n, np.float32, decay_ranges=[(100, n - 100)], threads=threads)
+        p = p0.copy()
+        for _ in range(2):
+            opt.step(p, g, cfg.lr)
+        out.append(p)
+    np.testing.assert_array_equal(out[0], out[1])
+    np.testing.assert_array_equal(out[0], out[2])
+    with pytest.raises(ValueError, match="threads"):
+        make_optimizer(cfg, n, threads=0)

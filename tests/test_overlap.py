@@ -122,3 +122,14 @@ def test_servers_apply_the_mean_of_what_was_sent(scheme, tmp_path):
     if scheme == "topk":          # most of each gradient stayed behind, in the residual
         sent = results[0][2][0]
         assert 0 < np.count_nonzero(sent) <= 0.1 * sent.size
+
+
+def test_hooks_with_threads_name_the_whole_vector_once():
+    model = GPT(CFG, dtype=np.float64, seed=0, threads=2)
+    idx, tgt = big_batch(0)
+    before, after = [], []
+    loss = model.forward(idx, tgt, before=lambda b, e: before.append((b, e)))
+    model.backward(after=lambda b, e: after.append((b, e)))
+    assert before == after == [(0, model.layout.size)]
+    single = GPT(CFG, dtype=np.float64, seed=0)
+    assert abs(single.forward(idx, tgt) - loss) < 1e-12

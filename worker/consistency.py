@@ -157,7 +157,8 @@ class LocalSGDLoop(Loop):
         if optim is None:
             raise ValueError("local-sgd needs the job's optimizer settings (the coordinator's JOB answer)")
         self.cfg = from_dict(OptimConfig, optim, "the job's optimizer")
-        self.optimizer = make_optimizer(self.cfg, model.num_params(), model.dtype, model.layout.decay_ranges())
+        self.optimizer = make_optimizer(self.cfg, model.num_params(), model.dtype, model.layout.decay_ranges(),
+                                        threads=getattr(model, "threads", 1))
         self.anchor = model.params.copy()             # the parameters of the last averaging
         self.i = self.round = 0
         self.losses, self.round_tokens, self.tokens = [], 0, 0

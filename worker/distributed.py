@@ -60,6 +60,7 @@ class WorkerConfig:
     seed: int = 0                 # seeds the initial weights (worker 0's are used) and the data order
     out: str = ""                 # run folder for worker 0's metrics, model and sample ('' = runs/<timestamp>)
     sample_bytes: int = 300       # worker 0: bytes of text to sample from the final model (0 = none)
+    threads: int = 1              # compute threads: slices of the batch in parallel (with OPENBLAS_NUM_THREADS=1)
     model: str = "gpt"            # gpt: next byte, causal attention | bert: 15% of the bytes masked, bidirectional
     trace: bool = False           # write a Chrome trace of this worker (trace-worker-R.json in the run folder)
     overlap: bool = True          # bsp: push each layer's gradients during the backward and wait for each layer's new parameters in the next forward (--no-overlap: push and pull after the backward)
@@ -68,7 +69,7 @@ class WorkerConfig:
 
     def __post_init__(self):
         parse_straggler(self.straggler)
-        for name in ("batch_size", "steps", "eval_interval", "eval_batches", "log_interval"):
+        for name in ("batch_size", "steps", "eval_interval", "eval_batches", "log_interval", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sample_bytes < 0:
@@ -138,7 +139,7 @@ def run(cluster: ClusterConfig, job: JobConfig, mc: GPTConfig, dc: DataConfig, w
 
 
 def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc: WorkerConfig) -> dict:
-    task = make_task(wc.model, mc, seed=wc.seed)
+    task = make_task(wc.model, mc, seed=wc.seed, threads=wc.threads)
     model = task.model
     t_register = time.perf_counter()
     job = client.register(model.layout, model.dtype.name)

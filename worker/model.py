@@ -10,12 +10,24 @@ to the token embedding.
 Activations are allocated once per (B, T) and reused by every later call with the same
 shape, so a training loop allocates no new activation memory step after step.
 
+Two paths compute the same thing: ``reference=True`` runs every layer of
+``worker/layers.py`` (the specification, NumPy or CuPy); the default runs the blocks
+through ``worker/fastmodel.py`` (fused NumPy layers, same results up to rounding).
+With ``threads=N`` the batch is cut into N slices along B, each run start to finish by
+its own thread with its own activations and gradient buffer (data parallelism inside
+the process; NumPy and BLAS release the GIL); the slices' gradients are summed at the
+end of ``backward``. Each thread then wants a single-threaded BLAS
+(``OPENBLAS_NUM_THREADS=1``): N threads of 1 BLAS thread use N cores with no
+fine-grained synchronisation, which is also what keeps them fast on a shared machine.
+
 Two optional hooks let a distributed worker overlap communication with compute
 (``worker/consistency.py``): ``forward(..., before=f)`` calls ``f(begin, end)`` before
 the first use of ``params[begin:end]`` (the embeddings, each block, ln_f: the order of
 the flat vector), and ``backward(after=g)`` calls ``g(begin, end)`` once
 ``grads[begin:end]`` is final (ln_f, the blocks from the last, then the embeddings:
-wte is tied to the output, so its gradient is final only at the very end).
+wte is tied to the output, so its gradient is final only at the very end). With
+``threads`` > 1 each hook is called once, for the whole vector (before the slices'
+forward; after their gradients are summed).
 
 Not here: the optimizer (``common/optim.py``), data (``worker/data.py``), the loop
 (``worker/train.py``), GPU kernels (``worker/kernels/``).
@@ -23,11 +35,14 @@ Not here: the optimizer (``common/optim.py``), data (``worker/data.py``), the lo
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy
 
-from common.layout import gpt_layout
+from common.layout import even_ranges, gpt_layout
+from worker import fastmodel
+from worker.fastlayers import Scratch
 from worker.layers import (
     attention_backward, attention_forward, embedding_backward, embedding_forward,
     gelu_backward, gelu_forward, layernorm_backward, layernorm_forward, matmul_backward,
@@ -60,7 +75,7 @@ class GPTConfig:
 class _Activations:
     """Every activation of one forward pass, and their gradients, for one (B, T)."""
 
-    def __init__(self, xp, dtype, B, T, config):
+    def __init__(self, xp, dtype, B, T, config, fast=False):
         C, L, NH, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size
         z = lambda *shape: xp.zeros(shape, dtype=dtype)  # noqa: E731
         self.B, self.T = B, T
@@ -75,7 +90,11 @@ class _Activations:
                 fch=z(B, T, 4 * C), fch_gelu=z(B, T, 4 * C), fcproj=z(B, T, C),
                 res3=z(B, T, C),
             ))
+            if fast:                                    # kept by worker/fastlayers.py
+                self.blocks[-1].update(ln1_xhat=z(B, T, C), ln2_xhat=z(B, T, C),
+                                       fch_tanh=z(B, T, 4 * C))
         self.lnf, self.lnf_mean, self.lnf_rstd = z(B, T, C), z(B, T), z(B, T)
+        self.lnf_xhat = z(B, T, C) if fast else None
         self.logits = z(B, T, V)                        # reused as dlogits in backward
         self.probs = z(B, T, V)
         self.losses = z(B, T)
@@ -86,6 +105,23 @@ class _Activations:
         self.d4C_a = z(B, T, 4 * C)                     # d fch_gelu
         self.d4C_b = z(B, T, 4 * C)                     # d fch
         self.dlosses = z(B, T)
+        self.scratch = Scratch() if fast else None      # work buffers of the fast path
+
+
+class _Part:
+    """One slice ``[lo, hi)`` of the batch along B, run by one thread: its activations
+    and, for every slice but the first, its own gradient buffer (the first accumulates
+    straight into the model's ``grads``)."""
+
+    def __init__(self, model, index, lo, hi, T):
+        self.lo, self.hi, self.T, self.fast = lo, hi, T, model._fast
+        self.acts = _Activations(model.xp, model.dtype, hi - lo, T, model.config, fast=model._fast)
+        self.dirty = False            # True while a backward may have left gradients here
+        if index == 0:
+            self.grads, self.grad_views = None, model._g
+        else:
+            self.grads = model.xp.zeros(model.layout.size, dtype=model.dtype)
+            self.grad_views = model.layout.views(self.grads)
 
 
 def _no_hook(begin, end):
@@ -97,21 +133,30 @@ class GPT:
     ``self.grads``), views named as in GPT-2."""
     LAYER_HOOKS = True            # forward(before=) and backward(after=): see the module's docstring
 
-    def __init__(self, config: GPTConfig, dtype=numpy.float32, seed: int = 0):
+    def __init__(self, config: GPTConfig, dtype=numpy.float32, seed: int = 0,
+                 reference: bool = False, threads: int = 1):
+        """``reference=True`` runs every layer through ``worker/layers.py`` (the readable
+        specification) instead of the fast path. ``threads`` > 1 runs slices of the batch
+        in that many threads (see the module's docstring)."""
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
         self.config = config
         self.dtype = numpy.dtype(dtype)
         if self.dtype not in (numpy.float32, numpy.float64):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
         self.xp = numpy
+        self.reference = bool(reference)
         self.layout = config.layout()
         self.params = self.xp.zeros(self.layout.size, dtype=self.dtype)
         self.grads = self.xp.zeros(self.layout.size, dtype=self.dtype)
         self._p = self.layout.views(self.params)
         self._g = self.layout.views(self.grads)
         L = self.layout           # the ranges the hooks name
-        self._spans = dict(embed=(L.span("wte.")[0], L.span("wpe.")[1]), ln_f=L.span("ln_f."),
-                           blocks=[L.span(f"h.{i}.") for i in range(config.n_layer)])
-        self._acts = None
+        self.spans = dict(embed=(L.span("wte.")[0], L.span("wpe.")[1]), ln_f=L.span("ln_f."),
+                          blocks=[L.span(f"h.{i}.") for i in range(config.n_layer)])
+        self.threads = threads
+        self._parts = []              # one _Part per slice of the batch, for the last (B, T)
+        self._pool = None             # threads - 1 helper threads, started on first use
         self._batch = None            # (idx, targets, number of valid targets) of the last forward
         self.init_weights(seed)
 
@@ -144,13 +189,45 @@ class GPT:
         return self.layout.size
 
     def zero_grad(self):
-        self.grads[...] = 0
+        if self.threads == 1:
+            self.grads[...] = 0
+        else:                                    # each thread zeroes its own range
+            def zero(rng):
+                self.grads[rng[0]:rng[1]] = 0
+            self._run(zero, even_ranges(self.layout.size, self.threads, 16))
+
+    # --- slices of the batch ----------------------------------------------------------
+    def _slices(self, B, T):
+        """The _Parts for a batch (B, T): min(threads, B) contiguous slices along B,
+        allocated on the first call with this shape and reused after."""
+        if not self._parts or (self._parts[-1].hi, self._parts[0].T, self._parts[0].fast) != (
+                B, T, self._fast):
+            n = min(self.threads, B)
+            cuts = [B * i // n for i in range(n + 1)]
+            self._parts = [_Part(self, i, cuts[i], cuts[i + 1], T) for i in range(n)]
+        return self._parts
+
+    @property
+    def _acts(self):
+        """The activations of the first slice (all of them when threads == 1)."""
+        return self._parts[0].acts if self._parts else None
+
+    def _run(self, fn, items):
+        """fn(item) for every item, the first in this thread and the others in the pool;
+        the results in order (an exception in any of them is raised here)."""
+        if len(items) == 1:
+            return [fn(items[0])]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="gpt-slice")
+        futures = [self._pool.submit(fn, item) for item in items[1:]]
+        first = fn(items[0])
+        return [first] + [f.result() for f in futures]
 
     # --- forward --------------------------------------------------------------------
-    def _activations(self, B, T):
-        if self._acts is None or (self._acts.B, self._acts.T) != (B, T):
-            self._acts = _Activations(self.xp, self.dtype, B, T, self.config)
-        return self._acts
+
+    @property
+    def _fast(self):
+        return not self.reference and self.xp is numpy
 
     def _check_tokens(self, idx, what):
         cfg = self.config
@@ -166,7 +243,6 @@ class GPT:
         Without: return the logits (B, T, V), a fresh array.
         ``before(begin, end)`` is called before params[begin:end] is first used."""
         cfg = self.config
-        xp = self.xp
         self._check_tokens(idx, "idx")
         B, T = idx.shape
         if T > cfg.block_size:
@@ -180,14 +256,40 @@ class GPT:
                 raise ValueError(f"targets shape {targets.shape} != idx shape {idx.shape}")
             if targets.size and int(targets.max()) >= cfg.vocab_size:
                 raise ValueError(f"targets must be < vocab_size {cfg.vocab_size} (negative = ignored)")
-        p, a = self._p, self._activations(B, T)
+        p = self._p
+        parts = self._slices(B, T)
+        hook = before if len(parts) == 1 else _no_hook
+        if len(parts) > 1:                       # several threads: every parameter before they start
+            before(0, self.layout.size)
 
-        before(*self._spans["embed"])
-        embedding_forward(a.encoded, idx, p["wte.weight"], p["wpe.weight"])   # (B,T,C)
+        def run(part):                           # one slice of the batch, in its thread
+            a, rows = part.acts, slice(part.lo, part.hi)
+            hook(*self.spans["embed"])
+            embedding_forward(a.encoded, idx[rows], p["wte.weight"], p["wpe.weight"])  # (b,T,C)
+            if self._fast:
+                fastmodel.forward_blocks(self, a, hook)                         # (b,T,V) logits
+            else:
+                self._forward_blocks_reference(a, hook)
+            if targets is None:
+                return None
+            softmax_crossentropy_forward(a.losses, a.probs, a.logits, targets[rows])
+            return float(a.losses.sum())
+
+        self._batch = None
+        loss_sums = self._run(run, parts)
+        if targets is None:
+            return numpy.concatenate([part.acts.logits for part in parts])     # a fresh array
+        n_valid = int((targets >= 0).sum())
+        self._batch = (idx, targets, n_valid)
+        return sum(loss_sums) / max(n_valid, 1)
+
+    def _forward_blocks_reference(self, a, before=_no_hook):
+        """The blocks, ln_f and the tied logits projection with worker/layers.py."""
+        cfg, p = self.config, self._p
         x = a.encoded
         for i, blk in enumerate(a.blocks):
             h = f"h.{i}."
-            before(*self._spans["blocks"][i])
+            before(*self.spans["blocks"][i])
             layernorm_forward(blk["ln1"], blk["ln1_mean"], blk["ln1_rstd"], x,
                               p[h + "ln_1.weight"], p[h + "ln_1.bias"])
             matmul_forward(blk["qkv"], blk["ln1"], p[h + "attn.c_attn.weight"],
@@ -205,17 +307,9 @@ class GPT:
                            p[h + "mlp.c_proj.bias"])                            # (B,T,C)
             residual_forward(blk["res3"], blk["res2"], blk["fcproj"])
             x = blk["res3"]
-        before(*self._spans["ln_f"])
+        before(*self.spans["ln_f"])
         layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, x, p["ln_f.weight"], p["ln_f.bias"])
         matmul_forward(a.logits, a.lnf, p["wte.weight"].T)                      # (B,T,V), tied
-
-        if targets is None:
-            self._batch = None
-            return a.logits.copy()
-        softmax_crossentropy_forward(a.losses, a.probs, a.logits, targets)
-        n_valid = int((targets >= 0).sum())
-        self._batch = (idx, targets, n_valid)
-        return float(a.losses.sum()) / max(n_valid, 1)
 
     # --- backward -------------------------------------------------------------------
     def backward(self, dloss: float = 1.0, after=_no_hook):
@@ -226,16 +320,49 @@ class GPT:
         if self._batch is None:
             raise RuntimeError("backward() needs a forward(idx, targets) first")
         idx, targets, n_valid = self._batch
-        cfg, p, g, a = self.config, self._p, self._g, self._acts
-        a.dlosses[...] = dloss / max(n_valid, 1)
-        dlogits = a.logits                                # the logits are not needed any more
-        softmax_crossentropy_backward(dlogits, a.dlosses, a.probs, targets)
+        parts = self._slices(*idx.shape)
+        hook = after if len(parts) == 1 else _no_hook
+
+        def run(part):                           # one slice of the batch, in its thread
+            a, rows = part.acts, slice(part.lo, part.hi)
+            g = part.grad_views                  # self._g for slice 0, a private buffer else
+            if part.grads is not None and part.dirty:    # left over from a failed backward
+                part.grads[...] = 0
+            part.dirty = True
+            a.dlosses[...] = dloss / max(n_valid, 1)
+            dlogits = a.logits                   # the logits are not needed any more
+            softmax_crossentropy_backward(dlogits, a.dlosses, a.probs, targets[rows])
+            if self._fast:
+                fastmodel.backward_blocks(self, a, idx[rows], g, hook)
+            else:
+                self._backward_blocks_reference(a, idx[rows], g, hook)
+
+        self._run(run, parts)
+        if len(parts) > 1:
+            # the slices' gradients summed in order, each thread over its own range, and
+            # the private buffers zeroed on the way (ready for the next backward)
+            def reduce(rng):
+                lo, hi = rng
+                for part in parts[1:]:
+                    self.grads[lo:hi] += part.grads[lo:hi]
+                    part.grads[lo:hi] = 0
+            self._run(reduce, even_ranges(self.layout.size, len(parts), 16))
+        for part in parts:
+            part.dirty = False
+        if len(parts) > 1:                       # several threads: final once summed
+            after(0, self.layout.size)
+
+    def _backward_blocks_reference(self, a, idx, g, after=_no_hook):
+        """From dlogits (in ``a.logits``) down to the embeddings, with worker/layers.py;
+        accumulates into the gradient views ``g``."""
+        cfg, p = self.config, self._p
+        dlogits = a.logits
         matmul_backward(a.dC, g["wte.weight"].T, None, dlogits, a.lnf, p["wte.weight"].T)
         x_last = a.blocks[-1]["res3"] if a.blocks else a.encoded
         a.dres[...] = 0
         layernorm_backward(a.dres, g["ln_f.weight"], g["ln_f.bias"], a.dC, x_last,
                            a.lnf_mean, a.lnf_rstd, p["ln_f.weight"])
-        after(*self._spans["ln_f"])
+        after(*self.spans["ln_f"])
         # The residual stream: res3 = res2 + fcproj and res2 = x + attproj. residual_backward
         # would copy dres into both branches; here both branches read a.dres in place and
         # the LayerNorms add their share into it, which is the same sum without copies.
@@ -259,6 +386,6 @@ class GPT:
                             a.dqkv, blk["ln1"], p[h + "attn.c_attn.weight"])
             layernorm_backward(a.dres, g[h + "ln_1.weight"], g[h + "ln_1.bias"], dln1,
                                x_in, blk["ln1_mean"], blk["ln1_rstd"], p[h + "ln_1.weight"])
-            after(*self._spans["blocks"][i])
+            after(*self.spans["blocks"][i])
         embedding_backward(g["wte.weight"], g["wpe.weight"], a.dres, idx)
-        after(*self._spans["embed"])
+        after(*self.spans["embed"])

@@ -12,6 +12,8 @@ Not here: the loop, the data pipeline (``worker/data.py``), the layers.
 """
 from __future__ import annotations
 
+import numpy
+
 from worker import checkpoint
 from worker.bert import BERT, MaskedBatches, fill_in, masked_validation, save_bert
 from worker.model import GPT, GPTConfig
@@ -23,8 +25,8 @@ MODELS = ("gpt", "bert")
 class NextByte:
     """GPT-2: predict every next byte (causal attention)."""
 
-    def __init__(self, config: GPTConfig, seed: int = 0, dtype=None):
-        self.model = GPT(config, seed=seed) if dtype is None else GPT(config, dtype=dtype, seed=seed)
+    def __init__(self, config: GPTConfig, seed: int = 0, dtype=None, threads: int = 1):
+        self.model = GPT(config, dtype=dtype or numpy.float32, seed=seed, threads=threads)
 
     def batches(self, sampler, seed: int = 0):
         return sampler                                  # (idx, targets = the next bytes)
@@ -43,7 +45,9 @@ class NextByte:
 class MaskedBytes:
     """The BERT-style encoder: fill in masked bytes (bidirectional attention)."""
 
-    def __init__(self, config: GPTConfig, seed: int = 0, dtype=None):
+    def __init__(self, config: GPTConfig, seed: int = 0, dtype=None, threads: int = 1):
+        if threads != 1:
+            raise ValueError("--threads applies to --model gpt; the BERT-style encoder runs on one thread")
         self.model = BERT(config, seed=seed) if dtype is None else BERT(config, dtype=dtype, seed=seed)
 
     def batches(self, sampler, seed: int = 0):
@@ -59,10 +63,11 @@ class MaskedBytes:
         return fill_in(self.model, val_tokens[:num_bytes], seed=seed)
 
 
-def make_task(name: str, config: GPTConfig, seed: int = 0, dtype=None):
-    """The task called ``name`` (one of ``MODELS``) with a fresh model drawn from ``seed``."""
+def make_task(name: str, config: GPTConfig, seed: int = 0, dtype=None, threads: int = 1):
+    """The task called ``name`` (one of ``MODELS``) with a fresh model drawn from ``seed``;
+    ``threads`` > 1 runs slices of each batch in that many threads (worker/model.py)."""
     if name == "gpt":
-        return NextByte(config, seed, dtype)
+        return NextByte(config, seed, dtype, threads)
     if name == "bert":
-        return MaskedBytes(config, seed, dtype)
+        return MaskedBytes(config, seed, dtype, threads)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

@@ -57,9 +57,10 @@ class TrainConfig:
     out_dir: str = ""             # run folder ('' = runs/<timestamp>; with --resume, the resumed folder)
     resume: str = ""              # run folder to continue from its checkpoint
     progress: bool = True         # show a tqdm progress bar (off: a line per log step)
+    threads: int = 1              # compute threads: slices of each batch in parallel; with OPENBLAS_NUM_THREADS=1, use one per core
 
     def __post_init__(self):
-        for name in ("batch_size", "steps", "eval_interval", "eval_batches", "log_interval"):
+        for name in ("batch_size", "steps", "eval_interval", "eval_batches", "log_interval", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ckpt_interval < 0:
@@ -211,8 +212,9 @@ def train(configs: dict) -> dict:
     entropy, entropy2 = unigram_entropy(data.train), bigram_entropy(data.train)
 
     # model and optimizer
-    model = GPT(mc, seed=tc.seed)
-    optimizer = make_optimizer(oc, model.num_params(), model.dtype, model.layout.decay_ranges())
+    model = GPT(mc, seed=tc.seed, threads=tc.threads)
+    optimizer = make_optimizer(oc, model.num_params(), model.dtype, model.layout.decay_ranges(),
+                               threads=tc.threads)
     print(f"model: {model.num_params():,} parameters, layout {model.layout.hash()}; "
           f"entropy of the training bytes: unigram {entropy:.4f} nats, bigram {entropy2:.4f} "
           f"(uniform: {math.log(256):.4f})")
