@@ -44,9 +44,12 @@ class Message:
     placed: list = field(default_factory=list)   # True where the array was received straight into its destination
 
 
+_NAMES = {numpy.dtype(name): name for name in DTYPES if name != "bfloat16"}     # (dtype.name is slow)
+
+
 def dtype_name(a) -> str:
     """The wire name of an array's dtype (``float32``...), or ProtocolError if it may not travel."""
-    name = numpy.dtype(a.dtype).name
+    name = _NAMES.get(a.dtype) or numpy.dtype(a.dtype).name
     if name not in _LE:
         raise ProtocolError(f"dtype {name} cannot travel; allowed: {', '.join(DTYPES)}")
     return name
@@ -94,7 +97,12 @@ def parse_header(head) -> dict:
                             max_ext_len=0)
     except Exception as e:                        # msgpack raises several types on garbage
         raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}: {e}") from None
-    return validate_header(h)
+    try:
+        return validate_header(h)
+    except ProtocolError:
+        raise
+    except Exception as e:                        # a check that met a type it did not expect: refuse too
+        raise ProtocolError(f"malformed header: {type(e).__name__}: {e}") from None
 
 
 def decode(frames, header: dict | None = None, placed=None) -> Message:

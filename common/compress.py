@@ -47,6 +47,12 @@ BUCKET = 512                      # int8: elements sharing one scale
 FP16_MAX = 65504.0
 
 
+def all_finite(x) -> bool:
+    """No NaN or Inf in ``x`` (float): one BLAS pass, no temporary (x . x is finite unless
+    some element is NaN, Inf, or beyond 1e19 in float32, which no gradient is)."""
+    return bool(numpy.isfinite(numpy.dot(x, x))) if x.ndim == 1 else bool(numpy.isfinite(x).all())
+
+
 # --- bfloat16 as uint16 words (numpy has no bfloat16) -----------------------------------------
 
 def to_bf16(x, out=None):

@@ -125,7 +125,6 @@ class Server:
         # may be, each push answered as soon as its chunks are updated (assembly.py)
         self.chunkwise = job.mode == "bsp" and job.backup_workers == 0
         self.assembly: StepAssembly | None = None
-        self._parsed = (None, None)               # (frame 0, its header) of the message being received
 
     # --- the loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -136,8 +135,8 @@ class Server:
                 for sock in self.poller.poll(self._poll_timeout_ms()):
                     while sock.poll(0) and not self.stopping:
                         if sock is self.router:
-                            identity, frames, placed = self.router.recv_placed(self._place)
-                            self._handle(identity, frames, placed)
+                            identity, frames = self.router.recv()
+                            self._handle(identity, frames)
                         else:
                             self._handle_control(sock.recv())
                 self._check_deadlines()
@@ -233,8 +232,7 @@ class Server:
         self.shard = Shard(chunks, job["dtype"], self.optim, layout.decay_ranges(), scheme)
         if self.chunkwise:
             self.assembly = StepAssembly(len(chunks), self.num_workers)
-            if self.num_workers == 1:
-                self.shard.share_slot_with_avg(0)       # one worker: no copy to average
+
         self.server_addrs = list(job["servers"])
         if self.optim.grad_clip > 0 and self.job.mode == "bsp":     # see _average_step
             ipc = job.get("ipc") or [""] * len(self.server_addrs)
@@ -247,11 +245,9 @@ class Server:
                  self.shard.describe_chunks(), job["dtype"])
 
     # --- dispatch -----------------------------------------------------------------------
-    def _decode(self, frames, who, placed=None):
-        head, header = self._parsed
-        self._parsed = (None, None)
+    def _decode(self, frames, who):
         try:
-            return codec.decode(frames, header=header if frames and frames[0] is head else None, placed=placed)
+            return codec.decode(frames)
         except ProtocolError as e:
             self.refused += 1
             log.warning("refused a malformed message from %s: %s", who, e)
@@ -264,35 +260,8 @@ class Server:
         if not sent:
             log.warning("could not answer %s: the peer is gone or not reading", identity[:16])
 
-    def _place(self, identity: bytes, head):
-        """Where the arrays of an arriving message go: a plain BSP push of whole chunks this
-        worker has not pushed yet in this step lands straight in the worker's gradient slot
-        (the transport's recv_into: one copy, into memory reused every step). Anything else,
-        or anything doubtful, arrives as frames and goes through the usual checks."""
-        try:
-            h = codec.parse_header(head)
-        except ProtocolError:
-            return None
-        self._parsed = (head, h)                  # _handle decodes with it: the header is parsed once
-        shard, asm = self.shard, self.assembly
-        if asm is None or not shard.initialized or h["cmd"] != PUSH or h["step"] != shard.version:
-            return None
-        try:
-            rank = parse_sender(h["from"], "worker", self.num_workers)
-        except ProtocolError:
-            return None
-        if rank in self.pending:
-            return None
-        slot, dests = shard.slot(rank), []
-        for d in h["arrays"]:
-            r = d.get("range")
-            c = shard._index.get(tuple(r)) if r and "enc" not in d and d["dtype"] == shard.dtype.name else None
-            ok = c is not None and d["shape"] == [r[1] - r[0]] and not asm.has(rank, c)
-            dests.append(memoryview(slot[shard.chunk_slice(c)]).cast("B") if ok else None)
-        return dests
-
-    def _handle(self, identity: bytes, frames, placed=None):
-        msg = self._decode(frames, f"peer {identity[:16]!r}", placed)
+    def _handle(self, identity: bytes, frames):
+        msg = self._decode(frames, f"peer {identity[:16]!r}")
         if msg is None:
             self._reply(identity, ERROR, 0, message="malformed message refused (see the server's log)")
             return
@@ -430,7 +399,7 @@ class Server:
         chunks = [shard.chunk_index(*r) for r in dict.fromkeys(msg.ranges)]
         asm.check(rank, chunks)              # before anything is written: a resent chunk changes nothing
         with self.tracer.span("store push", step=msg.step, worker=rank):
-            shard.store_gradient(rank, msg)
+            shard.store_gradient(rank, msg, hold=True)
         if not asm.started:
             self.step_started = time.monotonic()
         complete = asm.add(identity, msg.rid, rank, chunks, msg.meta)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy
 
-from common.compress import decode_chunk
+from common.compress import decode_chunk, all_finite
 from common.layout import intersect_ranges
 from common.optim import OptimConfig, clip_scale, lr_at, make_optimizer, sum_of_squares
 from common.protocol import ProtocolError
@@ -59,6 +59,8 @@ class Shard:
         self._snapshot = None               # (version, [arrays]): a copy of the parameters to send
         self._step = None                   # (lr, grad scale) of the update in progress (begin_update)
         self.avg_scale = 1.0                # avg holds avg_scale^-1 times the mean (average_chunk: the sum)
+        self.held = {}                      # (rank, chunk) -> its pushed gradient, as received (store_gradient)
+        self._sources = {}                  # chunk -> its gradient for the update (average_chunk)
 
     # --- addressing ---------------------------------------------------------------
     def locate(self, begin: int, end: int) -> slice:
@@ -140,24 +142,27 @@ class Shard:
             buf = self._slots[rank] = numpy.empty(self.size, dtype=self.dtype)
         return buf
 
-    def store_gradient(self, rank: int, msg) -> list[int]:
+    def store_gradient(self, rank: int, msg, hold: bool = False) -> list[int]:
         """Worker ``rank``'s pushed chunks (a decoded push ``msg``) into its slot; returns
-        the chunk indices. See ``write_chunks``."""
-        return self.write_chunks(self.slot(rank), msg)
+        the chunk indices. See ``write_chunks``. ``hold`` (plain BSP, chunk by chunk): a
+        plain chunk is not copied but held as received (a view of the message's frame,
+        kept until the chunk is averaged: ``average_chunk`` reads it there)."""
+        return self.write_chunks(self.slot(rank), msg, hold=rank if hold else None)
 
     def set_update(self, msg) -> list[int]:
         """self.avg = one worker's gradient (asp/ssp: a push is applied alone)."""
         self.avg_scale = 1.0
         return self.write_chunks(self.avg, msg)
 
-    def write_chunks(self, dest, msg) -> list[int]:
+    def write_chunks(self, dest, msg, hold=None) -> list[int]:
         """Write the whole chunks a push carries into ``dest`` (a slot, or ``avg``) and
         return their indices. Plain arrays must have the job's dtype (an array the
         transport received straight into ``dest``, ``msg.placed``, is already there);
         compressed ones (``msg.encs``) are decoded with the job's scheme. Refuses
         (ProtocolError) a chunk twice in one message, and non-finite values: ``dest``
         may then hold part of the message, which is harmless as long as the caller
-        does not count the chunks as received."""
+        does not count the chunks as received. ``hold``: a rank, whose plain chunks are
+        kept as views of the message (``self.held``) instead of copied into ``dest``."""
         want, done, i = self.dtype.name, [], 0
         arrays, ranges, encs = msg.arrays, msg.ranges, msg.encs or [None] * len(msg.arrays)
         placed = msg.placed or [False] * len(arrays)
@@ -173,7 +178,9 @@ class Shard:
                 a = arrays[i]
                 if msg.dtypes[i] != want or a.ndim != 1:
                     raise ProtocolError(f"push: expected {want} flat arrays, got {msg.dtypes[i]} {a.shape}")
-                if not placed[i]:
+                if hold is not None and not placed[i]:
+                    out = a                      # no copy: averaged straight from the frame
+                elif not placed[i]:
                     out[...] = a
                 i += 1
             else:
@@ -184,10 +191,13 @@ class Shard:
                     j += 1
                 decode_chunk(self.scheme, arrays[i:j], encs[i:j], out)
                 i = j
-            if not numpy.isfinite(out).all():
+            if not all_finite(out):
                 raise ProtocolError(f"push: range [{r[0]}, {r[1]}) holds NaN or Inf; refused")
-            done.append(c)
-        return done
+            done.append((c, out))
+        if hold is not None:
+            for c, out in done:
+                self.held[(hold, c)] = out
+        return [c for c, _ in done]
 
     def average(self, ranks) -> numpy.ndarray:
         """self.avg = mean of the slots of ``ranks``, summed in rank order."""
@@ -200,26 +210,27 @@ class Shard:
             self.avg *= 1.0 / len(ranks)
         return self.avg
 
-    def share_slot_with_avg(self, rank: int):
-        """With one worker the average is its gradient: let its pushes land in ``avg``."""
-        self._slots[rank] = self.avg
-
     def average_chunk(self, i: int, ranks):
-        """self.avg over chunk ``i`` = the SUM of the slots of ``ranks`` there, in rank order
-        (the same sums as ``average``); the 1 / W goes into the optimizer's gradient scale
-        (``avg_scale``), which multiplies the gradient anyway: one pass over memory saved."""
-        sl, ranks = self.chunk_slice(i), sorted(ranks)
-        avg, slots = self.avg[sl], self._slots
-        if len(ranks) > 1:
-            numpy.add(slots[ranks[0]][sl], slots[ranks[1]][sl], out=avg)
-        elif slots[ranks[0]] is not self.avg:
-            numpy.copyto(avg, slots[ranks[0]][sl])
-        for r in ranks[2:]:
-            avg += slots[r][sl]
+        """The gradient of chunk ``i`` for the update: the SUM of the ``ranks``' pushes of it
+        (held by ``store_gradient``), in rank order (the same sums as ``average``), in
+        ``avg``; with one worker, its push itself, uncopied. The 1 / W goes into the
+        optimizer's gradient scale (``avg_scale``), which multiplies the gradient anyway:
+        one pass over memory saved."""
+        ranks = sorted(ranks)
+        parts = [self.held.pop((r, i)) for r in ranks]
+        if len(parts) == 1:
+            self._sources[i] = parts[0]
+        else:
+            avg = self._sources[i] = self.avg[self.chunk_slice(i)]
+            numpy.add(parts[0], parts[1], out=avg)
+            for p in parts[2:]:
+                avg += p
         self.avg_scale = 1.0 / len(ranks)
 
     def local_sumsq(self) -> float:
         """This shard's share of the squared norm of the averaged gradient."""
+        if self._sources:                    # chunk by chunk: the chunks' own gradients
+            return sum(sum_of_squares(self._sources[i]) for i in sorted(self._sources)) * self.avg_scale ** 2
         return sum_of_squares(self.avg) * self.avg_scale ** 2
 
     def apply(self, global_sumsq: float | None = None, lr_step: int | None = None, lr_scale: float = 1.0):
@@ -251,13 +262,15 @@ class Shard:
         return self._step is not None
 
     def update_chunk(self, i: int):
-        """The current step's update of chunk ``i`` (with the averaged gradient in ``avg``)."""
+        """The current step's update of chunk ``i`` (with its gradient from ``average_chunk``)."""
         sl = self.chunk_slice(i)
-        self.optimizer.update(self.params, self.avg, *self._step, lo=sl.start, hi=sl.stop)
+        self.optimizer.update(self.params, self._sources.pop(i), *self._step, lo=sl.start, hi=sl.stop,
+                              grads_at=sl.start)
 
     def end_update(self):
         self._step = None
         self.version += 1
+        self.held.clear()
 
     def apply_delta(self):
         """Local SGD: params -= the averaged parameter change in ``self.avg`` (model

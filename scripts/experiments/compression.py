@@ -107,7 +107,8 @@ def plot(results: list, png: Path, args):
         mbs = [p["bytes_pushed"] / 1e6 for p in r["curve"]]
         ratio = f", {base['bytes_pushed'] / r['bytes_pushed']:.1f}x fewer bytes" if base and r is not base else ""
         a.plot(steps, ys, label=f"{r['label']}: {r['final_val_loss']:.3f}", **style)
-        b.plot(mbs, ys, label=f"{r['label']}{ratio}", **style)
+        pushed = [(m, y) for m, y in zip(mbs, ys) if m > 0]          # (step 0 has pushed nothing)
+        b.plot([m for m, _ in pushed], [y for _, y in pushed], label=f"{r['label']}{ratio}", **style)
     a.set_xlabel("step")
     a.set_ylabel("validation loss (nats per byte)")
     a.set_title("against steps (legend: final validation loss)", fontsize=10)
@@ -142,7 +143,8 @@ def main(argv=None):
     ap.add_argument("--eval-interval", type=int, default=50, help="validation every this many steps (default: 50)")
     ap.add_argument("--runs", default=DEFAULT_RUNS, help=f"which runs, of {','.join(RUNS)} (default: {DEFAULT_RUNS})")
     ap.add_argument("--out", default="", help="folder of the runs (default: runs/compression-<time>)")
-    ap.add_argument("--png", default=str(ROOT / "docs/img/compression.png"), help="the figure (default: %(default)s)")
+    ap.add_argument("--png", default="", help="the figure (default: docs/img/compression.png for the default runs, "
+                    "docs/img/compression_<runs>.png otherwise)")
     ap.add_argument("--replot", default="", help="only redraw from the runs in this folder")
     args = ap.parse_args(argv)
     names = [n for n in args.runs.split(",") if n]
@@ -158,6 +160,9 @@ def main(argv=None):
         for name in names:
             run(name, out / name, args)
     results = [collect(n, out / n) for n in names]
+    if not args.png:
+        tag = "" if ",".join(names) == DEFAULT_RUNS else "_" + "_".join(names)
+        args.png = str(ROOT / f"docs/img/compression{tag}.png")
     settings = {k: getattr(args, k) for k in ("steps", "workers", "servers", "eval_interval")}
     (out / "results.json").write_text(json.dumps({"settings": settings, "command": sys.argv, "results": results},
                                                  indent=1) + "\n")
