@@ -17,6 +17,8 @@ Flags win over the environment, the environment over the defaults.
 | --subnet          | PS_SUBNET       | advertise this host's address inside this subnet    |
 | --timeout         | PS_TIMEOUT      | seconds any wait may last before it fails           |
 | --curve           | PS_CURVE        | CurveZMQ key folder (ps-keys): encrypt, authenticate |
+| --heartbeat       | PS_HEARTBEAT    | seconds between heartbeats to the coordinator (0 off) |
+| --heartbeat-misses| PS_HEARTBEAT_MISSES | heartbeats a worker may miss before it is dropped |
 
 Bind and advertise are separate on purpose: in a container or behind NAT a server
 listens on ``tcp://*:PORT`` (or the container's address) while peers must dial the
@@ -43,7 +45,8 @@ from common.placement import DEFAULT_CHUNK_MB
 
 ENV = {"rank": "PS_RANK", "num_servers": "PS_NUM_SERVERS", "num_workers": "PS_NUM_WORKERS",
        "coordinator": "PS_COORDINATOR", "bind": "PS_BIND", "advertise": "PS_ADVERTISE",
-       "timeout": "PS_TIMEOUT", "interface": "PS_INTERFACE", "subnet": "PS_SUBNET", "curve": "PS_CURVE"}
+       "timeout": "PS_TIMEOUT", "interface": "PS_INTERFACE", "subnet": "PS_SUBNET", "curve": "PS_CURVE",
+       "heartbeat": "PS_HEARTBEAT", "heartbeat_misses": "PS_HEARTBEAT_MISSES"}
 
 MODES = ("bsp", "asp", "ssp", "local-sgd")
 
@@ -62,6 +65,13 @@ class ClusterConfig:
     subnet: str = ""                        # servers: advertise this host's address inside this subnet (e.g. 10.0.0.0/24)
     curve: str = ""                         # folder of CurveZMQ keys made by ps-keys: every socket encrypted and authenticated ('' = plain TCP)
     ipc: bool = True                        # a server advertised on 127.0.0.1 also listens on a Unix socket, which processes of its host use instead of TCP
+    heartbeat: float = 1.0                  # seconds between the heartbeats every process sends the coordinator (0 = none: a dead worker is then only noticed by the step deadline)
+    heartbeat_misses: int = 5               # a worker silent for this many heartbeats is dropped from the job, and the steps go on without it
+
+    @property
+    def silence_s(self) -> float:
+        """How long a silent peer is given before it counts as gone (heartbeats * misses)."""
+        return self.heartbeat * self.heartbeat_misses if self.heartbeat > 0 else float("inf")
 
     def __post_init__(self):
         if self.num_servers < 1 or self.num_workers < 1:
@@ -69,6 +79,9 @@ class ClusterConfig:
                              f"W={self.num_workers}")
         if self.timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.heartbeat < 0 or self.heartbeat_misses < 1:
+            raise ValueError(f"need heartbeat >= 0 s and heartbeat_misses >= 1, got {self.heartbeat}, "
+                             f"{self.heartbeat_misses}")
 
     def curve_keys(self):
         """The CurveZMQ keys of ``--curve``, or None without it."""

@@ -13,19 +13,32 @@ run folder:
         model.safetensors  the final weights (GPT-2 names) + config.json for GPT-2 tooling
         sample.txt         text sampled from the final model
 
-If any process dies, the others are stopped and the command exits non-zero, naming
-the process and its log. Ctrl-C stops every process (TERM, then KILL after a grace
-period); none is left behind.
+If a process fails (exits non-zero), the others are stopped and the command exits
+non-zero, naming the process and its log. A process killed by a signal from outside
+(``kill -9``: a crash) is left to the job's own failure handling: a worker is dropped
+and the steps go on, a server is waited for until ``--timeout``; with ``--respawn``
+ps-local starts it again (a server with ``--resume``, from its checkpoint) and the job
+goes on. ``--resume`` restarts a whole job from the servers' checkpoints in its run
+folder (docs/failures.md). Ctrl-C or TERM stops every process (TERM, then KILL after a
+grace period); none is left behind.
 
 This module starts processes; it imports neither role. Flags for the optimizer and
 the consistency model go to the servers (and the job flags to the workers too); every
 other flag goes to the workers, which check them before anything starts.
+
+Devices: ``--device cuda`` (a worker flag) puts every worker on the GPU; ``--devices
+cuda:0,cpu,cpu`` gives each worker rank its own (``worker_flags``), e.g. one CuPy
+worker beside CPU workers; the servers hold float32 vectors and do not care. A
+``--precision`` other than fp32 then goes to the GPU workers only. Each distinct
+device is checked (``python -m worker --dry-run``) before anything starts, so a GPU
+asked for where there is none fails in a second with the reason.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -69,8 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--show-placement", action="store_true",
                    help="print how the flat vector is cut into chunks (--chunk-mb) and dealt over the servers, "
                         "and exit (the workers' model flags apply)")
+    g.add_argument("--devices", default="",
+                   help="each worker's device, by rank, comma-separated: e.g. cuda:0,cpu,cpu (one CuPy "
+                        "worker and two CPU workers), or one device for all (default: the workers' "
+                        "--device, cpu)")
     g.add_argument("--curve", default="", help="CurveZMQ key folder made by ps-keys: encrypt and authenticate "
                                                "every connection (default: plain TCP)")
+    g.add_argument("--checkpoint-every", type=int, default=50,
+                   help="the servers checkpoint every this many versions, and when they stop, into "
+                        "RUN/checkpoints (default: 50)")
+    g.add_argument("--respawn", action="store_true",
+                   help="start again a process killed by a signal (kill -9: a crash); a server resumes from its "
+                        "checkpoint (default: the job goes on without a worker, and waits --timeout for a server)")
+    g.add_argument("--resume", action="store_true",
+                   help="resume the job in --out from its servers' checkpoints (after a crash or Ctrl-C): the "
+                        "same flags, the run folder kept, the loss curve continued")
+    g.add_argument("--heartbeat", type=float, default=1.0,
+                   help="seconds between heartbeats; a worker silent for 5 of them is dropped (default: 1)")
     add_arguments(p, JobConfig, "consistency (every process)")
     add_arguments(p, OptimConfig, "optimizer (servers)", defaults=dict(OPTIM_DEFAULTS, lr_decay_steps=None),
                   default_text={"lr_decay_steps": "--steps"})
@@ -83,6 +111,38 @@ def describe_mode(job: JobConfig) -> str:
     if job.backup_workers:
         extra = f"backup workers={job.backup_workers}"
     return f"{job.mode}({extra})" if extra else job.mode
+
+
+def worker_flags(devices: str, workers: int, worker_args: list[str]) -> list[list[str]]:
+    """The flags added to each worker rank's command for ``--devices``: ``--device D``, and
+    the job's ``--precision`` only where D is a GPU (a CPU worker computes in float32).
+    ``devices`` '' adds nothing; a single device applies to every rank."""
+    if not devices:
+        return [[] for _ in range(workers)]
+    if any(a == "--device" or a.startswith("--device=") for a in worker_args):
+        raise ValueError("give --devices (one device per worker) or --device (all workers), not both")
+    listed = [d.strip() for d in devices.split(",")]
+    if len(listed) == 1:
+        listed *= workers
+    if len(listed) != workers or not all(listed):
+        raise ValueError(f"--devices lists {len(listed)} device(s) for {workers} worker(s): give one per "
+                         "worker rank, or one for all (e.g. --devices cuda:0,cpu,cpu)")
+    precision = [a for i, a in enumerate(worker_args)
+                 if a.startswith("--precision") or (i and worker_args[i - 1] == "--precision")]
+    return [["--device", d] + (precision if d != "cpu" else []) for d in listed]
+
+
+def _without_precision(args: list[str]) -> list[str]:
+    """``args`` less any ``--precision X`` / ``--precision=X`` (added back per rank)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--precision":
+            skip = True
+        elif not a.startswith("--precision="):
+            out.append(a)
+    return out
 
 
 def _flags(cfg) -> list[str]:
@@ -102,21 +162,53 @@ class Job:
         self.env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                         MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
         self.procs: dict[str, subprocess.Popen] = {}
+        self.cmds: dict[str, list[str]] = {}
+        self.crashed: dict[str, int] = {}       # name -> signal, for processes killed from outside
+        self.starting = False                   # inside Popen: a Ctrl-C/TERM waits (else the child is orphaned)
+        self.interrupted = 0
 
-    def start(self, name: str, cmd: list[str]):
-        log = open(self.logs / f"{name}.log", "w")
-        log.write("$ " + " ".join(cmd) + "\n")
+    def start(self, name: str, cmd: list[str], mode: str = "w"):
+        log = open(self.logs / f"{name}.log", mode)
+        log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True)   # our signals, not the terminal's
+        self.cmds[name] = cmd
+        self.starting = True
+        try:
+            self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                                start_new_session=True)   # our signals, not the terminal's
+        finally:
+            self.starting = False
+        if self.interrupted:
+            raise KeyboardInterrupt(f"signal {self.interrupted}")
+
+    def on_signal(self, signum, frame):
+        """Ctrl-C or TERM: stop (a KeyboardInterrupt), but not in the middle of starting a process."""
+        if self.starting:
+            self.interrupted = signum
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
 
     def failed(self):
-        """(name, exit code) of the first process that exited non-zero, or None."""
+        """(name, exit code) of the first process that exited with an error, or None (a process
+        killed by a signal from outside is a crash, see ``crashes``)."""
         for name, p in self.procs.items():
             code = p.poll()
-            if code not in (None, 0):
+            if code is not None and code > 0:
                 return name, code
         return None
+
+    def crashes(self) -> list[tuple[str, int]]:
+        """(name, signal) of the processes newly found killed by a signal."""
+        new = [(n, -p.poll()) for n, p in self.procs.items()
+               if p.poll() is not None and p.poll() < 0 and n not in self.crashed]
+        self.crashed.update(new)
+        return new
+
+    def restart(self, name: str):
+        cmd = self.cmds[name] + (["--resume"] if name.startswith("server-") and "--resume" not in self.cmds[name]
+                                 else [])
+        self.crashed.pop(name, None)
+        self.start(name, cmd, mode="a")
 
     def running(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() is None]
@@ -139,17 +231,26 @@ class Job:
         return "\n".join("    " + line for line in text[-lines:])
 
 
-def _read_new_metrics(path: Path, pos: int):
-    """New complete JSON lines of metrics.jsonl since byte ``pos``."""
+def _read_new_metrics(path: Path, pos):
+    """New complete JSON lines of metrics.jsonl since ``pos`` = (file, byte offset): a file
+    replaced (worker 0 joining a running or resumed job rewrites it) is read again whole."""
     if not path.exists():
         return [], pos
-    with open(path) as f:
-        f.seek(pos)
+    ident, offset = pos if isinstance(pos, tuple) else (None, pos)
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if (st.st_dev, st.st_ino) != ident or st.st_size < offset:
+            offset = 0
+        f.seek(offset)
         chunk = f.read()
-    if not chunk.endswith("\n"):
-        chunk = chunk[:chunk.rfind("\n") + 1]
-    records = [json.loads(line) for line in chunk.splitlines() if line.strip()]
-    return records, pos + len(chunk.encode())
+    chunk = chunk[:chunk.rfind(b"\n") + 1]
+    records = []
+    for line in chunk.decode(errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass                               # not a line of ours: skip it rather than stop the watch
+    return records, ((st.st_dev, st.st_ino), offset + len(chunk))
 
 
 def main(argv=None) -> int:
@@ -168,31 +269,41 @@ def main(argv=None) -> int:
     if args.servers < 1 or args.workers < 1 or args.steps < 1:
         parser.error("--servers, --workers and --steps must be >= 1")
     out = Path(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
-    if out.exists() and any(out.iterdir()):
-        parser.error(f"run folder {out} already exists and is not empty; choose another --out")
+    if args.resume and not (out / "checkpoints").is_dir():
+        parser.error(f"--resume: {out / 'checkpoints'} does not exist; give the --out of the job to resume")
+    if not args.resume and out.exists() and any(out.iterdir()):
+        parser.error(f"run folder {out} already exists and is not empty; choose another --out (or --resume it)")
     threads = args.threads or max(1, (os.cpu_count() or 1) // (args.servers + args.workers))
     port = args.port or free_port()
     coord = f"127.0.0.1:{port}"
     py = sys.executable
     common = ["--num-servers", str(args.servers), "--num-workers", str(args.workers),
-              "--coordinator", coord, "--timeout", str(args.timeout)] + _flags(job)
+              "--coordinator", coord, "--timeout", str(args.timeout), "--heartbeat", str(args.heartbeat)] + _flags(job)
     if args.curve:
         common += ["--curve", args.curve]
-    worker_cmd = [py, "-m", "worker", *common, "--steps", str(args.steps), "--out", str(out), *worker_args]
+    try:
+        per_rank = worker_flags(args.devices, args.workers, worker_args)
+    except ValueError as e:
+        parser.error(str(e))
+    shared_args = _without_precision(worker_args) if args.devices else worker_args
+    worker_cmd = [py, "-m", "worker", *common, "--steps", str(args.steps), "--out", str(out), *shared_args]
     trace = ["--trace"] if args.trace else []
 
     if args.show_placement:
         return subprocess.run(worker_cmd + ["--show-placement"]).returncode
-    # the workers' flags are checked before anything starts, so a typo fails in a second
-    check = subprocess.run(worker_cmd + ["--dry-run"], capture_output=True, text=True)
-    if check.returncode != 0:
-        sys.stderr.write(check.stderr or check.stdout)
-        return 2
+    # the workers' flags (and devices) are checked before anything starts, so a typo fails in a second
+    for extra in dict.fromkeys(tuple(f) for f in per_rank):
+        check = subprocess.run(worker_cmd + list(extra) + ["--dry-run"], capture_output=True, text=True)
+        if check.returncode != 0:
+            sys.stderr.write(check.stderr or check.stdout)
+            return 2
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.json").write_text(json.dumps({
+    config_name = "run_config.json" if not args.resume else f"run_config.resumed-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    (out / config_name).write_text(json.dumps({
         "launcher": {"servers": args.servers, "workers": args.workers, "steps": args.steps,
-                     "coordinator": coord, "threads": threads, "timeout": args.timeout},
+                     "coordinator": coord, "threads": threads, "timeout": args.timeout,
+                     "devices": [f[1] if f else "" for f in per_rank]},
         "job": to_dict(job), "optimizer": to_dict(optim), "worker_args": worker_args,
         "worker": json.loads(check.stdout) if check.stdout.strip().startswith("{") else {},
     }, indent=2) + "\n")
@@ -201,13 +312,18 @@ def main(argv=None) -> int:
 
     run = Job(out, threads)
     interrupted = False
+
+    signal.signal(signal.SIGTERM, run.on_signal)
+    signal.signal(signal.SIGINT, run.on_signal)
     try:
         for s in range(args.servers):
             bind = f"tcp://127.0.0.1:{port if s == 0 else '*'}"      # a local job stays on loopback
             run.start(f"server-{s}", [py, "-m", "paramserver", "--rank", str(s), "--bind", bind, *common,
-                                      *_flags(optim), "--out", str(out), *(trace and ["--trace", str(out)])])
+                                      *_flags(optim), "--out", str(out),
+                                      "--checkpoint-every", str(args.checkpoint_every),
+                                      *(["--resume"] if args.resume else []), *(trace and ["--trace", str(out)])])
         for r in range(args.workers):
-            run.start(f"worker-{r}", worker_cmd + ["--rank", str(r), "--no-progress", *trace])
+            run.start(f"worker-{r}", worker_cmd + per_rank[r] + ["--rank", str(r), "--no-progress", *trace])
         code = _watch(run, out, args)
         if args.trace:
             run.stop()                        # the servers write their traces as they exit
@@ -227,12 +343,30 @@ def main(argv=None) -> int:
                   file=sys.stderr)
 
 
+def _crashed(run: Job, name: str, sig: int, args):
+    """A process was killed from outside: start it again (--respawn), or say what happens now."""
+    if args.respawn:
+        print(f"\nps-local: {name} was killed by signal {sig}; starting it again"
+              + (" from its checkpoint (--resume)" if name.startswith("server-") else ""), file=sys.stderr)
+        run.restart(name)
+        return
+    again = shlex.join(run.cmds[name] + (["--resume"] if name.startswith("server-") else []))
+    what = ("the job goes on without it (the coordinator drops it from the view)" if name.startswith("worker-")
+            else f"the job waits up to --timeout ({args.timeout:g} s) for it to come back")
+    print(f"\nps-local: {name} was killed by signal {sig}; {what}. To start it again:\n    {again}",
+          file=sys.stderr)
+
+
 def _watch(run: Job, out: Path, args) -> int:
     from tqdm import tqdm
     metrics, pos, last = out / "metrics.jsonl", 0, {}
     bar = None if args.no_progress else tqdm(total=args.steps, unit="step", dynamic_ncols=True)
     try:
-        while run.running():
+        while True:
+            for name, sig in run.crashes():
+                _crashed(run, name, sig, args)
+            if not run.running():
+                break
             dead = run.failed()
             if dead:
                 name, code = dead

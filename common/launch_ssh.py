@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -181,6 +182,10 @@ def main(argv=None) -> int:
           f"worker(s) on {len(hosts)} host(s); coordinator {hostfile.coordinator(hosts, args.port)}; run folder {out}",
           flush=True)
     lock, remotes = threading.Lock(), []
+
+    def on_term(signum, frame):                 # TERM (a scheduler, kill) stops every role like Ctrl-C
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_term)
     try:
         for h, name, argv_ in roles:
             cmd = remote_command(argv_, args.remote_dir, REPO, args.python, args.threads, {"PS_HOST": h.name})

@@ -2,21 +2,27 @@
 
     ps-plot runs/A                        # runs/A/plot.png: loss, speed, bytes (and staleness)
     ps-plot runs/A runs/B --out cmp.png   # several runs overlaid, the legend names the folders
+    ps-plot runs/A runs/B --against step,bytes   # the loss against steps and bytes on the wire
     ps-plot runs/A --timeline             # runs/A/timeline.png: a few steps of every process, from --trace
 
 What it reads (and nothing else; it never imports the roles):
 - ``metrics.jsonl``: ``step``, ``loss``, ``val_loss``, ``elapsed_s``, ``tokens_per_s``,
-  ``bytes_pushed`` / ``bytes_pulled`` (cumulative, summed over the workers), and, when a
-  consistency model reports them, ``staleness_mean`` / ``staleness_max``;
-- ``server-*.json``, when present: a ``staleness`` histogram per server, either a map
-  ``{"0": count, "1": count, ...}`` or a list of counts indexed by staleness (summed over
-  the servers; absent files are skipped);
+  ``bytes_pushed`` / ``bytes_pulled`` (cumulative, summed over the workers);
+- ``server-*.json``, written by every server at the end (``Recorder.summary`` in
+  ``paramserver/consistency.py``): ``staleness_hist``, a map ``{"0": count, "1": count, ...}``
+  from the staleness in versions of an applied update (server version at apply - the
+  version its gradient was computed on) to the number of such updates, and
+  ``clock_staleness_hist``, the same in clocks for asp/ssp (empty in the synchronous
+  modes). Summed over the servers and drawn as the share of applied updates, so runs
+  of different lengths compare; a run without these files has no staleness panel;
 - ``trace.json`` or ``trace-*.json`` (``--timeline``), written by ``--trace``.
 
 Panels are drawn only for what some run has: a ``ps-train`` run has no bytes on the wire,
-a BSP run no staleness. The backend is Agg, so it needs no display.
+and the staleness panels appear only when some run applied a stale update (BSP and
+local SGD apply none). The backend is Agg, so it needs no display.
 
-Not here: recording anything (``common/trace.py``, the trainers), interactive plots.
+Not here: recording anything (``common/trace.py``, the trainers, the servers' ``Recorder``),
+interactive plots.
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import numpy
 
 from common.trace import read_trace
 
@@ -38,23 +46,36 @@ def read_metrics(run: Path) -> list[dict]:
 
 
 def series(records: list[dict], key: str, x: str = "step") -> tuple[list, list]:
-    """(xs, ys) of the records that hold both ``x`` and ``key`` (step 0 counts as 0 s of wall time)."""
+    """(xs, ys) of the records that hold both ``x`` and ``key`` (step 0 is at 0 s and 0 bytes)."""
     xs, ys = [], []
     for r in records:
-        xv = r.get(x, 0.0 if x == "elapsed_s" and r.get("step") == 0 else None)
+        xv = r.get(x, 0.0 if x in ("elapsed_s", "wire_mb") and r.get("step") == 0 else None)
         if key in r and r[key] is not None and xv is not None:
             xs.append(xv)
             ys.append(r[key])
     return xs, ys
 
 
-def read_staleness(run: Path) -> dict[int, int]:
-    """Staleness -> count, summed over the ``server-*.json`` files of a run (empty if none)."""
+def with_wire(records: list[dict]) -> list[dict]:
+    """The records, each with ``wire_mb`` = (bytes pushed + pulled) / 1e6 where it has both."""
+    return [dict(r, wire_mb=(r["bytes_pushed"] + r["bytes_pulled"]) / 1e6)
+            if r.get("bytes_pushed") is not None and r.get("bytes_pulled") is not None else r for r in records]
+
+
+STALENESS = ("staleness_hist", "clock_staleness_hist")   # the keys of server-S.json that ps-plot draws
+
+
+def read_staleness(run: Path, key: str = "staleness_hist") -> dict[int, int]:
+    """Staleness -> applied updates, summed over the ``server-*.json`` files of a run
+    (empty if there are none, or the mode has no such histogram)."""
+    if key not in STALENESS:
+        raise ValueError(f"{key!r}: ps-plot draws {' and '.join(STALENESS)}")
     total: dict[int, int] = {}
     for path in sorted(Path(run).glob("server-*.json")):
-        hist = json.loads(path.read_text()).get("staleness")
-        items = hist.items() if isinstance(hist, dict) else enumerate(hist or [])
-        for k, n in items:
+        hist = json.loads(path.read_text()).get(key) or {}
+        if not isinstance(hist, dict):
+            raise ValueError(f"{path}: {key} should map a staleness to a count, got {type(hist).__name__}")
+        for k, n in hist.items():
             total[int(k)] = total.get(int(k), 0) + int(n)
     return total
 
@@ -67,57 +88,87 @@ def run_labels(runs: list[Path]) -> list[str]:
 
 # --- the metrics figure -----------------------------------------------------------------
 
-def plot_runs(runs: list, out, title: str = "") -> Path:
-    """Draw the metrics of ``runs`` (run folders) into ``out`` (a PNG); returns its path."""
+AGAINST = {"step": ("step", "step"), "time": ("elapsed_s", "wall time (s)"),
+           "bytes": ("wire_mb", "bytes on the wire, pushed + pulled (MB)")}
+
+
+def plot_runs(runs: list, out, title: str = "", against: tuple[str, ...] = ("step", "time")) -> Path:
+    """Draw the metrics of ``runs`` (run folders) into ``out`` (a PNG); returns its path.
+    ``against``: one loss panel per x axis, of ``step``, ``time``, ``bytes``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = [Path(r) for r in runs]
-    data = [read_metrics(r) for r in runs]
-    stale = [read_staleness(r) for r in runs]
+    data = [with_wire(read_metrics(r)) for r in runs]
+    hists = {key: [read_staleness(r, key) for r in runs] for key in STALENESS}
     has = lambda key: any(series(d, key)[0] for d in data)  # noqa: E731
-    panels = ["loss_step", "loss_time"]
+    bad = [a for a in against if a not in AGAINST]
+    if bad or not against:
+        raise ValueError(f"--against {','.join(against)}: choose from {', '.join(AGAINST)}")
+    if "bytes" in against and not has("bytes_pushed"):
+        raise ValueError("--against bytes: no run records bytes on the wire (a ps-train run has none)")
+    panels = [f"loss_{a}" for a in against]
     panels += ["tokens"] if has("tokens_per_s") else []
     panels += ["bytes"] if has("bytes_pushed") else []
-    panels += ["staleness_step"] if has("staleness_mean") else []
-    panels += ["staleness_hist"] if any(stale) else []
+    # staleness only where some run has any (a synchronous run alone would draw one bar at 0)
+    panels += [key for key in STALENESS if any(set(h) - {0} for h in hists[key])]
     cols = 2
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(11, 3.6 * rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    cumulative = set()                         # the staleness panels drawn as cumulative shares
+
     def line(ax, xy, **kw):                    # a run without this series adds no legend entry
         if xy[0]:
             ax.plot(*xy, **kw)
 
-    for i, (records, label, hist) in enumerate(zip(data, run_labels(runs), stale)):
+    for i, (records, label) in enumerate(zip(data, run_labels(runs))):
         c = colors[i % len(colors)]
         for ax, panel in zip(axes.flat, panels):
-            if panel in ("loss_step", "loss_time"):
-                x = "step" if panel == "loss_step" else "elapsed_s"
-                line(ax, series(records, "loss", x), color=c, lw=1, alpha=0.6, label=f"{label} train")
-                line(ax, series(records, "val_loss", x), color=c, lw=2, marker="o", ms=3, label=f"{label} val")
+            if panel.startswith("loss_"):
+                x = AGAINST[panel[5:]][0]
+                if panel != "loss_bytes":
+                    line(ax, series(records, "loss", x), color=c, lw=1, alpha=0.6, label=f"{label} train")
+                    line(ax, series(records, "val_loss", x), color=c, lw=2, marker="o", ms=3, label=f"{label} val")
+                else:                          # validation only (train lines are vertical between local-sgd
+                    xs, ys = series(records, "val_loss", x)      # rounds), on a log axis: no point at 0 bytes
+                    line(ax, ([a for a in xs if a > 0], [b for a, b in zip(xs, ys) if a > 0]), color=c, lw=2,
+                         marker="o", ms=3, label=f"{label} val")
             elif panel == "tokens":
                 line(ax, series(records, "tokens_per_s"), color=c, label=label)
             elif panel == "bytes":
-                xs, pushed = series(records, "bytes_pushed")
-                _, pulled = series(records, "bytes_pulled")
-                line(ax, (xs, [(a + b) / 1e6 for a, b in zip(pushed, pulled)]), color=c, label=label)
-            elif panel == "staleness_step":
-                line(ax, series(records, "staleness_mean"), color=c, label=f"{label} mean")
-                line(ax, series(records, "staleness_max"), color=c, ls="--", label=f"{label} max")
-            elif panel == "staleness_hist" and hist:
+                line(ax, series(records, "wire_mb"), color=c, label=label)
+            elif panel in STALENESS and hists[panel][i]:
+                hist = hists[panel][i]
+                n = sum(hist.values())
                 ks = sorted(hist)
-                width = 0.8 / len(runs)
-                ax.bar([k + (i - (len(runs) - 1) / 2) * width for k in ks], [hist[k] for k in ks], width=width,
-                       color=c, label=label)
-                ax.set_xticks(range(min(ks), max(ks) + 1))
+                top = max(max(h, default=0) for h in hists[panel])
+                if top <= 20:                  # a few values: bars side by side
+                    width = 0.8 / len(runs)
+                    ax.bar([k + (i - (len(runs) - 1) / 2) * width for k in ks], [hist[k] / n for k in ks],
+                           width=width, color=c, label=label)
+                    ax.set_xticks(range(0, top + 1))
+                else:                          # a long tail (asp): the share of updates <= x, one line per run
+                    xs = list(range(0, max(ks) + 1))
+                    share = numpy.cumsum([hist.get(k, 0) for k in xs]) / n
+                    ax.step(xs, share, where="post", color=c, lw=1.5, label=label)
+                    ax.set_ylim(0, 1.02)
+                    cumulative.add(panel)
     titles = {"loss_step": ("loss (nats per token)", "step"), "loss_time": ("loss (nats per token)", "wall time (s)"),
+              "loss_bytes": ("validation loss (nats per token)", AGAINST["bytes"][1] + ", log scale"),
               "tokens": ("tokens per second (whole job)", "step"),
               "bytes": ("bytes on the wire, pushed + pulled (MB, cumulative)", "step"),
-              "staleness_step": ("staleness of the applied gradients (steps)", "step"),
-              "staleness_hist": ("staleness histogram (pushes)", "staleness (steps)")}
+              "staleness_hist": ("staleness of the applied updates (share of updates)",
+                                 "server version at apply - version it was computed on"),
+              "clock_staleness_hist": ("clock staleness, asp/ssp (share of updates)",
+                                       "pusher's clock - slowest worker's clock when it read")}
     for ax, panel in zip(axes.flat, panels):
+        if panel in cumulative:
+            ax.set_ylabel("share of updates <= x")
+            titles[panel] = (titles[panel][0].replace("(share of updates)", "(cumulative share)"), titles[panel][1])
+        if panel == "loss_bytes":              # local SGD's H = 1 and H = 400 differ 400x in bytes
+            ax.set_xscale("log")
         ax.set_title(titles[panel][0], fontsize=10)
         ax.set_xlabel(titles[panel][1])
         ax.grid(alpha=0.3)
@@ -222,13 +273,16 @@ def plot_timeline(run, out, steps: tuple[int, int] | None = None) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="ps-plot", description="Plot runs: loss and validation loss against steps and wall time, tokens per "
-        "second, bytes on the wire, staleness; several runs overlaid. With --timeline, where the time of a few "
-        "steps goes in every process of a traced run (ps-local --trace).")
+        prog="ps-plot", description="Plot runs: loss and validation loss against steps and wall time (or bytes on "
+        "the wire), tokens per second, bytes on the wire, the staleness of applied updates; several runs overlaid. "
+        "With --timeline, where the time of a few steps goes in every process of a traced run (ps-local --trace).")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (holding metrics.jsonl)")
     p.add_argument("--out", default="", help="PNG to write (default: RUN_DIR/plot.png, or RUN_DIR/timeline.png; "
                                              "plot.png here for several runs)")
     p.add_argument("--title", default="", help="title of the figure (default: the run names)")
+    p.add_argument("--against", default="step,time", metavar="X[,X]",
+                   help="the loss panels' x axes, of step, time (wall-clock seconds), bytes (on the wire, pushed + "
+                        "pulled, all workers) (default: step,time)")
     p.add_argument("--timeline", action="store_true", help="draw the trace of one run instead of its metrics")
     p.add_argument("--steps", default="", metavar="A:B",
                    help="with --timeline: the steps to draw, A included, B not (default: 3 in the middle)")
@@ -259,7 +313,7 @@ def main(argv=None) -> int:
                 print(f"  {proc:10s} {name:16s} {ms:9.1f}")
         else:
             out = plot_runs(runs, args.out or (runs[0] / "plot.png" if len(runs) == 1 else Path("plot.png")),
-                            args.title)
+                            args.title, tuple(a.strip() for a in args.against.split(",") if a.strip()))
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"ps-plot: {e}", file=sys.stderr)
         return 1

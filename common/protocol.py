@@ -34,6 +34,16 @@ The conversation, in order (see docs/ for the lesson that walks through it):
     worker     -> coordinator  done                     (finished its steps; asp/ssp: to every
                                                            server, so it stops counting as live)
     coordinator -> servers     shutdown                 (every worker is done)
+
+and, all along (docs/failures.md):
+
+    worker, server -> coordinator  heartbeat {session, version}  -> ok {view, member}
+                                                           (servers also get the live workers)
+    coordinator -> servers     view {view, workers}     (a worker was dropped or rejoined)
+
+A worker that resends a request (its connection to a server broke and came back)
+sends the very same message again, request id included; the server applies a push at
+most once (``paramserver/dedupe.py``).
 """
 from __future__ import annotations
 
@@ -62,12 +72,14 @@ DONE = "done"              # a worker finished its steps (to the coordinator)
 BARRIER = "barrier"        # wait until every worker reached the same named barrier
 SHUTDOWN = "shutdown"      # the coordinator tells a server to stop
 STATUS = "status"          # anyone asks a server what it knows (a live view)
+HEARTBEAT = "heartbeat"    # a worker or server is alive (to the coordinator, every --heartbeat s)
+VIEW = "view"              # the coordinator tells a server which workers a step now waits for
 # replies
 JOB = "job"                # the coordinator's answer to register: ranks, addresses, layout
 OK = "ok"                  # a request succeeded; may carry arrays (parameters) and meta
 ERROR = "error"            # a request was refused; meta.message says why
 
-REQUESTS = (REGISTER, INIT, PULL, PUSH, NORM, DONE, BARRIER, SHUTDOWN, STATUS)
+REQUESTS = (REGISTER, INIT, PULL, PUSH, NORM, DONE, BARRIER, SHUTDOWN, STATUS, HEARTBEAT, VIEW)
 REPLIES = (JOB, OK, ERROR)
 COMMANDS = REQUESTS + REPLIES
 
@@ -76,25 +88,42 @@ ROLES = ("server", "worker", "tool")
 _num = (int, float)
 # cmd -> ({required field: type}, {optional field: type}) for the header's "meta" map
 META = {
+    # versions: a server started with --resume lists the versions of its checkpoints
     REGISTER: ({"role": str, "rank": int, "host": str, "pid": int},
                {"addr": str, "layout": list, "layout_hash": str, "dtype": str, "optim": dict,
-                "job": dict, "ipc": str}),
+                "job": dict, "versions": list, "ipc": str}),
     INIT: ({}, {}),
     PULL: ({}, {"min_version": int}),
     # base_version: the server version the gradient was computed on (asp/ssp: staleness =
     # version at apply - base_version); grad_sumsq: |g|^2 of the worker's WHOLE gradient, so
     # a server that applies one worker's push alone can clip by the global norm
+    # session: the worker's incarnation (the coordinator's JOB answer gives it): with the
+    # request id it names a push uniquely, so a resent one is applied at most once
     PUSH: ({}, {"loss": _num, "tokens": int, "bytes_pushed": int, "bytes_pulled": int,
-                "base_version": int, "grad_sumsq": _num}),
-    NORM: ({"sumsq": _num}, {}),
+                "base_version": int, "grad_sumsq": _num, "session": int}),
+    # workers: the set of workers whose gradients this server averages for the step (the
+    # servers agree on it, paramserver/agreement.py); fresh: the sender restarted and may have
+    # lost its peers' norms, answer with yours; echo: such an answer (never answered)
+    NORM: ({"sumsq": _num}, {"workers": list, "fresh": bool, "echo": bool}),
     DONE: ({}, {}),
     BARRIER: ({"name": str}, {}),
-    SHUTDOWN: ({}, {"reason": str}),
+    SHUTDOWN: ({}, {"reason": str, "failed": bool}),     # failed: the job stops with an error
     STATUS: ({}, {}),
+    # error: a server that cannot go on tells the coordinator why (it stops the job)
+    HEARTBEAT: ({}, {"session": int, "version": int, "error": str}),
+    # workers: [[rank, session], ...] of the live workers
+    VIEW: ({"view": int, "workers": list}, {}),
+    # session: the incarnation given to this process; version: the parameters' version the
+    # job is at (a worker joining a running job, a server resuming from checkpoint ``version``);
+    # view, workers: the membership view (see VIEW)
     JOB: ({"rank": int, "servers": list, "placement": list, "layout": list, "layout_hash": str,
-           "num_workers": int, "num_servers": int, "dtype": str}, {"optim": dict, "job": dict, "ipc": list}),
+           "num_workers": int, "num_servers": int, "dtype": str},
+          {"optim": dict, "job": dict, "session": int, "version": int, "view": int, "workers": list,
+           "rejoin": bool, "ipc": list}),
     # dropped: this push came after its step was complete (backup workers) and was not applied
-    OK: ({}, {"version": int, "message": str, "loss": _num, "stats": dict, "status": dict, "dropped": bool}),
+    # view, member, workers: a heartbeat's answer (member False: this worker was dropped; rejoin)
+    OK: ({}, {"version": int, "message": str, "loss": _num, "stats": dict, "status": dict, "dropped": bool,
+              "view": int, "member": bool, "workers": list}),
     ERROR: ({"message": str}, {}),
 }
 
@@ -129,6 +158,25 @@ _DTYPES = frozenset(DTYPES)
 
 def _fail(text):
     raise ProtocolError(text)
+
+
+def rank_list(value, limit: int, what: str) -> list[int]:
+    """A list of distinct ints in [0, limit) from a message field, or ProtocolError."""
+    ok = (isinstance(value, list) and len(value) <= limit
+          and all(_is_int(r) and 0 <= r < limit for r in value) and len(set(value)) == len(value))
+    _check(ok, f"{what} must be a list of distinct ranks in [0, {limit}), got {value!r}"[:300])
+    return list(value)
+
+
+def session_list(value, limit: int, what: str) -> dict[int, int]:
+    """``[[rank, session], ...]`` -> {rank: session}, or ProtocolError."""
+    ok = (isinstance(value, list) and len(value) <= limit
+          and all(isinstance(p, list) and len(p) == 2 and _is_int(p[0]) and 0 <= p[0] < limit
+                  and _is_int(p[1]) and 0 <= p[1] < 2 ** 63 for p in value))
+    _check(ok, f"{what} must be a list of [rank, session] pairs, ranks in [0, {limit}), got {value!r}"[:300])
+    out = {p[0]: p[1] for p in value}
+    _check(len(out) == len(value), f"{what}: a rank appears twice")
+    return out
 
 
 def validate_header(h) -> dict:

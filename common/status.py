@@ -6,14 +6,17 @@ other server the same. Each server counts, per peer, messages, bytes each way, t
 last step and the time of the last message (``paramserver/traffic.py``). Two rounds
 ``--interval`` seconds apart give the rates. One line per process:
 
-    role    rank host    pid    address                last msg  step  bytes/s
-    server     0 psh1    4242   tcp://10.200.0.1:5700   answered    57  1.9 MB/s
-    worker     0 psh2    4243   10.200.0.2                 0.1 s    57  0.9 MB/s
+    role    rank host    pid    address                last msg  heartbeat  step  bytes/s
+    server     0 psh1    4242   tcp://10.200.0.1:5700   answered          -    57  1.9 MB/s
+    server     1 psh1    4244   tcp://10.200.0.1:5701   answered      0.4 s    57  1.0 MB/s
+    worker     0 psh2    4243   10.200.0.2                 0.1 s      0.2 s    57  0.9 MB/s
 
-For a worker, "last msg" is the most recent message any server got from it (the
-liveness signal until heartbeats exist), "step" the highest step it pushed, bytes/s
-what it moved to and from every server, and the address the one its connection
-came from as the coordinator saw it. ``--watch`` redraws every interval until
+For a worker, "last msg" is the most recent message any server got from it, "step"
+the highest step it pushed, bytes/s what it moved to and from every server, and the
+address the one its connection came from as the coordinator saw it. "heartbeat" is
+how long ago the coordinator last heard the process's heartbeat (a worker silent for
+--heartbeat-misses beats is dropped: "dropped" follows its age). The heading gives
+the view (the workers the steps wait for). ``--watch`` redraws every interval until
 Ctrl-C; ``--json`` prints the raw answers instead.
 
 A server that does not answer within ``--timeout`` is reported with the reason a
@@ -80,9 +83,14 @@ def rows(snap: dict, prev: dict | None = None) -> list[dict]:
     """One row per process of the job, from one snapshot (and the previous one for rates)."""
     coord, servers = snap["coordinator"], snap["servers"]
     dt = snap["time"] - prev["time"] if prev else 0.0
+    beats, live = coord.get("heartbeats", {}), set(coord.get("live", []))
+    now_c = coord.get("time", time.time())
     out = []
     for m in coord.get("members", []):
         row = dict(m)
+        beat = beats.get(f"{m['role']}:{m['rank']}")
+        row["heartbeat"] = None if beat is None else max(0.0, now_c - beat)
+        row["dropped"] = m["role"] == "worker" and coord.get("started", False) and m["rank"] not in live
         if m["role"] == "server":
             st = servers.get(m["rank"], {})
             if "error" in st:
@@ -124,12 +132,17 @@ def render(coordinator: str, snap: dict, table: list[dict]) -> str:
     c = snap["coordinator"]
     head = (f"job at {coordinator}: {sum(r['role'] == 'server' for r in table)} server(s), "
             f"{sum(r['role'] == 'worker' for r in table)} worker(s); "
-            + (f"started, version {c.get('version')}" if c.get("started") else f"registering, missing {c.get('missing')}")
+            + (f"started, version {c.get('version')}, view {c.get('view')} (workers {c.get('live')})"
+               if c.get("started") else f"registering, missing {c.get('missing')}")
+            + (f"; STOPPING: {c['failure']}" if c.get("failure") else "")
             + (f"; waiting for workers {c['waiting_for']}" if c.get("waiting_for") else ""))
-    lines = [head, f"{'role':<7}{'rank':>4} {'host':<12} {'pid':<8} {'address':<26} {'last msg':>12} {'step':>6} {'bytes/s':>10}"]
+    lines = [head, f"{'role':<7}{'rank':>4} {'host':<12} {'pid':<8} {'address':<26} {'last msg':>12} "
+                   f"{'heartbeat':>14} {'step':>6} {'bytes/s':>10}"]
     for r in table:
+        beat = "-" if r.get("heartbeat") is None else f"{r['heartbeat']:.1f} s"
+        beat += " dropped" if r.get("dropped") else ""
         lines.append(f"{r['role']:<7}{r['rank']:>4} {r['host']:<12} {r['pid']:<8} {r['addr'] or '-':<26} "
-                     f"{r['last']:>12} {'-' if r['step'] is None else r['step']:>6} {_human(r['rate']):>10}")
+                     f"{r['last']:>12} {beat:>14} {'-' if r['step'] is None else r['step']:>6} {_human(r['rate']):>10}")
         if r.get("error"):
             lines.append(f"        {r['error']}")
     return "\n".join(lines)

@@ -314,13 +314,17 @@ class Dealer(_Socket):
     def __init__(self, connect: str, identity: bytes | None = None, curve: Curve | None = None, **kw):
         super().__init__(zmq.DEALER, **kw)
         self.curve = curve
-        self._events: list[int] = []
+        self._events: set[int] = set()        # every kind of monitor event seen so far
+        self.handshakes = 0                   # connections made and handshaken (a reconnect adds one)
+        self.disconnects = 0                  # connections lost
+        self._up = False                      # the last of those two: a handshake (True) or a loss
         if curve is not None:
             self.sock.curve_serverkey = curve.server_public
             self.sock.curve_publickey, self.sock.curve_secretkey = curve.client_public, curve.client_secret
         # a monitor of our own handshakes, so a silent refusal can be explained at the deadline
         self.monitor = self.sock.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         if identity:
             self.sock.setsockopt(zmq.IDENTITY, identity)
@@ -352,18 +356,43 @@ class Dealer(_Socket):
         text = self.diagnose()
         failed = {zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
                   zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}
-        ev = set(self._events)
+        ev = self._events
         return text if ev & failed and zmq.EVENT_HANDSHAKE_SUCCEEDED not in ev else None
+
+    def _drain(self):
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            self._events.add(event)
+            if event in (zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED):
+                self._up = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.handshakes += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.disconnects += 1
+
+    def connections(self) -> tuple[int, int]:
+        """(handshakes, disconnects) so far. A request sent before a disconnect may be lost:
+        a caller that saw ``handshakes`` grow since it sent resends (the peer dedupes)."""
+        self._drain()
+        return self.handshakes, self.disconnects
+
+    def is_up(self) -> bool:
+        """Whether the last connection event was a handshake (False: lost, or never made)."""
+        self._drain()
+        return self._up
 
     def diagnose(self) -> str:
         """What this socket's connection and handshakes did, in words, for deadline errors:
         a refused CurveZMQ handshake never produces a reply, only these events."""
-        while self.monitor.poll(0):
-            self._events.append(recv_monitor_message(self.monitor)["event"])
-        ev = set(self._events)
+        self._drain()
+        ev = self._events
         if zmq.EVENT_HANDSHAKE_FAILED_AUTH in ev:
             return ("the server refused this process's CurveZMQ key (it is not in the server's "
                     "authorized/ folder)")
+        if zmq.EVENT_HANDSHAKE_SUCCEEDED in ev and not self._up:
+            why = explain_unreachable(self.endpoint)
+            return (f"the connection was lost ({self.disconnects} time(s)) and has not come back"
+                    + (f": {why}" if why else ""))
         if zmq.EVENT_HANDSHAKE_SUCCEEDED in ev:
             return "connected" + (" (CurveZMQ handshake succeeded)" if self.curve else "")
         if ev & {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}:

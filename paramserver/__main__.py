@@ -6,6 +6,9 @@ Example, two servers and two workers by hand on one machine (four terminals):
     python -m paramserver --rank 1 --num-servers 2 --num-workers 2 --coordinator 127.0.0.1:5700
     python -m worker --num-servers 2 --num-workers 2 --coordinator 127.0.0.1:5700
     python -m worker --num-servers 2 --num-workers 2 --coordinator 127.0.0.1:5700
+
+A server that died comes back into its job with the same command plus ``--resume``
+(it reads its newest checkpoint in ``--checkpoint-dir``); docs/failures.md.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from common import log as logsetup
 from common.cluster import ClusterConfig, JobConfig, add_cluster_arguments
 from common.config import add_arguments, describe, from_args
 from common.optim import OptimConfig
+from paramserver.checkpoint import DurabilityConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_arguments(p)
     add_arguments(p, JobConfig, "job (identical on every process)")
     add_arguments(p, OptimConfig, "optimizer (identical on every server)")
+    add_arguments(p, DurabilityConfig, "checkpoints and restarts")
     p.add_argument("--out", default="", help="folder where the server writes server-RANK.json at the end: staleness "
                    "histogram, updates/s, dropped pushes, the log of applied updates (default: none)")
     p.add_argument("--trace", default="", metavar="DIR",
@@ -43,6 +48,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cluster, job, optim = from_args(ClusterConfig, args), from_args(JobConfig, args), from_args(OptimConfig, args)
+        durability = from_args(DurabilityConfig, args)
         job.check_workers(cluster.num_workers)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -53,7 +59,8 @@ def main(argv=None) -> int:
         return 2
     rank = max(cluster.rank, 0)
     log = logsetup.setup(f"server:{rank}", args.log_level)
-    log.info("effective configuration:\n%s", describe({"cluster": cluster, "job": job, "optimizer": optim}))
+    log.info("effective configuration:\n%s", describe({"cluster": cluster, "job": job, "optimizer": optim,
+                                                      "durability": durability}))
 
     def on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -64,9 +71,11 @@ def main(argv=None) -> int:
     from common.transport import TransportError
     tracer = Tracer(f"server {rank}") if args.trace else None
     try:
-        server = Server(cluster, optim, job, rank, out=args.out)
+        server = Server(cluster, optim, job, rank, out=args.out, durability=durability)
         if tracer:
             server.tracer = tracer
+        signal.signal(signal.SIGTERM, server.on_signal)
+        signal.signal(signal.SIGINT, server.on_signal)
         return server.run()
     except (ServerError, TransportError) as e:
         log.error("%s", e)

@@ -10,6 +10,16 @@ settings disagree with the job's, a rank taken twice, and a process too many.
 The coordinator also counts the workers that are done, so that server 0 can shut the
 servers down when the last one finishes. It knows nothing of sockets: it returns the
 replies to send, and ``server.py`` sends them.
+
+Once the job runs, the book keeps the VIEW: the workers the steps wait for, each with
+its session (its incarnation: a number the coordinator gives at every registration,
+increasing, so a push from a replaced process can be told apart), and a view number
+bumped at every change. A worker silent for too long is dropped (``drop``); a worker
+that registers into the running job takes a free rank, or its old rank back, with a
+new session (``rejoin``); a server that comes back takes its old rank if it comes back
+at its old address (``returning_server``). A job resumed from the servers'
+checkpoints starts at the newest version that every server holds (``resume_version``).
+docs/failures.md tells the whole story.
 """
 from __future__ import annotations
 
@@ -50,6 +60,15 @@ class Membership:
         self.started = False
         self.done: set[int] = set()
         self.created = time.monotonic()
+        self.view = 0                          # bumped at every change of ``live``
+        self.live: dict[int, int] = {}         # worker rank -> session: the workers each step waits for
+        self.sessions: dict[tuple, int] = {}   # (role, rank) -> the session of its latest registration
+        self.versions: dict[int, list] = {}    # server rank -> versions of the checkpoints it can resume from
+        self.dropped: list[dict] = []          # {"rank", "session", "why"} of every worker dropped
+        self.rejoined: list[dict] = []         # {"rank", "session", "view"} of every worker that rejoined
+        self._last_session = 0
+        self.placement: list | None = None     # [begin, end, server] of every chunk, once started
+        self.version = 0                       # the version the job started at (> 0: resumed)
 
     # --- registration ---------------------------------------------------------------
     def register(self, identity: bytes, meta: dict) -> None:
@@ -72,6 +91,11 @@ class Membership:
         else:
             raise ProtocolError(f"role {role!r} cannot register")
 
+    def next_session(self) -> int:
+        """A new session number: microseconds of the wall clock, strictly increasing."""
+        self._last_session = max(self._last_session + 1, time.time_ns() // 1000)
+        return self._last_session
+
     def _register_server(self, m: Member, meta: dict):
         if not 0 <= m.rank < self.num_servers:
             raise ProtocolError(f"server rank {m.rank} out of range: the job has {self.num_servers} "
@@ -86,9 +110,15 @@ class Membership:
             diff = sorted(k for k in set(optim) | set(self.optim) if optim.get(k) != self.optim.get(k))
             raise ProtocolError(f"server {m.rank}: optimizer settings differ from server 0's in {diff}; "
                                 "start every server with the same optimizer flags")
+        versions = meta.get("versions")
+        if versions is not None and not (len(versions) <= 64 and all(isinstance(v, int) and v >= 0 for v in versions)):
+            raise ProtocolError(f"server {m.rank}: 'versions' must be at most 64 checkpoint versions >= 0")
         self.servers[m.rank] = m
+        if versions is not None:
+            self.versions[m.rank] = sorted(set(versions))
 
-    def _register_worker(self, m: Member, meta: dict):
+    def _check_worker_model(self, m: Member, meta: dict) -> Layout:
+        """The worker's layout, checked against itself and (once known) against the job's."""
         for k in ("layout", "layout_hash", "dtype"):
             if k not in meta:
                 raise ProtocolError(f"a worker registers with its '{k}'")
@@ -110,6 +140,11 @@ class Membership:
                                 "the workers' model configurations differ")
         elif meta["dtype"] != self.dtype:
             raise ProtocolError(f"{who} uses {meta['dtype']}, the job uses {self.dtype}")
+        return layout
+
+    def _register_worker(self, m: Member, meta: dict):
+        layout = self._check_worker_model(m, meta)
+        who = f"worker {m.rank if m.rank >= 0 else '(unranked)'} on {m.host} pid {m.pid}"
         same = [w for w in self.workers if w.identity == m.identity]
         others = [w for w in self.workers if w.identity != m.identity]
         if m.rank >= self.num_workers:
@@ -148,23 +183,111 @@ class Membership:
         """Assign the remaining worker ranks and build each member's JOB reply.
         ``placement_fn(layout, num_servers)`` -> list of [begin, end, server].
         Returns [(identity, meta of the job reply)]."""
+        version = self.resume_version()           # before anything changes: it may refuse
         taken = {w.rank for w in self.workers if w.rank >= 0}
         free = iter(r for r in range(self.num_workers) if r not in taken)
         for w in self.workers:
             if w.rank < 0:
                 w.rank = next(free)
         self.started = True
-        placement = placement_fn(self.layout, self.num_servers)
+        self.placement = placement_fn(self.layout, self.num_servers)
+        self.version = version
+        for m in [*self.servers.values(), *self.workers]:
+            self.sessions[(m.role, m.rank)] = self.next_session()
+        self.live = {w.rank: self.sessions[("worker", w.rank)] for w in self.workers}
+        self.view = 1
+        out = [(m.identity, self.job_reply(m.role, m.rank, version)) for m in self.servers.values()]
+        out += [(w.identity, self.job_reply("worker", w.rank, version)) for w in self.workers]
+        return out
+
+    def job_reply(self, role: str, rank: int, version: int, **extra) -> dict:
+        """The JOB answer for one member: the job, its rank and session, the view."""
         servers = [self.servers[r].addr for r in range(self.num_servers)]
         # servers' Unix sockets ('' where none): a process on the same host connects there
         ipc = [self.servers[r].meta.get("ipc", "") for r in range(self.num_servers)]
-        common = dict(servers=servers, placement=placement, layout=self.layout.table(), ipc=ipc,
-                      layout_hash=self.layout_hash, num_workers=self.num_workers,
-                      num_servers=self.num_servers, dtype=self.dtype, optim=self.optim,
-                      job=self.job_settings)
-        out = [(m.identity, dict(common, rank=m.rank)) for m in self.servers.values()]
-        out += [(w.identity, dict(common, rank=w.rank)) for w in self.workers]
-        return out
+        return dict(servers=servers, placement=self.placement, layout=self.layout.table(), ipc=ipc,
+                    layout_hash=self.layout_hash, num_workers=self.num_workers, num_servers=self.num_servers,
+                    dtype=self.dtype, optim=self.optim, job=self.job_settings, rank=rank,
+                    session=self.sessions[(role, rank)], version=version, view=self.view,
+                    workers=self.view_pairs(), **extra)
+
+    def view_pairs(self) -> list:
+        return [[r, s] for r, s in sorted(self.live.items())]
+
+    def resume_version(self) -> int:
+        """The version the job starts at: 0 for a fresh job; for a job resumed from the
+        servers' checkpoints (``--resume``), the newest version every server holds."""
+        if not any(self.versions.values()):
+            return 0
+        have = {r: self.versions.get(r, []) for r in range(self.num_servers)}
+        lacking = [r for r, v in have.items() if not v]
+        if lacking:
+            raise ProtocolError(f"server(s) {lacking} have no checkpoint to resume from, while "
+                                + ", ".join(f"server {r} has versions {v}" for r, v in have.items() if v)
+                                + "; resume every server from its --checkpoint-dir, or start a fresh job")
+        common = set.intersection(*(set(v) for v in have.values()))
+        if not common:
+            raise ProtocolError("the servers hold no checkpoint of a common version ("
+                                + "; ".join(f"server {r}: {v}" for r, v in have.items())
+                                + "); each keeps its last few: were they written by the same job?")
+        return max(common)
+
+    # --- the running job: views, rejoins, returns --------------------------------------
+    def drop(self, rank: int, why: str) -> bool:
+        """Take worker ``rank`` out of the view (the steps stop waiting for it)."""
+        if rank not in self.live:
+            return False
+        self.dropped.append({"rank": rank, "session": self.live.pop(rank), "why": why})
+        self.view += 1
+        return True
+
+    def rejoin(self, identity: bytes, meta: dict, alive) -> dict:
+        """A worker registers into the running job: check it, give it a rank (its own,
+        or a free one) and a new session, add it to the view. ``alive(rank)`` says
+        whether the rank's current process still sends heartbeats. Returns its JOB answer."""
+        m = Member("worker", meta["rank"], identity, meta["host"], meta["pid"], "", meta)
+        self._check_worker_model(m, meta)
+        if m.rank >= self.num_workers:
+            raise ProtocolError(f"worker rank {m.rank} out of range: the job has {self.num_workers} "
+                                f"worker(s), ranks 0..{self.num_workers - 1}")
+        if m.rank < 0:
+            free = [r for r in range(self.num_workers) if r not in self.live and r not in self.done]
+            if not free:
+                raise ProtocolError(f"the job already has its {self.num_workers} worker(s), all alive")
+            m.rank = free[0]
+        elif m.rank in self.done:
+            raise ProtocolError(f"worker {m.rank} has already finished this job")
+        elif m.rank in self.live and alive(m.rank):
+            old = next(w for w in self.workers if w.rank == m.rank)
+            raise ProtocolError(f"worker rank {m.rank} is taken by a live process ({old.describe()}, "
+                                "still sending heartbeats)")
+        self.workers = [w for w in self.workers if w.rank != m.rank] + [m]
+        session = self.sessions[("worker", m.rank)] = self.next_session()
+        self.live[m.rank] = session
+        self.view += 1
+        self.rejoined.append({"rank": m.rank, "session": session, "view": self.view})
+        return self.job_reply("worker", m.rank, self.version, rejoin=True)
+
+    def returning_server(self, identity: bytes, meta: dict) -> Member:
+        """A server registers into the running job again (restarted from its checkpoint):
+        it must come back at its old address. Returns its member entry, updated."""
+        rank, old = meta["rank"], self.servers.get(meta["rank"])
+        if old is None:
+            raise ProtocolError(f"server rank {rank} is not part of this job")
+        if meta.get("addr") != old.addr:
+            raise ProtocolError(f"server {rank} came back at {meta.get('addr')!r}, but the job knows it at "
+                                f"{old.addr}: restart it with --bind at that address")
+        optim = meta.get("optim")
+        if optim is not None and optim != self.optim:
+            raise ProtocolError(f"server {rank} came back with other optimizer settings")
+        versions = meta.get("versions")
+        if not versions:
+            raise ProtocolError(f"server {rank} came back without a checkpoint (start it with --resume and "
+                                "its --checkpoint-dir): its shard would restart from nothing")
+        old.identity, old.host, old.pid = identity, meta["host"], meta["pid"]
+        self.versions[rank] = sorted(set(versions))
+        self.sessions[("server", rank)] = self.next_session()
+        return old
 
     def table(self) -> list[dict]:
         """The address table: every registered process (role, rank, host, pid, address)."""
@@ -179,6 +302,9 @@ class Membership:
         return {w.rank: w.describe() for w in self.workers}
 
     def mark_done(self, rank: int) -> bool:
-        """Record that worker ``rank`` finished; True when every worker has."""
+        """Record that worker ``rank`` finished; True when every worker of the view has."""
         self.done.add(rank)
-        return len(self.done) >= self.num_workers
+        return self.all_done()
+
+    def all_done(self) -> bool:
+        return bool(self.live) and set(self.live) <= self.done

@@ -1,31 +1,35 @@
 """The server process: one poll loop that registers, serves pulls and pushes, and stops.
 
 Shape of the loop (the ZeroMQ guide's): poll the sockets with a timeout no longer than
-the nearest deadline, handle every waiting message, then check the deadlines. A
-message is decoded and validated before any handler sees it; a bad one is refused
-with an ERROR reply and a log line, and the server's state is left as it was.
+the nearest deadline, handle every waiting message, send a heartbeat when one is due,
+then check the deadlines. A message is decoded and validated before any handler sees
+it; a bad one is refused with an ERROR reply and a log line, counted (``refused``, in
+STATUS and in ``server-S.json``), and the server's state is left as it was.
 
-Bulk synchronous SGD (BSP), as this server runs it for step t (its ``version``):
-    1. each worker's PUSH of step t lands in that worker's slot; its reply is held back;
-    2. when every worker has pushed, the slots are averaged in rank order;
-    3. with clipping on, the servers swap the squared norms of their shares of the
-       averaged gradient (NORM) so each clips by the norm of the WHOLE gradient;
-    4. the optimizer steps, ``version`` becomes t + 1, and every held push is answered
-       with the fresh parameters of this shard (a push is also a pull).
-Server 0 is also the coordinator (``membership.py``): it registers every process,
-hands out the job, and shuts the servers down when every worker is done.
-
-The other consistency models (``--mode``; their rules are in ``consistency.py``) use
-the same loop: backup workers change step 2 to "the first W - b workers" and answer a
-late push at once; local SGD's pushes are parameter changes, averaged and subtracted
-in step 4 (no optimizer, no clipping here); asp and ssp apply each push as it arrives
-(``consistency.AsyncServing``), and ssp holds an answer back while its worker is too
-far ahead.
+How a push becomes an update depends on the consistency model (``--mode``):
+bsp and local-sgd run synchronous steps (``steps.py``: every worker of the view
+pushes, the servers agree on the set of workers, average, step, answer); asp and ssp
+apply each push as it arrives (``consistency.AsyncServing``), and ssp holds an answer
+back while its worker is too far ahead. Server 0 is also the coordinator
+(``coordinator.py``): it registers every process, watches the heartbeats, changes the
+view when a worker dies or joins, and shuts the servers down when every worker is
+done.
 Replies are sent without a copy: in BSP the parameters cannot change before every
 answer has left (the next update needs every worker's next push, which needs its
 answer); in the other modes an update can come first, so answers are sent from a
 per-version copy (``Shard.param_snapshot``). With ``out``, the server writes what the
-consistency model cost (staleness, dropped pushes, updates/s) to ``server-S.json``.
+consistency model cost (staleness, dropped pushes, updates/s) and what it refused and
+survived to ``server-S.json``.
+
+Failures (docs/failures.md): every push carries the worker's session and request id,
+and a resent one is applied at most once (``dedupe.py``); the server writes a
+checkpoint (``checkpoint.py``) every ``--checkpoint-every`` versions and when it stops;
+a server restarted with ``--resume`` binds its old address, registers again, loads the
+checkpoint of the version the coordinator names, and goes on.
+
+The server is cut in three: this module (the loop, dispatch and request handlers),
+``joining.py`` (address, registration, the JOB answer, checkpoints) and ``failures.py``
+(signals, heartbeats, views, stopping with an error), joined as mixins.
 
 Not here: what a message looks like (``common/protocol.py``, ``common/codec.py``),
 sockets (``common/transport.py``), the optimizer (``common/optim.py``).
@@ -38,28 +42,28 @@ import time
 
 from common import codec
 from common.compress import make_scheme
-from common.cluster import ClusterConfig, JobConfig, advertised_endpoint, host_name, server_bind
+from common.cluster import ClusterConfig, JobConfig, advertised_endpoint, host_name
 from common.config import to_dict
 from common.layout import Layout
 from common.optim import OptimConfig
 from common.placement import place_chunks, place_contiguous
 from common.protocol import (
-    BARRIER, DONE, ERROR, INIT, JOB, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS,
-    ProtocolError,
+    BARRIER, DONE, ERROR, HEARTBEAT, INIT, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS, VIEW, ProtocolError,
 )
 from common.trace import NULL_TRACER
-from common.transport import Dealer, Poller, Router, local_endpoint, reachable_locally
-from paramserver.assembly import StepAssembly
-from paramserver.consistency import COUNT, LATE, AsyncRule, AsyncServing, Recorder, make_rule
-from paramserver.membership import Membership
+from common.transport import Dealer, Poller, Router, local_endpoint
+from paramserver import checkpoint
+from paramserver.checkpoint import DurabilityConfig
+from paramserver.consistency import AsyncRule, AsyncServing, Recorder, make_rule
+from paramserver.coordinator import Coordinator
+from paramserver.dedupe import Applied
+from paramserver.failures import FailureHandling, ServerError
+from paramserver.joining import Joining
 from paramserver.shard import Shard
+from paramserver.steps import SyncServing
 from paramserver.traffic import Traffic, frames_nbytes
 
 log = logging.getLogger("server")
-
-
-class ServerError(RuntimeError):
-    """The job cannot go on (a deadline passed, the coordinator refused us); the text says why."""
 
 
 placement_contiguous = place_contiguous      # the placement before chunks (common/placement.py)
@@ -73,8 +77,11 @@ def parse_sender(sender: str, role: str, count: int) -> int:
     return int(k)
 
 
-class Server:
-    def __init__(self, cluster: ClusterConfig, optim: OptimConfig, job: JobConfig, rank: int, out: str = ""):
+class Server(Joining, FailureHandling):
+    error_type = ServerError
+
+    def __init__(self, cluster: ClusterConfig, optim: OptimConfig, job: JobConfig, rank: int, out: str = "",
+                 durability: DurabilityConfig | None = None):
         if not 0 <= rank < cluster.num_servers:
             raise ValueError(f"server rank {rank} out of range for {cluster.num_servers} server(s)")
         job.check_workers(cluster.num_workers)
@@ -84,78 +91,109 @@ class Server:
         self.cluster, self.optim, self.job, self.rank = cluster, optim, job, rank
         self.out = out                            # folder for server-S.json ('' = none)
         self.name = f"server:{rank}"
+        self.durability = durability or DurabilityConfig()
+        self.checkpoints = self.durability.folder(out)            # '' = no checkpoints
+        self.resumable = checkpoint.versions(self.checkpoints, rank) if self.durability.resume else []
         self.curve = cluster.curve_keys()             # None without --curve
-        self.router = Router(server_bind(cluster, rank), curve=self.curve)
+        self.router = Router(self._bind_address(), curve=self.curve)
         self.addr = advertised_endpoint(cluster, self.router.endpoint)
+        # a server advertised on 127.0.0.1 also listens on a Unix socket (processes of its host use it)
         self.ipc = local_endpoint(self.addr, host_name()) if cluster.ipc else ""
         if self.ipc and not self.router.bind_also(self.ipc):
             self.ipc = ""
         self.poller = Poller([self.router])
-        self.coord = None if rank == 0 else Dealer(cluster.coordinator, curve=self.curve)
+        self.identity = f"{self.name}/{os.getpid()}".encode()    # kept across reconnects (ROUTER_HANDOVER)
+        self.coord = None if rank == 0 else Dealer(cluster.coordinator, identity=self.identity, curve=self.curve)
         if self.coord:
             self.poller.add(self.coord)
-        self.members = (Membership(cluster.num_servers, cluster.num_workers, to_dict(optim), to_dict(job))
-                        if rank == 0 else None)
+        self.coordinator = Coordinator(self, to_dict(optim), to_dict(job)) if rank == 0 else None
+        self.members = self.coordinator.members if self.coordinator else None
         self.shard: Shard | None = None
         self.num_workers = cluster.num_workers
-        self.peers: dict[int, Dealer] = {}        # other servers, for the norm exchange
+        self.peers: dict[int, Dealer] = {}        # other servers, for the step agreement (NORM)
         self.server_addrs: list[str] = []
-        self.pending: dict[int, tuple] = {}       # worker rank -> (identity, rid, meta) of this step's push
-        self.step_started = 0.0
-        self.norms: dict[int, dict[int, float]] = {}   # step -> {server rank: its sumsq}
-        self.awaiting_norms = False
+        self.view: dict[int, int] = {}            # live worker rank -> session: whom the steps wait for
+        self.view_number = 0
+        self.session = 0                          # this process's incarnation, from the coordinator
+        self.applied = Applied()                  # exactly once: the last push applied per worker
+        self.resumed_at: int | None = None        # the version this server came back at (into a running job)
         self.deferred_pulls: list[tuple] = []     # (identity, rid, since) of pulls before init
         self.stopping = False
+        self.failure = ""                         # why this server stops with an error (answers get it)
         self.refused = 0                          # messages refused at the door
         self.started = time.monotonic()
+        self.last_beat = 0.0                      # when this server last sent a heartbeat (s > 0)
+        self.coord_heard = time.monotonic()       # when the coordinator last answered one
+        self.checkpoints_written = 0
+        self.busy = 0                             # > 0 while state changes: a TERM waits for the end of it
+        self.interrupted = 0
         self.rule = make_rule(job.mode, cluster.num_workers, job.staleness, job.backup_workers)
         self.recorder = Recorder(job.mode, cluster.num_workers)
         self.asynchronous = None                  # asp/ssp: the AsyncServing that applies pushes
+        self.sync = None                          # bsp/local-sgd: the SyncServing that runs the steps
         if isinstance(self.rule, AsyncRule):
             self.asynchronous = AsyncServing(self.rule, self.recorder, self._send_params,
                                              lambda ident, rid, text: self._reply(ident, ERROR, rid, message=text),
                                              job.mode, optim.grad_clip, cluster.timeout)
+        else:
+            self.sync = SyncServing(self)
+        # plain BSP: pushes arrive chunk by chunk (worker --overlap), answered chunk by chunk (steps.py)
+        self.chunkwise = job.mode == "bsp" and job.backup_workers == 0
         self.snapshot = self.asynchronous is not None or job.backup_workers > 0   # see the module's docstring
-        self.late: list[tuple] = []               # (identity, rid) of pushes late for a step being applied
         self.waiting_pulls: list[tuple] = []      # (identity, rid, min_version, since)
         self.tracer = NULL_TRACER                 # --trace: spans wait for pushes, store push, average, update, reply
         self.ready_at = 0.0                       # tracer clock: when this step began waiting for pushes
         self.traffic = Traffic(cluster.num_servers, cluster.num_workers)   # per peer, for ps-status
-        # plain BSP: pushes arrive chunk by chunk, each chunk averaged and updated as soon as it
-        # may be, each push answered as soon as its chunks are updated (assembly.py)
-        self.chunkwise = job.mode == "bsp" and job.backup_workers == 0
-        self.assembly: StepAssembly | None = None
 
     # --- the loop -------------------------------------------------------------------
     def run(self) -> int:
         log.info("listening on %s, advertised as %s", self.router.endpoint, self.addr)
+        if self.durability.resume:
+            log.info("resuming: checkpoints of versions %s in %s", self.resumable or "(none)", self.checkpoints)
         try:
             self._register()
             while not self.stopping:
-                for sock in self.poller.poll(self._poll_timeout_ms()):
-                    while sock.poll(0) and not self.stopping:
-                        if sock is self.router:
-                            identity, frames = self.router.recv()
-                            self._handle(identity, frames)
-                        else:
-                            self._handle_control(sock.recv())
-                self._check_deadlines()
+                ready = self.poller.poll(self._poll_timeout_ms())
+                with self._critical():
+                    for sock in ready:
+                        while sock.poll(0) and not self.stopping:
+                            if sock is self.router:
+                                identity, frames = self.router.recv()
+                                self._handle(identity, frames)
+                            else:
+                                self._handle_control(sock.recv())
+                    self._heartbeat()
+                    self._check_deadlines()
             log.info("stopped cleanly at version %s", self.shard.version if self.shard else 0)
             return 0
         finally:
+            self._final_checkpoint()
             self._write_metrics()
             self.close()
 
     def _write_metrics(self):
         if not self.out or self.shard is None:
             return
+        extra = dict(refused=self.refused, repeated_pushes=self.applied.repeats,
+                     checkpoints_written=self.checkpoints_written, resumed_at=self.resumed_at,
+                     failure=self.failure or None)
+        if self.coordinator:
+            extra.update(self.coordinator.metrics())
         try:
             self.recorder.write(self.out, f"server-{self.rank}.json", self.shard.version, rank=self.rank,
                                 staleness_bound=self.job.staleness if self.job.mode == "ssp" else None,
                                 backup_workers=self.job.backup_workers, num_workers=self.num_workers,
-                                wall_s=time.monotonic() - self.started)
+                                wall_s=time.monotonic() - self.started, **extra)
         except OSError as e:
             log.warning("could not write server-%d.json in %s: %s", self.rank, self.out, e)
+
+    def placement(self, layout: Layout, num_servers: int) -> list:
+        """The coordinator's cut of the flat vector into chunks dealt over the servers."""
+        return place_chunks(layout, num_servers, self.job.chunk_mb)
+
+    def make_shard(self, chunks, dtype: str, layout: Layout) -> Shard:
+        scheme = make_scheme(self.job.compress, self.job.compress_ratio, self.job.error_feedback == "on")
+        return Shard(chunks, dtype, self.optim, layout.decay_ranges(), scheme)
 
     def close(self):
         for s in [self.router, self.coord, *self.peers.values()]:
@@ -171,78 +209,14 @@ class Server:
         starts = [p[3] for p in self.waiting_pulls]
         if self.asynchronous and self.asynchronous.held:
             starts.append(self.asynchronous.oldest())
-        if self.pending or self.awaiting_norms or (self.assembly and self.assembly.started):
-            starts.append(self.step_started)
+        if self.sync and self.sync.busy:
+            starts.append(self.sync.step_started)
+        wait = 1.0
         if starts:
-            return max(1.0, (min(starts) + self.cluster.timeout - time.monotonic()) * 1000)
-        return 1000.0
-
-    # --- registration -----------------------------------------------------------------
-    def _register(self):
-        meta = dict(role="server", rank=self.rank, host=host_name(), pid=os.getpid(),
-                    addr=self.addr, optim=to_dict(self.optim), job=to_dict(self.job))
-        if self.ipc:
-            meta["ipc"] = self.ipc
-        if self.rank == 0:
-            self.members.register(b"", meta)
-            deadline = time.monotonic() + self.cluster.timeout
-            while not self.members.started:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    text = (f"registration timed out after {self.cluster.timeout:.0f} s: still missing "
-                            f"{self.members.missing()}; the coordinator is {self.addr}")
-                    self._refuse_registered(text)
-                    raise ServerError(text)
-                if self.router.poll(min(left, 1.0) * 1000):
-                    identity, frames = self.router.recv()
-                    self._handle(identity, frames)
-            return
-        self.coord.send(codec.encode(REGISTER, self.name, **meta))
-        deadline = time.monotonic() + self.cluster.timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ServerError(f"the coordinator at {self.cluster.coordinator} has not answered this "
-                                  f"server's registration for {self.cluster.timeout:.0f} s "
-                                  f"({self.coord.diagnose()}); is server 0 running, and are all "
-                                  "processes started?")
-            why = self.coord.refused()                    # a refused handshake never answers
-            if why:
-                raise ServerError(f"cannot talk to the coordinator at {self.cluster.coordinator}: {why}")
-            if self.coord.poll(min(left, 0.5) * 1000):
-                msg = self._decode(self.coord.recv(), "the coordinator")
-                if msg is None:
-                    continue
-                if msg.cmd == ERROR:
-                    raise ServerError(f"the coordinator refused this server: {msg.meta['message']}")
-                if msg.cmd == JOB:
-                    self._start(msg.meta)
-                    return
-
-    def _refuse_registered(self, text):
-        for m in [*self.members.servers.values(), *self.members.workers]:
-            if m.identity:
-                self.router.send(m.identity, codec.encode(ERROR, self.name, message=text))
-
-    def _start(self, job: dict):
-        """Set up the shard from the coordinator's JOB answer."""
-        layout = Layout.from_table(job["layout"])
-        chunks = [(b, e) for b, e, s in job["placement"] if s == self.rank]
-        scheme = make_scheme(self.job.compress, self.job.compress_ratio, self.job.error_feedback == "on")
-        self.shard = Shard(chunks, job["dtype"], self.optim, layout.decay_ranges(), scheme)
-        if self.chunkwise:
-            self.assembly = StepAssembly(len(chunks), self.num_workers)
-
-        self.server_addrs = list(job["servers"])
-        if self.optim.grad_clip > 0 and self.job.mode == "bsp":     # see _average_step
-            ipc = job.get("ipc") or [""] * len(self.server_addrs)
-            for s, addr in enumerate(self.server_addrs):
-                if s != self.rank:
-                    near = self.cluster.ipc and reachable_locally(ipc[s])
-                    self.peers[s] = Dealer(ipc[s] if near else addr, curve=self.curve)
-        log.info("job started: %d worker(s), %d server(s), %d of %d parameters here (%s), %s",
-                 job["num_workers"], job["num_servers"], self.shard.size, layout.size,
-                 self.shard.describe_chunks(), job["dtype"])
+            wait = min(wait, min(starts) + self.cluster.timeout - time.monotonic())
+        if self.cluster.heartbeat > 0:       # heartbeats to send or to watch
+            wait = min(wait, self.cluster.heartbeat / 2)
+        return max(1.0, wait * 1000)
 
     # --- dispatch -----------------------------------------------------------------------
     def _decode(self, frames, who):
@@ -258,18 +232,25 @@ class Server:
         sent = self.router.send(identity, frames)
         self.traffic.sent(identity, frames_nbytes(frames))
         if not sent:
-            log.warning("could not answer %s: the peer is gone or not reading", identity[:16])
+            log.warning("could not answer %s: the peer is gone or not reading", identity[:24])
 
     def _handle(self, identity: bytes, frames):
-        msg = self._decode(frames, f"peer {identity[:16]!r}")
+        with self._critical():
+            self._handle_message(identity, frames)
+
+    def _handle_message(self, identity: bytes, frames):
+        msg = self._decode(frames, f"peer {identity[:24]!r}")
         if msg is None:
             self._reply(identity, ERROR, 0, message="malformed message refused (see the server's log)")
             return
         self.traffic.received(identity, msg.sender, frames_nbytes(frames), msg.step, msg.cmd, self.router.last_peer)
+        if self.failure and msg.cmd not in (STATUS, HEARTBEAT, NORM):
+            self._reply(identity, ERROR, msg.rid, message=f"the job is stopping: {self.failure}")
+            return
         handler = {REGISTER: self._on_register, INIT: self._on_init, PULL: self._on_pull,
                    PUSH: self._on_push, NORM: self._on_norm, DONE: self._on_done,
-                   STATUS: self._on_status, BARRIER: self._unsupported,
-                   SHUTDOWN: self._unsupported}.get(msg.cmd, self._unsupported)
+                   STATUS: self._on_status, HEARTBEAT: self._on_heartbeat, BARRIER: self._unsupported,
+                   SHUTDOWN: self._unsupported, VIEW: self._unsupported}.get(msg.cmd, self._unsupported)
         try:
             handler(identity, msg)
         except ProtocolError as e:
@@ -278,14 +259,6 @@ class Server:
             if msg.cmd != NORM:
                 self._reply(identity, ERROR, msg.rid, message=str(e))
 
-    def _handle_control(self, frames):
-        msg = self._decode(frames, "the coordinator")
-        if msg is not None and msg.cmd == SHUTDOWN:
-            log.info("the coordinator asked this server to stop (%s)", msg.meta.get("reason", ""))
-            self.stopping = True
-        elif msg is not None:
-            log.warning("ignored %s from the coordinator", msg.cmd)
-
     def _unsupported(self, identity, msg):
         raise ProtocolError(f"{msg.cmd} is not a request this server ({self.name}) serves")
 
@@ -293,23 +266,18 @@ class Server:
         if self.shard is None:
             raise ProtocolError(f"{msg.cmd} before the job started")
 
-    # --- handlers -----------------------------------------------------------------------
+    # --- membership -------------------------------------------------------------------
     def _on_register(self, identity, msg):
-        if self.members is None:
+        if self.coordinator is None:
             raise ProtocolError(f"register with the coordinator, not with {self.name}")
-        self.members.register(identity, msg.meta)
-        log.info("registered %s %s from %s (pid %s); still missing: %s", msg.meta["role"],
-                 msg.meta["rank"] if msg.meta["rank"] >= 0 else "(rank to assign)",
-                 msg.meta["host"], msg.meta["pid"], self.members.missing())
-        if self.members.complete():
-            replies = self.members.start(lambda layout, S: place_chunks(layout, S, self.job.chunk_mb))
-            log.info("the job's address table:\n%s", self.members.describe_table())
-            for ident, job in replies:
-                if ident == b"":
-                    self._start(job)
-                else:
-                    self._reply(ident, JOB, 0, **job)
+        self.coordinator.on_register(identity, msg)
 
+    def _on_heartbeat(self, identity, msg):
+        if self.coordinator is None:
+            raise ProtocolError(f"heartbeats go to the coordinator, not to {self.name}")
+        self.coordinator.on_heartbeat(identity, msg)
+
+    # --- handlers -----------------------------------------------------------------------
     def _on_init(self, identity, msg):
         self._need_shard(msg)
         parse_sender(msg.sender, "worker", self.num_workers)
@@ -326,8 +294,11 @@ class Server:
             self._send_params(ident, rid)
         self.deferred_pulls.clear()
 
-    def _send_params(self, identity, rid, **meta):
+    def _send_params(self, identity, rid, chunks=None, **meta):
+        """Answer with this shard's parameters (or those of the chunk indices ``chunks``)."""
         arrays, ranges = self.shard.param_snapshot() if self.snapshot else self.shard.param_views()
+        if chunks is not None:
+            arrays, ranges = [arrays[c] for c in chunks], [ranges[c] for c in chunks]
         self._reply(identity, OK, rid, arrays=arrays, ranges=ranges, version=self.shard.version, **meta)
 
     def _on_pull(self, identity, msg):
@@ -360,176 +331,66 @@ class Server:
         shard = self.shard
         if not shard.initialized:
             raise ProtocolError("push before the parameters were initialized (worker 0 sends init first)")
+        session = msg.meta.get("session", 0)
+        known = self.view.get(rank)
+        if known is not None and session < known:
+            raise ProtocolError(f"push from an earlier process of worker {rank} (session {session}; the "
+                                f"current one is {known}): refused")
+        done = self.applied.find(rank, session, msg.rid)
+        if done is not None:                        # a resent push this server applied already
+            log.info("worker %d resent its push of step %d (request %d): answered again, not applied",
+                     rank, done["step"], msg.rid)
+            if self.asynchronous:
+                self.asynchronous.read(identity, msg.rid, rank, **done["meta"])
+            else:               # (a chunk of a step: the chunks it carried)
+                chunks = sorted({shard.chunk_index(*r) for r in msg.ranges if r}) if self.chunkwise else None
+                self._send_params(identity, msg.rid, chunks=chunks, **done["meta"])
+            return
         if self.asynchronous:
+            version = shard.version
             self.asynchronous.push(shard, identity, msg, rank)
+            self.applied.record(rank, session, msg.rid, msg.step, shard.version, {})
+            if shard.version > version:
+                self.after_update()
             self._release_pulls()
             return
-        kind = self.rule.classify(msg.step, shard.version, self.pending, rank)
-        if self.chunkwise:
-            self._on_chunks(identity, msg, rank)
-            return
-        shard.check_full_cover(msg.ranges, "push")
-        with self.tracer.span("store push", step=msg.step, worker=rank):
-            shard.store_gradient(rank, msg)     # decodes and checks; a late push's slot is not averaged
-        if kind != COUNT:                   # backup workers: this step went on without it
-            self.recorder.dropped(rank, shard.version - msg.step)
-            if kind == LATE:
-                self._send_params(identity, msg.rid, dropped=True)
-            elif len(self.late) < self.num_workers:     # its step is being applied: answer after
-                self.late.append((identity, msg.rid))
-            else:
-                raise ProtocolError(f"too many late pushes for step {msg.step}")
-            return
-        if not self.pending:
-            self.step_started = time.monotonic()
-        self.pending[rank] = (identity, msg.rid, msg.meta)
-        if self.rule.complete(self.pending):
-            self.tracer.add("wait for pushes", self.ready_at, self.tracer.now(), step=msg.step)
-            self._average_step()
-
-    def _on_chunks(self, identity, msg, rank):
-        """Plain BSP: a push of some of this server's chunks (``assembly.py``). Each chunk is
-        averaged once every worker has pushed it and, without clipping, updated at once;
-        a push is answered once its chunks are updated. The last push of the step runs
-        the step's end (``_average_step``), which updates what is left in the order of the
-        flat vector and answers with the step's mean loss and counters."""
-        shard, asm = self.shard, self.assembly
-        if not msg.arrays or None in msg.ranges:
-            raise ProtocolError("a push carries whole chunks, each with its range in the flat vector")
-        chunks = [shard.chunk_index(*r) for r in dict.fromkeys(msg.ranges)]
-        asm.check(rank, chunks)              # before anything is written: a resent chunk changes nothing
-        with self.tracer.span("store push", step=msg.step, worker=rank):
-            shard.store_gradient(rank, msg, hold=True)
-        if not asm.started:
-            self.step_started = time.monotonic()
-        complete = asm.add(identity, msg.rid, rank, chunks, msg.meta)
-        if complete:
-            with self.tracer.span("average", step=msg.step):
-                for c in complete:
-                    shard.average_chunk(c, range(self.num_workers))
-        if asm.rank_done(rank):
-            self.pending[rank] = (identity, msg.rid, asm.meta[rank])
-        if self.rule.complete(self.pending):
-            self.tracer.add("wait for pushes", self.ready_at, self.tracer.now(), step=msg.step)
-            self._average_step()
-        elif self.optim.grad_clip == 0:       # no global norm to wait for: update what is complete now
-            with self.tracer.span("update", step=shard.version):
-                self._update_chunks(None)
-
-    def _update_chunks(self, global_sumsq, **meta):
-        """Update the complete chunks not yet updated, in the order of the flat vector, and
-        answer each push as soon as every chunk it carried is updated (with ``meta``)."""
-        shard, asm = self.shard, self.assembly
-        for c in asm.to_update():
-            if not shard.updating:
-                shard.begin_update(global_sumsq)
-            shard.update_chunk(c)
-            asm.updated.add(c)
-            for m in asm.answerable():
-                chunks = sorted(m.chunks)
-                with self.tracer.span("reply", step=shard.version):
-                    self._reply(m.identity, OK, m.rid, arrays=[shard.params[shard.chunk_slice(c)] for c in chunks],
-                                ranges=[shard.chunks[c] for c in chunks], version=shard.version + 1, **meta)
-
-    def _average_step(self):
-        shard = self.shard
-        if not self.chunkwise:              # (chunkwise: each chunk was averaged as it completed)
-            with self.tracer.span("average", step=shard.version):
-                shard.average(self.pending)
-        self.ready_at = self.tracer.now()          # (norm exchange, if any, runs from here)
-        if self.job.mode == "local-sgd":        # the workers clipped their own steps
-            self._finish_step(None)
-        elif self.optim.grad_clip > 0 and self.peers:
-            step = shard.version
-            mine = shard.local_sumsq()
-            self.norms.setdefault(step, {})[self.rank] = mine
-            for peer in self.peers.values():
-                peer.send(codec.encode(NORM, self.name, step=step, sumsq=mine))
-            self.awaiting_norms = True
-            self._maybe_finish_norms()
-        else:
-            self._finish_step(shard.local_sumsq() if self.optim.grad_clip > 0 else None)
+        self.sync.push(identity, msg, rank, session)
 
     def _on_norm(self, identity, msg):
         self._need_shard(msg)
         if not self.peers:
-            raise ProtocolError("this server exchanges no gradient norms (clipping off, or a single server)")
+            raise ProtocolError("this server exchanges no proposals (asp/ssp, or a single server)")
         peer = parse_sender(msg.sender, "server", len(self.server_addrs))
         if peer == self.rank:
             raise ProtocolError("a norm from this server's own rank")
-        # a peer can only be at this server's step: it cannot finish the step without our norm,
-        # and the workers cannot push the next step before we answered this one
-        if msg.step != self.shard.version:
-            raise ProtocolError(f"norm for step {msg.step}, but this server is at step {self.shard.version}")
-        self.norms.setdefault(msg.step, {})[peer] = float(msg.meta["sumsq"])
-        self._maybe_finish_norms()
-
-    def _maybe_finish_norms(self):
-        got = self.norms.get(self.shard.version, {})
-        if self.awaiting_norms and len(got) == len(self.server_addrs):
-            self.awaiting_norms = False
-            self.tracer.add("norm exchange", self.ready_at, self.tracer.now(), step=self.shard.version)
-            self._finish_step(sum(got[s] for s in sorted(got)))
-            self.norms.pop(self.shard.version - 1, None)
-
-    def _finish_step(self, global_sumsq):
-        shard = self.shard
-        metas = [self.pending[r][2] for r in sorted(self.pending)]
-        losses = [m["loss"] for m in metas if "loss" in m]
-        stats = {k: sum(m.get(k, 0) for m in metas) for k in ("tokens", "bytes_pushed", "bytes_pulled")}
-        self.recorder.step(self.pending, shard.version)
-        extra = {"loss": sum(losses) / len(losses)} if losses else {}
-        with self.tracer.span("update", step=shard.version):
-            if self.job.mode == "local-sgd":
-                shard.apply_delta()
-            elif self.chunkwise:            # update and answer chunk by chunk, in forward order
-                self._update_chunks(global_sumsq, stats=stats, **extra)
-                shard.end_update()
-                self.assembly.reset()
-            else:
-                shard.apply(global_sumsq)
-        if not self.chunkwise:
-            with self.tracer.span("reply", step=shard.version - 1):
-                for r in sorted(self.pending):
-                    identity, rid, _ = self.pending[r]
-                    self._send_params(identity, rid, stats=stats, **extra)
-        self.pending.clear()
-        for identity, rid in self.late:
-            self._send_params(identity, rid, dropped=True)
-        self.late.clear()
-        self._release_pulls()
-        self.ready_at = self.tracer.now()
+        self.sync.on_norm(peer, msg)
 
     def _on_done(self, identity, msg):
         rank = parse_sender(msg.sender, "worker", self.num_workers)
         self.recorder.done(rank, self.shard.version if self.shard else 0)
         if self.asynchronous:               # ssp: a finished worker no longer holds anyone back
             self.asynchronous.done(rank)
-        if self.members is None:            # asp/ssp workers tell every server, not only server 0
+        if self.coordinator is None:        # asp/ssp workers tell every server, not only server 0
             if not self.asynchronous:
                 raise ProtocolError(f"done goes to the coordinator, not to {self.name}")
             self._reply(identity, OK, msg.rid)
             return
-        all_done = self.members.mark_done(rank)
         self._reply(identity, OK, msg.rid)
-        log.info("worker %d is done (%d of %d)", rank, len(self.members.done), self.num_workers)
-        if all_done:
-            for s, m in self.members.servers.items():
-                if s != 0:
-                    self._reply(m.identity, SHUTDOWN, 0, reason="every worker is done")
-            self.stopping = True
+        if rank not in self.members.done:
+            log.info("worker %d is done (%d of %d)", rank, len(self.members.done) + 1, len(self.members.live))
+        self.coordinator.on_done(rank)
 
     def _on_status(self, identity, msg):
         """What this server knows, for ``ps-status``; the coordinator adds the address table."""
         status = {"rank": self.rank, "addr": self.addr, "version": self.shard.version if self.shard else -1,
                   "uptime_s": round(time.monotonic() - self.started, 3), "refused": self.refused,
-                  "waiting_for": sorted(set(range(self.num_workers)) - set(self.pending)) if self.pending else [],
+                  "waiting_for": self.sync.waiting_for() if self.sync else [],
                   "host": host_name(), "pid": os.getpid(), "time": time.time(),
                   "bytes_in": self.traffic.bytes_in, "bytes_out": self.traffic.bytes_out,
-                  "peers": self.traffic.table(), "mode": self.job.mode}
-        if self.members is not None:
-            status.update(members=self.members.table(), started=self.members.started,
-                          done=sorted(self.members.done), missing=self.members.missing())
+                  "peers": self.traffic.table(), "mode": self.job.mode, "view": self.view_number,
+                  "repeated_pushes": self.applied.repeats}
+        if self.coordinator is not None:
+            status.update(self.coordinator.status())
         if self.asynchronous:
             status.update(clocks=list(self.rule.clocks), held=sorted(h[2] for h in self.asynchronous.held))
         self._reply(identity, OK, msg.rid, status=status)
@@ -537,18 +398,16 @@ class Server:
     # --- deadlines ----------------------------------------------------------------------
     def _check_deadlines(self):
         now = time.monotonic()
-        started = self.pending or self.awaiting_norms or (self.assembly and self.assembly.started)
-        if started and now - self.step_started > self.cluster.timeout:
-            step = self.shard.version
-            if self.awaiting_norms:
-                got = self.norms.get(step, {})
-                missing = [f"server {s} at {self.server_addrs[s]}" for s in range(len(self.server_addrs)) if s not in got]
-                raise ServerError(f"step {step}: no gradient norm from {', '.join(missing)} within "
-                                  f"{self.cluster.timeout:.0f} s; is that server alive?")
-            missing = sorted(set(range(self.num_workers)) - set(self.pending))
-            raise ServerError(f"step {step}: worker(s) {missing} have not pushed within "
-                              f"{self.cluster.timeout:.0f} s of the first push (workers "
-                              f"{sorted(self.pending)} did); are they alive? see their logs")
+        if self.coordinator is not None:
+            self.coordinator.tick(now)
+        elif self.shard is not None:
+            self._watch_coordinator(now)
+        if self.sync:
+            self.sync.tick(now, max(1.0, self.cluster.silence_s if self.cluster.heartbeat > 0 else 5.0))
+            why = self.sync.overdue(now, self.cluster.timeout)
+            if why:
+                self.answer_all_with_error(why)
+                raise ServerError(why)
         if self.asynchronous:
             self.asynchronous.expire(now)
         for identity, rid, want, _ in [p for p in self.waiting_pulls if now - p[3] > self.cluster.timeout]:
@@ -560,3 +419,4 @@ class Server:
             self._reply(ident, ERROR, rid, message=f"the parameters were not initialized within "
                                                    f"{self.cluster.timeout:.0f} s (worker 0 sends them)")
         self.deferred_pulls = [p for p in self.deferred_pulls if p not in expired]
+

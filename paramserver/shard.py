@@ -217,7 +217,7 @@ class Shard:
         optimizer's gradient scale (``avg_scale``), which multiplies the gradient anyway:
         one pass over memory saved."""
         ranks = sorted(ranks)
-        parts = [self.held.pop((r, i)) for r in ranks]
+        parts = [self.held[(r, i)] for r in ranks]      # (kept: a smaller set may average again)
         if len(parts) == 1:
             self._sources[i] = parts[0]
         else:

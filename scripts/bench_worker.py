@@ -26,8 +26,10 @@ How it measures, so that the ratio is honest on a shared, noisy machine:
   torch's OpenMP threads slow down far more than ours (several times), which flatters
   ours; the clean ratio compares the implementations, and is the one to quote.
 
-The last line printed is one JSON object with every figure. It does not measure the
-GPU (``--device cuda`` is reserved for the CuPy backend) or the parameter server.
+The last line printed is one JSON object with every figure. ``--device cuda`` measures
+the CuPy worker against PyTorch eager on a GPU instead (target P6, with MFU): that is
+scripts/bench_gpu.py, which takes its own flags (``--device cuda --help``). Neither
+measures the parameter server.
 """
 from __future__ import annotations
 
@@ -194,7 +196,17 @@ def bench_config(config, frameworks, rounds, warmup, steps, threads) -> dict:
     return out
 
 
+def _wants_cuda(argv) -> bool:
+    return any(a == "--device=cuda" or (a == "--device" and argv[i + 1:i + 2] == ["cuda"])
+               for i, a in enumerate(argv))
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if _wants_cuda(argv):                 # the GPU benchmark: its own flags, configs and report
+        sys.path.insert(0, HERE)
+        import bench_gpu
+        return bench_gpu.main(argv)
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] + " Prints tokens/s, ms/step and peak memory of "
         "each framework, the ratio ours/torch, and a last line of JSON.",
@@ -204,7 +216,8 @@ def main(argv=None):
             f"{c['n_head']} heads, d {c['n_embd']}, batch {c['batch']}" for k, c in CONFIGS.items())
         + "\n\nexample:  PYTHONPATH=$PWD python scripts/bench_worker.py --config all --threads 2")
     ap.add_argument("--config", choices=[*CONFIGS, "all"], default="all", help="model shape (default all)")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where ours runs (default cpu)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where ours runs (default cpu; cuda: scripts/bench_gpu.py, see --device cuda --help)")
     ap.add_argument("--threads", type=int, default=2, help="BLAS / torch threads of each framework (default 2)")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per framework per round (default 4)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed series (default 2)")
@@ -216,9 +229,6 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true", help="time ours only (no ratio)")
     ap.add_argument("--_child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.device == "cuda":
-        raise SystemExit("bench_worker.py: the CUDA backend (CuPy) is not built yet; only --device cpu "
-                         "is available for now")
     if args.threads < 1 or args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         raise SystemExit("--threads, --steps and --rounds must be >= 1, --warmup >= 0")
     if args._child:

@@ -5,8 +5,11 @@ them skips, with the reason, when not root or when a command is missing
 (``scripts/cluster/ci_install.sh`` installs them). The context managers tear down
 what they started even when the test fails: namespaces (and any process left in
 them, stopped by PID by ``netns_down.sh``) and the Slurm daemons (by PID file).
+Both hold ``cluster_lock``: the hosts psh1..N and the local Slurm are one per machine,
+so two test runs on one machine (or the docs test, tests/test_docs.py) take turns.
 """
 import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -41,30 +44,57 @@ def sh(*args, timeout=120, check=True, **kw):
     return done
 
 
+LOCK = Path("/tmp/paramserver-cluster.lock")
+_held = [0]                                    # this process's depth of cluster_lock (it nests)
+
+
+@contextlib.contextmanager
+def cluster_lock():
+    """Held while a test uses the namespace hosts or the local Slurm (released if the test
+    dies: the kernel drops a dead process's flock)."""
+    if _held[0]:
+        _held[0] += 1
+        try:
+            yield
+        finally:
+            _held[0] -= 1
+        return
+    with open(LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        _held[0] = 1
+        try:
+            yield
+        finally:
+            _held[0] = 0
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @contextlib.contextmanager
 def netns_hosts(n: int):
     """Hosts psh1..psh<n> at 10.200.0.1..n/24 (the root namespace is 10.200.0.254)."""
-    sh(SCRIPTS / "netns_down.sh", check=False)          # a previous run killed before its teardown
-    try:
-        made = sh(SCRIPTS / "netns_up.sh", n, check=False)
-        if made.returncode != 0 and "not permitted" in (made.stdout + made.stderr).lower():
-            pytest.skip(f"network namespaces are not permitted here: {made.stderr.strip()[-200:]}")
-        if made.returncode != 0:
-            raise RuntimeError(f"netns_up.sh {n} failed:\n{made.stdout}\n{made.stderr}")
-        yield [f"psh{i}" for i in range(1, n + 1)]
-    finally:
-        sh(SCRIPTS / "netns_down.sh", check=False)
+    with cluster_lock():
+        sh(SCRIPTS / "netns_down.sh", check=False)          # a previous run killed before its teardown
+        try:
+            made = sh(SCRIPTS / "netns_up.sh", n, check=False)
+            if made.returncode != 0 and "not permitted" in (made.stdout + made.stderr).lower():
+                pytest.skip(f"network namespaces are not permitted here: {made.stderr.strip()[-200:]}")
+            if made.returncode != 0:
+                raise RuntimeError(f"netns_up.sh {n} failed:\n{made.stdout}\n{made.stderr}")
+            yield [f"psh{i}" for i in range(1, n + 1)]
+        finally:
+            sh(SCRIPTS / "netns_down.sh", check=False)
 
 
 @contextlib.contextmanager
 def slurm(nodes: int = 1, cpus: int = 8):
     """A running Slurm (munged, slurmctld, slurmd) with ``nodes`` node(s)."""
     env = dict(os.environ, SLURM_NODES=str(nodes), SLURM_CPUS=str(cpus), SLURM_INSTALL="0")
-    try:
-        sh(SCRIPTS / "slurm_local_up.sh", env=env, timeout=180)
-        yield
-    finally:
-        sh(SCRIPTS / "slurm_local_down.sh", check=False, timeout=120)
+    with cluster_lock():
+        try:
+            sh(SCRIPTS / "slurm_local_up.sh", env=env, timeout=180)
+            yield
+        finally:
+            sh(SCRIPTS / "slurm_local_down.sh", check=False, timeout=120)
 
 
 def python_cmd(module, *args):

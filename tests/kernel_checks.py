@@ -243,14 +243,14 @@ def check_deterministic(dev, dtype, rng):
 
 
 def check_fallbacks(dev, rng):
-    """Arrays the kernels are not compiled for (float16, non-contiguous views) take
+    """Arrays the kernels do not take (mixed element types, non-contiguous views) go to
     the reference layer, through the device's array module, and give its results."""
-    x16 = rng.normal(size=(2, 3, 8)).astype(np.float16)
-    out = dev.to_dev(np.zeros_like(x16))
-    kernels.gelu_forward(out, dev.to_dev(x16))
-    want = np.zeros_like(x16)
-    layers.gelu_forward(want, x16)
-    close(dev.to_host(out), want, 1e-2, "gelu float16 fallback")
+    x64 = rng.normal(size=(2, 3, 8))
+    out = dev.to_dev(np.zeros(x64.shape, np.float32))
+    kernels.gelu_forward(out, dev.to_dev(x64))                 # float64 in, float32 out
+    want = np.zeros(x64.shape, np.float32)
+    layers.gelu_forward(want, x64)
+    close(dev.to_host(out), want, 1e-6, "gelu mixed-dtype fallback")
 
     big = rng.normal(size=(2, 3, 16)).astype(np.float32)
     view = dev.to_dev(big)[:, :, ::2]                      # not contiguous

@@ -397,6 +397,10 @@ def test_every_mode_ends_by_itself_with_its_metrics(mode, tmp_path):
         assert server["applied"] == sum(w["pushes"] for w in workers) >= 3 * steps
     if mode[0] == "local-sgd":
         assert server["updates"] == steps // 4 and all(w["pushes"] == steps // 4 for w in workers)
+    wire = [r["bytes_pushed"] for r in records if "bytes_pushed" in r]       # the job's totals, never worker 0's own
+    assert wire == sorted(wire) and len(wire) >= 4
+    if mode in (["bsp"], ["local-sgd", "--local-steps", "4"]):                # every push answered with the totals
+        assert wire[-1] == sum(w["bytes_pushed"] for w in workers)
 
 
 def test_the_experiment_draws_labelled_curves(tmp_path):

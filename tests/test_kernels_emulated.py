@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from tests import cuda_emu, kernel_checks as kc
-from worker.kernels import loader
+from tests import cuda_emu, half_checks as hc, kernel_checks as kc
+from worker.kernels import halfs, loader
 
 why_not = cuda_emu.available()
 pytestmark = pytest.mark.skipif(why_not is not None, reason=f"emulator unavailable: {why_not}")
@@ -123,3 +123,19 @@ def test_emulator_catches_wrong_scalar_type(emulator):
         k((1,), (32,), (x, x, 4))
     with pytest.raises(RuntimeError, match="argument types"):
         k((1,), (32,), (x, x, np.int32(4)))       # the kernel takes long long
+
+
+def test_half_conversions_bit_for_bit(dev, rng):
+    """bf16 and fp16 round to nearest even in the kernels' own conversions (here the
+    software path of common.cuh; on a GPU the PTX cvt for fp16): same bits as NumPy."""
+    hc.check_convert(dev, rng)
+
+
+@pytest.mark.parametrize("dtype", halfs.HALF_DTYPES, ids=["bf16", "fp16"])
+def test_half_layers(dev, rng, dtype):
+    hc.check_half_layers(dev, dtype, rng)
+
+
+@pytest.mark.parametrize("dtype", halfs.HALF_DTYPES, ids=["bf16", "fp16"])
+def test_half_attention_att(dev, rng, dtype):
+    hc.check_half_attention_att(dev, dtype, rng)

@@ -1,7 +1,8 @@
 """Every CUDA kernel on a real GPU against its NumPy layer, forward and backward.
 
-The checks are tests/kernel_checks.py (tolerances stated there, per kernel), the same
-that tests/test_kernels_emulated.py runs on the CPU emulator; here they run through
+The checks are tests/kernel_checks.py and, for bf16 / fp16, tests/half_checks.py
+(tolerances stated there, per kernel), the same that tests/test_kernels_emulated.py
+runs on the CPU emulator; here they run through
 CuPy, NVRTC and cuBLAS on the current CUDA device, plus GPT-2-sized shapes too slow
 to emulate. Skips, saying why, where CuPy is not installed or no CUDA device can be
 used. Run on a GPU machine with: pip install -e '.[gpu,test]'; pytest tests/test_kernels_gpu.py
@@ -9,8 +10,8 @@ used. Run on a GPU machine with: pip install -e '.[gpu,test]'; pytest tests/test
 import numpy as np
 import pytest
 
-from tests import kernel_checks as kc
-from worker.kernels import loader
+from tests import half_checks as hc, kernel_checks as kc
+from worker.kernels import halfs, loader
 
 cupy = pytest.importorskip("cupy", reason="CuPy not installed (pip install -e '.[gpu]')")
 try:
@@ -113,3 +114,38 @@ def test_deterministic(dev, rng):
 
 def test_fallbacks(dev, rng):
     kc.check_fallbacks(dev, rng)
+
+
+def test_half_conversions_bit_for_bit(dev, rng):
+    """On the GPU fp16 converts with the PTX cvt instructions, bf16 with integer
+    arithmetic: the same bits as NumPy (the emulator checks the software fp16 path)."""
+    hc.check_convert(dev, rng)
+
+
+@pytest.mark.parametrize("dtype", halfs.HALF_DTYPES, ids=["bf16", "fp16"])
+def test_half_layers(dev, rng, dtype):
+    hc.check_half_layers(dev, dtype, rng)
+
+
+def test_gemm_gpt2_shapes_bf16(dev, rng):
+    """cuBLAS gemmEx on the GPT-2 124M shapes in bf16 with float32 weight gradients:
+    the tied logits (wte.T, a transposed operand) and an MLP projection."""
+    from tests.half_checks import HalfRun
+    from worker import kernels, layers
+    BT, C, V = 256, 768, 50257
+    for w_shape, tied in (((C, V), True), ((4 * C, C), False)):
+        r = HalfRun(dev, halfs.BF16, ("dw",), x=rng.normal(size=(BT, w_shape[0])),
+                    w=rng.normal(size=(w_shape[1], w_shape[0]) if tied else w_shape) * 0.05,
+                    out=np.zeros((BT, w_shape[1])), dout=rng.normal(size=(BT, w_shape[1])),
+                    dx=np.zeros((BT, w_shape[0])),
+                    dw=np.zeros((w_shape[1], w_shape[0]) if tied else w_shape))
+        for f, a in ((layers.matmul_forward, r.h), (kernels.matmul_forward, r.d)):
+            f(a["out"], a["x"], a["w"].T if tied else a["w"])
+        for f, a in ((layers.matmul_backward, r.h), (kernels.matmul_backward, r.d)):
+            f(a["dx"], a["dw"].T if tied else a["dw"], None, a["dout"], a["x"], a["w"].T if tied else a["w"])
+        r.compare(["out", "dx", "dw"], f"gemm bf16 {w_shape}", ("dw",))
+
+
+@pytest.mark.parametrize("dtype", halfs.HALF_DTYPES, ids=["bf16", "fp16"])
+def test_half_attention_att(dev, rng, dtype):
+    hc.check_half_attention_att(dev, dtype, rng)

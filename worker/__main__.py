@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, WorkerConfig, "training")
     p.add_argument("--no-progress", action="store_true", help="(accepted for launchers; workers log lines)")
     p.add_argument("--dry-run", action="store_true",
-                   help="check the flags, print the effective configuration as JSON, and exit")
+                   help="check the flags (and that --device can be used here), print the effective "
+                        "configuration as JSON, and exit")
     p.add_argument("--show-placement", action="store_true",
                    help="print how the model's flat vector is cut into chunks (--chunk-mb) and dealt over "
                         "--num-servers servers, with each server's bytes and the balance, and exit")
@@ -52,6 +53,12 @@ def main(argv=None) -> int:
         configs = {k: from_args(cls, args) for k, cls in CONCERNS.items()}
     except ValueError as e:
         parser.error(str(e))
+    from worker import backend
+    try:
+        backend.probe(configs["worker"].device)     # --device cuda where it cannot run: say why, now
+    except backend.BackendError as e:
+        print(f"python -m worker: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
         print(json.dumps({k: to_dict(v) for k, v in configs.items()}))
         return 0

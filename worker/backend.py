@@ -1,20 +1,21 @@
 """Which array library the worker computes with: NumPy on the CPU, CuPy on a CUDA GPU.
 
-Chosen once per process (thinc's habit), from ``--device cpu|cuda``: ``cpu`` (the
-default) is NumPy and ``worker.layers``; ``cuda`` is CuPy and ``worker.kernels`` on the
-current CUDA device, and only when it can really run there: asking for ``cuda`` on a
-machine without CuPy, without a CUDA device, or with a driver too old for the CuPy
-build, raises ``BackendError`` naming which of the three is missing, never a silent
-fall back to the CPU.
+Chosen once per process (thinc's habit), from ``--device cpu|cuda|cuda:N``: ``cpu``
+(the default) is NumPy and ``worker.layers``; ``cuda`` is CuPy and ``worker.kernels``
+on the current CUDA device (``cuda:N``: device N, made current), and only when it can
+really run there: asking for ``cuda`` on a machine without CuPy, without a CUDA
+device, or with a driver too old for the CuPy build, raises ``BackendError`` naming
+which of the three is missing, never a silent fall back to the CPU.
 
-Not here: moving the model's buffers (``worker/model.py`` takes an array module), the
-pinned host buffers for push and pull (phase 2), several GPUs per process.
+Not here: the model's buffers on the device (``worker/model.py`` with
+``worker/devicemodel.py``), the pinned host buffers for push and pull
+(``worker/staging.py``), several GPUs per process.
 """
 from __future__ import annotations
 
 import numpy
 
-DEVICES = ("cpu", "cuda")
+DEVICES = ("cpu", "cuda")        # and cuda:N, device N
 
 
 class BackendError(RuntimeError):
@@ -46,12 +47,41 @@ def _cuda_module():
     return cupy
 
 
+def parse(device: str) -> tuple[str, int | None]:
+    """``"cpu"`` -> ("cpu", None), ``"cuda"`` -> ("cuda", None), ``"cuda:1"`` -> ("cuda", 1);
+    ``ValueError`` for anything else."""
+    kind, sep, index = str(device).partition(":")
+    if kind in DEVICES and not sep:
+        return kind, None
+    if kind == "cuda" and index.isdigit():
+        return kind, int(index)
+    raise ValueError(f"device must be cpu, cuda or cuda:N (N a device number); got {device!r}")
+
+
+def check_device(device: str, precision: str = "fp32"):
+    """The flags' check, without touching CUDA: ``device`` parses, ``precision`` is one of
+    fp32, bf16, fp16, and a 16-bit precision comes with a GPU. ``ValueError`` else."""
+    from worker.kernels.halfs import PRECISIONS
+    kind, _ = parse(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "fp32" and kind == "cpu":
+        raise ValueError(f"--precision {precision} needs --device cuda; on the CPU the model "
+                         "computes in float32")
+
+
 def probe(device: str):
     """The array module for ``device`` (``numpy`` or ``cupy``), without choosing it;
     raises ``BackendError`` if it cannot be used here, ``ValueError`` if unknown."""
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
-    return numpy if device == "cpu" else _cuda_module()
+    kind, index = parse(device)
+    if kind == "cpu":
+        return numpy
+    cupy = _cuda_module()
+    n = cupy.cuda.runtime.getDeviceCount()
+    if index is not None and index >= n:
+        raise BackendError(f"--device {device}: this machine has {n} CUDA device(s), numbered "
+                           f"from 0. Check nvidia-smi and CUDA_VISIBLE_DEVICES.")
+    return cupy
 
 
 def select(device: str = "cpu"):
@@ -65,6 +95,9 @@ def select(device: str = "cpu"):
                                f"cannot switch to {device!r}")
         return _chosen[1]
     xp = probe(device)
+    index = parse(device)[1]
+    if index is not None:
+        xp.cuda.Device(index).use()
     _chosen = (device, xp)
     return xp
 
@@ -76,8 +109,7 @@ def current():
 
 def ops_module(device: str):
     """The layer functions for ``device``: ``worker.layers`` or ``worker.kernels``."""
-    probe(device)
-    if device == "cpu":
+    if probe(device) is numpy:
         from worker import layers
         return layers
     from worker import kernels
@@ -89,10 +121,17 @@ def describe(device: str) -> str:
     xp = probe(device)
     if xp is numpy:
         return f"cpu: NumPy {numpy.__version__}"
-    props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+    index = parse(device)[1]
+    index = xp.cuda.Device().id if index is None else index
+    return f"cuda:{index} {gpu_name(xp, index)}, CuPy {xp.__version__}"
+
+
+def gpu_name(xp, index: int | None = None) -> str:
+    """``NVIDIA H100 80GB HBM3 (sm_90)``: the name and architecture of a CUDA device."""
+    index = xp.cuda.Device().id if index is None else index
+    props = xp.cuda.runtime.getDeviceProperties(index)
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    return (f"cuda:{xp.cuda.Device().id} {name} (sm_{props['major']}{props['minor']}), "
-            f"CuPy {xp.__version__}")
+    return f"{name} (sm_{props['major']}{props['minor']})"
 
 
 def to_host(x):

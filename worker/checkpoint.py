@@ -30,6 +30,7 @@ import numpy
 from safetensors.numpy import load as st_load, save as st_save
 
 from common.files import atomic_write  # noqa: F401  (re-exported: checkpoint.atomic_write)
+from worker import backend
 from worker.model import GPT, GPTConfig
 
 MODEL_FILE = "model.safetensors"
@@ -136,8 +137,9 @@ def save_model(directory, model: GPT, step: int | None = None):
     """Write ``model.safetensors`` and ``config.json`` of ``model`` into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    params = backend.to_host(model.params)          # one copy from a GPU; the vector itself on the CPU
     tensors = {name: numpy.ascontiguousarray(view, dtype=numpy.float32)
-               for name, view in model.named_tensors().items()}
+               for name, view in model.layout.views(params).items()}
     metadata = {"format": "pt", "paramserver_format": FORMAT_VERSION,
                 "layout_hash": model.layout.hash()}
     if step is not None:
@@ -188,8 +190,9 @@ def load_model_into(model: GPT, directory) -> dict:
     cfg, tensors, metadata = read_model(directory)
     if cfg != model.config:
         raise CheckpointError(f"{directory}: checkpoint config {cfg} differs from the model's {model.config}")
+    xp = getattr(model, "xp", numpy)                # a GPU model's views are CuPy arrays
     for name, view in model.named_tensors().items():
-        view[...] = tensors[name]
+        view[...] = xp.asarray(tensors[name])
     return metadata
 
 

@@ -31,8 +31,9 @@ makes itself (plain BSP; ``worker/consistency.py``):
     reply = client.end_step()                    # every answer in; server 0's meta
 
 With ``--compress`` each chunk of a push is compressed (``common/compress.py``), the
-residual kept here for error feedback. ``bytes_pushed`` and ``bytes_pulled`` count every
-frame on the wire, headers included (a message's own header from the next one on).
+residual kept here for error feedback. ``bytes_pushed`` and ``bytes_pulled`` count the
+arrays' bytes on the wire (compressed, when they are), not the headers (a hundred or two
+bytes a message), so that a push can carry the count including itself.
 
 How the answers are read depends on the consistency model (``--mode``, see
 ``paramserver/consistency.py``): in bsp and local-sgd every server answers at the same
@@ -45,6 +46,14 @@ each server, with the next push, which version the gradient was computed on
 
 The client counts the time it spends waiting for answers (``wait_s``: the network and
 the other workers, as the worker sees them), its pushes and its dropped pushes.
+
+Failures (docs/failures.md): once registered, a thread sends the coordinator
+heartbeats (``worker/heartbeat.py``). Every push carries this process's session and a
+request id; when the connection to a server breaks and comes back (the server was
+restarted, a link flapped), the client sends the unanswered requests again, unchanged,
+and the server applies a push at most once. A worker the coordinator dropped (it was
+silent too long) registers again and goes on from the current parameters; when the
+coordinator says the job is stopping, or is gone, the next wait raises with the reason.
 
 Not here: sockets (``common/transport.py``), bytes (``common/codec.py``), the model.
 """
@@ -64,6 +73,7 @@ from common.layout import Layout, merge_ranges
 from common.protocol import DONE, ERROR, INIT, JOB, OK, PULL, PUSH, REGISTER, ProtocolError
 from common.trace import NULL_TRACER
 from common.transport import Dealer, Poller, reachable_locally
+from worker.heartbeat import Heartbeat
 
 log = logging.getLogger("client")
 
@@ -75,6 +85,9 @@ class _Request:
     cmd: str
     step: int
     answers: list          # indices of the chunks whose parameters the answer brings
+    frames: list           # the message as sent: sent again, unchanged, after a lost connection
+    lost: int              # the link's lost connections when it was last sent
+    sent: float            # when it was last sent (monotonic)
 
 
 class RemoteError(RuntimeError):
@@ -94,7 +107,15 @@ class PSClient:
         self.timeout = cluster.timeout
         self._rid = itertools.count(1)
         self.curve = cluster.curve_keys()       # None without --curve
-        self.coord = Dealer(cluster.coordinator, curve=self.curve)
+        # one name per process, kept across reconnects (a server answers the reconnected socket)
+        self.identity = f"{role}:{self.rank}/{os.getpid()}/{id(self):x}".encode()
+        self.coord = Dealer(cluster.coordinator, identity=self.identity, curve=self.curve)
+        self.session = 0                        # this process's incarnation, from the coordinator
+        self.joined_at = 0                      # the version the job was at when this worker joined it
+        self.heartbeat: Heartbeat | None = None
+        self.resends = 0                        # requests sent again after a lost connection
+        self.rejoins = 0                        # registrations after being dropped
+        self._model = None                      # (layout, dtype): to register again
         self.links: list[Dealer] = []           # one per server, in server rank order
         self.servers: list[str] = []
         self.chunks: list[list[tuple[int, int]]] = []   # per server: the ranges it owns
@@ -103,6 +124,7 @@ class PSClient:
         self.bytes_pulled = 0
         self.version = 0                        # the (lowest) version of the parameters held
         self.versions: list[int] = []           # per server: the version of its last answer
+        self.resend_s = max(5.0, self.timeout / 3)   # also resend what waited this long (a safety net)
         self.pushes = 0
         self.push_messages = 0                  # PUSH messages sent (overlap: several per server and step)
         self.dropped = 0                        # pushes a server did not apply (backup workers)
@@ -136,24 +158,42 @@ class PSClient:
     def register(self, layout: Layout, dtype: str) -> dict:
         """Join the job; returns the coordinator's JOB answer once every process has
         registered. Sets ``self.rank`` (assigned by the coordinator when it was -1)."""
+        self._model = (layout, dtype)
         meta = dict(role=self.role, rank=self.rank, host=host_name(), pid=os.getpid(),
                     layout=layout.table(), layout_hash=layout.hash(), dtype=dtype,
                     job=to_dict(self.job_cfg))
         rid = next(self._rid)
-        self.coord.send(codec.encode(REGISTER, self.name if self.rank >= 0 else f"{self.role}:?",
-                                     rid=rid, **meta))
+        frames = codec.encode(REGISTER, self.name if self.rank >= 0 else f"{self.role}:?", rid=rid, **meta)
+        self.coord.send(frames)
         # wait a little longer than the coordinator does: when registration times out there,
         # the coordinator's answer names who is missing, which this side cannot know
         grace = max(5.0, 0.25 * self.timeout)
         msg = self._wait_one(self.coord, rid, f"the coordinator at {self.coord.endpoint}",
                              "registration (are all the servers and workers of the job started?)",
-                             timeout=self.timeout + grace)
+                             timeout=self.timeout + grace, resend=frames)
         if msg.cmd != JOB:
             raise RemoteError(f"the coordinator answered {msg.cmd} to registration")
         job = msg.meta
         if job["layout_hash"] != layout.hash():
             raise RemoteError(f"the job's layout hash {job['layout_hash']} differs from ours {layout.hash()}")
         self.rank = job["rank"]
+        self.session = job.get("session", 0)
+        self.joined_at = job.get("version", 0)
+        if not self.links:                      # (a worker registering again keeps its links)
+            self._connect(job, layout, dtype)
+        c = self.cluster
+        if c.heartbeat > 0 and self.role == "worker":
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
+            self.heartbeat = Heartbeat(self, c.heartbeat, c.silence_s, c.timeout)
+            self.heartbeat.start()
+        log.info("%s as %s (session %d)%s; servers %s", "joined the running job" if job.get("rejoin") else "registered",
+                 self.name, self.session, f" at version {self.joined_at}" if self.joined_at else "",
+                 ", ".join(self.servers))
+        return job
+
+    def _connect(self, job: dict, layout: Layout, dtype: str):
+        """The job's chunks, the compression scheme, and one link per server."""
         self.servers = list(job["servers"])
         self.chunks = [[] for _ in self.servers]
         for b, e, s in job["placement"]:
@@ -165,15 +205,29 @@ class PSClient:
         if scheme is not None:                  # the residual lives here: one per worker, whole vector
             self.encoder = PushEncoder(scheme, layout.size, dtype, jc.error_feedback == "on",
                                        seed=[1, self.rank], momentum=jc.compress_momentum)
+        # not the coordinator link's name: server 0 is both, and a name is one connection
+        link_id = self.name.encode() + b"/" + self.identity.split(b"/", 1)[1] + b"/data"
         ipc = job.get("ipc") or [""] * len(self.servers)
         for addr, near in zip(self.servers, ipc):
             # a server of this host is reached through its Unix socket (cluster.ipc): no TCP stack
-            link = Dealer(near if self.cluster.ipc and reachable_locally(near) else addr, curve=self.curve)
+            link = Dealer(near if self.cluster.ipc and reachable_locally(near) else addr,
+                          identity=link_id, curve=self.curve)
             self.links.append(link)
             self.poller.add(link)
         self.versions = [0] * len(self.servers)
-        log.info("registered as %s; servers %s", self.name, ", ".join(self.servers))
-        return job
+
+    def rejoin_if_dropped(self) -> bool:
+        """If the coordinator dropped this worker (it was silent too long: a stall, a cut
+        link), register again under the same rank; True when it did (the caller pulls)."""
+        hb = self.heartbeat
+        if hb is None or hb.member or hb.error:
+            return False
+        log.warning("%s was dropped from the job (view %d); registering again", self.name, hb.view)
+        if self.in_step:                        # overlap: the answers of the step out (dropped ones)
+            self.end_step()
+        self.register(*self._model)
+        self.rejoins += 1
+        return True
 
     def done(self):
         """Tell the coordinator this worker has finished (it stops the servers after the last)."""
@@ -182,10 +236,15 @@ class PSClient:
                 self._send(s, DONE, self.version)
             self._wait(DONE, self.version)
         rid = next(self._rid)
-        self.coord.send(codec.encode(DONE, self.name, rid=rid))
-        self._wait_one(self.coord, rid, f"the coordinator at {self.coord.endpoint}", "done")
+        frames = codec.encode(DONE, self.name, rid=rid)
+        self.coord.send(frames)
+        self._wait_one(self.coord, rid, f"the coordinator at {self.coord.endpoint}", "done", resend=frames)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
 
     def close(self):
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         for s in [self.coord, *self.links]:
             s.close()
 
@@ -206,6 +265,14 @@ class PSClient:
         for s in servers:
             self._send(s, PULL, self.version, answers=[self._index[c] for c in self.chunks[s]], **meta)
         self._wait(PULL, self.version)
+        if not self.asynchronous and len(set(self.versions)) > 1:
+            # a server may be one step ahead of another (it finished the step first): wait
+            # for the others to reach it, so that the parameters are of one version
+            target = max(self.versions)
+            for s in [s for s, v in enumerate(self.versions) if v < target]:
+                self._send(s, PULL, self.version, answers=[self._index[c] for c in self.chunks[s]],
+                           min_version=target)
+            self._wait(PULL, self.version)
         self._check_versions()
         self.wait_s += time.monotonic() - t0
         return self.version
@@ -228,6 +295,8 @@ class PSClient:
         answers of the previous step must be in (``end_step``)."""
         if self._step is not None:
             raise RuntimeError(f"{self.name}: the answers of step {self._step} are not in; call end_step() first")
+        if self.session:
+            meta = dict(meta, session=self.session)
         self._step, self._grads, self._params, self._meta = step, grads, params, meta
         self._unsent = set(range(len(self._chunk_list)))
         self._final, self._fresh, self._answers = [], set(), {}
@@ -321,11 +390,12 @@ class PSClient:
         t = self.tracer.now()
         frames = codec.encode(cmd, self.name, step=step, rid=rid, arrays=arrays, ranges=ranges, encs=encs,
                               dtypes=dtypes, **meta)
+        lost = self.links[s].connections()[1]     # read before the send (a resend compares with it)
         self.links[s].send(frames)
         if cmd == PUSH:
-            self.bytes_pushed += codec.frames_nbytes(frames)
+            self.bytes_pushed += codec.frames_nbytes(frames[1:])     # the arrays (frame 0: the header)
             self.push_messages += 1
-        self._out[rid] = _Request(s, cmd, step, list(answers))
+        self._out[rid] = _Request(s, cmd, step, list(answers), frames, lost, time.monotonic())
         self.tracer.add(cmd, t, self.tracer.now(), step=step)
 
     def _wait(self, cmd: str, step: int, done=None):
@@ -343,10 +413,13 @@ class PSClient:
                 raise DeadlineError(f"{self.name}: no answer to {cmd} (step {step}) within "
                                     f"{self.timeout + self.grace:.0f} s from {missing}; is it running? "
                                     "see its log")
+            self._check_job()
             for s in sorted({r.server for r in self._out.values()}):   # a refused handshake never answers
                 why = self.links[s].refused()
                 if why:
                     raise RemoteError(f"{self.name}: cannot talk to server {s} at {self.servers[s]}: {why}")
+            for req in list(self._out.values()):
+                self._maybe_resend(self.links[req.server], req, f"{req.cmd} (step {req.step}) to server {req.server}")
             self._receive_ready(min(left, 0.5) * 1000)
         self.tracer.add("wait", t_wait, self.tracer.now(), step=step)
 
@@ -356,7 +429,7 @@ class PSClient:
             while link.poll(0):
                 t = self.tracer.now()
                 frames, placed = link.recv_placed(self._place)
-                nbytes = codec.frames_nbytes(frames)
+                nbytes = codec.frames_nbytes(frames[1:])             # the arrays (frame 0: the header)
                 msg = self._decode(frames, link.endpoint, placed)
                 if msg is None or msg.rid not in self._out:
                     continue
@@ -407,9 +480,29 @@ class PSClient:
         if len(set(self.versions)) != 1 and not (self.asynchronous or self.catch_up):
             raise RemoteError(f"servers are at different versions {sorted(set(self.versions))}")
         self.version = min(self.versions)
-    def _wait_one(self, sock, rid, who, what, timeout=None):
+
+    def _check_job(self):
+        """Raise when the heartbeat thread learned that the job is stopping or the coordinator is gone."""
+        if self.heartbeat is not None and self.heartbeat.error:
+            raise RemoteError(f"{self.name}: {self.heartbeat.error}")
+
+    def _maybe_resend(self, sock, req: _Request, what, periodic=True):
+        """Send ``req``'s very same message again when the connection was lost since it was
+        sent (it may have been lost with it), or (if ``periodic``) when it waited
+        ``resend_s``; the server answers a repeat without applying it twice."""
+        lost_now = sock.connections()[1]
+        if lost_now > req.lost or (periodic and time.monotonic() - req.sent > self.resend_s):
+            log.info("%s: sending %s again (%s)", self.name, what,
+                     "its connection was lost" if lost_now > req.lost else f"no answer for {self.resend_s:.0f} s")
+            sock.send(req.frames)
+            req.lost, req.sent = lost_now, time.monotonic()
+            self.resends += 1
+
+    def _wait_one(self, sock, rid, who, what, timeout=None, resend=None):
         timeout = timeout or self.timeout
         deadline = time.monotonic() + timeout
+        entry = (_Request(-1, what, 0, [], resend, sock.connections()[1], time.monotonic())
+                 if resend is not None else None)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -418,6 +511,9 @@ class PSClient:
             why = sock.refused()                          # a refused handshake never answers
             if why:
                 raise RemoteError(f"{self.name}: cannot talk to {who}: {why}")
+            self._check_job()
+            if entry is not None:                         # registration: only after a lost connection
+                self._maybe_resend(sock, entry, what.split(" ")[0], periodic=not what.startswith("registration"))
             if sock.poll(min(left, 0.5) * 1000):
                 msg = self._decode(sock.recv(), who)
                 if msg is None or msg.rid not in (rid, 0):

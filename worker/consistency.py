@@ -160,7 +160,8 @@ class LocalSGDLoop(Loop):
         self.optimizer = make_optimizer(self.cfg, model.num_params(), model.dtype, model.layout.decay_ranges(),
                                         threads=getattr(model, "threads", 1))
         self.anchor = model.params.copy()             # the parameters of the last averaging
-        self.i = self.round = 0
+        self.round = client.version                   # (> 0 when joining a running or resumed job)
+        self.i = self.round * self.H
         self.losses, self.round_tokens, self.tokens = [], 0, 0
 
     def finished(self) -> bool:

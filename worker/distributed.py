@@ -5,10 +5,12 @@ One worker, top to bottom:
     register with the coordinator          -> rank r, the servers, who owns which chunk
     load data shard r of W                 (worker/data.py)
     worker 0: init the servers             with its freshly initialised parameters
-    pull                                   params <- the servers
+    pull                                   params <- the servers (on a GPU: into pinned host
+                                           memory, then copied up: worker/staging.py)
     until the job's steps are done:
-        forward + backward on a batch      grads (this worker's shard of the batch); with
-                                           --overlap (bsp), each layer's gradients leave as
+        forward + backward on a batch      grads (this worker's shard of the batch; on a GPU
+                                           copied down to pinned host memory for the wire); with
+                                           --overlap (bsp, CPU), each layer's gradients leave as
                                            soon as the backward has them, and the forward
                                            waits for each layer's new parameters
         (--straggler: this worker sleeps)  a slow worker, to see what each mode does with it
@@ -16,8 +18,15 @@ One worker, top to bottom:
                                            worker, step the optimizer, answer with fresh
                                            params; the other modes: worker/consistency.py
         worker 0: log, evaluate
+    worker 0: save model.safetensors       (before done: the training's result is safe first)
     done                                   the coordinator stops the servers after the last worker
-    worker 0: save model.safetensors, sample text; every worker: worker-R.json (its waits)
+    worker 0: sample text; every worker: worker-R.json (its waits)
+
+A worker that joins a running job (it was restarted, or the job resumed from the
+servers' checkpoints) starts at the job's version, with its data sampler moved on by
+the batches it would have drawn by then (rank r always reads shard r), so that a
+resumed job continues the same loss curve; worker 0 keeps the metrics lines up to
+that version. A worker dropped for silence registers again and pulls (docs/failures.md).
 
 Compare with ``worker/train.py``: the loop is the same, except that
 ``apply_update(model, optimizer, ...)`` became ``client.push_pull(grads, params, ...)``.
@@ -39,10 +48,13 @@ from pathlib import Path
 
 from common.cluster import ClusterConfig, JobConfig
 from common.trace import NULL_TRACER, Tracer, trace_file
+from worker import backend
 from worker.client import PSClient
 from worker.consistency import make_loop
 from worker.data import BatchSampler, DataConfig, load_data, unigram_entropy, validation_batches
+from worker.kernels.halfs import PRECISIONS
 from worker.model import GPTConfig
+from worker.staging import HostStaging
 from worker.tasks import MODELS, make_task
 from worker.train import METRICS, MetricsWriter, evaluate
 
@@ -61,14 +73,17 @@ class WorkerConfig:
     out: str = ""                 # run folder for worker 0's metrics, model and sample ('' = runs/<timestamp>)
     sample_bytes: int = 300       # worker 0: bytes of text to sample from the final model (0 = none)
     threads: int = 1              # compute threads: slices of the batch in parallel (with OPENBLAS_NUM_THREADS=1)
+    device: str = "cpu"           # where this worker computes: cpu (NumPy), cuda or cuda:N (the CUDA kernels on that GPU; ps-local --devices gives each worker its own)
+    precision: str = "fp32"       # with --device cuda: fp32, or bf16 / fp16 activations and matmuls (float32 parameters and gradients on the wire)
     model: str = "gpt"            # gpt: next byte, causal attention | bert: 15% of the bytes masked, bidirectional
     trace: bool = False           # write a Chrome trace of this worker (trace-worker-R.json in the run folder)
     overlap: bool = True          # bsp: push each layer's gradients during the backward and wait for each layer's new parameters in the next forward (--no-overlap: push and pull after the backward)
     straggler: str = ""           # RANK:SECONDS (worker RANK sleeps that long after each gradient) or RANK:Fx (its steps take F times its compute time); RANK 'any': a different random worker at each step; '' = none
-    CHOICES = {"model": MODELS}
+    CHOICES = {"model": MODELS, "precision": PRECISIONS}
 
     def __post_init__(self):
         parse_straggler(self.straggler)
+        backend.check_device(self.device, self.precision)
         for name in ("batch_size", "steps", "eval_interval", "eval_batches", "log_interval", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -130,6 +145,14 @@ class Straggler:
         return self.seconds or (self.factor - 1.0) * compute_s
 
 
+def batches_before(job: JobConfig, version: int, num_workers: int) -> int:
+    """How many batches a worker of a job at ``version`` has drawn: bsp, one per step;
+    local-sgd, H per round; asp/ssp, about one per W updates."""
+    if job.mode == "local-sgd":
+        return version * job.local_steps
+    return version if job.mode == "bsp" else version // num_workers
+
+
 def run(cluster: ClusterConfig, job: JobConfig, mc: GPTConfig, dc: DataConfig, wc: WorkerConfig) -> dict:
     client = PSClient(cluster, job)
     try:
@@ -139,8 +162,10 @@ def run(cluster: ClusterConfig, job: JobConfig, mc: GPTConfig, dc: DataConfig, w
 
 
 def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc: WorkerConfig) -> dict:
-    task = make_task(wc.model, mc, seed=wc.seed, threads=wc.threads)
+    task = make_task(wc.model, mc, seed=wc.seed, threads=wc.threads, device=wc.device, precision=wc.precision)
     model = task.model
+    # what the wire sees of the model: host vectors (on a GPU, pinned copies; on the CPU, the model's own)
+    host = HostStaging(model)
     t_register = time.perf_counter()
     job = client.register(model.layout, model.dtype.name)
     rank, W = client.rank, job["num_workers"]
@@ -149,15 +174,25 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
 
     data = load_data(dc, rank=rank, num_workers=W, seed=wc.seed)
     log.info("%s", data.summary)
+    log.info("computing on %s, precision %s", backend.describe(wc.device), wc.precision)
     sampler = task.batches(BatchSampler(data.train, wc.batch_size, mc.block_size, seed=wc.seed * 7919 + rank),
                            seed=wc.seed * 7919 + rank)
     lead = rank == 0
     out = Path(wc.out or time.strftime("runs/%Y%m%d-%H%M%S"))
     tracer = client.tracer = Tracer(f"worker {rank}") if wc.trace else NULL_TRACER
     if lead:
-        client.init(model.params)
-    client.pull(model.params)
-    loop = make_loop(job_cfg, client, model, wc.steps, W, job.get("optim"), overlap=wc.overlap)
+        host.params_to_host()
+        client.init(host.params)                     # (a server already initialized says so and keeps its own)
+    client.pull(host.params)
+    host.params_to_device()
+    joined = client.version
+    for _ in range(batches_before(job_cfg, joined, W)):    # the batches this rank drew before `joined`
+        sampler.next_batch()
+    if joined:
+        log.info("joining the job at version %d (the data sampler moved on accordingly)", joined)
+    # overlap needs the model's layer hooks over the very vectors the wire fills: a CPU model
+    loop = make_loop(job_cfg, client, model if not host.on_device else host, wc.steps, W, job.get("optim"),
+                     overlap=wc.overlap and not host.on_device)
     straggler = Straggler(wc.straggler, rank, W, wc.seed)
     if straggler.involves_me:
         log.info("this worker is slowed: %s", straggler.describe())
@@ -166,17 +201,20 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
     if lead:
         out.mkdir(parents=True, exist_ok=True)
         val_set = task.validation(validation_batches(data.val, wc.batch_size, mc.block_size, wc.eval_batches))
-        metrics = MetricsWriter(out / METRICS, keep_until=-1)    # a fresh file: keep no old line
-        metrics.write({"step": 0, "val_loss": evaluate(model, val_set), "workers": W,
-                       "servers": job["num_servers"], "mode": job_cfg.mode, "elapsed_s": 0.0, "updates": 0,
-                       "gradients": 0, "unigram_entropy": unigram_entropy(data.train),
-                       "fingerprint": data.fingerprint})
+        # a fresh file, or (joining a running or resumed job) the lines up to where it is
+        metrics = MetricsWriter(out / METRICS, keep_until=joined if joined else -1)
+        if not joined:
+            metrics.write({"step": 0, "val_loss": evaluate(model, val_set), "workers": W,
+                           "servers": job["num_servers"], "mode": job_cfg.mode, "elapsed_s": 0.0, "updates": 0,
+                           "gradients": 0, "unigram_entropy": unigram_entropy(data.train),
+                           "fingerprint": data.fingerprint})
 
     t_start, epoch_start = time.perf_counter(), time.time()
     window_t, window_tokens, val, iterations = t_start, 0, float("nan"), 0
-    last_log = last_eval = 0             # the job's step at the last metrics line and evaluation
+    last_log = last_eval = joined        # the job's step at the last metrics line and evaluation
     compute_s = straggle_s = 0.0
     record: dict = {"step": 0}
+    wire: dict = {}                      # the job's totals from the servers (local-sgd: once per round)
     p = None
     while not loop.finished():
         t_step, step = tracer.now(), iterations
@@ -187,6 +225,7 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
         with tracer.span("backward", step=step):        # overlap: each layer's gradients leave when final
             model.zero_grad()      # after the forward: until then the last step's push may still be leaving
             model.backward(**loop.backward_hooks(loss, idx.size))
+            host.grads_to_host()          # a GPU's gradients into pinned host memory, once computed
         dt = time.perf_counter() - t0
         compute_s += dt
         pause = straggler.pause(iterations, dt)
@@ -194,6 +233,9 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
             time.sleep(pause)
             straggle_s += pause
         p = loop.step(loss, idx.size)
+        if client.rejoin_if_dropped():               # dropped for silence (a stall): back into the view
+            client.pull(host.params)
+        host.params_to_device()           # the answer back to a GPU (asynchronous); on the CPU, nothing
         tracer.add("step", t_step, tracer.now(), step=step)
         iterations += 1
         if not lead:
@@ -201,6 +243,7 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
         if not p.synced and (loop.finished() or p.step // wc.eval_interval > last_eval // wc.eval_interval
                              or p.step // wc.log_interval > last_log // wc.log_interval):
             p = loop.settle(p)          # overlap: logging and evaluating need this step's answers
+        wire = p.reply.get("stats", wire)
         # log and evaluate when the job's progress passes a multiple of the intervals (a mode
         # may jump over one: backup workers, asp); local-sgd evaluates only averaged models
         record = {"step": p.step, "loss": p.reply.get("loss", loss), "updates": p.updates, "gradients": p.gradients}
@@ -212,7 +255,7 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
             last_eval = p.step
         if p.step // wc.log_interval > last_log // wc.log_interval or "val_loss" in record:
             now = time.perf_counter()
-            stats = p.reply.get("stats", {})
+            stats = wire
             record.update(tokens_per_s=(p.tokens - window_tokens) / max(now - window_t, 1e-9),
                           elapsed_s=now - t_start, bytes_pushed=stats.get("bytes_pushed", client.bytes_pushed),
                           bytes_pulled=stats.get("bytes_pulled", client.bytes_pulled))
@@ -223,13 +266,15 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
     wall_s = time.perf_counter() - t_start
     if lead:
         loop.finish()
+        host.params_to_device()
         now = time.perf_counter()
-        stats, tokens = (p.reply.get("stats", {}), p.tokens) if p else ({}, 0)
+        stats, tokens = (wire, p.tokens) if p else ({}, 0)
         val = evaluate(model, val_set)
         record.update(val_loss=val, tokens_per_s=(tokens - window_tokens) / max(now - window_t, 1e-9),
                       elapsed_s=now - t_start, bytes_pushed=stats.get("bytes_pushed", client.bytes_pushed),
                       bytes_pulled=stats.get("bytes_pulled", client.bytes_pulled))
         metrics.write(record)
+        task.save(out, wc.steps)                     # before done: the coordinator may not outlive it
     client.done()
     log.info("finished: %d gradients computed, %d pushes (%d dropped) in %.1f s; waited %.1f s for answers",
              iterations, client.pushes, client.dropped, wall_s, client.wait_s)
@@ -238,13 +283,13 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
     result = {"rank": rank, "steps": wc.steps, "mode": job_cfg.mode, "iterations": iterations,
               "pushes": client.pushes, "dropped": client.dropped, "wait_s": client.wait_s, "compute_s": compute_s,
               "straggle_s": straggle_s, "wall_s": wall_s, "straggler": straggler.involves_me, "t_start": epoch_start,
-              "t_end": epoch_start + wall_s, "bytes_pushed": client.bytes_pushed, "bytes_pulled": client.bytes_pulled}
+              "t_end": epoch_start + wall_s, "bytes_pushed": client.bytes_pushed, "bytes_pulled": client.bytes_pulled,
+              "joined_at": joined, "resends": client.resends, "rejoins": client.rejoins}
     if lead or wc.out:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"worker-{rank}.json").write_text(json.dumps(result) + "\n")
     if lead:
         metrics.close()
-        task.save(out, wc.steps)
         if wc.sample_bytes:
             (out / "sample.txt").write_text(task.demonstrate(data.val, wc.sample_bytes, seed=wc.seed))
         result.update(val_loss=val, out=str(out))

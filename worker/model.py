@@ -29,6 +29,11 @@ wte is tied to the output, so its gradient is final only at the very end). With
 ``threads`` > 1 each hook is called once, for the whole vector (before the slices'
 forward; after their gradients are summed).
 
+With ``device="cuda"`` the flat vectors live in GPU memory (CuPy) and forward and
+backward run the CUDA kernels of ``worker/kernels/`` through ``worker/devicemodel.py``,
+optionally in mixed precision (``precision="bf16"`` or ``"fp16"``: 16-bit activations,
+float32 ``params`` and ``grads``); ``forward`` still returns a float or host logits.
+
 Not here: the optimizer (``common/optim.py``), data (``worker/data.py``), the loop
 (``worker/train.py``), GPU kernels (``worker/kernels/``).
 """
@@ -134,17 +139,31 @@ class GPT:
     LAYER_HOOKS = True            # forward(before=) and backward(after=): see the module's docstring
 
     def __init__(self, config: GPTConfig, dtype=numpy.float32, seed: int = 0,
-                 reference: bool = False, threads: int = 1):
+                 reference: bool = False, threads: int = 1, device: str = "cpu",
+                 precision: str = "fp32", attention: str = "lse"):
         """``reference=True`` runs every layer through ``worker/layers.py`` (the readable
         specification) instead of the fast path. ``threads`` > 1 runs slices of the batch
-        in that many threads (see the module's docstring)."""
+        in that many threads (see the module's docstring). ``device`` ``"cuda"`` (or
+        ``"cuda:N"``) puts the model on a GPU (``worker/backend.py`` chooses it, once per
+        process), computing in ``precision`` (``fp32``, ``bf16``, ``fp16``), its attention
+        saving ``lse`` or ``att`` (``worker/devicemodel.py``)."""
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
         self.config = config
         self.dtype = numpy.dtype(dtype)
         if self.dtype not in (numpy.float32, numpy.float64):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.device, self.precision = device, precision
         self.xp = numpy
+        if device != "cpu":
+            if reference or threads != 1:
+                raise ValueError(f"device {device!r} runs the CUDA kernels in one stream: "
+                                 "reference=True and threads > 1 are for the CPU")
+            from worker import backend
+            self.xp = backend.select(device)
+        elif precision != "fp32":
+            raise ValueError(f"precision {precision!r} needs a GPU (device='cuda'); on the CPU "
+                             "the model computes in its dtype (fp32)")
         self.reference = bool(reference)
         self.layout = config.layout()
         self.params = self.xp.zeros(self.layout.size, dtype=self.dtype)
@@ -158,6 +177,10 @@ class GPT:
         self._parts = []              # one _Part per slice of the batch, for the last (B, T)
         self._pool = None             # threads - 1 helper threads, started on first use
         self._batch = None            # (idx, targets, number of valid targets) of the last forward
+        self._gpu = None              # the device path (worker/devicemodel.py) when not on the CPU
+        if self.xp is not numpy:
+            from worker.devicemodel import DevicePath
+            self._gpu = DevicePath(self, precision, attention)
         self.init_weights(seed)
 
     # --- parameters -----------------------------------------------------------------
@@ -256,6 +279,9 @@ class GPT:
                 raise ValueError(f"targets shape {targets.shape} != idx shape {idx.shape}")
             if targets.size and int(targets.max()) >= cfg.vocab_size:
                 raise ValueError(f"targets must be < vocab_size {cfg.vocab_size} (negative = ignored)")
+        if self._gpu is not None:                # (the hooks see the whole vector at once)
+            before(0, self.layout.size)
+            return self._gpu.forward(idx, targets)
         p = self._p
         parts = self._slices(B, T)
         hook = before if len(parts) == 1 else _no_hook
@@ -317,6 +343,10 @@ class GPT:
         the last ``forward(idx, targets)``. Call ``zero_grad()`` between steps; several
         backward calls between two ``zero_grad()`` accumulate micro-batches.
         ``after(begin, end)`` is called once grads[begin:end] is final."""
+        if self._gpu is not None:
+            self._gpu.backward(dloss)
+            after(0, self.layout.size)
+            return None
         if self._batch is None:
             raise RuntimeError("backward() needs a forward(idx, targets) first")
         idx, targets, n_valid = self._batch

@@ -25,8 +25,10 @@ MODELS = ("gpt", "bert")
 class NextByte:
     """GPT-2: predict every next byte (causal attention)."""
 
-    def __init__(self, config: GPTConfig, seed: int = 0, dtype=None, threads: int = 1):
-        self.model = GPT(config, dtype=dtype or numpy.float32, seed=seed, threads=threads)
+    def __init__(self, config: GPTConfig, seed: int = 0, dtype=None, threads: int = 1,
+                 device: str = "cpu", precision: str = "fp32"):
+        self.model = GPT(config, dtype=dtype or numpy.float32, seed=seed, threads=threads,
+                         device=device, precision=precision)
 
     def batches(self, sampler, seed: int = 0):
         return sampler                                  # (idx, targets = the next bytes)
@@ -45,9 +47,13 @@ class NextByte:
 class MaskedBytes:
     """The BERT-style encoder: fill in masked bytes (bidirectional attention)."""
 
-    def __init__(self, config: GPTConfig, seed: int = 0, dtype=None, threads: int = 1):
+    def __init__(self, config: GPTConfig, seed: int = 0, dtype=None, threads: int = 1,
+                 device: str = "cpu", precision: str = "fp32"):
         if threads != 1:
             raise ValueError("--threads applies to --model gpt; the BERT-style encoder runs on one thread")
+        if device != "cpu" or precision != "fp32":
+            raise ValueError("--device / --precision apply to --model gpt; the BERT-style encoder "
+                             "runs on the CPU in fp32")
         self.model = BERT(config, seed=seed) if dtype is None else BERT(config, dtype=dtype, seed=seed)
 
     def batches(self, sampler, seed: int = 0):
@@ -63,11 +69,13 @@ class MaskedBytes:
         return fill_in(self.model, val_tokens[:num_bytes], seed=seed)
 
 
-def make_task(name: str, config: GPTConfig, seed: int = 0, dtype=None, threads: int = 1):
+def make_task(name: str, config: GPTConfig, seed: int = 0, dtype=None, threads: int = 1,
+              device: str = "cpu", precision: str = "fp32"):
     """The task called ``name`` (one of ``MODELS``) with a fresh model drawn from ``seed``;
-    ``threads`` > 1 runs slices of each batch in that many threads (worker/model.py)."""
+    ``threads`` > 1 runs slices of each batch in that many threads (worker/model.py);
+    ``device`` and ``precision`` put the GPT on a GPU (worker/devicemodel.py)."""
     if name == "gpt":
-        return NextByte(config, seed, dtype, threads)
+        return NextByte(config, seed, dtype, threads, device, precision)
     if name == "bert":
-        return MaskedBytes(config, seed, dtype, threads)
+        return MaskedBytes(config, seed, dtype, threads, device, precision)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

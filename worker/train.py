@@ -23,6 +23,7 @@ loop itself (pull, push, servers) lives in the worker's PS client, not here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -34,10 +35,14 @@ import numpy
 from tqdm import tqdm
 
 from common.config import add_arguments, describe, dump_json, from_args, from_dict, to_dict
+from common.files import atomic_write
 from common.optim import OptimConfig, clip_scale, lr_at, make_optimizer, sum_of_squares
-from worker import checkpoint
+from worker import backend, checkpoint
+from worker.backend import check_device
 from worker.data import (BatchSampler, DataConfig, bigram_entropy, load_data, unigram_entropy,
                          validation_batches)
+from worker.deviceoptim import DeviceOptimizer
+from worker.kernels.halfs import PRECISIONS
 from worker.model import GPT, GPTConfig
 
 RUN_CONFIG = "run_config.json"
@@ -58,8 +63,12 @@ class TrainConfig:
     resume: str = ""              # run folder to continue from its checkpoint
     progress: bool = True         # show a tqdm progress bar (off: a line per log step)
     threads: int = 1              # compute threads: slices of each batch in parallel; with OPENBLAS_NUM_THREADS=1, use one per core
+    device: str = "cpu"           # cpu (NumPy), cuda or cuda:N (the CUDA kernels of worker/kernels/ on that GPU, optimizer included)
+    precision: str = "fp32"       # with --device cuda: fp32, or bf16 / fp16 activations and matmuls (float32 parameters, gradients, optimizer)
+    CHOICES = {"precision": PRECISIONS}
 
     def __post_init__(self):
+        check_device(self.device, self.precision)
         for name in ("batch_size", "steps", "eval_interval", "eval_batches", "log_interval", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -115,7 +124,8 @@ class MetricsWriter:
         if keep_until is not None and self.path.exists():
             kept = [ln for ln in self.path.read_text().splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= keep_until]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            # a new file in place of the old (a reader following it, like ps-local, sees a new inode)
+            atomic_write(self.path, "".join(ln + "\n" for ln in kept).encode())
         self._f = open(self.path, "a")
 
     def write(self, record: dict):
@@ -167,7 +177,10 @@ def parse_configs(argv=None) -> dict:
     if not args.resume:
         if "lr_decay_steps" not in given:
             args.lr_decay_steps = args.steps
-        return {k: from_args(cls, args) for k, cls in CONCERNS.items()}
+        try:
+            return {k: from_args(cls, args) for k, cls in CONCERNS.items()}
+        except ValueError as e:
+            parser.error(str(e))
     try:
         saved = json.loads((Path(args.resume) / RUN_CONFIG).read_text())
     except (OSError, ValueError) as e:
@@ -175,7 +188,7 @@ def parse_configs(argv=None) -> dict:
     configs = {}
     for key, cls in CONCERNS.items():
         d = dict(saved[key])
-        d.update({k: getattr(args, k) for k in d if k in given})
+        d.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name in given})
         configs[key] = from_dict(cls, d, f"{args.resume}/{RUN_CONFIG} [{key}]")
     configs["train"].resume = args.resume
     if "out_dir" not in given:
@@ -190,7 +203,12 @@ def parse_configs(argv=None) -> dict:
 
 def main(argv=None):
     """``ps-train``: parse the command line, train, exit 0."""
-    train(parse_configs(argv))
+    configs = parse_configs(argv)
+    try:
+        backend.probe(configs["train"].device)     # --device cuda where it cannot run: say why, now
+    except backend.BackendError as e:
+        raise SystemExit(f"ps-train: {e}") from None
+    train(configs)
 
 
 def train(configs: dict) -> dict:
@@ -212,9 +230,12 @@ def train(configs: dict) -> dict:
     entropy, entropy2 = unigram_entropy(data.train), bigram_entropy(data.train)
 
     # model and optimizer
-    model = GPT(mc, seed=tc.seed, threads=tc.threads)
-    optimizer = make_optimizer(oc, model.num_params(), model.dtype, model.layout.decay_ranges(),
-                               threads=tc.threads)
+    model = GPT(mc, seed=tc.seed, threads=tc.threads, device=tc.device, precision=tc.precision)
+    if model.xp is numpy:
+        optimizer = make_optimizer(oc, model.num_params(), model.dtype, model.layout.decay_ranges(),
+                                   threads=tc.threads)
+    else:                          # on a GPU, the optimizer steps where the parameters are
+        optimizer = DeviceOptimizer(model.xp, oc, model.num_params(), model.dtype, model.layout.decay_ranges())
     print(f"model: {model.num_params():,} parameters, layout {model.layout.hash()}; "
           f"entropy of the training bytes: unigram {entropy:.4f} nats, bigram {entropy2:.4f} "
           f"(uniform: {math.log(256):.4f})")

@@ -9,6 +9,7 @@
 #                                      for tests/test_slurm.py (started by slurm_local_up.sh)
 # iproute2:                            ip netns, veth, bridge, tc (rate limits) for tests/test_cluster_netns.py
 # openmpi-bin:                         mpirun for tests/test_mpi.py
+# nftables:                            nft, for packet loss on a namespace link (tests/test_packet_loss.py)
 set -euo pipefail
 if [ "$(id -u)" != 0 ]; then
   echo "ci_install.sh: not root; cluster tests will skip" >&2; exit 0
@@ -20,6 +21,7 @@ command -v slurmd    >/dev/null 2>&1 || need+=(slurmd)
 command -v sbatch    >/dev/null 2>&1 || need+=(slurm-client)
 command -v tc        >/dev/null 2>&1 || need+=(iproute2)
 command -v mpirun    >/dev/null 2>&1 || need+=(openmpi-bin)
+command -v nft       >/dev/null 2>&1 || need+=(nftables)
 [ ${#need[@]} -eq 0 ] && exit 0
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq

@@ -6,9 +6,10 @@ Two pieces, for tests only:
   into a shared library with one entry point per name expression of the family, and
   ``EmuKernel`` calls one the way ``cupy.RawModule.get_function(...)(grid, block,
   args)`` is called, checking each argument's C type against the kernel's parameter;
-- ``fake_cupy()`` is a stand-in for the ``cupy`` module over NumPy: arrays are an
-  ndarray subclass that ``layers.array_module`` takes for CuPy, so ``worker.kernels``
-  runs its kernel paths (launch geometry, scalar types, cuBLAS-side calls) on the CPU.
+- ``fake_cupy()`` (``fake_cupy.py``) is a stand-in for the ``cupy`` module over NumPy:
+  arrays are an ndarray subclass that ``layers.array_module`` takes for CuPy, so
+  ``worker.kernels`` runs its kernel paths (launch geometry, scalar types, cuBLAS calls
+  on raw pointers, stream and pinned-memory calls) on the CPU.
 
 What it cannot tell: speed, memory-model races the fiber order happens to hide, the
 real compiler's float contraction, a read out of bounds that lands in mapped memory.
@@ -21,10 +22,10 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy
 
+from tests.cuda_emu.fake_cupy import fake_cupy, ndarray  # noqa: F401
 from worker.kernels import loader
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -88,6 +89,9 @@ class EmuKernel:
         self.calls += 1
 
 
+_BUILT: dict = {}      # (family, source text) -> (library, entries), built once per process
+
+
 class Emulator:
     """Builds families on demand; ``function`` has the signature of ``loader.function``."""
 
@@ -100,57 +104,14 @@ class Emulator:
         if name_expression not in loader.FAMILIES[family]:
             raise KeyError(name_expression)
         if family not in self.libs:
-            self.libs[family] = build(family, self.workdir)
+            # one build per source text in this process: the test files share it
+            key = (family, loader.source(family))
+            if key not in _BUILT:
+                _BUILT[key] = build(family, self.workdir)
+            self.libs[family] = _BUILT[key]
         dll, entries = self.libs[family]
         self.calls[name_expression] = self.calls.get(name_expression, 0) + 1
         return EmuKernel(dll, entries[name_expression], name_expression)
-
-
-# --------------------------------------------------------------------------------------
-# a stand-in for the cupy module, over NumPy
-
-class ndarray(numpy.ndarray):
-    """NumPy memory that the project's code takes for a CuPy array."""
-    __module__ = "cupy"
-
-    @property
-    def data(self):
-        return types.SimpleNamespace(ptr=self.ctypes.data)
-
-    @property
-    def device(self):
-        return types.SimpleNamespace(id=0)
-
-    def get(self):
-        return numpy.array(self, copy=True).view(numpy.ndarray)
-
-
-def _wrap(x):
-    if isinstance(x, numpy.ndarray) and not isinstance(x, ndarray):
-        return x.view(ndarray)
-    if isinstance(x, tuple):
-        return tuple(_wrap(y) for y in x)
-    return x
-
-
-def fake_cupy():
-    """A module object to put in ``sys.modules['cupy']``: NumPy's functions, whose
-    array results are ``ndarray`` above (ufuncs keep the subclass by themselves)."""
-    mod = types.ModuleType("cupy")
-    mod.ndarray = ndarray
-    mod.asnumpy = lambda a: numpy.array(a, copy=True).view(numpy.ndarray)
-
-    def __getattr__(name):
-        obj = getattr(numpy, name)
-        if isinstance(obj, (type, numpy.ufunc)) or not callable(obj):
-            return obj
-
-        def wrapped(*args, **kwargs):
-            return _wrap(obj(*args, **kwargs))
-        return wrapped
-
-    mod.__getattr__ = __getattr__
-    return mod
 
 
 def available():

@@ -195,6 +195,8 @@ inline void __syncthreads() {
 }
 inline float __int_as_float(unsigned bits) { float f; std::memcpy(&f, &bits, 4); return f; }
 inline double __longlong_as_double(long long bits) { double d; std::memcpy(&d, &bits, 8); return d; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 template <class V> V __shfl_xor_sync(unsigned, V v, int lane_mask) {
     return emu::shuffle(v, (emu::g_cur->linear & 31) ^ lane_mask);
 }

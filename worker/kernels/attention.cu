@@ -20,12 +20,16 @@
 //      backward_dkdv:   warp per key row j:    dv_j = sum_i p_ij do_i,
 //                                              dk_j = scale * sum_i ds_ij q_i;
 //    with p_ij = exp(scale q_i.k_j - lse_i), ds_ij = p_ij (do_i.v_j - D_i) and
-//    D_i = do_i . out_i (the launcher computes D from a re-run of the forward).
+//    D_i = do_i . out_i (attention_backward_D, from the forward's out when the caller
+//    passes it, else from a re-run of the forward). lse and D are in the accumulation
+//    type (float for 16-bit q, k, v).
 //    Each output row is owned by one warp: deterministic, no atomics. Head size up to
 //    HS_MAX (template: 64 or 128 for float, 64 for double: static shared memory must
 //    stay under 48 KiB); the launcher falls back to the reference beyond.
-// Not here: tensor cores, bf16, or the tiled matmul-in-shared-memory speed of real
-// FlashAttention kernels (phase 2 measures first).
+// Design 1 is compiled for float and double; design 2 also for bf16 and fp16 (tiles
+// staged in float: the same shared memory as the float kernels).
+// Not here: tensor cores, or the tiled matmul-in-shared-memory speed of real
+// FlashAttention kernels (to be measured on a GPU first).
 
 #define ATT_WARPS 8                       // rows per block; blockDim.x = 32 * ATT_WARPS
 
@@ -83,7 +87,7 @@ __device__ __forceinline__ A dot_row(const A* x, const A* y, int hs) {
 // grid (ceil(T / ATT_WARPS), B*NH), block 32*ATT_WARPS
 template <typename T, int HS_MAX>
 __global__ void __launch_bounds__(32 * ATT_WARPS)
-attention_forward_flash(T* out, T* lse, const T* qkv, int T_, int NH, int hs,
+attention_forward_flash(T* out, typename Acc<T>::type* lse, const T* qkv, int T_, int NH, int hs,
                         typename Acc<T>::type scale) {
     typedef typename Acc<T>::type A;
     constexpr int PER_LANE = HS_MAX / 32;
@@ -151,7 +155,29 @@ attention_forward_flash(T* out, T* lse, const T* qkv, int T_, int NH, int hs,
             const int d = lane + 32 * r;
             if (d < hs) o[d] = (T)(acc[r] / l);
         }
-        if (lane == 0) lse[(long long)bh * T_ + i] = (T)(m + log(l));
+        if (lane == 0) lse[(long long)bh * T_ + i] = m + log(l);
+    }
+}
+
+// D (B,NH,T): D[b,h,i] = sum over d of dout[b,i,h*hs+d] * out[b,i,h*hs+d], the row term
+// of the softmax backward. A warp per (b, i, h) row, grid-stride over the rows.
+template <typename T>
+__global__ void attention_backward_D(typename Acc<T>::type* D, const T* dout, const T* out,
+                                     int B, int T_, int NH, int hs) {
+    typedef typename Acc<T>::type A;
+    const int lane = threadIdx.x & 31;
+    const long long rows = (long long)B * T_ * NH;
+    for (long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < rows;
+         r += (long long)gridDim.x * (blockDim.x >> 5)) {     // r = (b*T + i)*NH + h
+        const T* d = dout + r * hs;
+        const T* o = out + r * hs;
+        A s = A(0);
+        for (int c = lane; c < hs; c += 32) s += (A)d[c] * (A)o[c];
+        s = warp_sum(s);
+        if (lane == 0) {
+            const long long h = r % NH, bi = r / NH, b = bi / T_, i = bi % T_;
+            D[(b * NH + h) * T_ + i] = s;
+        }
     }
 }
 
@@ -159,7 +185,8 @@ attention_forward_flash(T* out, T* lse, const T* qkv, int T_, int NH, int hs,
 // grid (ceil(T / ATT_WARPS), B*NH), block 32*ATT_WARPS
 template <typename T, int HS_MAX>
 __global__ void __launch_bounds__(32 * ATT_WARPS)
-attention_backward_dq_flash(T* dqkv, const T* dout, const T* qkv, const T* lse, const T* D,
+attention_backward_dq_flash(T* dqkv, const T* dout, const T* qkv,
+                            const typename Acc<T>::type* lse, const typename Acc<T>::type* D,
                             int T_, int NH, int hs, typename Acc<T>::type scale) {
     typedef typename Acc<T>::type A;
     constexpr int PER_LANE = HS_MAX / 32;
@@ -238,8 +265,9 @@ attention_backward_dq_flash(T* dqkv, const T* dout, const T* qkv, const T* lse, 
 // ATT_WARPS consecutive KEY rows and walks the query tiles from its first key on.
 template <typename T, int HS_MAX>
 __global__ void __launch_bounds__(32 * ATT_WARPS)
-attention_backward_dkdv_flash(T* dqkv, const T* dout, const T* qkv, const T* lse,
-                              const T* D, int T_, int NH, int hs,
+attention_backward_dkdv_flash(T* dqkv, const T* dout, const T* qkv,
+                              const typename Acc<T>::type* lse,
+                              const typename Acc<T>::type* D, int T_, int NH, int hs,
                               typename Acc<T>::type scale) {
     typedef typename Acc<T>::type A;
     constexpr int PER_LANE = HS_MAX / 32;

@@ -8,7 +8,8 @@
 //   the block at the first sorted position of each run of equal ids sums that run's
 //   rows of dout in sorted order and adds the sum to dwte[id]; other blocks exit.
 // A run of one id repeated N times is summed by one block (slow but right).
-// Token ids are trusted to lie in [0, V): the model checks them before the forward.
+// The gradients dwte, dwpe are in the accumulation type (float32 master gradients
+// when the activations are 16-bit). Token ids are trusted to lie in [0, V): the model checks them before the forward.
 
 template <typename T, typename I>
 __global__ void embedding_forward(T* out, const I* idx, const T* wte, const T* wpe,
@@ -23,20 +24,22 @@ __global__ void embedding_forward(T* out, const I* idx, const T* wte, const T* w
 }
 
 template <typename T>
-__global__ void embedding_backward_wpe(T* dwpe, const T* dout, int B, int T_, int C) {
+__global__ void embedding_backward_wpe(typename Acc<T>::type* dwpe, const T* dout, int B, int T_,
+                                       int C) {
     typedef typename Acc<T>::type A;
     const long long n = (long long)T_ * C;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         A s = A(0);
         for (int b = 0; b < B; b++) s += (A)dout[(long long)b * n + i];
-        dwpe[i] = (T)((A)dwpe[i] + s);
+        dwpe[i] += s;
     }
 }
 
 // grid N blocks (one per sorted position), threads over C.
 template <typename T, typename I>
-__global__ void embedding_backward_wte(T* dwte, const T* dout, const long long* order,
+__global__ void embedding_backward_wte(typename Acc<T>::type* dwte, const T* dout,
+                                       const long long* order,
                                        const I* sorted_ids, long long N, int C) {
     typedef typename Acc<T>::type A;
     const long long p = blockIdx.x;
@@ -44,10 +47,10 @@ __global__ void embedding_backward_wte(T* dwte, const T* dout, const long long* 
     if (p > 0 && sorted_ids[p - 1] == id) return;      // not the head of its run
     long long end = p + 1;
     while (end < N && sorted_ids[end] == id) end++;
-    T* dst = dwte + (long long)id * C;
+    A* dst = dwte + (long long)id * C;
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
         A s = A(0);
         for (long long q = p; q < end; q++) s += (A)dout[order[q] * C + c];
-        dst[c] = (T)((A)dst[c] + s);
+        dst[c] += s;
     }
 }

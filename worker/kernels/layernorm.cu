@@ -7,10 +7,12 @@
 // of the centred row, as the NumPy reference does, never E[x^2] - E[x]^2).
 // Backward: dx per row (warp per row, dx ADDED: the residual stream), then dw, db as
 // deterministic column sums (partials per chunk of rows, then an ordered sum).
+// mean and rstd are kept in the accumulation type (float for 16-bit activations).
 // Not here: the launch geometry (worker/kernels/ops.py chooses it).
 
 template <typename T>
-__global__ void layernorm_forward(T* out, T* mean, T* rstd, const T* x, const T* w,
+__global__ void layernorm_forward(T* out, typename Acc<T>::type* mean,
+                                  typename Acc<T>::type* rstd, const T* x, const T* w,
                                   const T* b, long long N, int C, typename Acc<T>::type eps) {
     typedef typename Acc<T>::type A;
     const int lane = threadIdx.x & 31;
@@ -33,15 +35,17 @@ __global__ void layernorm_forward(T* out, T* mean, T* rstd, const T* x, const T*
         o[c] = (T)(xhat * (A)w[c] + (A)b[c]);
     }
     if (lane == 0) {
-        mean[row] = (T)m;
-        rstd[row] = (T)rs;
+        mean[row] = m;
+        rstd[row] = rs;
     }
 }
 
 // dx += rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dout * w
 template <typename T>
-__global__ void layernorm_backward_dx(T* dx, const T* dout, const T* x, const T* mean,
-                                      const T* rstd, const T* w, long long N, int C) {
+__global__ void layernorm_backward_dx(T* dx, const T* dout, const T* x,
+                                      const typename Acc<T>::type* mean,
+                                      const typename Acc<T>::type* rstd, const T* w,
+                                      long long N, int C) {
     typedef typename Acc<T>::type A;
     const int lane = threadIdx.x & 31;
     const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -71,8 +75,10 @@ __global__ void layernorm_backward_dx(T* dx, const T* dout, const T* x, const T*
 template <typename T>
 __global__ void layernorm_backward_dwdb_partial(typename Acc<T>::type* partial_dw,
                                                 typename Acc<T>::type* partial_db,
-                                                const T* dout, const T* x, const T* mean,
-                                                const T* rstd, long long N, int C,
+                                                const T* dout, const T* x,
+                                                const typename Acc<T>::type* mean,
+                                                const typename Acc<T>::type* rstd,
+                                                long long N, int C,
                                                 long long rows_per_chunk) {
     typedef typename Acc<T>::type A;
     __shared__ A tile_w[8][33];

@@ -26,10 +26,14 @@ COMMON = "common.cuh"
 OPTIONS = ("--std=c++17",)
 
 FLOATS = ("float", "double")             # element types: numpy float32, float64
+HALVES = ("bf16", "fp16")                # 16-bit storage (common.cuh): numpy uint16 bits, float16
+ALL = FLOATS + HALVES
 INDICES = ("int", "long long")           # token id / target types: numpy int32, int64
 # head-size bounds of the memory-efficient attention; 128 in double would need more
-# than the 48 KiB of static shared memory a block may have
-ATTENTION_HS = (("float", 64), ("float", 128), ("double", 64))
+# than the 48 KiB of static shared memory a block may have (the 16-bit kernels stage
+# their tiles in float: the float kernels' footprint)
+ATTENTION_HS = (("float", 64), ("float", 128), ("double", 64), ("bf16", 64), ("bf16", 128),
+                ("fp16", 64), ("fp16", 128))
 
 
 def _each(names, types):
@@ -40,22 +44,27 @@ def _pairs(names, floats, indices):
     return [f"{n}<{t}, {i}>" for n in names for t in floats for i in indices]
 
 
+# column_accumulate adds into a parameter gradient, which is float or double only (the
+# 16-bit kernels' gradients are float32 master gradients).
 FAMILIES = {
-    "layernorm": _each(("layernorm_forward", "layernorm_backward_dx",
-                        "layernorm_backward_dwdb_partial", "column_accumulate"), FLOATS),
-    "gelu": _each(("gelu_forward", "gelu_backward"), FLOATS),
-    "residual": _each(("residual_forward", "residual_backward", "bias_forward",
-                       "column_partial_sums", "column_accumulate"), FLOATS),
+    "layernorm": (_each(("layernorm_forward", "layernorm_backward_dx",
+                         "layernorm_backward_dwdb_partial"), ALL)
+                  + _each(("column_accumulate",), FLOATS)),
+    "gelu": _each(("gelu_forward", "gelu_backward"), ALL),
+    "residual": (_each(("residual_forward", "residual_backward", "bias_forward",
+                        "column_partial_sums"), ALL) + _each(("column_accumulate",), FLOATS)),
     "softmax_ce": _pairs(("softmax_crossentropy_forward", "softmax_crossentropy_backward"),
-                         FLOATS, INDICES),
-    "embedding": (_pairs(("embedding_forward", "embedding_backward_wte"), FLOATS, INDICES)
-                  + _each(("embedding_backward_wpe",), FLOATS)),
-    "attention": (_each(("causal_softmax_forward", "causal_softmax_backward"), FLOATS)
+                         ALL, INDICES),
+    "embedding": (_pairs(("embedding_forward", "embedding_backward_wte"), ALL, INDICES)
+                  + _each(("embedding_backward_wpe",), ALL)),
+    "attention": (_each(("causal_softmax_forward", "causal_softmax_backward",
+                         "attention_backward_D"), ALL)
                   + [f"{n}<{t}, {hs}>" for n in ("attention_forward_flash",
                                                  "attention_backward_dq_flash",
                                                  "attention_backward_dkdv_flash")
                      for t, hs in ATTENTION_HS]),
     "adamw": _each(("adamw_update",), FLOATS),
+    "convert": [f"convert<{s}, {d}>" for h in HALVES for s, d in (("float", h), (h, "float"))],
 }
 
 _modules: dict = {}

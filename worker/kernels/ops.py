@@ -4,16 +4,19 @@ Every function here has the name, arguments and contract of the layer it replace
 (outputs first, then inputs, then weights; parameter gradients ``+=``; activation
 gradients assigned, except the residual stream's, which add), so the model can take
 ``worker.kernels`` instead of ``worker.layers`` as its ops module. Each checks what it
-was given: CuPy arrays, C-contiguous, one float type the kernels are compiled for
-(float32 or float64), integer ids of int32/int64, shapes the kernel handles. Anything
-else, NumPy arrays included, goes to the reference layer in ``worker.layers``, which
-runs on CuPy too, through its array module: slower, never wrong.
+was given: CuPy arrays, C-contiguous, one element type the kernels are compiled for,
+integer ids of int32/int64, shapes the kernel handles. Anything else, NumPy arrays
+included, goes to the reference layer in ``worker.layers``, which runs on CuPy too,
+through its array module: slower, never wrong.
 
-Matmuls are cuBLAS through ``cupy.matmul`` (as in the reference); the kernels do the
-rest. Attention has two contracts, told apart by the array saved for the backward:
-``att`` (B,NH,T,T) as the reference, or ``lse`` (B,NH,T) for the memory-efficient
-kernels (see ``attention.cu`` and ``reference.py``). ``adamw_update`` is one fused pass
-of ``common.optim.AdamW``'s step over a flat vector.
+Element types (``halfs.py``): float32 and float64 throughout; for mixed precision also
+bf16 (uint16 bits) and fp16 activations, with what must stay at full width in their
+accumulation type (float32): LayerNorm's mean and rstd, attention's lse, the losses,
+and the parameter gradients (float32 master gradients). A 16-bit call the kernels do
+not take goes to the reference on float32 copies, written back rounded (``_reference``).
+
+Matmuls are cuBLAS (``gemm.py``); the kernels do the rest. Attention is in
+``attention_ops.py``, AdamW in ``optim_ops.py``.
 
 Scalars are passed to kernels as NumPy scalars of the exact C type of the kernel's
 parameter (CuPy would pass a Python float as a double and an int as a 64-bit int).
@@ -21,18 +24,13 @@ Nothing here imports CuPy at import time: cupy is taken from the arrays.
 """
 from __future__ import annotations
 
-import math
-
 import numpy
 
 from worker import layers
-from worker.kernels import loader, reference
+from worker.kernels import gemm, halfs, loader
 
 array_module = layers.array_module
-_CTYPE = {numpy.dtype(numpy.float32): "float", numpy.dtype(numpy.float64): "double"}
 _ITYPE = {numpy.dtype(numpy.int32): "int", numpy.dtype(numpy.int64): "long long"}
-_ATT_HS = {"float": (64, 128), "double": (64,)}
-_ATT_WARPS = 8                 # rows per block of the memory-efficient attention (attention.cu)
 _I32, _I64 = numpy.int32, numpy.int64
 
 
@@ -40,16 +38,29 @@ def _is_cupy(x):
     return x is not None and type(x).__module__.split(".")[0] == "cupy"
 
 
+def _kind(acts, accs=()):
+    """The C type of the kernels for these arrays, or None (the caller falls back):
+    ``acts`` non-empty, C-contiguous CuPy arrays of one compiled element type, and
+    ``accs`` the same but of that type's accumulation dtype (float32 for 16 bits)."""
+    if not all(_is_cupy(a) for a in (*acts, *accs)):
+        return None
+    ct = halfs.CTYPES.get(acts[0].dtype)
+    if ct is None:
+        return None
+    acc = halfs.ACC_DTYPE[ct]
+    for arrays, dtype in ((acts, acts[0].dtype), (accs, acc)):
+        if any(a.dtype != dtype or not a.flags.c_contiguous or a.size == 0 for a in arrays):
+            return None
+    return ct
+
+
 def _floats(*arrays):
-    """The C type name when all ``arrays`` are non-empty, C-contiguous CuPy arrays of one
-    compiled float dtype; else None (the caller falls back to the reference)."""
-    if not all(_is_cupy(a) for a in arrays):
-        return None
-    dtype = arrays[0].dtype
-    if dtype not in _CTYPE or any(a.dtype != dtype or not a.flags.c_contiguous or a.size == 0
-                                  for a in arrays):
-        return None
-    return _CTYPE[dtype]
+    """``_kind`` for arrays that all share one element type."""
+    return _kind(arrays)
+
+
+def _acc_ctype(ct):
+    return "double" if ct == "double" else "float"
 
 
 def _ids(x):
@@ -59,8 +70,9 @@ def _ids(x):
     return _ITYPE[x.dtype]
 
 
-def _scalar(ctype, value):
-    return numpy.float32(value) if ctype == "float" else numpy.float64(value)
+def _scalar(ct, value):
+    """``value`` as the kernel's ``Acc<T>`` scalar: double for double, else float."""
+    return numpy.float64(value) if ct == "double" else numpy.float32(value)
 
 
 def _threads(width, cap=256):
@@ -73,6 +85,22 @@ def _blocks(n, threads=256, cap=65536):
     return max(1, min(cap, (n + threads - 1) // threads))
 
 
+def _reference(fn, *args):
+    """``fn(*args)``, the reference layer. 16-bit arrays, on which NumPy-form arithmetic
+    is wrong (bf16 bits) or too coarse (fp16 sums), are replaced by float32 copies and
+    every one of them is written back rounded afterwards (inputs come back unchanged:
+    a 16-bit value survives the round trip exactly)."""
+    if not any(getattr(a, "dtype", None) in halfs.HALF_DTYPES for a in args):
+        return fn(*args)
+    wide = [halfs.to_float32(a) if getattr(a, "dtype", None) in halfs.HALF_DTYPES else a
+            for a in args]
+    result = fn(*wide)
+    for a, w in zip(args, wide):
+        if w is not a:
+            a[...] = halfs.from_float32(w, a.dtype)
+    return result
+
+
 # --------------------------------------------------------------------------------------
 # token + position embedding
 
@@ -80,17 +108,17 @@ def embedding_forward(out, idx, wte, wpe):
     ct, it = _floats(out, wte, wpe), _ids(idx)
     if (ct is None or it is None or idx.ndim != 2 or wpe.shape[0] < idx.shape[1]
             or out.shape != idx.shape + wte.shape[1:] or wpe.shape[1:] != wte.shape[1:]):
-        return layers.embedding_forward(out, idx, wte, wpe)
+        return _reference(layers.embedding_forward, out, idx, wte, wpe)
     (B, T), C = idx.shape, out.shape[-1]
     k = loader.function("embedding", f"embedding_forward<{ct}, {it}>")
     k((B * T,), (_threads(C),), (out, idx, wte, wpe, _I64(B * T), _I32(T), _I32(C)))
 
 
 def embedding_backward(dwte, dwpe, dout, idx):
-    ct, it = _floats(dwte, dwpe, dout), _ids(idx)
+    ct, it = _kind((dout,), (dwte, dwpe)), _ids(idx)
     if (ct is None or it is None or idx.ndim != 2 or dwpe.shape[0] < idx.shape[1]
             or dout.shape != idx.shape + dwte.shape[1:] or dwpe.shape[1:] != dwte.shape[1:]):
-        return layers.embedding_backward(dwte, dwpe, dout, idx)
+        return _reference(layers.embedding_backward, dwte, dwpe, dout, idx)
     import cupy
     B, T, C = dout.shape
     N = B * T
@@ -113,9 +141,9 @@ def _ln_shapes_ok(x, stats, vecs, same):
 
 
 def layernorm_forward(out, mean, rstd, x, w, b):
-    ct = _floats(out, mean, rstd, x, w, b)
+    ct = _kind((out, x, w, b), (mean, rstd))
     if ct is None or not _ln_shapes_ok(x, (mean, rstd), (w, b), (out,)):
-        return layers.layernorm_forward(out, mean, rstd, x, w, b)
+        return _reference(layers.layernorm_forward, out, mean, rstd, x, w, b)
     C = x.shape[-1]
     N = x.size // C
     k = loader.function("layernorm", f"layernorm_forward<{ct}>")
@@ -130,22 +158,21 @@ def _column_chunks(N):
 
 
 def layernorm_backward(dx, dw, db, dout, x, mean, rstd, w):
-    ct = _floats(dx, dw, db, dout, x, mean, rstd, w)
+    ct = _kind((dx, dout, x, w), (mean, rstd, dw, db))
     if ct is None or not _ln_shapes_ok(x, (mean, rstd), (dw, db, w), (dx, dout)):
-        return layers.layernorm_backward(dx, dw, db, dout, x, mean, rstd, w)
+        return _reference(layers.layernorm_backward, dx, dw, db, dout, x, mean, rstd, w)
     import cupy
     C = x.shape[-1]
     N = x.size // C
     k = loader.function("layernorm", f"layernorm_backward_dx<{ct}>")
     k(((N + 7) // 8,), (256,), (dx, dout, x, mean, rstd, w, _I64(N), _I32(C)))
     K, rows = _column_chunks(N)
-    # partial sums are in Acc<T>, which is T itself for the two compiled types
-    part_w = cupy.empty((K, C), dtype=x.dtype)
-    part_b = cupy.empty((K, C), dtype=x.dtype)
+    part_w = cupy.empty((K, C), dtype=dw.dtype)       # partial sums in Acc<T>
+    part_b = cupy.empty((K, C), dtype=dw.dtype)
     k = loader.function("layernorm", f"layernorm_backward_dwdb_partial<{ct}>")
     k(((C + 31) // 32, K), (32, 8), (part_w, part_b, dout, x, mean, rstd, _I64(N), _I32(C),
                                      _I64(rows)))
-    k = loader.function("layernorm", f"column_accumulate<{ct}>")
+    k = loader.function("layernorm", f"column_accumulate<{_acc_ctype(ct)}>")
     k(((C + 255) // 256,), (256,), (dw, part_w, _I32(K), _I32(C)))
     k(((C + 255) // 256,), (256,), (db, part_b, _I32(K), _I32(C)))
 
@@ -153,106 +180,48 @@ def layernorm_backward(dx, dw, db, dout, x, mean, rstd, w):
 # --------------------------------------------------------------------------------------
 # linear layer: cuBLAS for the product, kernels for the bias
 
+def _rows(x, width):
+    """``x`` as a 2-D (rows, width) array without a copy, or None."""
+    if x.ndim == 2:
+        return x
+    return x.reshape(-1, width) if x.flags.c_contiguous else None
+
+
 def matmul_forward(out, x, w, b=None):
-    ct = None if b is None or b.shape != out.shape[-1:] else _floats(out, b)
-    layers.matmul_forward(out, x, w, None if ct else b)
-    if ct:
-        OC = b.shape[0]
+    C, OC = w.shape
+    x2, out2 = _rows(x, C), _rows(out, OC)
+    bias_ct = None if b is None or b.shape != (OC,) else _floats(out, b)
+    if x2 is None or out2 is None or (b is not None and not bias_ct) or not gemm.gemm(out2, x2, w):
+        return _reference(layers.matmul_forward, out, x, w, b)
+    if b is not None:
         N = out.size // OC
-        loader.function("residual", f"bias_forward<{ct}>")((N,), (_threads(OC),),
-                                                           (out, b, _I64(N), _I32(OC)))
+        loader.function("residual", f"bias_forward<{bias_ct}>")((N,), (_threads(OC),),
+                                                                (out, b, _I64(N), _I32(OC)))
 
 
 def matmul_backward(dx, dw, db, dout, x, w):
-    ct = None if db is None or db.shape != dout.shape[-1:] else _floats(db, dout)
-    layers.matmul_backward(dx, dw, None if ct else db, dout, x, w)
-    if ct:
+    C, OC = w.shape
+    x2, dout2 = _rows(x, C), _rows(dout, OC)
+    dx2 = None if dx is None else _rows(dx, C)
+    ct = _kind((dout,), () if db is None else (db,))
+    usable = (ct is not None and x2 is not None and dout2 is not None
+              and (dx is None or dx2 is not None) and (db is None or db.shape == (OC,))
+              and gemm._types_ok(dw, x2, dout2) and (dx is None or gemm._types_ok(dx2, dout2, w)))
+    if not usable:
+        return _reference(layers.matmul_backward, dx, dw, db, dout, x, w)
+    if dx is not None and not gemm.gemm(dx2, dout2, w.T):              # dx = dout @ w^T
+        return _reference(layers.matmul_backward, dx, dw, db, dout, x, w)
+    if not gemm.gemm(dw, x2.T, dout2, accumulate=True):                # dw += x^T @ dout
+        return _reference(layers.matmul_backward, None, dw, db, dout, x, w)
+    if db is not None:
         import cupy
-        OC = db.shape[0]
         N = dout.size // OC
         K, rows = _column_chunks(N)
         part = cupy.empty((K, OC), dtype=db.dtype)
         loader.function("residual", f"column_partial_sums<{ct}>")(
             ((OC + 31) // 32, K), (32, 8), (part, dout, _I64(N), _I32(OC), _I64(rows)))
-        loader.function("residual", f"column_accumulate<{ct}>")(
+        loader.function("residual", f"column_accumulate<{_acc_ctype(ct)}>")(
             ((OC + 255) // 256,), (256,), (db, part, _I32(K), _I32(OC)))
-
-
-# --------------------------------------------------------------------------------------
-# causal self-attention
-
-def _heads(qkv, n_head):
-    B, T, C3 = qkv.shape
-    hs = C3 // 3 // n_head
-    q5 = qkv.reshape(B, T, 3, n_head, hs)
-    return [q5[:, :, i].transpose(0, 2, 1, 3) for i in range(3)]   # (B,NH,T,hs) views
-
-
-def _flash_variant(ct, hs):
-    fits = [m for m in _ATT_HS[ct] if hs <= m]
-    return f"{ct}, {fits[0]}" if fits else None
-
-
-def attention_forward(out, att, qkv, n_head):
-    B, T, C3 = qkv.shape
-    hs = C3 // 3 // n_head
-    scale = 1.0 / math.sqrt(hs)
-    ct = _floats(out, att, qkv)
-    if att.ndim == 3:                                   # lse (B,NH,T): memory-efficient
-        variant = ct and _flash_variant(ct, hs)
-        if (not variant or B * n_head > 65535 or att.shape != (B, n_head, T)
-                or out.shape != (B, T, C3 // 3)):
-            return reference.attention_lse_forward(out, att, qkv, n_head)
-        k = loader.function("attention", f"attention_forward_flash<{variant}>")
-        k(((T + _ATT_WARPS - 1) // _ATT_WARPS, B * n_head), (32 * _ATT_WARPS,),
-          (out, att, qkv, _I32(T), _I32(n_head), _I32(hs), _scalar(ct, scale)))
-        return
-    if ct is None or att.shape != (B, n_head, T, T) or out.shape != (B, T, C3 // 3):
-        return layers.attention_forward(out, att, qkv, n_head)
-    import cupy
-    q, k_, v = _heads(qkv, n_head)
-    cupy.matmul(q, k_.transpose(0, 1, 3, 2), out=att)  # (B,NH,T,T) raw scores
-    loader.function("attention", f"causal_softmax_forward<{ct}>")(
-        (B * n_head * T,), (_threads(T),), (att, _I32(T), _scalar(ct, scale)))
-    y = cupy.matmul(att, v)                             # (B,NH,T,hs)
-    out.reshape(B, T, n_head, hs)[...] = y.transpose(0, 2, 1, 3)
-
-
-def attention_backward(dqkv, dout, qkv, att, n_head):
-    B, T, C3 = qkv.shape
-    hs = C3 // 3 // n_head
-    scale = 1.0 / math.sqrt(hs)
-    ct = _floats(dqkv, dout, qkv, att)
-    if att.ndim == 3:
-        variant = ct and _flash_variant(ct, hs)
-        if (not variant or B * n_head > 65535 or att.shape != (B, n_head, T)
-                or dout.shape != (B, T, C3 // 3) or dqkv.shape != qkv.shape):
-            return reference.attention_lse_backward(dqkv, dout, qkv, att, n_head)
-        import cupy
-        grid, block = ((T + _ATT_WARPS - 1) // _ATT_WARPS, B * n_head), (32 * _ATT_WARPS,)
-        # D_i = dout_i . out_i: re-run the forward for out (the layer API does not pass it)
-        o, lse2 = cupy.empty_like(dout), cupy.empty_like(att)
-        loader.function("attention", f"attention_forward_flash<{variant}>")(
-            grid, block, (o, lse2, qkv, _I32(T), _I32(n_head), _I32(hs), _scalar(ct, scale)))
-        D = cupy.ascontiguousarray(
-            (dout * o).reshape(B, T, n_head, hs).sum(axis=-1).transpose(0, 2, 1))
-        args = (dqkv, dout, qkv, att, D, _I32(T), _I32(n_head), _I32(hs), _scalar(ct, scale))
-        loader.function("attention", f"attention_backward_dq_flash<{variant}>")(grid, block, args)
-        loader.function("attention", f"attention_backward_dkdv_flash<{variant}>")(grid, block, args)
-        return
-    if (ct is None or att.shape != (B, n_head, T, T) or dout.shape != (B, T, C3 // 3)
-            or dqkv.shape != qkv.shape):
-        return layers.attention_backward(dqkv, dout, qkv, att, n_head)
-    import cupy
-    q, k_, v = _heads(qkv, n_head)
-    dq, dk, dv = _heads(dqkv, n_head)
-    dy = dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)        # (B,NH,T,hs)
-    dv[...] = cupy.matmul(att.transpose(0, 1, 3, 2), dy)
-    datt = cupy.matmul(dy, v.transpose(0, 1, 3, 2))                  # (B,NH,T,T), fresh
-    loader.function("attention", f"causal_softmax_backward<{ct}>")(
-        (B * n_head * T,), (_threads(T),), (datt, att, _I32(T), _scalar(ct, scale)))
-    dq[...] = cupy.matmul(datt, k_)
-    dk[...] = cupy.matmul(datt.transpose(0, 1, 3, 2), q)
 
 
 # --------------------------------------------------------------------------------------
@@ -261,7 +230,7 @@ def attention_backward(dqkv, dout, qkv, att, n_head):
 def gelu_forward(out, x):
     ct = _floats(out, x)
     if ct is None or out.shape != x.shape:
-        return layers.gelu_forward(out, x)
+        return _reference(layers.gelu_forward, out, x)
     loader.function("gelu", f"gelu_forward<{ct}>")((_blocks(x.size),), (256,),
                                                    (out, x, _I64(x.size)))
 
@@ -269,7 +238,7 @@ def gelu_forward(out, x):
 def gelu_backward(dx, dout, x):
     ct = _floats(dx, dout, x)
     if ct is None or not dx.shape == dout.shape == x.shape:
-        return layers.gelu_backward(dx, dout, x)
+        return _reference(layers.gelu_backward, dx, dout, x)
     loader.function("gelu", f"gelu_backward<{ct}>")((_blocks(x.size),), (256,),
                                                     (dx, dout, x, _I64(x.size)))
 
@@ -277,7 +246,7 @@ def gelu_backward(dx, dout, x):
 def residual_forward(out, a, b):
     ct = _floats(out, a, b)
     if ct is None or not out.shape == a.shape == b.shape:
-        return layers.residual_forward(out, a, b)
+        return _reference(layers.residual_forward, out, a, b)
     loader.function("residual", f"residual_forward<{ct}>")((_blocks(a.size),), (256,),
                                                            (out, a, b, _I64(a.size)))
 
@@ -286,7 +255,7 @@ def residual_backward(da, db, dout):
     ct = _floats(da, db, dout)
     if (ct is None or not da.shape == db.shape == dout.shape
             or dout.data.ptr in (da.data.ptr, db.data.ptr)):   # dout overwritten midway
-        return layers.residual_backward(da, db, dout)
+        return _reference(layers.residual_backward, da, db, dout)
     loader.function("residual", f"residual_backward<{ct}>")((_blocks(da.size),), (256,),
                                                             (da, db, dout, _I64(da.size)))
 
@@ -295,10 +264,10 @@ def residual_backward(da, db, dout):
 # softmax + cross-entropy
 
 def softmax_crossentropy_forward(losses, probs, logits, targets):
-    ct, it = _floats(losses, probs, logits), _ids(targets)
+    ct, it = _kind((probs, logits), (losses,)), _ids(targets)
     if (ct is None or it is None or not targets.shape == losses.shape == logits.shape[:-1]
             or probs.shape != logits.shape):
-        return layers.softmax_crossentropy_forward(losses, probs, logits, targets)
+        return _reference(layers.softmax_crossentropy_forward, losses, probs, logits, targets)
     V = logits.shape[-1]
     N = logits.size // V
     loader.function("softmax_ce", f"softmax_crossentropy_forward<{ct}, {it}>")(
@@ -307,10 +276,10 @@ def softmax_crossentropy_forward(losses, probs, logits, targets):
 
 
 def softmax_crossentropy_backward(dlogits, dlosses, probs, targets):
-    ct, it = _floats(dlogits, dlosses, probs), _ids(targets)
+    ct, it = _kind((dlogits, probs), (dlosses,)), _ids(targets)
     if (ct is None or it is None or not targets.shape == dlosses.shape == probs.shape[:-1]
             or dlogits.shape != probs.shape):
-        return layers.softmax_crossentropy_backward(dlogits, dlosses, probs, targets)
+        return _reference(layers.softmax_crossentropy_backward, dlogits, dlosses, probs, targets)
     V = probs.shape[-1]
     N = probs.size // V
     loader.function("softmax_ce", f"softmax_crossentropy_backward<{ct}, {it}>")(
@@ -318,55 +287,16 @@ def softmax_crossentropy_backward(dlogits, dlosses, probs, targets):
 
 
 # --------------------------------------------------------------------------------------
-# AdamW over a flat vector
+# element type conversion (the 16-bit compute copy of the float32 parameters)
 
-def merge_ranges(ranges):
-    """Sorted, non-empty [begin, end) pairs, touching ones joined, flattened:
-    [b0, e0, b1, e1, ...]. Overlapping ranges are an error: the reference
-    (``common.optim``) would decay their overlap twice, which no caller means."""
-    merged = []
-    for b, e in sorted((int(b), int(e)) for b, e in ranges):
-        if e <= b:
-            continue
-        if merged and b < merged[-1][1]:
-            raise ValueError(f"decay ranges overlap: [{merged[-1][0]}, {merged[-1][1]}) "
-                             f"and [{b}, {e})")
-        if merged and b == merged[-1][1]:
-            merged[-1][1] = e
-        else:
-            merged.append([b, e])
-    return [x for pair in merged for x in pair]
-
-
-_range_cache: dict = {}
-
-
-def adamw_update(params, grads, m, v, *, lr, step, beta1, beta2, eps, weight_decay=0.0,
-                 grad_scale=1.0, decay_ranges=()):
-    """One AdamW step in place, exactly ``common.optim.AdamW.step`` after its ``t`` has
-    become ``step`` (1 for the first step). All four vectors: 1-D CuPy, C-contiguous,
-    one dtype (float32 or float64), the same length; there is no slow path to fall back
-    to, so anything else raises."""
-    ct = _floats(params, grads, m, v)
-    if ct is None or params.ndim != 1 or not params.shape == grads.shape == m.shape == v.shape:
-        raise TypeError("adamw_update needs 1-D C-contiguous CuPy float32/float64 vectors of "
-                        "one dtype and length; got "
-                        + ", ".join(f"{type(a).__module__}.{type(a).__name__} "
-                                    f"{getattr(a, 'dtype', '?')} {getattr(a, 'shape', '?')}"
-                                    for a in (params, grads, m, v)))
-    if step < 1:
-        raise ValueError(f"step counts from 1, got {step}")
-    import cupy
-    decay = bool(weight_decay and lr)
-    flat = merge_ranges(decay_ranges) if decay else []
-    if flat and (flat[0] < 0 or flat[-1] > params.size):
-        raise ValueError(f"decay ranges outside [0, {params.size})")
-    key = (params.device.id, tuple(flat))
-    if key not in _range_cache:
-        _range_cache[key] = cupy.asarray(numpy.asarray(flat, dtype=numpy.int64))
-    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-    s = lambda x: _scalar(ct, x)  # noqa: E731
-    args = (params, grads, m, v, _range_cache[key], _I32(len(flat) // 2), _I64(params.size),
-            s(grad_scale), s(beta1), s(1.0 - beta1), s(beta2), s(1.0 - beta2),
-            s(1.0 / math.sqrt(bc2)), s(eps), s(lr / bc1), s(1.0 - lr * weight_decay))
-    loader.function("adamw", f"adamw_update<{ct}>")((_blocks(params.size),), (256,), args)
+def convert(out, x):
+    """``out`` = ``x`` converted to ``out``'s dtype, rounded to nearest even: float32 to
+    bf16 / fp16 or back. Any other pair, or NumPy arrays: the ``halfs`` functions."""
+    src, dst = halfs.CTYPES.get(x.dtype), halfs.CTYPES.get(out.dtype)
+    name = f"convert<{src}, {dst}>"
+    if (name not in loader.FAMILIES["convert"] or out.shape != x.shape
+            or not all(_is_cupy(a) and a.flags.c_contiguous for a in (out, x)) or not x.size):
+        out[...] = (halfs.from_float32(x, out.dtype) if halfs.is_half(out.dtype)
+                    else halfs.to_float32(x).astype(out.dtype, copy=False))
+        return
+    loader.function("convert", name)((_blocks(x.size),), (256,), (out, x, _I64(x.size)))

@@ -7,10 +7,12 @@
 // saved for the backward, as in the reference. A negative target means "ignored":
 // loss 0 and a zero gradient. A target >= V (which the model rejects before it gets
 // here) gives a NaN loss rather than a read out of bounds.
+// Losses and their gradients are in the accumulation type (float for 16-bit logits).
 // Not here: never materialising probs (a later, chunked variant could recompute them).
 
 template <typename T, typename I>
-__global__ void softmax_crossentropy_forward(T* losses, T* probs, const T* logits,
+__global__ void softmax_crossentropy_forward(typename Acc<T>::type* losses, T* probs,
+                                             const T* logits,
                                              const I* targets, long long N, int V) {
     typedef typename Acc<T>::type A;
     __shared__ A scratch[32];
@@ -32,13 +34,14 @@ __global__ void softmax_crossentropy_forward(T* losses, T* probs, const T* logit
         A loss = A(0);
         if (t >= V) loss = A(0) / A(0);                    // NaN: loud, and no stray read
         else if (t >= 0) loss = log(s) + m - (A)l[t];
-        losses[row] = (T)loss;
+        losses[row] = loss;
     }
 }
 
 // dlogits = dl * (probs - onehot(target)), dl = dlosses (0 where target < 0); ASSIGNED.
 template <typename T, typename I>
-__global__ void softmax_crossentropy_backward(T* dlogits, const T* dlosses, const T* probs,
+__global__ void softmax_crossentropy_backward(T* dlogits, const typename Acc<T>::type* dlosses,
+                                              const T* probs,
                                               const I* targets, long long N, int V) {
     typedef typename Acc<T>::type A;
     const long long row = blockIdx.x;

@@ -1,0 +1,137 @@
+"""Server checkpoints: a shard, its optimizer state and what a restart needs, written atomically.
+
+One file per save, ``server-S-vVERSION.safetensors`` in ``--checkpoint-dir``: the
+shard's parameters and the optimizer's arrays as tensors, and as JSON in the header's
+metadata everything else a restarted server needs to go on exactly where it stopped:
+the version (optimizer steps applied, which also places the learning-rate schedule),
+the optimizer's step count, the chunks of the flat vector the shard holds and the
+layout hash (a checkpoint of another job or another placement is refused), the
+server's addresses (a restarted server binds the same port, so the workers'
+connections find it again), the view, the last step the servers agreed on
+(``agreement.py``) and the table of applied pushes (``dedupe.py``).
+
+A save goes to a temporary file, is flushed and fsynced, and is renamed over its name
+(``common/files.py``): a crash during a save leaves the older checkpoints whole. The
+last ``KEEP`` saves are kept, so that a job resumed as a whole can start from a
+version that every server holds (``membership.resume_version``). A server writes one
+every ``--checkpoint-every`` versions, before it answers the pushes of that version
+(so no worker ever holds parameters newer than the newest checkpoint when the period
+is 1), and one when it stops.
+
+Never pickle: safetensors is raw arrays plus a JSON header; nothing in it executes.
+Not here: when a restarted server may use its checkpoint (``coordinator.py``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+from safetensors.numpy import load as st_load, save as st_save
+
+from common.files import atomic_write
+
+FORMAT = 1
+KEEP = 3
+_NAME = re.compile(r"server-(\d+)-v(\d+)\.safetensors$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here; the text says what differs."""
+
+
+@dataclass
+class DurabilityConfig:
+    """Server checkpoints (docs/failures.md)."""
+    checkpoint_dir: str = ""          # folder of this job's server checkpoints ('' = <--out>/checkpoints, none without --out)
+    checkpoint_every: int = 50        # write a checkpoint every this many versions, and when stopping (0 = only when stopping)
+    resume: bool = False              # start from the newest checkpoint in --checkpoint-dir: a server that died rejoins its job; every server: the whole job goes on
+    die_at_version: int = 0           # fault injection for tests and lessons: right after writing the checkpoint of this version, the server kills itself with SIGKILL (0 = never)
+
+    def __post_init__(self):
+        if self.checkpoint_every < 0 or self.die_at_version < 0:
+            raise ValueError(f"checkpoint_every and die_at_version must be >= 0, got {self.checkpoint_every}, "
+                             f"{self.die_at_version}")
+
+    def folder(self, out: str) -> str:
+        return self.checkpoint_dir or (os.path.join(out, "checkpoints") if out else "")
+
+
+def path_of(folder, rank: int, version: int) -> Path:
+    return Path(folder) / f"server-{rank}-v{version:08d}.safetensors"
+
+
+def versions(folder, rank: int) -> list[int]:
+    """The versions of server ``rank``'s checkpoints in ``folder``, oldest first."""
+    if not folder or not Path(folder).is_dir():
+        return []
+    found = (_NAME.match(p.name) for p in Path(folder).iterdir())
+    return sorted(int(m.group(2)) for m in found if m and int(m.group(1)) == rank)
+
+
+def save(folder, rank: int, shard, layout_hash: str, extra: dict, keep: int = KEEP) -> Path:
+    """Write the shard's checkpoint at its version; keep the newest ``keep`` files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    opt = shard.optimizer.state_dict()
+    tensors = {"params": shard.params}
+    tensors.update({f"optimizer.{k}": v for k, v in opt.items() if isinstance(v, numpy.ndarray)})
+    state = {"format": FORMAT, "rank": rank, "version": shard.version, "initialized": shard.initialized,
+             "chunks": [list(c) for c in shard.chunks], "dtype": shard.dtype.name, "layout_hash": layout_hash,
+             "optimizer": shard.optim_cfg.optimizer,
+             "optimizer_scalars": {k: v for k, v in opt.items() if not isinstance(v, numpy.ndarray)},
+             "extra": extra}
+    path = path_of(folder, rank, shard.version)
+    atomic_write(path, st_save(tensors, metadata={"state": json.dumps(state)}))
+    for old in versions(folder, rank)[:-keep]:
+        path_of(folder, rank, old).unlink(missing_ok=True)
+    return path
+
+
+def load(folder, rank: int, version: int, shard, layout_hash: str) -> dict:
+    """Restore ``shard`` (parameters, optimizer, version) from server ``rank``'s checkpoint
+    of ``version``; returns its ``extra``. Refuses a checkpoint of another shape of job."""
+    path = path_of(folder, rank, version)
+    try:
+        raw = path.read_bytes()
+        tensors = st_load(raw)
+        header_len = int.from_bytes(raw[:8], "little")
+        state = json.loads(json.loads(raw[8:8 + header_len])["__metadata__"]["state"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    where = f"{path}"
+    if state.get("format") != FORMAT or state.get("rank") != rank or state.get("version") != version:
+        raise CheckpointError(f"{where}: not server {rank}'s checkpoint of version {version} (format {FORMAT})")
+    if [tuple(c) for c in state["chunks"]] != list(shard.chunks):
+        raise CheckpointError(f"{where} holds chunks {state['chunks'][:4]}, this server owns "
+                              f"{shard.describe_chunks()}: another placement (number of servers?)")
+    if state["layout_hash"] != layout_hash:
+        raise CheckpointError(f"{where} is of layout {state['layout_hash']}, the job's is {layout_hash}: "
+                              "another model")
+    if state["dtype"] != shard.dtype.name or state["optimizer"] != shard.optim_cfg.optimizer:
+        raise CheckpointError(f"{where} is {state['dtype']} / {state['optimizer']}, this server runs "
+                              f"{shard.dtype.name} / {shard.optim_cfg.optimizer}")
+    params = tensors["params"]
+    if params.shape != shard.params.shape:
+        raise CheckpointError(f"{where}: parameters of shape {params.shape}, expected {shard.params.shape}")
+    shard.params[...] = params
+    opt = dict(state["optimizer_scalars"])
+    opt.update({k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")})
+    shard.optimizer.load_state_dict(opt)
+    shard.version = version
+    shard.initialized = bool(state["initialized"])
+    return state["extra"]
+
+
+def peek(folder, rank: int, version: int) -> dict:
+    """The ``extra`` of a checkpoint without loading its arrays (e.g. the address to bind)."""
+    path = path_of(folder, rank, version)
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > 64 << 20:
+            raise CheckpointError(f"{path}: header of {header_len} bytes")
+        state = json.loads(json.loads(f.read(header_len))["__metadata__"]["state"])
+    return state["extra"]

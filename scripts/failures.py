@@ -1,0 +1,181 @@
+"""Failures, shown: a local job loses a worker, a server, the coordinator; what happens.
+
+    python scripts/failures.py                  # every scenario (about a minute on 2 cores)
+    python scripts/failures.py worker server    # some of them
+
+Each scenario runs ``ps-local`` as a user would, finds a process's PID with ``ps-status``
+(as a user would), kills it with SIGKILL (a crash), and reports what the job did and
+how long it took, from the run folder's logs and files:
+
+- ``worker``:      worker 1 dies; the coordinator drops it after 5 missed heartbeats and
+                   the steps go on with worker 0; the job ends normally;
+- ``server``:      server 1 dies and ps-local (``--respawn``) starts it again with
+                   ``--resume``; it loads its checkpoint (``--checkpoint-every 1``), the
+                   workers send it their pushes again, and the final parameters are bit
+                   for bit those of an uninterrupted run;
+- ``coordinator``: server 0 dies; every other process stops within a few heartbeats,
+                   naming it; ``ps-local --resume`` continues the job from the servers'
+                   checkpoints, and again the final parameters equal the uninterrupted run's.
+docs/failures.md explains each outcome; tests/test_faults.py checks them all.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))                 # run from a clone without installing
+import numpy as np  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+
+from common.transport import free_port  # noqa: E402
+
+MODEL = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "8",
+         "--eval-interval", "100000", "--eval-batches", "2", "--sample-bytes", "0", "--log-interval", "1"]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+
+
+class LocalJob:
+    """``ps-local`` in the background, and what a user would look at."""
+
+    def __init__(self, out: Path, steps: int, *extra):
+        self.out, self.port = out, free_port()
+        cmd = [sys.executable, "-m", "common.launch_local", "--servers", "2", "--workers", "2", "--steps", str(steps),
+               "--out", str(out), "--port", str(self.port), "--no-progress", "--timeout", "8", "--heartbeat", "0.2",
+               *MODEL, *extra]
+        self.proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def step(self) -> int:
+        path = self.out / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return max((json.loads(ln).get("step", 0) for ln in lines if ln.strip()), default=-1)
+
+    def wait_step(self, step: int, timeout=120.0):
+        deadline = time.monotonic() + timeout
+        while self.step() < step:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the job did not reach step {step}:\n{self.proc.stdout.read()}")
+            time.sleep(0.05)
+
+    def pid(self, role: str, rank: int) -> int:
+        """The PID of a process of the job, from ps-status (the coordinator's address table)."""
+        done = subprocess.run([sys.executable, "-m", "common.status", "--coordinator", f"127.0.0.1:{self.port}",
+                               "--json", "--interval", "0.1"], env=ENV, capture_output=True, text=True, timeout=60)
+        rows = json.loads(done.stdout)["rows"]
+        return next(r["pid"] for r in rows if r["role"] == role and r["rank"] == rank)
+
+    def finish(self, timeout=180.0) -> tuple[int, str]:
+        out, _ = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out
+
+    def log(self, name: str) -> str:
+        return (self.out / "logs" / f"{name}.log").read_text(errors="replace")
+
+    def lines(self, name: str, *words) -> list[str]:
+        return [ln for ln in self.log(name).splitlines() if any(w in ln for w in words)]
+
+
+def params(out: Path) -> dict:
+    return load_file(str(out / "model.safetensors"))
+
+
+def same(a: dict, b: dict) -> bool:
+    return sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def kill(pid: int) -> float:
+    os.kill(pid, signal.SIGKILL)
+    return time.monotonic()
+
+
+def worker(folder: Path, steps: int, reference):
+    job = LocalJob(folder / "worker", steps)
+    job.wait_step(steps // 4)
+    t0 = kill(job.pid("worker", 1))
+    code, _ = job.finish()
+    took = time.monotonic() - t0
+    drop = job.lines("server-0", "dropped worker 1")
+    print(f"  ps-local exit code {code}; the job ended {took:.1f} s after the kill, at step {job.step()}")
+    print("  server 0: " + (drop[0].split(" WARNING ")[-1] if drop else "(no drop logged)"))
+    applied = json.loads((job.out / "server-0.json").read_text())["applied_by_worker"]
+    print(f"  gradients averaged in, per worker: {applied}")
+    return code == 0 and bool(drop)
+
+
+def server(folder: Path, steps: int, reference):
+    job = LocalJob(folder / "server", steps, "--respawn", "--checkpoint-every", "1")
+    job.wait_step(steps // 3)
+    t0 = kill(job.pid("server", 1))
+    code, out = job.finish()
+    back = job.lines("server-0", "came back")
+    print(f"  ps-local exit code {code}; the job ended {time.monotonic() - t0:.1f} s after the kill")
+    print("  " + next((ln for ln in out.splitlines() if "killed by signal" in ln), "ps-local: ?"))
+    print("  server 0: " + (back[0].split(" WARNING ")[-1] if back else "(server 1 did not come back)"))
+    resent = sum(json.loads((job.out / f"worker-{r}.json").read_text())["resends"] for r in range(2))
+    print(f"  pushes sent again after the lost connection: {resent}; applied twice: never "
+          f"({len(job.lines('server-1', 'answered again'))} recognised as repeats)")
+    equal = same(params(job.out), reference())
+    print(f"  final parameters equal to an uninterrupted run's, bit for bit: {equal}")
+    return code == 0 and equal
+
+
+def coordinator(folder: Path, steps: int, reference):
+    out = folder / "coordinator"
+    job = LocalJob(out, steps, "--checkpoint-every", "5")
+    job.wait_step(steps // 2)
+    t0 = kill(job.pid("server", 0))
+    code, _ = job.finish()
+    print(f"  ps-local exit code {code}; every process stopped {time.monotonic() - t0:.1f} s after the kill")
+    for name in ("server-1", "worker-0"):
+        err = job.lines(name, " ERROR ")
+        print(f"  {name}: " + (err[-1].split(" ERROR ")[-1][:150] + "..." if err else "(no error logged)"))
+    again = LocalJob(out, steps, "--checkpoint-every", "5", "--resume")
+    code2, said = again.finish()
+    if code2 != 0:
+        print(said)
+    at = again.lines("server-0", "resumes from the servers' checkpoints")
+    print(f"  ps-local --resume: exit code {code2}; " + (at[-1].split(" INFO ")[-1] if at else "?"))
+    equal = same(params(out), reference())
+    print(f"  final parameters equal to an uninterrupted run's, bit for bit: {equal}")
+    return code == 1 and code2 == 0 and equal
+
+
+SCENARIOS = {"worker": worker, "server": server, "coordinator": coordinator}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []], help="default: all")
+    p.add_argument("--steps", type=int, default=400, help="steps of each job (default: 400)")
+    p.add_argument("--keep", default="", help="keep the run folders here (default: a temporary folder)")
+    args = p.parse_args(argv)
+    folder = Path(args.keep or tempfile.mkdtemp(prefix="failures-"))
+    cache = {}
+
+    def reference():
+        if "params" not in cache:
+            job = LocalJob(folder / "uninterrupted", args.steps)
+            code, out = job.finish()
+            if code != 0:
+                raise SystemExit(f"the uninterrupted run failed:\n{out}")
+            cache["params"] = params(job.out)
+        return cache["params"]
+    ok = True
+    for name in args.scenarios or SCENARIOS:
+        print(f"{name}: {SCENARIOS[name].__name__} killed with SIGKILL")
+        good = SCENARIOS[name](folder, args.steps, reference)
+        print(f"  -> {'as documented' if good else 'NOT AS DOCUMENTED'}")
+        ok &= good
+    print(f"run folders: {folder}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Server durability: a killed server restarted from its checkpoint, and a whole job resumed
+from the servers' checkpoints, end with the very parameters of an uninterrupted run
+(bsp, fixed seeds; the sums are in rank order, so a run is reproducible bit for bit).
+
+- killed right after its checkpoint of version 10 (``--die-at-version``: a real SIGKILL
+  at a checkpoint boundary) and restarted with ``--resume``: equal;
+- with ``--checkpoint-every 1``, killed by the test at any moment, several times: equal
+  (the checkpoint of a version is written before any worker sees that version);
+- every process killed, then the job resumed (every server with ``--resume``): equal, and
+  the loss curve continues where it stopped;
+- restarted from a checkpoint older than the job: the job stops, saying why and how to
+  resume it.
+"""
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from tests.jobs import Job
+
+STEPS = 24
+_REFERENCE = {}
+
+
+def final_params(job):
+    return load_file(str(job.out / "model.safetensors"))
+
+
+def reference(tmp_path_factory, S):
+    """The parameters of an uninterrupted run with S servers (computed once per S)."""
+    if S not in _REFERENCE:
+        with Job(tmp_path_factory.mktemp(f"reference{S}"), S=S, W=2, steps=STEPS, timeout=20) as job:
+            job.start()
+            assert all(c == 0 for c in job.wait(120).values())
+            _REFERENCE[S] = final_params(job)
+    return _REFERENCE[S]
+
+
+def assert_equal(got, want):
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert np.array_equal(got[k], want[k]), f"{k}: max difference {np.abs(got[k] - want[k]).max()}"
+
+
+def test_server_killed_at_a_checkpoint_restarts_and_the_job_ends_as_if_nothing_happened(tmp_path, tmp_path_factory):
+    want = reference(tmp_path_factory, 2)
+    with Job(tmp_path, S=2, W=2, steps=STEPS, timeout=20, every=5) as job:
+        job.server(0)
+        job.server(1, "--die-at-version", 10)
+        job.worker(0)
+        job.worker(1)
+        job.until(lambda: job.procs["server-1"].poll() is not None, 60, "server 1 dies at version 10")
+        assert job.procs["server-1"].returncode == -9
+        t0 = time.monotonic()
+        job.server(1, "--resume")
+        codes = job.wait(120)
+        print(f"\nserver 1 restarted from version 10; the job ended {time.monotonic() - t0:.1f} s later")
+        assert all(c == 0 for c in codes.values()), codes
+        log = job.log("server-1")
+        assert "loaded the checkpoint of version 10" in log
+        assert "came back" in job.log("server-0") and job.server_json(1)["resumed_at"] == 10
+        resent = sum(job.worker_json(r)["resends"] for r in range(2))
+        assert resent >= 2                                  # both workers sent their push to server 1 again
+        assert_equal(final_params(job), want)
+
+
+def test_checkpoint_every_step_survives_a_kill_at_any_moment(tmp_path, tmp_path_factory):
+    want = reference(tmp_path_factory, 3)
+    with Job(tmp_path, S=3, W=2, steps=STEPS, timeout=20, every=1) as job:
+        job.start()
+        for at, victim in ((6, "server-1"), (12, "server-2"), (17, "server-1")):
+            job.until(lambda: job.step() >= at, 60, f"step {at}")
+            job.kill(victim)
+            job.server(int(victim[-1]), "--resume")
+        codes = job.wait(120)
+        assert all(c == 0 for c in codes.values()), codes
+        assert job.runs == {"server-0": 1, "server-1": 3, "server-2": 2, "worker-0": 1, "worker-1": 1}
+        assert_equal(final_params(job), want)
+
+
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_a_whole_job_resumed_from_its_checkpoints_continues_the_same_curve(how, tmp_path, tmp_path_factory):
+    import signal
+    want = reference(tmp_path_factory, 2)
+    with Job(tmp_path, S=2, W=2, steps=STEPS, timeout=20, every=5) as job:
+        job.start()
+        job.until(lambda: job.step() >= 12, 60, "step 12")
+        for name in list(job.procs):
+            job.kill(name, signal.SIGKILL if how == "kill" else signal.SIGTERM)
+        stopped = job.step()
+        if how == "term":
+            assert {p.returncode for p in job.procs.values()} == {130}     # every role stopped on TERM
+        for s in range(2):
+            job.server(s, "--resume")
+        for r in range(2):
+            job.worker(r)
+        codes = job.wait(120)
+        assert all(c == 0 for c in codes.values()), codes
+        resumed = int(job.log("server-0").split("resumes from the servers' checkpoints at version ")[1].split()[0])
+        assert 10 <= resumed <= stopped and (how == "term" or resumed % 5 == 0)
+        assert f"joining the job at version {resumed}" in job.log("worker-1")
+        steps = [r["step"] for r in job.metrics()]
+        assert steps == list(range(STEPS + 1)), steps     # one curve: kept up to the resume, then continued
+        assert_equal(final_params(job), want)
+
+
+def test_a_server_restarted_behind_the_job_stops_it_and_says_how_to_resume(tmp_path):
+    with Job(tmp_path, S=2, W=2, steps=400, timeout=10, every=20) as job:
+        job.start()
+        job.until(lambda: job.step() >= 25, 60, "step 25")
+        job.kill("server-1")
+        t0 = time.monotonic()
+        job.server(1, "--resume")
+        codes = job.wait(60)
+        print(f"\nserver 1 came back behind the job: stopped {time.monotonic() - t0:.1f} s later")
+        assert all(c == 1 for c in codes.values()), codes
+        for name in ("server-0", "worker-0", "worker-1"):
+            assert "came back from its checkpoint of version" in job.log(name), job.log(name)[-2000:]
+        assert "Resume the whole job" in job.log("server-1")
+
+
+def test_a_server_restarted_into_an_asp_job_stops_it_and_says_why(tmp_path):
+    mode = ["--mode", "asp"]
+    with Job(tmp_path, S=2, W=2, steps=400, timeout=10, server_args=mode, worker_args=mode) as job:
+        job.start()
+        job.until(lambda: job.step() >= 10, 60, "step 10")
+        job.kill("server-1")
+        job.server(1, "--resume")
+        codes = job.wait(60)
+        assert all(c == 1 for c in codes.values()), codes
+        assert "came back into a running asp job" in job.log("worker-0")

@@ -1,0 +1,93 @@
+"""The worker's heartbeat: a thread that tells the coordinator, every few seconds, that
+this worker is alive, and hears back what the job knows.
+
+A worker computes a whole forward/backward without touching its sockets, so its
+heartbeats come from a thread of their own, with a socket of its own (ZeroMQ sockets
+are not thread-safe: each belongs to one thread). Every ``interval`` seconds it sends
+HEARTBEAT {session, version}; the coordinator's answer says whether this worker is
+still in the view (``member``: False once it was dropped for silence, e.g. after a
+long stall; the client then registers again) or that the job is stopping (an ERROR,
+whose reason the client raises at its next wait). The thread also notices a dead
+coordinator: no answer for ``silence`` seconds while the connection to it is lost, or
+for ``timeout`` seconds whatever the connection says.
+
+NumPy releases the GIL in its heavy loops, and Python switches threads every few
+milliseconds otherwise, so the beats keep their rhythm while the main thread computes.
+
+Not here: what the coordinator does with the beats (``paramserver/coordinator.py``).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+
+from common import codec
+from common.protocol import ERROR, HEARTBEAT, OK, ProtocolError
+from common.transport import Dealer
+
+log = logging.getLogger("heartbeat")
+
+
+class Heartbeat(threading.Thread):
+    def __init__(self, client, interval: float, silence: float, timeout: float):
+        super().__init__(name=f"heartbeat {client.name}", daemon=True)
+        self.client = client                    # reads its name, session and version (ints: no lock needed)
+        self.interval, self.silence, self.timeout = interval, silence, timeout
+        self._halt = threading.Event()
+        self.last_answer = time.monotonic()
+        self.member = True                      # False: the coordinator dropped this worker's session
+        self.view = 0
+        self.error = ""                         # why the job is stopping, or why the coordinator counts as dead
+        self.sent = self.answers = 0
+
+    def run(self):
+        c = self.client
+        sock = Dealer(c.cluster.coordinator, identity=f"{c.identity.decode()}/hb".encode(), curve=c.curve)
+        rids, sessions = itertools.count(1), {}
+        try:
+            next_beat = 0.0
+            while not self._halt.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    rid, session = next(rids), c.session
+                    sessions[rid] = session
+                    sessions.pop(rid - 64, None)               # bounded: old beats' answers are stale anyway
+                    sock.send(codec.encode(HEARTBEAT, c.name, step=c.version, rid=rid, session=session,
+                                           version=c.version))
+                    self.sent += 1
+                    next_beat = now + self.interval
+                if sock.poll(min(max(next_beat - now, 0.0), 0.2) * 1000):
+                    self._answer(sock.recv(), sessions)
+                self._watch(sock)
+        except Exception as e:                                  # noqa: BLE001 - told to the main thread
+            self.error = self.error or f"the heartbeat thread failed: {type(e).__name__}: {e}"
+        finally:
+            sock.close(0)
+
+    def _answer(self, frames, sessions):
+        try:
+            msg = codec.decode(frames)
+        except ProtocolError as e:
+            log.warning("dropped a malformed heartbeat answer: %s", e)
+            return
+        self.last_answer = time.monotonic()
+        self.answers += 1
+        if msg.cmd == ERROR:
+            self.error = msg.meta["message"]
+        elif msg.cmd == OK and sessions.get(msg.rid) == self.client.session:
+            self.view = msg.meta.get("view", self.view)
+            self.member = msg.meta.get("member", True)
+
+    def _watch(self, sock):
+        quiet = time.monotonic() - self.last_answer
+        lost = sock.connections()[0] > 0 and not sock.is_up()
+        if not self.error and (quiet > self.timeout or (lost and quiet > self.silence)):
+            self.error = (f"the coordinator at {sock.endpoint} has not answered heartbeats for {quiet:.1f} s "
+                          f"({sock.diagnose()}): it is dead or cut off, and the job cannot go on without it")
+
+    def stop(self):
+        self._halt.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=2.0)
