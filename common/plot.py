@@ -3,6 +3,7 @@
     ps-plot runs/A                        # runs/A/plot.png: loss, speed, bytes (and staleness)
     ps-plot runs/A runs/B --out cmp.png   # several runs overlaid, the legend names the folders
     ps-plot runs/A runs/B --against step,bytes   # the loss against steps and bytes on the wire
+    ps-plot runs/A runs/B --against step,pushed  # ... and against the bytes pushed only (compression)
     ps-plot runs/A --timeline             # runs/A/timeline.png: a few steps of every process, from --trace
 
 What it reads (and nothing else; it never imports the roles):
@@ -49,7 +50,7 @@ def series(records: list[dict], key: str, x: str = "step") -> tuple[list, list]:
     """(xs, ys) of the records that hold both ``x`` and ``key`` (step 0 is at 0 s and 0 bytes)."""
     xs, ys = [], []
     for r in records:
-        xv = r.get(x, 0.0 if x in ("elapsed_s", "wire_mb") and r.get("step") == 0 else None)
+        xv = r.get(x, 0.0 if x in ("elapsed_s", "wire_mb", "pushed_mb") and r.get("step") == 0 else None)
         if key in r and r[key] is not None and xv is not None:
             xs.append(xv)
             ys.append(r[key])
@@ -57,8 +58,10 @@ def series(records: list[dict], key: str, x: str = "step") -> tuple[list, list]:
 
 
 def with_wire(records: list[dict]) -> list[dict]:
-    """The records, each with ``wire_mb`` = (bytes pushed + pulled) / 1e6 where it has both."""
-    return [dict(r, wire_mb=(r["bytes_pushed"] + r["bytes_pulled"]) / 1e6)
+    """The records, each with ``wire_mb`` = (bytes pushed + pulled) / 1e6 where it has both,
+    and ``pushed_mb`` = bytes pushed / 1e6 (what gradient compression shrinks; the pulls
+    stay float32)."""
+    return [dict(r, wire_mb=(r["bytes_pushed"] + r["bytes_pulled"]) / 1e6, pushed_mb=r["bytes_pushed"] / 1e6)
             if r.get("bytes_pushed") is not None and r.get("bytes_pulled") is not None else r for r in records]
 
 
@@ -89,12 +92,14 @@ def run_labels(runs: list[Path]) -> list[str]:
 # --- the metrics figure -----------------------------------------------------------------
 
 AGAINST = {"step": ("step", "step"), "time": ("elapsed_s", "wall time (s)"),
-           "bytes": ("wire_mb", "bytes on the wire, pushed + pulled (MB)")}
+           "bytes": ("wire_mb", "bytes on the wire, pushed + pulled (MB)"),
+           "pushed": ("pushed_mb", "bytes pushed by the workers (MB)")}
+WIRE_AXES = ("bytes", "pushed")                # drawn on a log axis, validation loss only
 
 
 def plot_runs(runs: list, out, title: str = "", against: tuple[str, ...] = ("step", "time")) -> Path:
     """Draw the metrics of ``runs`` (run folders) into ``out`` (a PNG); returns its path.
-    ``against``: one loss panel per x axis, of ``step``, ``time``, ``bytes``."""
+    ``against``: one loss panel per x axis, of ``step``, ``time``, ``bytes``, ``pushed``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -106,8 +111,9 @@ def plot_runs(runs: list, out, title: str = "", against: tuple[str, ...] = ("ste
     bad = [a for a in against if a not in AGAINST]
     if bad or not against:
         raise ValueError(f"--against {','.join(against)}: choose from {', '.join(AGAINST)}")
-    if "bytes" in against and not has("bytes_pushed"):
-        raise ValueError("--against bytes: no run records bytes on the wire (a ps-train run has none)")
+    for a in set(against) & set(WIRE_AXES):
+        if not has("bytes_pushed"):
+            raise ValueError(f"--against {a}: no run records bytes on the wire (a ps-train run has none)")
     panels = [f"loss_{a}" for a in against]
     panels += ["tokens"] if has("tokens_per_s") else []
     panels += ["bytes"] if has("bytes_pushed") else []
@@ -128,7 +134,7 @@ def plot_runs(runs: list, out, title: str = "", against: tuple[str, ...] = ("ste
         for ax, panel in zip(axes.flat, panels):
             if panel.startswith("loss_"):
                 x = AGAINST[panel[5:]][0]
-                if panel != "loss_bytes":
+                if panel[5:] not in WIRE_AXES:
                     line(ax, series(records, "loss", x), color=c, lw=1, alpha=0.6, label=f"{label} train")
                     line(ax, series(records, "val_loss", x), color=c, lw=2, marker="o", ms=3, label=f"{label} val")
                 else:                          # validation only (train lines are vertical between local-sgd
@@ -157,6 +163,7 @@ def plot_runs(runs: list, out, title: str = "", against: tuple[str, ...] = ("ste
                     cumulative.add(panel)
     titles = {"loss_step": ("loss (nats per token)", "step"), "loss_time": ("loss (nats per token)", "wall time (s)"),
               "loss_bytes": ("validation loss (nats per token)", AGAINST["bytes"][1] + ", log scale"),
+              "loss_pushed": ("validation loss (nats per token)", AGAINST["pushed"][1] + ", log scale"),
               "tokens": ("tokens per second (whole job)", "step"),
               "bytes": ("bytes on the wire, pushed + pulled (MB, cumulative)", "step"),
               "staleness_hist": ("staleness of the applied updates (share of updates)",
@@ -167,7 +174,7 @@ def plot_runs(runs: list, out, title: str = "", against: tuple[str, ...] = ("ste
         if panel in cumulative:
             ax.set_ylabel("share of updates <= x")
             titles[panel] = (titles[panel][0].replace("(share of updates)", "(cumulative share)"), titles[panel][1])
-        if panel == "loss_bytes":              # local SGD's H = 1 and H = 400 differ 400x in bytes
+        if panel[5:] in WIRE_AXES:             # local SGD's H = 1 and H = 400 differ 400x in bytes
             ax.set_xscale("log")
         ax.set_title(titles[panel][0], fontsize=10)
         ax.set_xlabel(titles[panel][1])
@@ -282,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="", help="title of the figure (default: the run names)")
     p.add_argument("--against", default="step,time", metavar="X[,X]",
                    help="the loss panels' x axes, of step, time (wall-clock seconds), bytes (on the wire, pushed + "
-                        "pulled, all workers) (default: step,time)")
+                        "pulled, all workers), pushed (bytes pushed, all workers) (default: step,time)")
     p.add_argument("--timeline", action="store_true", help="draw the trace of one run instead of its metrics")
     p.add_argument("--steps", default="", metavar="A:B",
                    help="with --timeline: the steps to draw, A included, B not (default: 3 in the middle)")

@@ -49,6 +49,8 @@ def test_series_reads_what_is_there():
     assert xs == [0.0, 1.0, 2.0, 3.0]                    # step 0 is at 0 s
     xs, _ = plot.series(recs, "val_loss", "wire_mb")
     assert xs == pytest.approx([0.0, 400e-6, 800e-6, 1200e-6])   # and at 0 bytes
+    xs, _ = plot.series(recs, "val_loss", "pushed_mb")
+    assert xs == pytest.approx([0.0, 200e-6, 400e-6, 600e-6])    # the pushes alone
     assert plot.series(recs, "tokens_per_s", "nothing") == ([], [])
 
 
@@ -71,12 +73,15 @@ def test_one_run_and_overlays_are_drawn(tmp_path):
                                               {"step": 10, "loss": 4.0, "elapsed_s": 1.0, "tokens_per_s": 9.0}])
     for runs, out, against in [([a], a / "plot.png", ("step", "time")), ([a, b, single], tmp_path / "cmp.png",
                                                                           ("step", "time")),
-                               ([a, b], tmp_path / "bytes.png", ("step", "bytes"))]:
+                               ([a, b], tmp_path / "bytes.png", ("step", "bytes")),
+                               ([a, b], tmp_path / "pushed.png", ("step", "pushed", "bytes"))]:
         assert plot.plot_runs(runs, out, against=against) == out and out.read_bytes()[:8] == PNG
     labels = plot.run_labels([a, single, b])
     assert labels[0] == f"{tmp_path.name}/a" and labels[1:] == ["x/a", "b"]    # names alike: parent/name
     with pytest.raises(ValueError, match="no run records bytes"):
         plot.plot_runs([single], tmp_path / "n.png", against=("bytes",))
+    with pytest.raises(ValueError, match="pushed: no run records bytes"):
+        plot.plot_runs([single], tmp_path / "n.png", against=("step", "pushed"))
     with pytest.raises(ValueError, match="choose from"):
         plot.plot_runs([a], tmp_path / "n.png", against=("steps",))
 

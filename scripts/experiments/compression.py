@@ -15,8 +15,9 @@ optimizer) on the same data and seed, for the same number of steps:
   momentum on the servers instead), ``topk1-adamw`` and ``none-adamw`` (AdamW on the
   servers), ``randk1`` (1% drawn at random), ``bf16``.
 It then writes ``docs/img/compression.png``: validation loss against steps and against
-the bytes the workers pushed (all of them, every frame, headers included: the metrics'
-``bytes_pushed``), ``results.json`` in the run folder, and a table on stdout: bytes
+the bytes the workers pushed (all of them: the metrics' ``bytes_pushed``, the arrays'
+bytes on the wire, compressed where they are, without the msgpack headers of a hundred
+or two bytes a message), ``results.json`` in the run folder, and a table on stdout: bytes
 pushed, the ratio to uncompressed, final validation loss and its distance to the
 uncompressed run's.
 
@@ -113,7 +114,7 @@ def plot(results: list, png: Path, args):
     a.set_ylabel("validation loss (nats per byte)")
     a.set_title("against steps (legend: final validation loss)", fontsize=10)
     b.set_xscale("log")
-    b.set_xlabel("MB pushed by the workers (every frame; log scale)")
+    b.set_xlabel("MB pushed by the workers (the arrays on the wire; log scale)")
     b.set_title("against bytes pushed", fontsize=10)
     for ax in (a, b):
         ax.grid(alpha=0.3)
