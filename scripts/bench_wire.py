@@ -13,7 +13,13 @@ machine hits them alike; each round times ``--reps`` round trips of each and kee
 median; the figure is the median over rounds. Goodput = 2n / round-trip time.
 
 Also printed: the minor page faults this process took per MiB received (256 per MiB is
-one per 4 KiB page: memory freshly mapped for every message), ours and raw.
+one per 4 KiB page: memory freshly mapped for every message), ours and raw; and where
+the time of a round trip goes: the CPU milliseconds of the client (this process) and
+of the server process, each split into user (Python, NumPy, copies) and system (the
+kernel: TCP or Unix-socket copies, page faults) time, with the server's page faults per
+MiB it received (Linux: read from /proc; all threads, libzmq's I/O thread included). A
+round trip is serial (the client waits while the server works, and the other way round),
+so on an otherwise idle machine its time is about the client's plus the server's CPU.
 
 What ours does that raw pyzmq does not: the msgpack header and its checks, the server's
 receive into the gradient slot and the client's into the parameters (one copy each
@@ -119,17 +125,36 @@ class Ours:
         self.proc.wait(timeout=30)
 
 
-def timed(fn, n, reps):
-    """(median seconds of a round trip, page faults of this process per MiB received)."""
+def usage(pid=None):
+    """(user s, system s, minor faults) of this process (pid None) or of process ``pid``
+    (all threads; zeros where /proc cannot be read)."""
+    if pid is None:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime, r.ru_stime, r.ru_minflt
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0, 0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(f[11]) / tick, int(f[12]) / tick, int(f[7])
+
+
+def timed(fn, n, reps, server_pid):
+    """(median seconds of a round trip, page faults of this process per MiB received,
+    {client,server}_{user,sys} CPU seconds per round trip, server faults per MiB received)."""
     fn(n)                                           # warm: buffers allocated, pages touched
     times = []
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    c0, s0 = usage(), usage(server_pid)
     for _ in range(reps):
         t0 = time.perf_counter()
         fn(n)
         times.append(time.perf_counter() - t0)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    return statistics.median(times), faults / (reps * n / (1 << 20))
+    c1, s1 = usage(), usage(server_pid)
+    mib = reps * n / (1 << 20)
+    cpu = {"client_user": (c1[0] - c0[0]) / reps, "client_sys": (c1[1] - c0[1]) / reps,
+           "server_user": (s1[0] - s0[0]) / reps, "server_sys": (s1[1] - s0[1]) / reps,
+           "server_faults_per_mib": (s1[2] - s0[2]) / mib}
+    return statistics.median(times), (c1[2] - c0[2]) / mib, cpu
 
 
 def main(argv=None):
@@ -150,15 +175,17 @@ def main(argv=None):
         ours = {n: Ours(n, logdir, args.chunk_mb, args.transport) for n in sizes}
         results = {n: {"ours": [], "raw": []} for n in sizes}
         faults = {n: {"ours": [], "raw": []} for n in sizes}
+        cpus = {n: {"ours": [], "raw": []} for n in sizes}
         try:
             for r in range(args.rounds):
                 for n in sizes:
                     reps = int(max(5, min(200, args.mib_per_round * (1 << 20) / (2 * n))))
-                    order = [("ours", ours[n].round_trip), ("raw", raw.round_trip)]
-                    for name, fn in (order if r % 2 == 0 else order[::-1]):
-                        t, f = timed(fn, n, reps)
+                    order = [("ours", ours[n].round_trip, ours[n].proc.pid), ("raw", raw.round_trip, raw.proc.pid)]
+                    for name, fn, pid in (order if r % 2 == 0 else order[::-1]):
+                        t, f, cpu = timed(fn, n, reps, pid)
                         results[n][name].append(t)
                         faults[n][name].append(f)
+                        cpus[n][name].append(cpu)
         finally:
             for o in ours.values():
                 o.close()
@@ -179,6 +206,19 @@ def main(argv=None):
         label = f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
         print(f"{label:>9}  {out[-1]['ours_gbps']:>9.2f}  {out[-1]['raw_gbps']:>9.2f}  {t_ours * 1e3:>8.2f}  "
               f"{t_raw * 1e3:>8.2f}  {ratio:>6.2f}  {f_ours:>15.1f}  {f_raw:>5.1f}")
+    print("where a round trip's time goes: CPU ms per round trip (median of rounds), user + system, and the "
+          "server's page faults per MiB it received")
+    print(f"{'size':>9}  {'':4}  {'client usr':>10}  {'sys':>6}  {'server usr':>10}  {'sys':>6}  {'total':>6}  "
+          f"{'wall':>7}  {'faults/MiB server':>17}")
+    for o, n in zip(out, sizes):
+        label = f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+        for name in ("ours", "raw"):
+            c = {k: statistics.median(x[k] for x in cpus[n][name]) for k in cpus[n][name][0]}
+            o[f"cpu_ms_{name}"] = {k: (v * 1e3 if k != "server_faults_per_mib" else v) for k, v in c.items()}
+            total = c["client_user"] + c["client_sys"] + c["server_user"] + c["server_sys"]
+            print(f"{label if name == 'ours' else '':>9}  {name:4}  {c['client_user'] * 1e3:>10.2f}  "
+                  f"{c['client_sys'] * 1e3:>6.2f}  {c['server_user'] * 1e3:>10.2f}  {c['server_sys'] * 1e3:>6.2f}  "
+                  f"{total * 1e3:>6.2f}  {o[name + '_ms']:>7.2f}  {c['server_faults_per_mib']:>17.1f}")
     worst = min(o["ratio"] for o in out)
     print(f"ratio ours/raw: worst {worst:.2f}, median {statistics.median(o['ratio'] for o in out):.2f} "
           f"(target >= 0.8)")
