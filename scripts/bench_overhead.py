@@ -15,7 +15,12 @@ and the next forward waits for each layer's parameters just before using them. B
 run in alternating rounds of ``--steps`` steps in this process (so they share its BLAS
 threads: ``--threads``, default 1; the server gets one thread of its own); the figure
 is the median step time over rounds, and the ratio PS / single (target <= 1.05).
-Prints one line per side and, last, one JSON line.
+Also printed, per step: the CPU time of this process (all its threads: libzmq's I/O
+thread and the heartbeat included) and of the server process, and their sum against
+the single process's, with the machine's load average: on a machine with a core to
+spare the server's work runs beside the worker's; on a loaded one it takes the
+worker's cores, and the step time follows the CPU time. Prints one line per side and,
+last, one JSON line.
 """
 import argparse
 import json
@@ -29,6 +34,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))                                    # run from a clone without installing
+
+
+def cpu_s(pid=None) -> float:
+    """CPU seconds (user + system, every thread) of this process, or of process ``pid``
+    (Linux /proc; 0 where it cannot be read)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv=None):
@@ -73,10 +91,11 @@ def main(argv=None):
 
     def single_steps(n):
         nonlocal k_single
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_s()
         for _ in range(n):
             train_step(single, optimizer, oc, k_single, idx, targets)
             k_single += 1
+        cpu["single"].append((cpu_s() - c0) / n)
         return (time.perf_counter() - t0) / n
 
     job = JobConfig(chunk_mb=args.chunk_mb)
@@ -98,10 +117,12 @@ def main(argv=None):
     total = 10 ** 9                                        # the loop's step budget: never reached here
     loop = make_loop(job, client, model, total, 1, overlap=args.overlap)
     waited = []
+    cpu = {"single": [], "worker": [], "server": []}             # CPU seconds per step
+    loads = []
 
     def ps_steps(n):
         """The worker's loop body (worker/distributed.py), without data loading and logging."""
-        t0, w0 = time.perf_counter(), client.wait_s
+        t0, w0, c0, s0 = time.perf_counter(), client.wait_s, cpu_s(), cpu_s(server.pid)
         for _ in range(n):
             loss = model.forward(idx, targets, **loop.forward_hooks())
             model.zero_grad()
@@ -109,6 +130,8 @@ def main(argv=None):
             loop.step(loss, tokens)
         loop.finish()                                     # the last answers in: every step whole
         waited.append((client.wait_s - w0) / n)
+        cpu["worker"].append((cpu_s() - c0) / n)
+        cpu["server"].append((cpu_s(server.pid) - s0) / n)
         return (time.perf_counter() - t0) / n
 
     try:
@@ -117,6 +140,7 @@ def main(argv=None):
         times = {"single": [], "ps": []}
         for r in range(args.rounds):
             order = [("single", single_steps), ("ps", ps_steps)]
+            loads.append(os.getloadavg()[0])
             for name, fn in (order if r % 2 == 0 else order[::-1]):
                 times[name].append(fn(args.steps))
     finally:
@@ -132,11 +156,15 @@ def main(argv=None):
     print(f"  1 server + 1 worker, overlap {'on ' if args.overlap else 'off'}: {med['ps'] * 1e3:8.1f} ms/step  "
           f"(rounds: {', '.join(f'{t * 1e3:.0f}' for t in times['ps'])}; waiting for answers "
           f"{statistics.median(waited[1:]) * 1e3:.1f} ms/step)")
+    c = {k: statistics.median(v[1:]) * 1e3 for k, v in cpu.items()}     # (the warm-up step left out)
+    print(f"  CPU ms/step: single {c['single']:.1f}; PS worker {c['worker']:.1f} + server {c['server']:.1f} = "
+          f"{c['worker'] + c['server']:.1f} ({(c['worker'] + c['server']) / c['single']:.2f}x); load average at the "
+          f"rounds' start: {', '.join(f'{x:.1f}' for x in loads)}")
     print(f"ratio PS / single: {ratio:.3f} (target <= 1.05)")
     print(json.dumps({"bench": "overhead", "config": args.config, "batch": B, "threads": args.threads,
                       "overlap": args.overlap, "chunk_mb": args.chunk_mb, "rounds": args.rounds, "steps": args.steps,
                       "single_ms": med["single"] * 1e3, "ps_ms": med["ps"] * 1e3,
-                      "wait_ms": statistics.median(waited[1:]) * 1e3, "ratio": ratio}))
+                      "wait_ms": statistics.median(waited[1:]) * 1e3, "cpu_ms": c, "load": loads, "ratio": ratio}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Lessons 4, 5 and 8: one line of figures per run folder, read from the files the run wrote.
+"""Lessons 4, 5, 6 and 8: one line of figures per run folder, read from the files the run wrote.
 
     python scripts/lessons/runs_table.py runs/lesson4/fixed-*
+    python scripts/lessons/runs_table.py --pushed runs/lesson6/*   # and the bytes pushed alone
     python scripts/lessons/runs_table.py --curve runs/lesson5/momentum-*   # every validation, side by side
 
 For every folder (``ps-local``, ``ps-launch`` or Slurm run) it prints:
@@ -12,7 +13,8 @@ For every folder (``ps-local``, ``ps-launch`` or Slurm run) it prints:
 - ``val loss``: the last validation loss; ``gradients``: the gradients the servers
   applied (local SGD: the local steps of all workers); ``updates``: the servers'
   version (one per BSP step, per asp/ssp push, per local-SGD round);
-- ``MB wire``: bytes pushed + pulled by all workers, in MB;
+- ``MB wire``: bytes pushed + pulled by all workers, in MB (with ``--pushed``, also
+  ``MB pushed``: the pushes alone, which gradient compression shrinks);
 - ``wait s``: mean over the workers of the time blocked in push/pull (``wait_s``);
 - ``stale 0``: the share of applied updates computed on the newest parameters, and
   ``max stale``: the largest staleness in versions / in clocks (``server-S.json``; a
@@ -43,7 +45,7 @@ def describe(run: Path, first: dict) -> str:
     return mode + (f"(backup={job['backup_workers']})" if job.get("backup_workers") else "")
 
 
-def row(run: Path) -> dict:
+def row(run: Path, pushed: bool = False) -> dict:
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     workers = [load(p) for p in sorted(run.glob("worker-*.json"))]
     servers = [load(p) for p in sorted(run.glob("server-*.json"))]
@@ -57,6 +59,7 @@ def row(run: Path) -> dict:
     out = {"run": run.name, "mode": describe(run, records[0]), "wall s": f"{wall:.1f}",
            "val loss": f"{vals[-1]:.3f}" if vals else "-", "gradients": str(last.get("gradients", "-")),
            "updates": str(last.get("updates", "-")),
+           **({"MB pushed": f"{last.get('bytes_pushed', 0) / 1e6:.1f}"} if pushed else {}),
            "MB wire": f"{(last.get('bytes_pushed', 0) + last.get('bytes_pulled', 0)) / 1e6:.1f}",
            "wait s": f"{sum(w['wait_s'] for w in workers) / len(workers):.1f}" if workers else "-"}
     if servers:
@@ -73,9 +76,10 @@ def row(run: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="One line of figures per run folder (lessons 4, 5, 8).")
+    p = argparse.ArgumentParser(description="One line of figures per run folder (lessons 4, 5, 6, 8).")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
     p.add_argument("--curve", action="store_true", help="the validation loss of every evaluation, a column per run")
+    p.add_argument("--pushed", action="store_true", help="also the MB pushed by the workers (without the pulls)")
     args = p.parse_args(argv)
     missing = [str(r) for r in args.runs if not (r / "metrics.jsonl").exists()]
     if missing:
@@ -88,7 +92,7 @@ def main(argv=None) -> int:
         for step in sorted(set().union(*curves)):
             print(f"{step:4d}  " + "  ".join(f"{c[step]:12.6f}" if step in c else f"{'-':>12}" for c in curves))
         return 0
-    rows = [row(r) for r in args.runs]
+    rows = [row(r, args.pushed) for r in args.runs]
     cols = list(dict.fromkeys(k for r in rows for k in r))
     width = {c: max(len(c), *(len(r.get(c, "-")) for r in rows)) for c in cols}
     print("  ".join(c.ljust(width[c]) if i < 2 else c.rjust(width[c]) for i, c in enumerate(cols)))
