@@ -12,8 +12,11 @@ size. Every process of both jobs stays up for the whole run; a round times one s
 each job, in alternating order: this script tells both processes of a job "go" at once
 and each times its part from there; a sync's time is the slower of the two. The figure
 is the median over rounds; the ratio is ours / gloo (target <= 0.8). Gloo is skipped
-(with a message) where torch is not installed. Prints one line per job and, last, one
-JSON line.
+(with a message) where torch is not installed. Also printed, per job: the CPU time its
+processes used during its syncs (user and system, every thread; our servers and the
+raw servers included), divided by the rounds, and for ours the servers' page faults
+per sync (Linux /proc): with 2 cores for 4 or 6 processes, a sync lasts at least its
+CPU time / 2. Prints one line per job and, last, one JSON line.
 
 Not the same work: gloo leaves each rank with the summed gradient (no average, no
 optimizer step, each rank would still apply its own); ours leaves each worker with the
@@ -149,11 +152,28 @@ def raw_worker(rank: int, addrs: list, chunk_mb: float):
 
 # --- the controller ------------------------------------------------------------------------
 
+def proc_usage(pids) -> list:
+    """[user s, system s, minor faults] summed over the processes ``pids`` (Linux /proc;
+    a process that cannot be read counts nothing)."""
+    total = [0.0, 0.0, 0]
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total[0] += int(f[11]) / tick
+        total[1] += int(f[12]) / tick
+        total[2] += int(f[7])
+    return total
+
+
 class Job:
     """Processes that each time their part of a sync when told "go"."""
 
     def __init__(self, name, cmds, logdir):
         self.name = name
+        self.extra: list[int] = []             # pids whose CPU counts for this job too (its servers)
         self.procs = [subprocess.Popen(c, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                        stderr=open(os.path.join(logdir, f"{name}-{i}.log"), "w"))
                       for i, c in enumerate(cmds)]
@@ -161,6 +181,10 @@ class Job:
             line = p.stdout.readline()
             if line.strip() != "ready":
                 raise RuntimeError(f"{name}: a process did not start (see the logs in {logdir}): {line!r}")
+
+    def usage(self) -> list:
+        """[user s, system s, minor faults] summed over the job's processes and ``extra``."""
+        return proc_usage([p.pid for p in self.procs] + self.extra)
 
     def sync(self) -> float:
         for p in self.procs:
@@ -230,6 +254,7 @@ def main(argv=None):
         print("torch is not installed: gloo is skipped, only our time is measured")
     with tempfile.TemporaryDirectory() as logdir:
         ours, server_procs = start_ours(args.servers, args.chunk_mb, logdir, args.ipc)
+        ours.extra = [p.pid for p in server_procs]
         jobs = [ours]
         try:
             if have_torch:
@@ -245,12 +270,19 @@ def main(argv=None):
                 jobs.append(Job("raw", [[sys.executable, __file__, "--role", "raw", "--rank", str(r), "--coordinator",
                                          ",".join(addrs), "--chunk-mb", str(args.chunk_mb)] for r in range(2)], logdir))
                 server_procs += raw_servers
+                jobs[-1].extra = [p.pid for p in raw_servers]
             for job in jobs:
                 job.sync()                                   # warm
             times = {job.name: [] for job in jobs}
+            used = {job.name: [0.0, 0.0, 0] for job in jobs}
+            faults = [0]                                      # our servers' page faults
             for r in range(args.rounds):
                 for job in (jobs if r % 2 == 0 else jobs[::-1]):
+                    u0, f0 = job.usage(), proc_usage(ours.extra)[2]
                     times[job.name].append(job.sync())
+                    used[job.name] = [a + b - c for a, b, c in zip(used[job.name], job.usage(), u0)]
+                    if job is ours:
+                        faults[0] += proc_usage(ours.extra)[2] - f0
         finally:
             for job in jobs:
                 job.close()
@@ -272,8 +304,15 @@ def main(argv=None):
         ratio = statistics.median(o / g for o, g in zip(times["ours"], times["gloo"]))
         print(f"  gloo all_reduce (2 ranks): {med['gloo'] * 1e3:.1f} ms   "
               f"(rounds: {', '.join(f'{t * 1e3:.0f}' for t in times['gloo'])})")
-        print(f"ratio ours/gloo: {ratio:.2f} (target <= 0.8)")
         result.update(gloo_ms=med["gloo"] * 1e3, ratio=ratio)
+    n = args.rounds
+    print("  CPU ms per sync (all the job's processes, every thread): " + "; ".join(
+        f"{k} {1e3 * (u[0] + u[1]) / n:.0f} (user {1e3 * u[0] / n:.0f}, system {1e3 * u[1] / n:.0f})"
+        for k, u in used.items()) + f"; our servers' page faults per sync: {faults[0] / n:.0f}")
+    result.update(cpu_ms={k: {"user": 1e3 * u[0] / n, "system": 1e3 * u[1] / n} for k, u in used.items()},
+                  server_faults_per_sync=faults[0] / n)
+    if "ratio" in result:
+        print(f"ratio ours/gloo: {result['ratio']:.2f} (target <= 0.8)")
     print(json.dumps(result))
 
 

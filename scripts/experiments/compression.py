@@ -14,7 +14,9 @@ optimizer) on the same data and seed, for the same number of steps:
 - optional: ``topk1-noef`` (the same without error feedback), ``topk1-servermom`` (the
   momentum on the servers instead), ``topk1-adamw`` and ``none-adamw`` (AdamW on the
   servers), ``randk1`` (1% drawn at random), ``bf16``.
-It then writes ``docs/img/compression.png``: validation loss against steps and against
+A run that diverges (a worker's gradient turns to NaN or Inf, which the servers
+refuse, and the job stops) is reported as diverged, with its curve up to then; any
+other failure stops the experiment. It then writes ``docs/img/compression.png``: validation loss against steps and against
 the bytes the workers pushed (all of them: the metrics' ``bytes_pushed``, the arrays'
 bytes on the wire, compressed where they are, without the msgpack headers of a hundred
 or two bytes a message), ``results.json`` in the run folder, and a table on stdout: bytes
@@ -68,7 +70,11 @@ COLORS = {"none": "black", "fp16": "tab:blue", "bf16": "tab:cyan", "int8": "tab:
           "topk1-adamw": "tab:pink", "none-adamw": "tab:gray"}
 
 
-def run(name, out: Path, args) -> None:
+DIVERGED = "holds NaN or Inf; refused"     # the servers' refusal of a non-finite push (paramserver/shard.py)
+
+
+def run(name, out: Path, args) -> bool:
+    """One ps-local job; False if it diverged (stopped on a non-finite gradient)."""
     cmd = [sys.executable, "-m", "common.launch_local", "--servers", str(args.servers), "--workers", str(args.workers),
            "--steps", str(args.steps), "--out", str(out), "--no-progress", "--eval-interval", str(args.eval_interval),
            "--log-interval", str(args.eval_interval), "--threads", "1", "--sample-bytes", "0", "--seed", "0",
@@ -76,16 +82,20 @@ def run(name, out: Path, args) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     t0 = time.monotonic()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0 and DIVERGED in done.stdout + done.stderr:
+        print(f"  {name}: diverged (a non-finite gradient) after {time.monotonic() - t0:.0f} s", flush=True)
+        return False
     if done.returncode != 0:
         sys.exit(f"{name}: ps-local failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     print(f"  {name}: done in {time.monotonic() - t0:.0f} s", flush=True)
+    return True
 
 
-def collect(name, out: Path) -> dict:
+def collect(name, out: Path, diverged: bool = False) -> dict:
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     vals = [r for r in records if r.get("val_loss") is not None]
     last = records[-1]
-    return {"name": name, "label": RUNS[name][0], "final_val_loss": vals[-1]["val_loss"],
+    return {"name": name, "label": RUNS[name][0], "final_val_loss": vals[-1]["val_loss"], "diverged": diverged,
             "bytes_pushed": last["bytes_pushed"], "bytes_pulled": last["bytes_pulled"], "steps": last["step"],
             "elapsed_s": last.get("elapsed_s"),
             "curve": [{"step": r["step"], "val_loss": r["val_loss"], "bytes_pushed": r.get("bytes_pushed", 0)}
@@ -103,11 +113,15 @@ def plot(results: list, png: Path, args):
     base = next((r for r in results if r["name"] == "none"), None)
     for r in results:
         style = dict(color=COLORS.get(r["name"]), marker="o", markersize=3, linewidth=1.5)
-        steps = [p["step"] for p in r["curve"]]
-        ys = [p["val_loss"] for p in r["curve"]]
-        mbs = [p["bytes_pushed"] / 1e6 for p in r["curve"]]
-        ratio = f", {base['bytes_pushed'] / r['bytes_pushed']:.1f}x fewer bytes" if base and r is not base else ""
-        a.plot(steps, ys, label=f"{r['label']}: {r['final_val_loss']:.3f}", **style)
+        curve = r["curve"]
+        if r.get("diverged"):                # up to where it passed its start (then it left the axes)
+            curve = [p for p in curve if p["val_loss"] <= curve[0]["val_loss"] + 0.5]
+        steps = [p["step"] for p in curve]
+        ys = [p["val_loss"] for p in curve]
+        mbs = [p["bytes_pushed"] / 1e6 for p in curve]
+        ratio = f", {base['bytes_pushed'] / r['bytes_pushed']:.1f}x fewer bytes" if base and r is not base and not r.get("diverged") else ""
+        end = f"diverged at step {r['steps']}" if r.get("diverged") else f"{r['final_val_loss']:.3f}"
+        a.plot(steps, ys, label=f"{r['label']}: {end}", **style)
         pushed = [(m, y) for m, y in zip(mbs, ys) if m > 0]          # (step 0 has pushed nothing)
         b.plot([m for m, _ in pushed], [y for _, y in pushed], label=f"{r['label']}{ratio}", **style)
     a.set_xlabel("step")
@@ -131,6 +145,10 @@ def table(results) -> str:
     base = next((r for r in results if r["name"] == "none"), results[0])
     lines = ["| scheme | MB pushed | fewer bytes than float32 | final val loss | vs float32 |", "|---|---|---|---|---|"]
     for r in results:
+        if r.get("diverged"):
+            lines.append(f"| {r['label']} | {r['bytes_pushed'] / 1e6:.1f} (to step {r['steps']}) | - | diverged: "
+                         f"{r['final_val_loss']:.4g} at step {r['steps']} | - |")
+            continue
         lines.append(f"| {r['label']} | {r['bytes_pushed'] / 1e6:.1f} | {base['bytes_pushed'] / r['bytes_pushed']:.1f}x | "
                      f"{r['final_val_loss']:.4f} | {100 * (r['final_val_loss'] / base['final_val_loss'] - 1):+.2f}% |")
     return "\n".join(lines)
@@ -156,11 +174,11 @@ def main(argv=None):
         saved = json.loads((out / "results.json").read_text())
         for k in ("steps", "workers", "servers"):
             setattr(args, k, saved["settings"][k])
+        diverged = {r["name"]: r.get("diverged", False) for r in saved["results"]}
     else:
         print(f"{len(names)} runs of {args.workers} workers x {args.steps} steps; run folders in {out}", flush=True)
-        for name in names:
-            run(name, out / name, args)
-    results = [collect(n, out / n) for n in names]
+        diverged = {name: not run(name, out / name, args) for name in names}
+    results = [collect(n, out / n, diverged.get(n, False)) for n in names]
     if not args.png:
         tag = "" if ",".join(names) == DEFAULT_RUNS else "_" + "_".join(names)
         args.png = str(ROOT / f"docs/img/compression{tag}.png")
