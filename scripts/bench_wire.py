@@ -18,8 +18,9 @@ the time of a round trip goes: the CPU milliseconds of the client (this process)
 of the server process, each split into user (Python, NumPy, copies) and system (the
 kernel: TCP or Unix-socket copies, page faults) time, with the server's page faults per
 MiB it received (Linux: read from /proc; all threads, libzmq's I/O thread included). A
-round trip is serial (the client waits while the server works, and the other way round),
-so on an otherwise idle machine its time is about the client's plus the server's CPU.
+round trip is mostly serial (the client waits while the server works), so its time
+follows its CPU: on a loaded machine it is about the sum; with cores to spare the two
+processes' threads overlap in part and it is less.
 
 What ours does that raw pyzmq does not: the msgpack header and its checks, the server's
 receive into the gradient slot and the client's into the parameters (one copy each
