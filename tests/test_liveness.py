@@ -75,6 +75,8 @@ def test_a_restarted_worker_rejoins_with_its_shard_and_trains(tmp_path):
         assert [d["rank"] for d in server["rejoined_workers"]] == [1]
         assert int(server["applied_by_worker"]["1"]) > w1["iterations"] - 2   # it was averaged in again
         assert [r["step"] for r in job.metrics()][-1] == steps
+        wire = [r["bytes_pushed"] for r in job.metrics() if "bytes_pushed" in r]
+        assert wire == sorted(wire)             # the job's total: the dead worker's bytes stay in it
 
 
 def test_a_stalled_worker_is_dropped_then_registers_again_by_itself(tmp_path):
