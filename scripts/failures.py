@@ -202,10 +202,11 @@ def main(argv=None) -> int:
         if "params" not in cache:
             cache["params"] = params(uninterrupted(folder / "uninterrupted", args.steps))
         return cache["params"]
-    if args.keep:                             # kept beside the disturbed runs, for ps-plot and runs_table
+    chosen = args.scenarios or list(SCENARIOS)
+    if args.keep or {"server", "coordinator"} & set(chosen):   # first: kept beside the others (ps-plot)
         reference()
     ok = True
-    for name in args.scenarios or SCENARIOS:
+    for name in chosen:
         print(f"{name}: {SCENARIOS[name].__name__} killed with SIGKILL")
         good = SCENARIOS[name](folder, args.steps, reference)
         print(f"  -> {'as documented' if good else 'NOT AS DOCUMENTED'}")
