@@ -38,8 +38,10 @@ import socket
 import typing
 from dataclasses import dataclass
 
+from common.compress import SCHEMES
 from common.config import add_arguments
 from common.netaddr import pick_address
+from common.placement import DEFAULT_CHUNK_MB
 
 ENV = {"rank": "PS_RANK", "num_servers": "PS_NUM_SERVERS", "num_workers": "PS_NUM_WORKERS",
        "coordinator": "PS_COORDINATOR", "bind": "PS_BIND", "advertise": "PS_ADVERTISE",
@@ -62,6 +64,7 @@ class ClusterConfig:
     interface: str = ""                     # servers: advertise the address of this network interface (e.g. eth0, ib0) instead of the route's
     subnet: str = ""                        # servers: advertise this host's address inside this subnet (e.g. 10.0.0.0/24)
     curve: str = ""                         # folder of CurveZMQ keys made by ps-keys: every socket encrypted and authenticated ('' = plain TCP)
+    ipc: bool = True                        # a server advertised on 127.0.0.1 also listens on a Unix socket, which processes of its host use instead of TCP
     heartbeat: float = 1.0                  # seconds between the heartbeats every process sends the coordinator (0 = none: a dead worker is then only noticed by the step deadline)
     heartbeat_misses: int = 5               # a worker silent for this many heartbeats is dropped from the job, and the steps go on without it
 
@@ -94,11 +97,16 @@ class JobConfig:
 
     The consistency models (``paramserver/consistency.py`` for the servers' side,
     ``worker/consistency.py`` for the workers'; docs/consistency.md for the lesson)."""
-    CHOICES = {"mode": MODES}
+    CHOICES = {"mode": MODES, "compress": SCHEMES, "error_feedback": ("on", "off")}
     mode: str = "bsp"                       # consistency model: bsp (bulk synchronous), asp (asynchronous), ssp (stale synchronous), local-sgd (local steps, then model averaging)
     staleness: int = 0                      # ssp: a worker may run this many clocks ahead of the slowest live worker (0 = lockstep)
     local_steps: int = 1                    # local-sgd: optimizer steps each worker takes between two averagings (H)
     backup_workers: int = 0                 # bsp: a step proceeds with the first W - b gradients; later ones are dropped and counted
+    chunk_mb: float = DEFAULT_CHUNK_MB      # the flat vector is cut into equal chunks of at most this many MiB, dealt over the servers (see --show-placement)
+    compress: str = "none"                  # gradient compression on the push: none, fp16, bf16, int8 (stochastic, QSGD-style), topk or randk (common/compress.py)
+    compress_ratio: float = 0.01            # topk/randk: the fraction of each chunk's entries sent
+    error_feedback: str = "on"              # with --compress: keep on the worker what was not sent and add it to the next push
+    compress_momentum: float = 0.0          # with --compress: momentum applied on the workers before compressing (Deep Gradient Compression's momentum correction; the servers then run --optimizer sgd)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -111,6 +119,21 @@ class JobConfig:
                                     ("backup_workers", 0, "bsp")):
             if getattr(self, name) != default and self.mode != mode:
                 raise ValueError(f"--{name.replace('_', '-')} applies to --mode {mode}, not {self.mode}")
+        if self.compress not in SCHEMES:
+            raise ValueError(f"compress must be one of {', '.join(SCHEMES)}, got {self.compress!r}")
+        if self.error_feedback not in ("on", "off"):
+            raise ValueError(f"error_feedback must be on or off, got {self.error_feedback!r}")
+        if not 0 < self.compress_ratio <= 1 or not self.chunk_mb > 0:
+            raise ValueError(f"need 0 < compress_ratio <= 1 and chunk_mb > 0; got {self.compress_ratio}, "
+                             f"{self.chunk_mb}")
+        if self.compress_ratio != 0.01 and self.compress not in ("topk", "randk"):
+            raise ValueError(f"--compress-ratio applies to --compress topk or randk, not {self.compress}")
+        if not 0 <= self.compress_momentum < 1:
+            raise ValueError(f"compress_momentum must lie in [0, 1), got {self.compress_momentum}")
+        if self.compress_momentum and self.compress == "none":
+            raise ValueError("--compress-momentum applies with --compress (without, use --optimizer momentum)")
+        if self.error_feedback != "on" and self.compress == "none":
+            raise ValueError("--error-feedback applies with --compress")
 
     @property
     def synchronous(self) -> bool:

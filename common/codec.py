@@ -10,7 +10,8 @@ transport as buffers and sent without a copy.
 its header: a header over the size limit, bad msgpack, a failed schema check, a frame
 count or a frame size that differs from what the header announced. The arrays it
 returns are read-only views of the received frames (no copy): a receiver copies what
-it keeps.
+it keeps, or, knowing from the header (``parse_header``) where the arrays belong, has
+the transport receive them straight into their destinations (``Message.placed``).
 """
 from __future__ import annotations
 
@@ -39,35 +40,43 @@ class Message:
     arrays: list = field(default_factory=list)
     ranges: list = field(default_factory=list)   # (begin, end) per array, or None
     dtypes: list = field(default_factory=list)   # the wire dtype name per array
+    encs: list = field(default_factory=list)     # the part of a compressed chunk per array, or None
+    placed: list = field(default_factory=list)   # True where the array was received straight into its destination
+
+
+_NAMES = {numpy.dtype(name): name for name in DTYPES if name != "bfloat16"}     # (dtype.name is slow)
 
 
 def dtype_name(a) -> str:
     """The wire name of an array's dtype (``float32``...), or ProtocolError if it may not travel."""
-    name = numpy.dtype(a.dtype).name
+    name = _NAMES.get(a.dtype) or numpy.dtype(a.dtype).name
     if name not in _LE:
         raise ProtocolError(f"dtype {name} cannot travel; allowed: {', '.join(DTYPES)}")
     return name
 
 
 def encode(cmd: str, sender: str, step: int = 0, rid: int = 0, arrays=(), ranges=None,
-           dtypes=None, **meta) -> list:
+           dtypes=None, encs=None, **meta) -> list:
     """Frames for one message. ``arrays`` are sent as they are (no copy) when they are
     C-contiguous and little-endian; ``ranges`` gives each array's ``[begin, end)`` in
     the flat vector (or None); ``dtypes`` overrides the wire dtype name per array
-    (e.g. "bfloat16" for uint16 words). The header is checked before it is sent, so a
-    bug shows up at the sender, not at the receiver."""
+    (e.g. "bfloat16" for uint16 words); ``encs`` names the part of a compressed chunk
+    per array (or None). The header is checked before it is sent, so a bug shows up
+    at the sender, not at the receiver."""
     arrays = list(arrays)
     ranges = list(ranges) if ranges is not None else [None] * len(arrays)
     if len(ranges) != len(arrays):
         raise ValueError(f"{len(arrays)} arrays but {len(ranges)} ranges")
     descs, frames = [], []
     for i, a in enumerate(arrays):
-        name = dtypes[i] if dtypes is not None else dtype_name(a)
+        name = dtypes[i] if dtypes is not None and dtypes[i] else dtype_name(a)
         if not a.flags.c_contiguous or a.dtype.byteorder == ">":
             a = numpy.ascontiguousarray(a, dtype=_LE[name])
         desc = {"dtype": name, "shape": list(a.shape)}
         if ranges[i] is not None:
             desc["range"] = [int(ranges[i][0]), int(ranges[i][1])]
+        if encs is not None and encs[i]:
+            desc["enc"] = encs[i]
         descs.append(desc)
         frames.append(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
     header = {"v": PROTOCOL_VERSION, "cmd": cmd, "from": sender, "step": int(step),
@@ -76,11 +85,10 @@ def encode(cmd: str, sender: str, step: int = 0, rid: int = 0, arrays=(), ranges
     return [msgpack.packb(header, use_bin_type=True)] + frames
 
 
-def decode(frames) -> Message:
-    """A ``Message`` from received frames (bytes, memoryviews or zmq frames' buffers)."""
-    if not frames:
-        raise ProtocolError("empty message")
-    head = frames[0]
+def parse_header(head) -> dict:
+    """The validated header of frame 0 (ProtocolError on anything malformed). A receiver
+    that knows where a message's arrays belong reads this first, receives the array
+    frames straight into their destinations (``common/transport.py``), then ``decode``s."""
     if len(head) > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {len(head)} bytes exceeds the limit of {MAX_HEADER_BYTES}")
     try:
@@ -89,11 +97,29 @@ def decode(frames) -> Message:
                             max_ext_len=0)
     except Exception as e:                        # msgpack raises several types on garbage
         raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}: {e}") from None
-    validate_header(h)
+    try:
+        return validate_header(h)
+    except ProtocolError:
+        raise
+    except Exception as e:                        # a check that met a type it did not expect: refuse too
+        raise ProtocolError(f"malformed header: {type(e).__name__}: {e}") from None
+
+
+def decode(frames, header: dict | None = None, placed=None) -> Message:
+    """A ``Message`` from received frames (bytes, memoryviews or zmq frames' buffers).
+    ``header``: frame 0 already parsed by ``parse_header``; ``placed[i]``: True where
+    frame i + 1 was received into its destination (recorded in ``Message.placed``),
+    None where it did not fit there (the message is refused)."""
+    if not frames:
+        raise ProtocolError("empty message")
+    h = header if header is not None else parse_header(frames[0])
+    if placed is not None and None in placed:
+        raise ProtocolError(f"array {list(placed).index(None)} is larger than the buffer its header promised "
+                            "room for; the message is refused")
     descs = h["arrays"]
     if len(frames) != 1 + len(descs):
         raise ProtocolError(f"header announces {len(descs)} array frame(s), message has {len(frames) - 1}")
-    arrays, ranges, dtypes = [], [], []
+    arrays, ranges, dtypes, encs = [], [], [], []
     for i, (d, buf) in enumerate(zip(descs, frames[1:])):
         want = array_nbytes(d)
         if len(buf) != want:
@@ -101,11 +127,18 @@ def decode(frames) -> Message:
                                 f"got {len(buf)} bytes")
         arr = numpy.frombuffer(buf, dtype=_LE[d["dtype"]]) if want else numpy.empty(0, _LE[d["dtype"]])
         arrays.append(arr.reshape(d["shape"]))
-        r = d.get("range")
-        if r is not None and r[1] - r[0] != arr.size:
+        r, enc = d.get("range"), d.get("enc")
+        if r is not None and enc is None and r[1] - r[0] != arr.size:
             raise ProtocolError(f"array {i}: range [{r[0]}, {r[1]}) holds {r[1] - r[0]} elements, "
                                 f"the array has {arr.size}")
         ranges.append(tuple(r) if r is not None else None)
         dtypes.append(d["dtype"])
+        encs.append(enc)
+    placed = list(placed) if placed is not None else [False] * len(arrays)
     return Message(cmd=h["cmd"], sender=h["from"], step=h["step"], rid=h["rid"], meta=h["meta"],
-                   arrays=arrays, ranges=ranges, dtypes=dtypes)
+                   arrays=arrays, ranges=ranges, dtypes=dtypes, encs=encs, placed=placed)
+
+
+def frames_nbytes(frames) -> int:
+    """Bytes of a message on the wire (every frame, header included)."""
+    return sum(memoryview(f).nbytes for f in frames)

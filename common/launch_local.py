@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trace", action="store_true",
                    help="every process writes a Chrome trace (trace-server-S.json, trace-worker-R.json), "
                         "merged into trace.json in the run folder: open it at https://ui.perfetto.dev")
+    g.add_argument("--show-placement", action="store_true",
+                   help="print how the flat vector is cut into chunks (--chunk-mb) and dealt over the servers, "
+                        "and exit (the workers' model flags apply)")
     g.add_argument("--devices", default="",
                    help="each worker's device, by rank, comma-separated: e.g. cuda:0,cpu,cpu (one CuPy "
                         "worker and two CPU workers), or one device for all (default: the workers' "
@@ -258,6 +261,9 @@ def main(argv=None) -> int:
     try:
         job, optim = from_args(JobConfig, args), from_args(OptimConfig, args)
         job.check_workers(args.workers)
+        if job.compress_momentum and optim.optimizer != "sgd":
+            raise ValueError(f"--compress-momentum applies momentum on the workers: use --optimizer sgd, "
+                             f"not {optim.optimizer}")
     except ValueError as e:
         parser.error(str(e))
     if args.servers < 1 or args.workers < 1 or args.steps < 1:
@@ -283,6 +289,8 @@ def main(argv=None) -> int:
     worker_cmd = [py, "-m", "worker", *common, "--steps", str(args.steps), "--out", str(out), *shared_args]
     trace = ["--trace"] if args.trace else []
 
+    if args.show_placement:
+        return subprocess.run(worker_cmd + ["--show-placement"]).returncode
     # the workers' flags (and devices) are checked before anything starts, so a typo fails in a second
     for extra in dict.fromkeys(tuple(f) for f in per_rank):
         check = subprocess.run(worker_cmd + list(extra) + ["--dry-run"], capture_output=True, text=True)

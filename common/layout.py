@@ -111,6 +111,14 @@ class Layout:
         return {e.name: buf[e.offset:e.end].reshape(e.shape) for e in self.entries}
 
     # --- ranges -------------------------------------------------------------------
+    def span(self, prefix: str) -> tuple[int, int]:
+        """``[begin, end)`` from the first to the last tensor whose name starts with
+        ``prefix`` (``"h.3."``: block 3): the range a layer's hooks name."""
+        hits = [e for e in self.entries if e.name.startswith(prefix)]
+        if not hits:
+            raise KeyError(f"no tensor name starts with {prefix!r}")
+        return min(e.offset for e in hits), max(e.end for e in hits)
+
     def decay_ranges(self) -> list[tuple[int, int]]:
         """Ranges of the tensors that take weight decay: matrices (ndim >= 2), not
         biases or LayerNorm gains, as in GPT-2/nanoGPT training."""

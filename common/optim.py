@@ -94,7 +94,14 @@ def clip_scale(global_norm: float, max_norm: float) -> float:
 
 
 def sum_of_squares(x) -> float:
-    """sum(x**2) in float64, the piece of a global norm that one shard contributes."""
+    """sum(x**2) in float64, the piece of a global norm that one shard contributes (a
+    1-D float32 vector is converted CHUNK elements at a time: no float64 copy of it all)."""
+    if x.ndim == 1 and x.dtype != numpy.float64 and x.size > CHUNK:
+        total = 0.0
+        for lo in range(0, x.size, CHUNK):
+            x64 = x[lo:lo + CHUNK].astype(numpy.float64)
+            total += float(numpy.dot(x64, x64))
+        return total
     x64 = x.astype(numpy.float64, copy=False)
     # ``@`` rather than numpy.dot: the same BLAS dot on NumPy, and CuPy's own on a GPU vector
     return float(x64 @ x64) if x.ndim == 1 else float((x64 * x64).sum())
@@ -150,6 +157,39 @@ class Optimizer:
         run(0)
         for f in futures:
             f.result()
+
+    def begin(self):
+        """Start step ``t + 1`` for ``update``: a server updates its chunks one by one, each
+        as soon as it may (``paramserver/shard.py``), calling ``begin`` once, then ``update``
+        once for every range of a cover of the vector."""
+        self.t += 1
+
+    def update(self, params, grads, lr: float, grad_scale: float = 1.0, lo: int = 0, hi: int | None = None,
+               grads_at: int = 0):
+        """The current step's update of ``params[lo:hi]`` (the full vector) with
+        ``grad_scale`` times the gradient of that range, which is ``grads[lo - grads_at:
+        hi - grads_at]``: the full gradient vector (``grads_at`` 0) or an array of the
+        range's own (``grads_at`` = lo: a server hands over a received chunk as it is).
+        Every element sees the operations it sees in ``step``, so ranges updated one
+        after the other give ``step`` bit for bit (one thread)."""
+        hi = self.size if hi is None else hi
+        if params.shape != (self.size,) or not 0 <= lo <= hi <= self.size or grads.ndim != 1 \
+                or not 0 <= lo - grads_at <= hi - grads_at <= grads.shape[0]:
+            raise ValueError(f"expected params of shape ({self.size},), 0 <= lo <= hi <= {self.size} and grads "
+                             f"covering [lo, hi), got {params.shape}, [{lo}, {hi}), grads {grads.shape} at {grads_at}")
+        keep = 1.0 - lr * self.cfg.weight_decay if self.cfg.weight_decay and lr else None
+        s, s2 = self._scratch[0]
+        for run in self._runs:
+            for clo, chi, inside in run:
+                a, b = max(clo, lo), min(chi, hi)
+                if a >= b:
+                    continue
+                if keep is not None:
+                    for db, de in inside:
+                        if max(db, a) < min(de, b):
+                            params[max(db, a):min(de, b)] *= keep
+                self._update(a, b, params[a:b], grads[a - grads_at:b - grads_at], lr, grad_scale, s[:b - a],
+                             s2[:b - a])
 
     def _update(self, lo, hi, params, grads, lr, grad_scale, s, s2):
         """Update the chunk ``[lo, hi)`` of the vector: ``params``, ``grads`` are its views,

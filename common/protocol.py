@@ -7,6 +7,12 @@ The header is:
      "arrays": [{"dtype": "float32", "shape": [4096], "range": [0, 4096]}, ...],
      "meta": {...command-specific fields...}}
 
+A compressed chunk of a push travels as several arrays that all carry the chunk's
+range and each name its part in ``enc`` (``{"dtype": "uint32", "shape": [41],
+"range": [0, 4096], "enc": "idx"}``; the parts of each scheme: ``common/compress.py``).
+A push may carry any of the server's chunks: a worker that overlaps communication
+with its backward pushes each chunk as soon as its gradient is final (``worker/client.py``).
+
 ``validate_header`` checks a decoded header against this module's schemas before any
 handler sees it (STYLE habit 6: check at the door): the version, the command, the
 types and bounds of every field, the array descriptors and the command's own fields.
@@ -50,6 +56,7 @@ MAX_HEADER_BYTES = 4 << 20        # a header is small; a GPT-2 layout table is ~
 MAX_ARRAYS = 4096                 # arrays per message
 MAX_DIMS = 8
 MAX_SENDER_LEN = 64
+MAX_ENC_LEN = 16
 
 # dtypes that may travel; "bfloat16" travels as raw 16-bit words (numpy has no bf16)
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "uint16",
@@ -84,7 +91,7 @@ META = {
     # versions: a server started with --resume lists the versions of its checkpoints
     REGISTER: ({"role": str, "rank": int, "host": str, "pid": int},
                {"addr": str, "layout": list, "layout_hash": str, "dtype": str, "optim": dict,
-                "job": dict, "versions": list}),
+                "job": dict, "versions": list, "ipc": str}),
     INIT: ({}, {}),
     PULL: ({}, {"min_version": int}),
     # base_version: the server version the gradient was computed on (asp/ssp: staleness =
@@ -112,7 +119,7 @@ META = {
     JOB: ({"rank": int, "servers": list, "placement": list, "layout": list, "layout_hash": str,
            "num_workers": int, "num_servers": int, "dtype": str},
           {"optim": dict, "job": dict, "session": int, "version": int, "view": int, "workers": list,
-           "rejoin": bool}),
+           "rejoin": bool, "ipc": list}),
     # dropped: this push came after its step was complete (backup workers) and was not applied
     # view, member, workers: a heartbeat's answer (member False: this worker was dropped; rejoin)
     OK: ({}, {"version": int, "message": str, "loss": _num, "stats": dict, "status": dict, "dropped": bool,
@@ -144,6 +151,15 @@ def dtype_itemsize(name: str) -> int:
             "int16": 2, "uint16": 2, "int32": 4, "uint32": 4, "int64": 8}[name]
 
 
+_HEADER_KEYS = frozenset(("v", "cmd", "from", "step", "rid", "arrays", "meta"))
+_ARRAY_KEYS = frozenset(("dtype", "shape", "range", "enc"))
+_DTYPES = frozenset(DTYPES)
+
+
+def _fail(text):
+    raise ProtocolError(text)
+
+
 def rank_list(value, limit: int, what: str) -> list[int]:
     """A list of distinct ints in [0, limit) from a message field, or ProtocolError."""
     ok = (isinstance(value, list) and len(value) <= limit
@@ -164,45 +180,63 @@ def session_list(value, limit: int, what: str) -> dict[int, int]:
 
 
 def validate_header(h) -> dict:
-    """Check a decoded header; return it unchanged or raise ``ProtocolError``."""
-    _check(isinstance(h, dict), f"header must be a map, got {type(h).__name__}")
-    _check(h.get("v") == PROTOCOL_VERSION,
-           f"protocol version {PROTOCOL_VERSION} expected, got {h.get('v')!r}")
-    extra = set(h) - {"v", "cmd", "from", "step", "rid", "arrays", "meta"}
-    _check(not extra, f"unknown header field(s) {sorted(map(str, extra))}")
+    """Check a decoded header; return it unchanged or raise ``ProtocolError``. (Every
+    message passes here twice, at its sender and at its receiver: the error texts are
+    built only on failure.)"""
+    if not isinstance(h, dict):
+        _fail(f"header must be a map, got {type(h).__name__}")
+    if h.get("v") != PROTOCOL_VERSION:
+        _fail(f"protocol version {PROTOCOL_VERSION} expected, got {h.get('v')!r}")
+    if not h.keys() <= _HEADER_KEYS:
+        _fail(f"unknown header field(s) {sorted(map(str, set(h) - _HEADER_KEYS))}")
     cmd = h.get("cmd")
-    _check(cmd in COMMANDS, f"unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}")
+    if not isinstance(cmd, str) or cmd not in META:
+        _fail(f"unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}")
     sender = h.get("from")
-    _check(isinstance(sender, str) and 0 < len(sender) <= MAX_SENDER_LEN,
-           f"'from' must be a string of 1..{MAX_SENDER_LEN} characters, got {sender!r}")
-    _check(_is_int(h.get("step")) and -1 <= h["step"] < 2 ** 62, f"'step' must be an int >= -1, got {h.get('step')!r}")
-    _check(_is_int(h.get("rid")) and 0 <= h["rid"] < 2 ** 63, f"'rid' must be an int >= 0, got {h.get('rid')!r}")
+    if not (isinstance(sender, str) and 0 < len(sender) <= MAX_SENDER_LEN):
+        _fail(f"'from' must be a string of 1..{MAX_SENDER_LEN} characters, got {sender!r}")
+    step, rid = h.get("step"), h.get("rid")
+    if not (_is_int(step) and -1 <= step < 2 ** 62):
+        _fail(f"'step' must be an int >= -1, got {step!r}")
+    if not (_is_int(rid) and 0 <= rid < 2 ** 63):
+        _fail(f"'rid' must be an int >= 0, got {rid!r}")
     arrays = h.get("arrays")
-    _check(isinstance(arrays, list) and len(arrays) <= MAX_ARRAYS,
-           f"'arrays' must be a list of at most {MAX_ARRAYS} descriptors")
+    if not (isinstance(arrays, list) and len(arrays) <= MAX_ARRAYS):
+        _fail(f"'arrays' must be a list of at most {MAX_ARRAYS} descriptors")
     for i, a in enumerate(arrays):
-        _check(isinstance(a, dict) and set(a) <= {"dtype", "shape", "range"} and "dtype" in a and "shape" in a,
-               f"array {i}: expected a map with dtype, shape and optional range, got {a!r}")
-        _check(a["dtype"] in DTYPES, f"array {i}: dtype must be one of {', '.join(DTYPES)}, got {a['dtype']!r}")
+        if not (isinstance(a, dict) and a.keys() <= _ARRAY_KEYS and "dtype" in a and "shape" in a):
+            _fail(f"array {i}: expected a map with dtype, shape, optional range and enc, got {a!r}")
+        if "enc" in a:
+            enc = a["enc"]
+            if not (isinstance(enc, str) and 0 < len(enc) <= MAX_ENC_LEN and "range" in a):
+                _fail(f"array {i}: enc must be a part name of 1..{MAX_ENC_LEN} characters on an array with a "
+                      f"range, got {enc!r}")
+        if not isinstance(a["dtype"], str) or a["dtype"] not in _DTYPES:
+            _fail(f"array {i}: dtype must be one of {', '.join(DTYPES)}, got {a['dtype']!r}")
         shape = a["shape"]
-        _check(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) and 0 <= d < 2 ** 40 for d in shape),
-               f"array {i}: shape must be a list of at most {MAX_DIMS} non-negative ints, got {shape!r}")
-        if "range" in a:
-            r = a["range"]
-            _check(isinstance(r, list) and len(r) == 2 and all(_is_int(x) for x in r) and 0 <= r[0] <= r[1],
-                   f"array {i}: range must be [begin, end] with 0 <= begin <= end, got {r!r}")
+        if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
+                and all(_is_int(d) and 0 <= d < 2 ** 40 for d in shape)):
+            _fail(f"array {i}: shape must be a list of at most {MAX_DIMS} non-negative ints, got {shape!r}")
+        r = a.get("range")
+        if r is not None and not (isinstance(r, list) and len(r) == 2 and _is_int(r[0]) and _is_int(r[1])
+                                  and 0 <= r[0] <= r[1]):
+            _fail(f"array {i}: range must be [begin, end] with 0 <= begin <= end, got {r!r}")
     meta = h.get("meta")
-    _check(isinstance(meta, dict) and all(isinstance(k, str) for k in meta),
-           f"'meta' must be a map with string keys, got {type(meta).__name__}")
+    if not (isinstance(meta, dict) and all(isinstance(k, str) for k in meta)):
+        _fail(f"'meta' must be a map with string keys, got {type(meta).__name__}")
     required, optional = META[cmd]
-    for k, typ in required.items():
-        _check(k in meta, f"{cmd}: missing field {k!r} (required: {sorted(required)})")
+    for k in required:
+        if k not in meta:
+            _fail(f"{cmd}: missing field {k!r} (required: {sorted(required)})")
     for k, v in meta.items():
         typ = required.get(k) or optional.get(k)
-        _check(typ is not None, f"{cmd}: unknown field {k!r}; accepted: {sorted(required) + sorted(optional)}")
-        ok = isinstance(v, typ) and not (isinstance(v, bool) and typ in (int, _num))
-        _check(ok, f"{cmd}: field {k!r} must be {getattr(typ, '__name__', 'a number')}, got {type(v).__name__}")
+        if typ is None:
+            _fail(f"{cmd}: unknown field {k!r}; accepted: {sorted(required) + sorted(optional)}")
+        if not isinstance(v, typ) or (isinstance(v, bool) and typ in (int, _num)):
+            _fail(f"{cmd}: field {k!r} must be {getattr(typ, '__name__', 'a number')}, got {type(v).__name__}")
     if cmd == REGISTER:
-        _check(meta["role"] in ROLES, f"register: role must be one of {ROLES}, got {meta['role']!r}")
-        _check(-1 <= meta["rank"] < 1 << 20, f"register: rank out of range: {meta['rank']}")
+        if meta["role"] not in ROLES:
+            _fail(f"register: role must be one of {ROLES}, got {meta['role']!r}")
+        if not -1 <= meta["rank"] < 1 << 20:
+            _fail(f"register: rank out of range: {meta['rank']}")
     return h

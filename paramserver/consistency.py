@@ -254,10 +254,9 @@ class AsyncServing:
             raise ProtocolError(f"{self.mode} with clipping: the push must carry grad_sumsq, the "
                                 "squared norm of the worker's whole gradient")
         shard.check_full_cover(msg.ranges, "push")
-        shard.check_arrays(msg.arrays, msg.ranges, msg.dtypes, "push")
         version = shard.version
         clock_staleness = rule.clock_staleness(rank, msg.step)
-        shard.set_update(msg.arrays, msg.ranges)
+        shard.set_update(msg)                   # decodes, checks, may refuse: avg is scratch
         W = self.num_workers                    # W pushes: one step of the schedule, and of BSP's size
         shard.apply(sumsq, lr_step=version // W, lr_scale=1.0 / W)
         rule.pushed(rank)

@@ -127,8 +127,7 @@ class FailureHandling:
         held = [(p[0], p[1]) for p in self.waiting_pulls] + [(p[0], p[1]) for p in self.deferred_pulls]
         if self.sync:
             held += self.sync.held()
-            self.sync.pending.clear()
-            self.sync.late.clear()
+            self.sync.clear()
         if self.asynchronous:
             held += [(h[0], h[1]) for h in self.asynchronous.held]
             self.asynchronous.held = []

@@ -31,10 +31,9 @@ from common.cluster import host_name, server_bind
 from common.config import to_dict
 from common.layout import Layout
 from common.protocol import ERROR, JOB, NORM, REGISTER
-from common.transport import Dealer
+from common.transport import Dealer, reachable_locally
 from paramserver import checkpoint
 from paramserver.failures import ServerError
-from paramserver.shard import Shard
 
 log = logging.getLogger("server")
 
@@ -56,6 +55,8 @@ class Joining:
                     addr=self.addr, optim=to_dict(self.optim), job=to_dict(self.job))
         if self.durability.resume:
             meta["versions"] = self.resumable
+        if self.ipc:
+            meta["ipc"] = self.ipc
         if self.rank == 0:
             self.members.register(b"", meta)
             deadline = time.monotonic() + self.cluster.timeout
@@ -106,15 +107,20 @@ class Joining:
         """Set up the shard from the coordinator's JOB answer (and a checkpoint when it names a version)."""
         layout = Layout.from_table(job["layout"])
         chunks = [(b, e) for b, e, s in job["placement"] if s == self.rank]
-        self.shard = Shard(chunks, job["dtype"], self.optim, layout.decay_ranges())
+        self.shard = self.make_shard(chunks, job["dtype"], layout)
+        if self.sync:
+            self.sync.start(self.shard)
         self.layout_hash = job["layout_hash"]
         self.server_addrs = list(job["servers"])
         self.session = job.get("session", 0)
         self.on_view(job.get("view", 1), job.get("workers", [[r, 0] for r in range(self.num_workers)]))
         if self.sync and self.sync.exchange:            # the step agreement (and norms for clipping)
+            ipc = job.get("ipc") or [""] * len(self.server_addrs)
             for s, addr in enumerate(self.server_addrs):
-                if s != self.rank:
-                    self.peers[s] = Dealer(addr, identity=self.identity + b"/peer", curve=self.curve)
+                if s != self.rank:      # a server of this host through its Unix socket
+                    near = self.cluster.ipc and reachable_locally(ipc[s])
+                    self.peers[s] = Dealer(ipc[s] if near else addr, identity=self.identity + b"/peer",
+                                           curve=self.curve)
         version = job.get("version", 0)
         if version:
             self._load_checkpoint(version, job.get("rejoin", False))
@@ -161,6 +167,13 @@ class Joining:
         self.checkpoints_written += 1
         self.checkpoint_s += took
         log.debug("checkpoint %s written in %.3f s", path, took)
+
+    def answers_wait(self, version: int) -> bool:
+        """Must the answers of the update to ``version`` wait for ``after_update`` (a
+        checkpoint is due, or the fault injection)? Otherwise they may leave during it."""
+        d = self.durability
+        return bool((d.checkpoint_every and version % d.checkpoint_every == 0)
+                    or (d.die_at_version and version == d.die_at_version))
 
     def after_update(self):
         """An update was applied: a checkpoint when one is due; the fault injection of --die-at-version."""

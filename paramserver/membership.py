@@ -203,7 +203,9 @@ class Membership:
     def job_reply(self, role: str, rank: int, version: int, **extra) -> dict:
         """The JOB answer for one member: the job, its rank and session, the view."""
         servers = [self.servers[r].addr for r in range(self.num_servers)]
-        return dict(servers=servers, placement=self.placement, layout=self.layout.table(),
+        # servers' Unix sockets ('' where none): a process on the same host connects there
+        ipc = [self.servers[r].meta.get("ipc", "") for r in range(self.num_servers)]
+        return dict(servers=servers, placement=self.placement, layout=self.layout.table(), ipc=ipc,
                     layout_hash=self.layout_hash, num_workers=self.num_workers, num_servers=self.num_servers,
                     dtype=self.dtype, optim=self.optim, job=self.job_settings, rank=rank,
                     session=self.sessions[(role, rank)], version=version, view=self.view,

@@ -41,15 +41,17 @@ import os
 import time
 
 from common import codec
+from common.compress import make_scheme
 from common.cluster import ClusterConfig, JobConfig, advertised_endpoint, host_name
 from common.config import to_dict
 from common.layout import Layout
 from common.optim import OptimConfig
+from common.placement import place_chunks, place_contiguous
 from common.protocol import (
     BARRIER, DONE, ERROR, HEARTBEAT, INIT, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS, VIEW, ProtocolError,
 )
 from common.trace import NULL_TRACER
-from common.transport import Dealer, Poller, Router
+from common.transport import Dealer, Poller, Router, local_endpoint
 from paramserver import checkpoint
 from paramserver.checkpoint import DurabilityConfig
 from paramserver.consistency import AsyncRule, AsyncServing, Recorder, make_rule
@@ -64,9 +66,7 @@ from paramserver.traffic import Traffic, frames_nbytes
 log = logging.getLogger("server")
 
 
-def placement_contiguous(layout: Layout, num_servers: int) -> list:
-    """Server s owns one contiguous range of the flat vector, balanced by bytes."""
-    return [[b, e, s] for s, (b, e) in enumerate(layout.shard_ranges(num_servers))]
+placement_contiguous = place_contiguous      # the placement before chunks (common/placement.py)
 
 
 def parse_sender(sender: str, role: str, count: int) -> int:
@@ -79,13 +79,15 @@ def parse_sender(sender: str, role: str, count: int) -> int:
 
 class Server(Joining, FailureHandling):
     error_type = ServerError
-    placement = staticmethod(placement_contiguous)
 
     def __init__(self, cluster: ClusterConfig, optim: OptimConfig, job: JobConfig, rank: int, out: str = "",
                  durability: DurabilityConfig | None = None):
         if not 0 <= rank < cluster.num_servers:
             raise ValueError(f"server rank {rank} out of range for {cluster.num_servers} server(s)")
         job.check_workers(cluster.num_workers)
+        if job.compress_momentum and optim.optimizer != "sgd":
+            raise ValueError(f"--compress-momentum {job.compress_momentum} applies momentum on the workers: run "
+                             f"the servers with --optimizer sgd, not {optim.optimizer}")
         self.cluster, self.optim, self.job, self.rank = cluster, optim, job, rank
         self.out = out                            # folder for server-S.json ('' = none)
         self.name = f"server:{rank}"
@@ -95,6 +97,10 @@ class Server(Joining, FailureHandling):
         self.curve = cluster.curve_keys()             # None without --curve
         self.router = Router(self._bind_address(), curve=self.curve)
         self.addr = advertised_endpoint(cluster, self.router.endpoint)
+        # a server advertised on 127.0.0.1 also listens on a Unix socket (processes of its host use it)
+        self.ipc = local_endpoint(self.addr, host_name()) if cluster.ipc else ""
+        if self.ipc and not self.router.bind_also(self.ipc):
+            self.ipc = ""
         self.poller = Poller([self.router])
         self.identity = f"{self.name}/{os.getpid()}".encode()    # kept across reconnects (ROUTER_HANDOVER)
         self.coord = None if rank == 0 else Dealer(cluster.coordinator, identity=self.identity, curve=self.curve)
@@ -132,6 +138,8 @@ class Server(Joining, FailureHandling):
                                              job.mode, optim.grad_clip, cluster.timeout)
         else:
             self.sync = SyncServing(self)
+        # plain BSP: pushes arrive chunk by chunk (worker --overlap), answered chunk by chunk (steps.py)
+        self.chunkwise = job.mode == "bsp" and job.backup_workers == 0
         self.snapshot = self.asynchronous is not None or job.backup_workers > 0   # see the module's docstring
         self.waiting_pulls: list[tuple] = []      # (identity, rid, min_version, since)
         self.tracer = NULL_TRACER                 # --trace: spans wait for pushes, store push, average, update, reply
@@ -181,10 +189,23 @@ class Server(Joining, FailureHandling):
         except OSError as e:
             log.warning("could not write server-%d.json in %s: %s", self.rank, self.out, e)
 
+    def placement(self, layout: Layout, num_servers: int) -> list:
+        """The coordinator's cut of the flat vector into chunks dealt over the servers."""
+        return place_chunks(layout, num_servers, self.job.chunk_mb)
+
+    def make_shard(self, chunks, dtype: str, layout: Layout) -> Shard:
+        scheme = make_scheme(self.job.compress, self.job.compress_ratio, self.job.error_feedback == "on")
+        return Shard(chunks, dtype, self.optim, layout.decay_ranges(), scheme)
+
     def close(self):
         for s in [self.router, self.coord, *self.peers.values()]:
             if s is not None:
                 s.close()
+        if self.ipc:                        # the Unix socket's file, if libzmq left it
+            try:
+                os.unlink(self.ipc[len("ipc://"):])
+            except OSError:
+                pass
 
     def _poll_timeout_ms(self) -> float:
         starts = [p[3] for p in self.waiting_pulls]
@@ -275,8 +296,11 @@ class Server(Joining, FailureHandling):
             self._send_params(ident, rid)
         self.deferred_pulls.clear()
 
-    def _send_params(self, identity, rid, **meta):
+    def _send_params(self, identity, rid, chunks=None, **meta):
+        """Answer with this shard's parameters (or those of the chunk indices ``chunks``)."""
         arrays, ranges = self.shard.param_snapshot() if self.snapshot else self.shard.param_views()
+        if chunks is not None:
+            arrays, ranges = [arrays[c] for c in chunks], [ranges[c] for c in chunks]
         self._reply(identity, OK, rid, arrays=arrays, ranges=ranges, version=self.shard.version, **meta)
 
     def _on_pull(self, identity, msg):
@@ -320,8 +344,9 @@ class Server(Joining, FailureHandling):
                      rank, done["step"], msg.rid)
             if self.asynchronous:
                 self.asynchronous.read(identity, msg.rid, rank, **done["meta"])
-            else:
-                self._send_params(identity, msg.rid, **done["meta"])
+            else:               # (a chunk of a step: the chunks it carried)
+                chunks = sorted({shard.chunk_index(*r) for r in msg.ranges if r}) if self.chunkwise else None
+                self._send_params(identity, msg.rid, chunks=chunks, **done["meta"])
             return
         if self.asynchronous:
             version = shard.version

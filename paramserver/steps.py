@@ -14,6 +14,11 @@ Step t, as this server runs it (its ``version`` is t):
        holds parameters newer than the server could restore), and every held push is
        answered with the fresh parameters of this shard (a push is also a pull); a push
        left out of the set is answered ``dropped``.
+In plain BSP a worker may push a step in several messages, a few chunks each, as its
+backward produces them (``--overlap``; ``assembly.py``): a worker counts as having
+pushed once all this server's chunks are in from it, and step 3 updates chunk by chunk,
+in the order of the flat vector, answering each message as soon as its chunks are
+updated (unless a checkpoint is due at the new version: then every answer waits for it).
 Backup workers change step 2 to "the first W - b pushes" and answer a push that comes
 after those with ``dropped``. A resent push (same worker, session and request id) is
 never stored twice: while its step is open its answer just goes to the connection it
@@ -26,8 +31,9 @@ from __future__ import annotations
 import time
 
 from common import codec
-from common.protocol import NORM, ProtocolError, session_list
+from common.protocol import NORM, OK, ProtocolError, session_list
 from paramserver.agreement import Agreement
+from paramserver.assembly import StepAssembly
 from paramserver.consistency import COUNT, LATE, LATE_WAIT
 
 
@@ -36,7 +42,7 @@ class SyncServing:
         self.srv = server
         S = server.cluster.num_servers
         self.pending: dict[int, tuple] = {}     # worker rank -> (identity, rid, meta, session) of this step's push
-        self.late: list[tuple] = []             # (identity, rid, rank, session): answered ``dropped`` after the step
+        self.late: list[tuple] = []             # (identity, rid, rank, session, chunks): answered ``dropped`` after the step
         self.step_started = 0.0                 # when the first push of this step arrived
         self.agreement = Agreement(server.rank, S, by_set=server.job.backup_workers == 0)
         self.exchange = S > 1
@@ -46,23 +52,34 @@ class SyncServing:
         # (rank, session) -> (bytes pushed, bytes pulled): the last counters of every worker process
         # whose push was applied, so a worker that died or restarted stays in the job's totals
         self.wire: dict[tuple[int, int], tuple[int, int]] = {}
+        self.asm: StepAssembly | None = None    # plain BSP: the step's chunk-by-chunk pushes (set with the shard)
+
+    def start(self, shard):
+        """The shard is set up (``joining.py``): plain BSP takes pushes chunk by chunk."""
+        if self.srv.chunkwise:
+            self.asm = StepAssembly(len(shard.chunks))
+
+    @property
+    def started(self) -> bool:
+        """Some push of this step arrived."""
+        return bool(self.pending) or (self.asm is not None and self.asm.started)
 
     @property
     def busy(self) -> bool:
         """A step is open: pushes arrived, or a proposal is out."""
-        return bool(self.pending) or self.agreement.mine is not None
+        return self.started or self.agreement.mine is not None
 
     # --- pushes -----------------------------------------------------------------------
     def push(self, identity, msg, rank: int, session: int):
+        if self.asm is not None:
+            return self._push_chunks(identity, msg, rank, session)
         srv, shard = self.srv, self.srv.shard
         held = self.pending.get(rank)
         if held is not None and held[1] == msg.rid and held[3] == session:
             self.pending[rank] = (identity, *held[1:])          # a resend: answer where it came from
             return
-        for i, (_, rid, r, sess) in enumerate(self.late):
-            if (rid, r, sess) == (msg.rid, rank, session):
-                self.late[i] = (identity, rid, r, sess)
-                return
+        if self._resent_late(identity, msg.rid, rank, session):
+            return
         if msg.step > shard.version:
             srv.ahead(msg, rank, session)                       # raises: a protocol error, or this server is behind
         if msg.step < shard.version:
@@ -74,22 +91,72 @@ class SyncServing:
         else:
             kind = srv.rule.classify(msg.step, shard.version, self.pending, rank)
         shard.check_full_cover(msg.ranges, "push")
-        shard.check_arrays(msg.arrays, msg.ranges, msg.dtypes, "push")
         if kind != COUNT:
-            srv.recorder.dropped(rank, shard.version - msg.step)
-            if kind == LATE:
-                srv._send_params(identity, msg.rid, dropped=True)
-            elif len(self.late) < srv.num_workers:
-                self.late.append((identity, msg.rid, rank, session))
-            else:
-                raise ProtocolError(f"too many late pushes for step {msg.step}")
+            self._not_counted(kind, identity, msg, rank, session, None)
             return
         with srv.tracer.span("store push", step=msg.step, worker=rank):
-            shard.store_gradient(rank, msg.arrays, msg.ranges)
+            shard.store_gradient(rank, msg)         # decodes (--compress) and checks, or refuses
         if not self.pending:
             self.step_started = time.monotonic()
         self.pending[rank] = (identity, msg.rid, msg.meta, session)
         self.maybe_propose()
+
+    def _resent_late(self, identity, rid, rank, session) -> bool:
+        """A resend of a push held for a ``dropped`` answer: answer where it came from."""
+        for i, (_, r_id, r, sess, chunks) in enumerate(self.late):
+            if (r_id, r, sess) == (rid, rank, session):
+                self.late[i] = (identity, r_id, r, sess, chunks)
+                return True
+        return False
+
+    def _not_counted(self, kind, identity, msg, rank, session, chunks):
+        """A push this step does not count (late, or after the proposal): checked, then
+        answered ``dropped`` now (its step is over) or after the step (it is being decided)."""
+        srv, shard = self.srv, self.srv.shard
+        plain = [i for i, e in enumerate(msg.encs or [None] * len(msg.arrays)) if e is None]
+        shard.check_arrays([msg.arrays[i] for i in plain], [msg.ranges[i] for i in plain],
+                           [msg.dtypes[i] for i in plain], "push")
+        srv.recorder.dropped(rank, shard.version - msg.step)
+        if kind == LATE:
+            srv._send_params(identity, msg.rid, chunks=chunks, dropped=True)
+        elif len(self.late) < srv.num_workers * len(shard.chunks):
+            self.late.append((identity, msg.rid, rank, session, chunks))
+        else:
+            raise ProtocolError(f"too many late pushes for step {msg.step}")
+
+    def _push_chunks(self, identity, msg, rank: int, session: int):
+        """Plain BSP: a push message with some of this server's chunks (``assembly.py``)."""
+        srv, shard, asm = self.srv, self.srv.shard, self.asm
+        waiting = asm.find(rank, session, msg.rid)
+        if waiting is not None:                                 # a resend: answer where it came from
+            waiting.identity = identity
+            return
+        if self._resent_late(identity, msg.rid, rank, session):
+            return
+        if msg.step > shard.version:
+            srv.ahead(msg, rank, session)                       # raises: a protocol error, or this server is behind
+        if not msg.arrays or None in msg.ranges:
+            raise ProtocolError("a push carries whole chunks, each with its range in the flat vector")
+        chunks = sorted({shard.chunk_index(*r) for r in msg.ranges})
+        other = asm.session.get(rank)
+        if msg.step < shard.version:
+            kind = LATE                                         # its step went on without it
+        elif self.agreement.mine is not None or (other is not None and other != session):
+            kind = LATE_WAIT                                    # proposed already / a new incarnation of a pusher
+        else:
+            kind = COUNT
+        if kind != COUNT:
+            self._not_counted(kind, identity, msg, rank, session, chunks)
+            return
+        asm.check(rank, chunks)              # before anything is written: a chunk twice changes nothing
+        with srv.tracer.span("store push", step=msg.step, worker=rank):
+            shard.store_gradient(rank, msg, hold=True)          # decodes and checks, or refuses
+        if not self.started:
+            self.step_started = time.monotonic()
+        asm.add(identity, msg.rid, rank, session, chunks, msg.meta)
+        if asm.rank_done(rank):
+            self.pending[rank] = (identity, msg.rid, asm.meta[rank], session)
+            self.maybe_propose()
 
     def maybe_propose(self):
         """Propose once the pushes this step waits for are in (see the module's docstring)."""
@@ -119,7 +186,11 @@ class SyncServing:
         mine = self.agreement.ranks()
         if mine:
             with srv.tracer.span("average", step=shard.version):
-                shard.average(mine)
+                if self.asm is not None:             # the chunks as received, summed in rank order
+                    for c in range(len(shard.chunks)):
+                        shard.average_chunk(c, mine)
+                else:
+                    shard.average(mine)
         self.agreement.sumsq = shard.local_sumsq() if (self.clip and mine) else 0.0
         srv.ready_at = srv.tracer.now()          # (the exchange, if any, runs from here)
 
@@ -199,38 +270,73 @@ class SyncServing:
                      "bytes_pushed": sum(b for b, _ in self.wire.values()),
                      "bytes_pulled": sum(b for _, b in self.wire.values())}
             srv.recorder.step(mine, step)
+            answer = dict(stats=stats, **({"loss": sum(losses) / len(losses)} if losses else {}))
             with srv.tracer.span("update", step=step):
                 if srv.job.mode == "local-sgd":
                     shard.apply_delta()
+                elif self.asm is not None:
+                    self._update_chunks(global_sumsq, set(mine), stream=not srv.answers_wait(step + 1), **answer)
                 else:
                     shard.apply(global_sumsq)
-            answer = dict(stats=stats, **({"loss": sum(losses) / len(losses)} if losses else {}))
             for r in mine:
                 _, rid, _, session = self.pending[r]
-                srv.applied.record(r, session, rid, step, shard.version, answer)
+                rids = self.asm.rids.get(r) if self.asm is not None else None
+                srv.applied.record(r, session, rid, step, shard.version, answer, rids=rids)
             a.finish()
             srv.after_update()                       # checkpoint (before any answer leaves)
         for r in left_out:
             srv.recorder.dropped(r, 0)
         with srv.tracer.span("reply", step=step):
-            for r in mine:
-                identity, rid, _, _ = self.pending[r]
-                srv._send_params(identity, rid, **answer)
-            for r in left_out:                       # not every server had it: not applied anywhere
-                identity, rid, _, _ = self.pending[r]
-                srv._send_params(identity, rid, dropped=True)
-            for identity, rid, _, _ in self.late:
-                srv._send_params(identity, rid, dropped=True)
+            if self.asm is not None:                 # every message not answered yet
+                self._answer(self.asm.answerable(set(mine)), version=shard.version, **answer)
+                for m in self.asm.waiting:           # not every server had it: not applied anywhere
+                    srv._send_params(m.identity, m.rid, chunks=m.chunks, dropped=True)
+                self.asm.reset()
+            else:
+                for r in mine:
+                    identity, rid, _, _ = self.pending[r]
+                    srv._send_params(identity, rid, **answer)
+                for r in left_out:                   # not every server had it: not applied anywhere
+                    identity, rid, _, _ = self.pending[r]
+                    srv._send_params(identity, rid, dropped=True)
+            for identity, rid, _, _, chunks in self.late:
+                srv._send_params(identity, rid, chunks=chunks, dropped=True)
         self.pending.clear()
         self.late.clear()
         a.begin(shard.version)
         srv._release_pulls()
         srv.ready_at = srv.tracer.now()
 
+    def _update_chunks(self, global_sumsq, mine: set, stream: bool, **answer):
+        """The optimizer step chunk by chunk, in the order of the flat vector; with
+        ``stream``, each message of ``mine`` answered as soon as its chunks are updated."""
+        shard, asm = self.srv.shard, self.asm
+        shard.begin_update(global_sumsq)
+        for c in range(len(shard.chunks)):
+            shard.update_chunk(c)
+            asm.updated.add(c)
+            if stream:
+                self._answer(asm.answerable(mine), version=shard.version + 1, **answer)
+        shard.end_update()
+
+    def _answer(self, messages, version: int, **answer):
+        srv = self.srv
+        arrays, ranges = srv.shard.param_views()
+        for m in messages:
+            srv._reply(m.identity, OK, m.rid, arrays=[arrays[c] for c in m.chunks],
+                       ranges=[ranges[c] for c in m.chunks], version=version, **answer)
+
+    def clear(self):
+        """Forget the open step (the job stops; its requests were answered with the error)."""
+        self.pending.clear()
+        self.late.clear()
+        if self.asm is not None:
+            self.asm.reset()
+
     # --- deadlines and failures -------------------------------------------------------
     def overdue(self, now: float, timeout: float) -> str | None:
         """Why this step is past its deadline, or None."""
-        if not self.busy or now - self.step_started <= timeout or not self.pending:
+        if not self.busy or now - self.step_started <= timeout or not self.started:
             return None
         srv, step = self.srv, self.srv.shard.version
         if self.agreement.mine is not None:
@@ -238,12 +344,16 @@ class SyncServing:
             return (f"step {step}: no agreeing proposal (norm) from {', '.join(missing)} within "
                     f"{timeout:.0f} s; is that server alive?")
         missing = sorted(set(srv.view) - set(self.pending))
-        return (f"step {step}: worker(s) {missing} have not pushed within {timeout:.0f} s of the first push "
-                f"(workers {sorted(self.pending)} did); are they alive? see their logs")
+        return (f"step {step}: worker(s) {missing} have not pushed (all of it) within {timeout:.0f} s of the "
+                f"first push (workers {sorted(self.pending)} did); are they alive? see their logs")
 
     def held(self):
         """(identity, rid) of every request this server holds an answer for."""
-        return [(p[0], p[1]) for p in self.pending.values()] + [(l[0], l[1]) for l in self.late]
+        if self.asm is not None:
+            held = [(m.identity, m.rid) for m in self.asm.waiting]
+        else:
+            held = [(p[0], p[1]) for p in self.pending.values()]
+        return held + [(l[0], l[1]) for l in self.late]
 
     def waiting_for(self) -> list[int]:
-        return sorted(set(self.srv.view) - set(self.pending)) if self.pending else []
+        return sorted(set(self.srv.view) - set(self.pending)) if self.started else []

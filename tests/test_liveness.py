@@ -11,6 +11,7 @@ import threading
 import numpy as np
 
 from common import codec
+from common.cluster import JobConfig
 from common.layout import Layout
 from common.protocol import PUSH
 from tests.cluster import ENV, Servers, run_threads
@@ -114,6 +115,26 @@ def test_ps_status_shows_heartbeats_and_the_view(tmp_path):
         assert "view 2 (workers [0])" in text and "dropped" in text
 
 
+def _joined(servers, rank, layout, job=None):
+    """A client registered (worker 0: the parameters initialized to zeros) and pulled."""
+    c = PSClient(servers.cluster(rank, **BEAT), job)
+    c.register(layout, "float64")
+    params = np.zeros(layout.size)
+    if rank == 0:
+        c.init(params)
+    c.pull(params)
+    return c, params
+
+
+def _push_threes_when(event, c, params):
+    """Once ``event`` is set, push a gradient of 3s for step 0, and finish."""
+    assert event.wait(20)
+    c.push_pull(np.full(params.size, 3.0), params, 0)
+    c.done()
+    c.close()
+    return params
+
+
 def test_a_push_sent_twice_is_applied_once(tmp_path):
     """The same push (same session and request id) sent three times while its step waits,
     and again after the step was applied: one update; the waiting copies get one answer
@@ -122,18 +143,9 @@ def test_a_push_sent_twice_is_applied_once(tmp_path):
         copies_in = threading.Event()
 
         def worker(rank):
-            c = PSClient(servers.cluster(rank, **BEAT))
-            c.register(LAYOUT, "float64")
-            params = np.zeros(LAYOUT.size)
-            if rank == 0:
-                c.init(params)
-            c.pull(params)
+            c, params = _joined(servers, rank, LAYOUT)
             if rank == 1:
-                assert copies_in.wait(20)
-                c.push_pull(np.full(LAYOUT.size, 3.0), params, 0)
-                c.done()
-                c.close()
-                return params
+                return _push_threes_when(copies_in, c, params)
             link = c.links[0]
 
             def answer():
@@ -176,3 +188,54 @@ def test_refusals_are_counted_in_the_written_metrics(tmp_path):
         c.close()
         assert servers.wait() == [0]
         assert json.loads((tmp_path / "out" / "server-0.json").read_text())["refused"] == 2
+
+
+def test_a_push_in_chunks_sent_twice_is_applied_once(tmp_path):
+    """Plain BSP with two chunks on the server: worker 0 pushes its step in two messages and
+    sends the first one twice while the step waits, then once more after it was applied.
+    One update; every message is answered with the chunks it carried; the late copy is
+    answered again and not applied."""
+    layout = Layout([("w", (1 << 18,))])            # 2 MiB of float64: two chunks of 1 MiB with --chunk-mb 0.5
+    flags = FLAGS + ["--chunk-mb", "0.5", "--out", tmp_path / "out"]
+    with Servers(1, 2, str(tmp_path), flags, timeout=20) as servers:
+        copies_in = threading.Event()
+
+        def worker(rank):
+            c, params = _joined(servers, rank, layout, JobConfig(chunk_mb=0.5))
+            if rank == 1:
+                return _push_threes_when(copies_in, c, params)
+            chunks = c.chunks[0]
+            assert len(chunks) == 2, chunks
+            link = c.links[0]
+
+            def answer():
+                assert link.poll(20000), "no answer"
+                return codec.decode(link.recv())
+
+            def push(rid, r):
+                return codec.encode(PUSH, c.name, step=0, rid=rid, arrays=[np.ones(r[1] - r[0])], ranges=[r],
+                                    session=c.session)
+            first, second = push(77, chunks[0]), push(78, chunks[1])
+            link.send(first)
+            link.send(first)
+            link.send(second)
+            link.send(codec.encode("pull", c.name, rid=79))      # answered after the pushes were read
+            assert answer().rid == 79
+            copies_in.set()                                     # now worker 1 pushes: the step completes
+            answers = {a.rid: a for a in (answer(), answer())}
+            link.send(first)                                    # a copy of a message already applied
+            again = answer()
+            assert not link.poll(500), "more answers than messages"
+            c.done()
+            c.close()
+            return answers, again, chunks
+        (answers, again, chunks), params1 = run_threads(worker, 2, timeout=60)
+        assert sorted(answers) == [77, 78]
+        for a, r in [(answers[77], chunks[0]), (answers[78], chunks[1]), (again, chunks[0])]:
+            assert a.meta["version"] == 1 and a.ranges == [tuple(r)]
+            np.testing.assert_array_equal(a.arrays[0], np.full(r[1] - r[0], -1.0))   # 0 - 0.5 * (1 + 3) / 2
+        assert again.rid == 77
+        np.testing.assert_array_equal(params1, np.full(layout.size, -1.0))
+        assert servers.wait() == [0]
+        metrics = json.loads((tmp_path / "out" / "server-0.json").read_text())
+        assert metrics["version"] == 1 and metrics["repeated_pushes"] == 1

@@ -50,8 +50,9 @@ def test_ps_local_trains_and_writes_the_run_folder(tmp_path):
     assert last["step"] == 60 and last["tokens_per_s"] > 0
     from worker.checkpoint import load_model
     nbytes = load_model(out).num_params() * 4                            # float32
-    assert last["bytes_pushed"] == 2 * 60 * nbytes                       # 2 workers, 60 pushes each
-    assert last["bytes_pulled"] == 2 * 60 * nbytes                       # the first pull + 59 answers, when pushing
+    # the bytes on the wire: 2 workers, 60 pushes each of the whole gradient (the arrays; headers not counted)
+    assert last["bytes_pushed"] == 2 * 60 * nbytes
+    assert last["bytes_pulled"] == 2 * 60 * nbytes      # the first pull + 59 answers, when pushing
     assert "sample from the final model" in done.stdout and "validation loss" in done.stdout
 
 

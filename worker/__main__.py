@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="check the flags (and that --device can be used here), print the effective "
                         "configuration as JSON, and exit")
+    p.add_argument("--show-placement", action="store_true",
+                   help="print how the model's flat vector is cut into chunks (--chunk-mb) and dealt over "
+                        "--num-servers servers, with each server's bytes and the balance, and exit")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -58,6 +61,13 @@ def main(argv=None) -> int:
         return 2
     if args.dry_run:
         print(json.dumps({k: to_dict(v) for k, v in configs.items()}))
+        return 0
+    if args.show_placement:
+        from common import placement
+        from worker.tasks import make_task
+        layout = make_task(configs["worker"].model, configs["model"]).model.layout
+        S = configs["cluster"].num_servers
+        print(placement.describe(layout, placement.place_chunks(layout, S, configs["job"].chunk_mb), S))
         return 0
     log = logsetup.setup(f"worker:{configs['cluster'].rank if configs['cluster'].rank >= 0 else '?'}",
                          args.log_level)

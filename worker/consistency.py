@@ -47,29 +47,83 @@ class Progress:
     reply: dict = field(default_factory=dict)     # server 0's answer meta ({} between averagings)
 
 
-class SyncLoop:
-    """bsp, with or without backup workers."""
+class Loop:
+    """What every loop shares: no hooks into the model, nothing to settle."""
 
-    def __init__(self, client, model, steps: int, num_workers: int, job, optim: dict | None = None):
+    def forward_hooks(self) -> dict:
+        """Keyword arguments for ``model.forward`` (overlap: wait for each layer's parameters)."""
+        return {}
+
+    def backward_hooks(self, loss: float, tokens: int) -> dict:
+        """Keyword arguments for ``model.backward`` (overlap: push each layer's gradients)."""
+        return {}
+
+    def settle(self, p: Progress) -> Progress:
+        """``p``, once the step's answers are in (overlap: they arrive during the next forward)."""
+        return p
+
+
+class SyncLoop(Loop):
+    """bsp, with or without backup workers.
+
+    With ``overlap`` (plain BSP, a model with layer hooks: ``worker/model.py``), a step's
+    communication hides under compute, as in BytePS: the backward pushes each layer's
+    gradients as soon as they are final while it goes on with the layers below, and the
+    next forward waits for each layer's new parameters just before it uses them, while
+    the servers are still updating and answering the layers above. ``step`` then returns
+    before the answers are in (``synced`` False); ``settle`` waits for them."""
+
+    def __init__(self, client, model, steps: int, num_workers: int, job, optim: dict | None = None,
+                 overlap: bool = False):
         self.client, self.model, self.steps = client, model, steps
         self.k = num_workers - job.backup_workers      # gradients in one step
         self.tokens = 0
+        self.overlap = overlap and client.chunkwise and getattr(model, "LAYER_HOOKS", False)
+        self.reply: dict = {}                          # overlap: the last answers read
 
     def finished(self) -> bool:
-        return self.client.version >= self.steps
+        return self.client.version + self.client.in_step >= self.steps    # (a push out is a step done)
+
+    def forward_hooks(self) -> dict:
+        return {"before": self.client.wait_params} if self.overlap else {}
+
+    def backward_hooks(self, loss: float, tokens: int) -> dict:
+        if not self.overlap:
+            return {}
+        self._settle()                                 # the last step's answers: in since the forward
+        m = self.model
+        self.client.begin_push(m.grads, m.params, self.client.version, loss=loss, tokens=tokens)
+        return {"after": self.client.push_final}
 
     def step(self, loss: float, tokens: int) -> Progress:
         c = self.client
+        if self.overlap:                               # the answers come in during the next forward
+            c.push_rest()
+            v = c.version + 1
+            return Progress(v, v, v * self.k, self.tokens + tokens * self.k, synced=False, reply=self.reply)
         reply = c.push_pull(self.model.grads, self.model.params, c.version, loss=loss, tokens=tokens)
         if not reply["dropped"]:
             self.tokens += reply.get("stats", {}).get("tokens", tokens * self.k)
         return Progress(c.version, c.version, c.version * self.k, self.tokens, reply=reply)
 
+    def _settle(self):
+        if self.client.in_step:
+            self.reply = self.client.end_step()
+            self.tokens += self.reply.get("stats", {}).get("tokens", 0)
+
+    def settle(self, p: Progress) -> Progress:
+        if p.synced:
+            return p
+        self._settle()
+        c = self.client
+        return Progress(c.version, c.version, c.version * self.k, self.tokens, reply=self.reply)
+
     def finish(self):
         """Called once the job has ended: leave the newest parameters in the model."""
+        self._settle()
 
 
-class AsyncLoop:
+class AsyncLoop(Loop):
     """asp and ssp: every push is applied alone, as it arrives."""
 
     def __init__(self, client, model, steps: int, num_workers: int, job, optim: dict | None = None):
@@ -94,7 +148,7 @@ class AsyncLoop:
         self.client.pull(self.model.params)            # the others may have pushed since our last answer
 
 
-class LocalSGDLoop:
+class LocalSGDLoop(Loop):
     """local-sgd: H local optimizer steps, then the servers average the changes."""
 
     def __init__(self, client, model, steps: int, num_workers: int, job, optim: dict | None = None):
@@ -138,6 +192,8 @@ class LocalSGDLoop:
 LOOPS = {"bsp": SyncLoop, "asp": AsyncLoop, "ssp": AsyncLoop, "local-sgd": LocalSGDLoop}
 
 
-def make_loop(job, client, model, steps: int, num_workers: int, optim: dict | None = None):
-    """The loop of ``job.mode`` (a ``JobConfig``)."""
+def make_loop(job, client, model, steps: int, num_workers: int, optim: dict | None = None, overlap: bool = False):
+    """The loop of ``job.mode`` (a ``JobConfig``); ``overlap``: see ``SyncLoop``."""
+    if job.mode == "bsp":
+        return SyncLoop(client, model, steps, num_workers, job, optim, overlap=overlap)
     return LOOPS[job.mode](client, model, steps, num_workers, job, optim)

@@ -9,7 +9,10 @@ One worker, top to bottom:
                                            memory, then copied up: worker/staging.py)
     until the job's steps are done:
         forward + backward on a batch      grads (this worker's shard of the batch; on a GPU
-                                           copied down to pinned host memory for the wire)
+                                           copied down to pinned host memory for the wire); with
+                                           --overlap (bsp, CPU), each layer's gradients leave as
+                                           soon as the backward has them, and the forward
+                                           waits for each layer's new parameters
         (--straggler: this worker sleeps)  a slow worker, to see what each mode does with it
         the mode's step                    BSP: push grads, the servers average over every
                                            worker, step the optimizer, answer with fresh
@@ -74,6 +77,7 @@ class WorkerConfig:
     precision: str = "fp32"       # with --device cuda: fp32, or bf16 / fp16 activations and matmuls (float32 parameters and gradients on the wire)
     model: str = "gpt"            # gpt: next byte, causal attention | bert: 15% of the bytes masked, bidirectional
     trace: bool = False           # write a Chrome trace of this worker (trace-worker-R.json in the run folder)
+    overlap: bool = True          # bsp: push each layer's gradients during the backward and wait for each layer's new parameters in the next forward (--no-overlap: push and pull after the backward)
     straggler: str = ""           # RANK:SECONDS (worker RANK sleeps that long after each gradient) or RANK:Fx (its steps take F times its compute time); RANK 'any': a different random worker at each step; '' = none
     CHOICES = {"model": MODELS, "precision": PRECISIONS}
 
@@ -186,7 +190,9 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
         sampler.next_batch()
     if joined:
         log.info("joining the job at version %d (the data sampler moved on accordingly)", joined)
-    loop = make_loop(job_cfg, client, host, wc.steps, W, job.get("optim"))
+    # overlap needs the model's layer hooks over the very vectors the wire fills: a CPU model
+    loop = make_loop(job_cfg, client, model if not host.on_device else host, wc.steps, W, job.get("optim"),
+                     overlap=wc.overlap and not host.on_device)
     straggler = Straggler(wc.straggler, rank, W, wc.seed)
     if straggler.involves_me:
         log.info("this worker is slowed: %s", straggler.describe())
@@ -217,11 +223,11 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
         t_step, step = tracer.now(), iterations
         idx, targets = sampler.next_batch()
         t0 = time.perf_counter()
-        with tracer.span("forward", step=step):
-            model.zero_grad()
-            loss = model.forward(idx, targets)
-        with tracer.span("backward", step=step):
-            model.backward()
+        with tracer.span("forward", step=step):         # overlap: waits for each layer's new parameters
+            loss = model.forward(idx, targets, **loop.forward_hooks())
+        with tracer.span("backward", step=step):        # overlap: each layer's gradients leave when final
+            model.zero_grad()      # after the forward: until then the last step's push may still be leaving
+            model.backward(**loop.backward_hooks(loss, idx.size))
             host.grads_to_host()          # a GPU's gradients into pinned host memory, once computed
         dt = time.perf_counter() - t0
         compute_s += dt
@@ -237,6 +243,9 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
         iterations += 1
         if not lead:
             continue
+        if not p.synced and (loop.finished() or p.step // wc.eval_interval > last_eval // wc.eval_interval
+                             or p.step // wc.log_interval > last_log // wc.log_interval):
+            p = loop.settle(p)          # overlap: logging and evaluating need this step's answers
         wire = p.reply.get("stats", wire)
         # log and evaluate when the job's progress passes a multiple of the intervals (a mode
         # may jump over one: backup workers, asp); local-sgd evaluates only averaged models
@@ -255,6 +264,8 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
                           bytes_pulled=stats.get("bytes_pulled", client.bytes_pulled))
             metrics.write(record)
             window_t, window_tokens, last_log = now, p.tokens, p.step
+    if p is not None:
+        p = loop.settle(p)              # overlap: the last answers in before this worker says done
     wall_s = time.perf_counter() - t_start
     if lead:
         loop.finish()

@@ -16,12 +16,18 @@ from worker import fastlayers as F
 from worker.layers import matmul_forward, residual_forward
 
 
-def forward_blocks(model, a):
-    """a.encoded (B,T,C) -> a.logits (B,T,V): the blocks, ln_f, the tied projection."""
+def _no_hook(begin, end):
+    pass
+
+
+def forward_blocks(model, a, before=_no_hook):
+    """a.encoded (B,T,C) -> a.logits (B,T,V): the blocks, ln_f, the tied projection;
+    ``before(b, e)``: the model's hook, called before params[b:e] is first used."""
     p, NH, S = model._p, model.config.n_head, a.scratch
     x = a.encoded
     for i, blk in enumerate(a.blocks):
         h = f"h.{i}."
+        before(*model.spans["blocks"][i])
         F.layernorm_forward(blk["ln1"], blk["ln1_xhat"], blk["ln1_mean"], blk["ln1_rstd"], x,
                             p[h + "ln_1.weight"], p[h + "ln_1.bias"], S)
         matmul_forward(blk["qkv"], blk["ln1"], p[h + "attn.c_attn.weight"],
@@ -39,19 +45,22 @@ def forward_blocks(model, a):
                        p[h + "mlp.c_proj.bias"])                                # (B,T,C)
         residual_forward(blk["res3"], blk["res2"], blk["fcproj"])
         x = blk["res3"]
+    before(*model.spans["ln_f"])
     F.layernorm_forward(a.lnf, a.lnf_xhat, a.lnf_mean, a.lnf_rstd, x, p["ln_f.weight"],
                         p["ln_f.bias"], S)
     matmul_forward(a.logits, a.lnf, p["wte.weight"].T)                          # (B,T,V), tied
 
 
-def backward_blocks(model, a, idx, g):
+def backward_blocks(model, a, idx, g, after=_no_hook):
     """From dlogits (in a.logits) down to the embeddings: accumulates into the gradient
-    views ``g`` (name -> view, as model.named_grads())."""
+    views ``g`` (name -> view, as model.named_grads()); ``after(b, e)``: the model's hook,
+    called once grads[b:e] is final."""
     p, NH, S = model._p, model.config.n_head, a.scratch
     F.matmul_backward(a.dC, g["wte.weight"].T, None, a.logits, a.lnf, p["wte.weight"].T, S)
     a.dres[...] = 0
     F.layernorm_backward(a.dres, g["ln_f.weight"], g["ln_f.bias"], a.dC, a.lnf_xhat,
                          a.lnf_rstd, p["ln_f.weight"], S)
+    after(*model.spans["ln_f"])
     # the residual stream's gradient a.dres is read by both branches in place, and the
     # LayerNorms add their share into it (see GPT._backward_blocks_reference)
     for i in reversed(range(model.config.n_layer)):
@@ -70,4 +79,6 @@ def backward_blocks(model, a, idx, g):
                           a.dqkv, blk["ln1"], p[h + "attn.c_attn.weight"], S)
         F.layernorm_backward(a.dres, g[h + "ln_1.weight"], g[h + "ln_1.bias"], a.dC,
                              blk["ln1_xhat"], blk["ln1_rstd"], p[h + "ln_1.weight"], S)
+        after(*model.spans["blocks"][i])
     F.embedding_backward(g["wte.weight"], g["wpe.weight"], a.dres, idx)
+    after(*model.spans["embed"])

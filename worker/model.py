@@ -20,6 +20,15 @@ end of ``backward``. Each thread then wants a single-threaded BLAS
 (``OPENBLAS_NUM_THREADS=1``): N threads of 1 BLAS thread use N cores with no
 fine-grained synchronisation, which is also what keeps them fast on a shared machine.
 
+Two optional hooks let a distributed worker overlap communication with compute
+(``worker/consistency.py``): ``forward(..., before=f)`` calls ``f(begin, end)`` before
+the first use of ``params[begin:end]`` (the embeddings, each block, ln_f: the order of
+the flat vector), and ``backward(after=g)`` calls ``g(begin, end)`` once
+``grads[begin:end]`` is final (ln_f, the blocks from the last, then the embeddings:
+wte is tied to the output, so its gradient is final only at the very end). With
+``threads`` > 1 each hook is called once, for the whole vector (before the slices'
+forward; after their gradients are summed).
+
 With ``device="cuda"`` the flat vectors live in GPU memory (CuPy) and forward and
 backward run the CUDA kernels of ``worker/kernels/`` through ``worker/devicemodel.py``,
 optionally in mixed precision (``precision="bf16"`` or ``"fp16"``: 16-bit activations,
@@ -120,9 +129,14 @@ class _Part:
             self.grad_views = model.layout.views(self.grads)
 
 
+def _no_hook(begin, end):
+    pass
+
+
 class GPT:
     """GPT-2 whose parameters live in the flat vector ``self.params`` (gradients in
     ``self.grads``), views named as in GPT-2."""
+    LAYER_HOOKS = True            # forward(before=) and backward(after=): see the module's docstring
 
     def __init__(self, config: GPTConfig, dtype=numpy.float32, seed: int = 0,
                  reference: bool = False, threads: int = 1, device: str = "cpu",
@@ -156,6 +170,9 @@ class GPT:
         self.grads = self.xp.zeros(self.layout.size, dtype=self.dtype)
         self._p = self.layout.views(self.params)
         self._g = self.layout.views(self.grads)
+        L = self.layout           # the ranges the hooks name
+        self.spans = dict(embed=(L.span("wte.")[0], L.span("wpe.")[1]), ln_f=L.span("ln_f."),
+                          blocks=[L.span(f"h.{i}.") for i in range(config.n_layer)])
         self.threads = threads
         self._parts = []              # one _Part per slice of the batch, for the last (B, T)
         self._pool = None             # threads - 1 helper threads, started on first use
@@ -242,11 +259,12 @@ class GPT:
         if idx.dtype.kind not in "iu":
             raise ValueError(f"{what} must hold integers, got {idx.dtype}")
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, before=_no_hook):
         """Run the model on token ids ``idx`` (B, T).
         With ``targets`` (B, T): return the mean cross-entropy over positions whose
         target is >= 0 (a float), and keep what ``backward`` needs.
-        Without: return the logits (B, T, V), a fresh array."""
+        Without: return the logits (B, T, V), a fresh array.
+        ``before(begin, end)`` is called before params[begin:end] is first used."""
         cfg = self.config
         self._check_tokens(idx, "idx")
         B, T = idx.shape
@@ -261,23 +279,28 @@ class GPT:
                 raise ValueError(f"targets shape {targets.shape} != idx shape {idx.shape}")
             if targets.size and int(targets.max()) >= cfg.vocab_size:
                 raise ValueError(f"targets must be < vocab_size {cfg.vocab_size} (negative = ignored)")
-        if self._gpu is not None:
+        if self._gpu is not None:                # (the hooks see the whole vector at once)
+            before(0, self.layout.size)
             return self._gpu.forward(idx, targets)
         p = self._p
+        parts = self._slices(B, T)
+        hook = before if len(parts) == 1 else _no_hook
+        if len(parts) > 1:                       # several threads: every parameter before they start
+            before(0, self.layout.size)
 
         def run(part):                           # one slice of the batch, in its thread
             a, rows = part.acts, slice(part.lo, part.hi)
+            hook(*self.spans["embed"])
             embedding_forward(a.encoded, idx[rows], p["wte.weight"], p["wpe.weight"])  # (b,T,C)
             if self._fast:
-                fastmodel.forward_blocks(self, a)                               # (b,T,V) logits
+                fastmodel.forward_blocks(self, a, hook)                         # (b,T,V) logits
             else:
-                self._forward_blocks_reference(a)
+                self._forward_blocks_reference(a, hook)
             if targets is None:
                 return None
             softmax_crossentropy_forward(a.losses, a.probs, a.logits, targets[rows])
             return float(a.losses.sum())
 
-        parts = self._slices(B, T)
         self._batch = None
         loss_sums = self._run(run, parts)
         if targets is None:
@@ -286,12 +309,13 @@ class GPT:
         self._batch = (idx, targets, n_valid)
         return sum(loss_sums) / max(n_valid, 1)
 
-    def _forward_blocks_reference(self, a):
+    def _forward_blocks_reference(self, a, before=_no_hook):
         """The blocks, ln_f and the tied logits projection with worker/layers.py."""
         cfg, p = self.config, self._p
         x = a.encoded
         for i, blk in enumerate(a.blocks):
             h = f"h.{i}."
+            before(*self.spans["blocks"][i])
             layernorm_forward(blk["ln1"], blk["ln1_mean"], blk["ln1_rstd"], x,
                               p[h + "ln_1.weight"], p[h + "ln_1.bias"])
             matmul_forward(blk["qkv"], blk["ln1"], p[h + "attn.c_attn.weight"],
@@ -309,19 +333,25 @@ class GPT:
                            p[h + "mlp.c_proj.bias"])                            # (B,T,C)
             residual_forward(blk["res3"], blk["res2"], blk["fcproj"])
             x = blk["res3"]
+        before(*self.spans["ln_f"])
         layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, x, p["ln_f.weight"], p["ln_f.bias"])
         matmul_forward(a.logits, a.lnf, p["wte.weight"].T)                      # (B,T,V), tied
 
     # --- backward -------------------------------------------------------------------
-    def backward(self, dloss: float = 1.0):
+    def backward(self, dloss: float = 1.0, after=_no_hook):
         """Accumulate into ``grads`` (``+=``) the gradient of ``dloss`` times the loss of
         the last ``forward(idx, targets)``. Call ``zero_grad()`` between steps; several
-        backward calls between two ``zero_grad()`` accumulate micro-batches."""
+        backward calls between two ``zero_grad()`` accumulate micro-batches.
+        ``after(begin, end)`` is called once grads[begin:end] is final."""
         if self._gpu is not None:
-            return self._gpu.backward(dloss)
+            self._gpu.backward(dloss)
+            after(0, self.layout.size)
+            return None
         if self._batch is None:
             raise RuntimeError("backward() needs a forward(idx, targets) first")
         idx, targets, n_valid = self._batch
+        parts = self._slices(*idx.shape)
+        hook = after if len(parts) == 1 else _no_hook
 
         def run(part):                           # one slice of the batch, in its thread
             a, rows = part.acts, slice(part.lo, part.hi)
@@ -333,11 +363,10 @@ class GPT:
             dlogits = a.logits                   # the logits are not needed any more
             softmax_crossentropy_backward(dlogits, a.dlosses, a.probs, targets[rows])
             if self._fast:
-                fastmodel.backward_blocks(self, a, idx[rows], g)
+                fastmodel.backward_blocks(self, a, idx[rows], g, hook)
             else:
-                self._backward_blocks_reference(a, idx[rows], g)
+                self._backward_blocks_reference(a, idx[rows], g, hook)
 
-        parts = self._slices(*idx.shape)
         self._run(run, parts)
         if len(parts) > 1:
             # the slices' gradients summed in order, each thread over its own range, and
@@ -350,8 +379,10 @@ class GPT:
             self._run(reduce, even_ranges(self.layout.size, len(parts), 16))
         for part in parts:
             part.dirty = False
+        if len(parts) > 1:                       # several threads: final once summed
+            after(0, self.layout.size)
 
-    def _backward_blocks_reference(self, a, idx, g):
+    def _backward_blocks_reference(self, a, idx, g, after=_no_hook):
         """From dlogits (in ``a.logits``) down to the embeddings, with worker/layers.py;
         accumulates into the gradient views ``g``."""
         cfg, p = self.config, self._p
@@ -361,6 +392,7 @@ class GPT:
         a.dres[...] = 0
         layernorm_backward(a.dres, g["ln_f.weight"], g["ln_f.bias"], a.dC, x_last,
                            a.lnf_mean, a.lnf_rstd, p["ln_f.weight"])
+        after(*self.spans["ln_f"])
         # The residual stream: res3 = res2 + fcproj and res2 = x + attproj. residual_backward
         # would copy dres into both branches; here both branches read a.dres in place and
         # the LayerNorms add their share into it, which is the same sum without copies.
@@ -384,4 +416,6 @@ class GPT:
                             a.dqkv, blk["ln1"], p[h + "attn.c_attn.weight"])
             layernorm_backward(a.dres, g[h + "ln_1.weight"], g[h + "ln_1.bias"], dln1,
                                x_in, blk["ln1_mean"], blk["ln1_rstd"], p[h + "ln_1.weight"])
+            after(*self.spans["blocks"][i])
         embedding_backward(g["wte.weight"], g["wpe.weight"], a.dres, idx)
+        after(*self.spans["embed"])
