@@ -98,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume the job in --out from its servers' checkpoints (after a crash or Ctrl-C): the "
                         "same flags, the run folder kept, the loss curve continued")
     g.add_argument("--heartbeat", type=float, default=1.0,
-                   help="seconds between heartbeats; a worker silent for 5 of them is dropped (default: 1)")
+                   help="seconds between heartbeats; a worker silent for --heartbeat-misses of them is dropped "
+                        "(default: 1; 0: none)")
+    g.add_argument("--heartbeat-misses", type=int, default=5,
+                   help="heartbeats a worker may miss before it is dropped (default: 5)")
     add_arguments(p, JobConfig, "consistency (every process)")
     add_arguments(p, OptimConfig, "optimizer (servers)", defaults=dict(OPTIM_DEFAULTS, lr_decay_steps=None),
                   default_text={"lr_decay_steps": "--steps"})
@@ -278,7 +281,8 @@ def main(argv=None) -> int:
     coord = f"127.0.0.1:{port}"
     py = sys.executable
     common = ["--num-servers", str(args.servers), "--num-workers", str(args.workers),
-              "--coordinator", coord, "--timeout", str(args.timeout), "--heartbeat", str(args.heartbeat)] + _flags(job)
+              "--coordinator", coord, "--timeout", str(args.timeout), "--heartbeat", str(args.heartbeat),
+              "--heartbeat-misses", str(args.heartbeat_misses)] + _flags(job)
     if args.curve:
         common += ["--curve", args.curve]
     try:

@@ -141,6 +141,7 @@ class Joining:
         self.applied.load(extra.get("applied", []))
         if self.sync:
             self.sync.agreement.load(extra.get("agreement", {}))
+            self.sync.wire = {(r, sess): (b, q) for r, sess, b, q in extra.get("wire", [])}
             self.sync.agreement.begin(version)
         if rejoin:                                 # back into a running job
             self.resumed_at = version
@@ -157,12 +158,15 @@ class Joining:
             return
         extra = {"bind": self.router.endpoint, "addr": self.addr, "view": self.view_number,
                  "workers": [[r, s] for r, s in sorted(self.view.items())], "applied": self.applied.state(),
-                 "agreement": self.sync.agreement.state() if self.sync else {}}
+                 "agreement": self.sync.agreement.state() if self.sync else {},
+                 "wire": [[r, sess, b, q] for (r, sess), (b, q) in sorted(self.sync.wire.items())] if self.sync else []}
         t0 = time.perf_counter()
         with self.tracer.span("checkpoint", step=self.shard.version):
             path = checkpoint.save(self.checkpoints, self.rank, self.shard, self.layout_hash, extra)
+        took = time.perf_counter() - t0
         self.checkpoints_written += 1
-        log.debug("checkpoint %s written in %.3f s", path, time.perf_counter() - t0)
+        self.checkpoint_s += took
+        log.debug("checkpoint %s written in %.3f s", path, took)
 
     def answers_wait(self, version: int) -> bool:
         """Must the answers of the update to ``version`` wait for ``after_update`` (a

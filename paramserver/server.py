@@ -125,6 +125,7 @@ class Server(Joining, FailureHandling):
         self.last_beat = 0.0                      # when this server last sent a heartbeat (s > 0)
         self.coord_heard = time.monotonic()       # when the coordinator last answered one
         self.checkpoints_written = 0
+        self.checkpoint_s = 0.0                   # time spent writing them (lesson 7: the cost C of a save)
         self.busy = 0                             # > 0 while state changes: a TERM waits for the end of it
         self.interrupted = 0
         self.rule = make_rule(job.mode, cluster.num_workers, job.staleness, job.backup_workers)
@@ -175,7 +176,8 @@ class Server(Joining, FailureHandling):
         if not self.out or self.shard is None:
             return
         extra = dict(refused=self.refused, repeated_pushes=self.applied.repeats,
-                     checkpoints_written=self.checkpoints_written, resumed_at=self.resumed_at,
+                     checkpoints_written=self.checkpoints_written, checkpoint_s=self.checkpoint_s,
+                     resumed_at=self.resumed_at,
                      failure=self.failure or None)
         if self.coordinator:
             extra.update(self.coordinator.metrics())

@@ -49,6 +49,9 @@ class SyncServing:
         self.clip = server.optim.grad_clip > 0 and server.job.mode == "bsp"   # local-sgd clips on the workers
         self.sent_at = 0.0                      # when this step's proposal was last sent
         self.sent_links: dict[int, int] = {}    # peer -> its link's handshakes when we last sent it our proposal
+        # (rank, session) -> (bytes pushed, bytes pulled): the last counters of every worker process
+        # whose push was applied, so a worker that died or restarted stays in the job's totals
+        self.wire: dict[tuple[int, int], tuple[int, int]] = {}
         self.asm: StepAssembly | None = None    # plain BSP: the step's chunk-by-chunk pushes (set with the shard)
 
     def start(self, shard):
@@ -260,7 +263,12 @@ class SyncServing:
         if mine:
             metas = [self.pending[r][2] for r in mine]
             losses = [m["loss"] for m in metas if "loss" in m]
-            stats = {k: sum(m.get(k, 0) for m in metas) for k in ("tokens", "bytes_pushed", "bytes_pulled")}
+            for r in mine:
+                meta, session = self.pending[r][2:]
+                self.wire[(r, session)] = (meta.get("bytes_pushed", 0), meta.get("bytes_pulled", 0))
+            stats = {"tokens": sum(m.get("tokens", 0) for m in metas),
+                     "bytes_pushed": sum(b for b, _ in self.wire.values()),
+                     "bytes_pulled": sum(b for _, b in self.wire.values())}
             srv.recorder.step(mine, step)
             answer = dict(stats=stats, **({"loss": sum(losses) / len(losses)} if losses else {}))
             with srv.tracer.span("update", step=step):

@@ -2,6 +2,8 @@
 
     python scripts/failures.py                  # every scenario (about a minute on 2 cores)
     python scripts/failures.py worker server    # some of them
+    python scripts/failures.py worker --keep runs/lesson7 --eval-interval 25   # lesson 7: the run
+                        # folders kept, the job left alone among them, validation curves to plot
 
 Each scenario runs ``ps-local`` as a user would, finds a process's PID with ``ps-status``
 (as a user would), kills it with SIGKILL (a crash), and reports what the job did and
@@ -16,7 +18,12 @@ how long it took, from the run folder's logs and files:
 - ``coordinator``: server 0 dies; every other process stops within a few heartbeats,
                    naming it; ``ps-local --resume`` continues the job from the servers'
                    checkpoints, and again the final parameters equal the uninterrupted run's.
-docs/failures.md explains each outcome; tests/test_faults.py checks them all.
+Each scenario kills its process as soon as the job reaches a set step (a quarter, a third,
+half of ``--steps``), its PID looked up beforehand, so the kill lands within a few steps
+of it. With ``--keep`` the job is also run undisturbed (``uninterrupted``, reused by a later
+call with the same flags), so that ``ps-plot`` can lay the runs over each other.
+docs/failures.md explains each outcome; tests/test_faults.py checks them all; lesson 7
+(docs/lesson7_failures.md) plots them.
 """
 from __future__ import annotations
 
@@ -38,19 +45,24 @@ from safetensors.numpy import load_file  # noqa: E402
 from common.transport import free_port  # noqa: E402
 
 MODEL = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "8",
-         "--eval-interval", "100000", "--eval-batches", "2", "--sample-bytes", "0", "--log-interval", "1"]
+         "--eval-batches", "2", "--sample-bytes", "0", "--log-interval", "1"]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
 
 
 class LocalJob:
     """``ps-local`` in the background, and what a user would look at."""
+    eval_interval = 100000                    # validation only at the end, unless --eval-interval (lesson 7)
 
     def __init__(self, out: Path, steps: int, *extra):
-        self.out, self.port = out, free_port()
+        self.out, self.port, self.steps = out, free_port(), steps
         cmd = [sys.executable, "-m", "common.launch_local", "--servers", "2", "--workers", "2", "--steps", str(steps),
                "--out", str(out), "--port", str(self.port), "--no-progress", "--timeout", "8", "--heartbeat", "0.2",
-               *MODEL, *extra]
+               *self.worker_args(), *extra]
         self.proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    @classmethod
+    def worker_args(cls) -> list[str]:
+        return MODEL + ["--eval-interval", str(cls.eval_interval)]
 
     def step(self) -> int:
         path = self.out / "metrics.jsonl"
@@ -90,15 +102,23 @@ def same(a: dict, b: dict) -> bool:
     return sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def kill(pid: int) -> float:
+def kill_at(job: LocalJob, role: str, rank: int, step: int) -> float:
+    """SIGKILL ``role`` ``rank`` of ``job`` as soon as the job reaches ``step``. The PID is
+    looked up first (ps-status takes a moment, in which a small job runs dozens of steps),
+    so the kill lands within a few steps of ``step``. Returns the time of the kill."""
+    job.wait_step(1)
+    pid = job.pid(role, rank)
+    job.wait_step(step)
+    if job.proc.poll() is not None or job.step() >= job.steps:
+        raise SystemExit(f"the job ended before {role} {rank} could be killed: give more --steps")
     os.kill(pid, signal.SIGKILL)
+    print(f"  killed {role} {rank} (pid {pid}) at step {job.step()}")
     return time.monotonic()
 
 
 def worker(folder: Path, steps: int, reference):
     job = LocalJob(folder / "worker", steps)
-    job.wait_step(steps // 4)
-    t0 = kill(job.pid("worker", 1))
+    t0 = kill_at(job, "worker", 1, steps // 4)
     code, _ = job.finish()
     took = time.monotonic() - t0
     drop = job.lines("server-0", "dropped worker 1")
@@ -111,8 +131,7 @@ def worker(folder: Path, steps: int, reference):
 
 def server(folder: Path, steps: int, reference):
     job = LocalJob(folder / "server", steps, "--respawn", "--checkpoint-every", "1")
-    job.wait_step(steps // 3)
-    t0 = kill(job.pid("server", 1))
+    t0 = kill_at(job, "server", 1, steps // 3)
     code, out = job.finish()
     back = job.lines("server-0", "came back")
     print(f"  ps-local exit code {code}; the job ended {time.monotonic() - t0:.1f} s after the kill")
@@ -129,8 +148,7 @@ def server(folder: Path, steps: int, reference):
 def coordinator(folder: Path, steps: int, reference):
     out = folder / "coordinator"
     job = LocalJob(out, steps, "--checkpoint-every", "5")
-    job.wait_step(steps // 2)
-    t0 = kill(job.pid("server", 0))
+    t0 = kill_at(job, "server", 0, steps // 2)
     code, _ = job.finish()
     print(f"  ps-local exit code {code}; every process stopped {time.monotonic() - t0:.1f} s after the kill")
     for name in ("server-1", "worker-0"):
@@ -147,6 +165,22 @@ def coordinator(folder: Path, steps: int, reference):
     return code == 1 and code2 == 0 and equal
 
 
+def uninterrupted(out: Path, steps: int) -> Path:
+    """The same job left alone, to compare with; one already in ``out`` (an earlier call
+    with the same --keep, --steps and --eval-interval) is used again."""
+    if (out / "model.safetensors").exists():
+        config = json.loads((out / "run_config.json").read_text())
+        if config["launcher"]["steps"] == steps and config["worker_args"] == LocalJob.worker_args():
+            print(f"uninterrupted: the job left alone, from {out} (an earlier run)")
+            return out
+        raise SystemExit(f"{out} holds a run of other flags; give another --keep (or remove it)")
+    print("uninterrupted: the job left alone, to compare with")
+    code, said = LocalJob(out, steps).finish()
+    if code != 0:
+        raise SystemExit(f"the uninterrupted run failed:\n{said}")
+    return out
+
+
 SCENARIOS = {"worker": worker, "server": server, "coordinator": coordinator}
 
 
@@ -155,20 +189,24 @@ def main(argv=None) -> int:
     p.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []], help="default: all")
     p.add_argument("--steps", type=int, default=400, help="steps of each job (default: 400)")
     p.add_argument("--keep", default="", help="keep the run folders here (default: a temporary folder)")
+    p.add_argument("--eval-interval", type=int, default=0,
+                   help="worker 0 evaluates the validation loss every this many steps, for loss curves to "
+                        "compare (ps-plot, lesson 7; default: only at the end)")
     args = p.parse_args(argv)
+    if args.eval_interval:
+        LocalJob.eval_interval = args.eval_interval
     folder = Path(args.keep or tempfile.mkdtemp(prefix="failures-"))
     cache = {}
 
     def reference():
         if "params" not in cache:
-            job = LocalJob(folder / "uninterrupted", args.steps)
-            code, out = job.finish()
-            if code != 0:
-                raise SystemExit(f"the uninterrupted run failed:\n{out}")
-            cache["params"] = params(job.out)
+            cache["params"] = params(uninterrupted(folder / "uninterrupted", args.steps))
         return cache["params"]
+    chosen = args.scenarios or list(SCENARIOS)
+    if args.keep or {"server", "coordinator"} & set(chosen):   # first: kept beside the others (ps-plot)
+        reference()
     ok = True
-    for name in args.scenarios or SCENARIOS:
+    for name in chosen:
         print(f"{name}: {SCENARIOS[name].__name__} killed with SIGKILL")
         good = SCENARIOS[name](folder, args.steps, reference)
         print(f"  -> {'as documented' if good else 'NOT AS DOCUMENTED'}")

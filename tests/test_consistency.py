@@ -398,7 +398,9 @@ def test_every_mode_ends_by_itself_with_its_metrics(mode, tmp_path):
     if mode[0] == "local-sgd":
         assert server["updates"] == steps // 4 and all(w["pushes"] == steps // 4 for w in workers)
     wire = [r["bytes_pushed"] for r in records if "bytes_pushed" in r]       # the job's totals, never worker 0's own
-    assert wire == sorted(wire) and len(wire) >= 4
+    # (asp/ssp: worker 0 logs as the job's progress passes each interval, and on a loaded machine the other
+    # workers may carry it past several intervals, or to the end, during one of its steps)
+    assert wire == sorted(wire) and len(wire) >= (1 if mode[0] in ("asp", "ssp") else 4)
     if mode in (["bsp"], ["local-sgd", "--local-steps", "4"]):                # every push answered with the totals
         assert wire[-1] == sum(w["bytes_pushed"] for w in workers)
 

@@ -76,6 +76,8 @@ def test_a_restarted_worker_rejoins_with_its_shard_and_trains(tmp_path):
         assert [d["rank"] for d in server["rejoined_workers"]] == [1]
         assert int(server["applied_by_worker"]["1"]) > w1["iterations"] - 2   # it was averaged in again
         assert [r["step"] for r in job.metrics()][-1] == steps
+        wire = [r["bytes_pushed"] for r in job.metrics() if "bytes_pushed" in r]
+        assert wire == sorted(wire)             # the job's total: the dead worker's bytes stay in it
 
 
 def test_a_stalled_worker_is_dropped_then_registers_again_by_itself(tmp_path):
@@ -113,6 +115,26 @@ def test_ps_status_shows_heartbeats_and_the_view(tmp_path):
         assert "view 2 (workers [0])" in text and "dropped" in text
 
 
+def _joined(servers, rank, layout, job=None):
+    """A client registered (worker 0: the parameters initialized to zeros) and pulled."""
+    c = PSClient(servers.cluster(rank, **BEAT), job)
+    c.register(layout, "float64")
+    params = np.zeros(layout.size)
+    if rank == 0:
+        c.init(params)
+    c.pull(params)
+    return c, params
+
+
+def _push_threes_when(event, c, params):
+    """Once ``event`` is set, push a gradient of 3s for step 0, and finish."""
+    assert event.wait(20)
+    c.push_pull(np.full(params.size, 3.0), params, 0)
+    c.done()
+    c.close()
+    return params
+
+
 def test_a_push_sent_twice_is_applied_once(tmp_path):
     """The same push (same session and request id) sent three times while its step waits,
     and again after the step was applied: one update; the waiting copies get one answer
@@ -121,18 +143,9 @@ def test_a_push_sent_twice_is_applied_once(tmp_path):
         copies_in = threading.Event()
 
         def worker(rank):
-            c = PSClient(servers.cluster(rank, **BEAT))
-            c.register(LAYOUT, "float64")
-            params = np.zeros(LAYOUT.size)
-            if rank == 0:
-                c.init(params)
-            c.pull(params)
+            c, params = _joined(servers, rank, LAYOUT)
             if rank == 1:
-                assert copies_in.wait(20)
-                c.push_pull(np.full(LAYOUT.size, 3.0), params, 0)
-                c.done()
-                c.close()
-                return params
+                return _push_threes_when(copies_in, c, params)
             link = c.links[0]
 
             def answer():
@@ -188,18 +201,9 @@ def test_a_push_in_chunks_sent_twice_is_applied_once(tmp_path):
         copies_in = threading.Event()
 
         def worker(rank):
-            c = PSClient(servers.cluster(rank, **BEAT), JobConfig(chunk_mb=0.5))
-            c.register(layout, "float64")
-            params = np.zeros(layout.size)
-            if rank == 0:
-                c.init(params)
-            c.pull(params)
+            c, params = _joined(servers, rank, layout, JobConfig(chunk_mb=0.5))
             if rank == 1:
-                assert copies_in.wait(20)
-                c.push_pull(np.full(layout.size, 3.0), params, 0)
-                c.done()
-                c.close()
-                return params
+                return _push_threes_when(copies_in, c, params)
             chunks = c.chunks[0]
             assert len(chunks) == 2, chunks
             link = c.links[0]

@@ -69,6 +69,8 @@ def test_a_dying_role_stops_the_job_and_is_named(tmp_path):
 def test_bad_flags_fail_before_anything_starts(tmp_path):
     done = ps_local("--out", tmp_path / "r", "--n-layers", 3, timeout=60)
     assert done.returncode == 2 and "--n-layers" in done.stderr
+    done = ps_local("--out", tmp_path / "r", "--heartbeat-misses", 0, timeout=60)     # reaches every role's check
+    assert done.returncode == 2 and "heartbeat_misses >= 1" in done.stderr
     assert not (tmp_path / "r").exists()
 
 

@@ -102,6 +102,11 @@ def test_a_whole_job_resumed_from_its_checkpoints_continues_the_same_curve(how, 
         assert f"joining the job at version {resumed}" in job.log("worker-1")
         steps = [r["step"] for r in job.metrics()]
         assert steps == list(range(STEPS + 1)), steps     # one curve: kept up to the resume, then continued
+        lines = [r for r in job.metrics() if "bytes_pushed" in r]
+        per_step = lines[0]["bytes_pushed"] // lines[0]["step"]            # both workers' pushes of one step
+        assert [r["bytes_pushed"] for r in lines] == [r["step"] * per_step for r in lines]   # counted on, once
+        clock = [r["elapsed_s"] for r in job.metrics()]
+        assert clock == sorted(clock), clock                               # the clock goes on from the resume
         assert_equal(final_params(job), want)
 
 

@@ -210,6 +210,9 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
                            "fingerprint": data.fingerprint})
 
     t_start, epoch_start = time.perf_counter(), time.time()
+    # joining a running or resumed job, the clock goes on from the last line kept: elapsed_s
+    # is the time the job ran (the time it was down is not in it), so curves against time continue
+    clock0 = metrics.last.get("elapsed_s", 0.0) if metrics is not None else 0.0
     window_t, window_tokens, val, iterations = t_start, 0, float("nan"), 0
     last_log = last_eval = joined        # the job's step at the last metrics line and evaluation
     compute_s = straggle_s = 0.0
@@ -257,7 +260,7 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
             now = time.perf_counter()
             stats = wire
             record.update(tokens_per_s=(p.tokens - window_tokens) / max(now - window_t, 1e-9),
-                          elapsed_s=now - t_start, bytes_pushed=stats.get("bytes_pushed", client.bytes_pushed),
+                          elapsed_s=clock0 + now - t_start, bytes_pushed=stats.get("bytes_pushed", client.bytes_pushed),
                           bytes_pulled=stats.get("bytes_pulled", client.bytes_pulled))
             metrics.write(record)
             window_t, window_tokens, last_log = now, p.tokens, p.step
@@ -271,7 +274,7 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
         stats, tokens = (wire, p.tokens) if p else ({}, 0)
         val = evaluate(model, val_set)
         record.update(val_loss=val, tokens_per_s=(tokens - window_tokens) / max(now - window_t, 1e-9),
-                      elapsed_s=now - t_start, bytes_pushed=stats.get("bytes_pushed", client.bytes_pushed),
+                      elapsed_s=clock0 + now - t_start, bytes_pushed=stats.get("bytes_pushed", client.bytes_pushed),
                       bytes_pulled=stats.get("bytes_pulled", client.bytes_pulled))
         metrics.write(record)
         task.save(out, wc.steps)                     # before done: the coordinator may not outlive it

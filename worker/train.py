@@ -121,9 +121,11 @@ class MetricsWriter:
 
     def __init__(self, path, keep_until: int | None = None):
         self.path = Path(path)
+        self.last: dict = {}                  # the last line kept (a resumed run's clock goes on from it)
         if keep_until is not None and self.path.exists():
             kept = [ln for ln in self.path.read_text().splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= keep_until]
+            self.last = json.loads(kept[-1]) if kept else {}
             # a new file in place of the old (a reader following it, like ps-local, sees a new inode)
             atomic_write(self.path, "".join(ln + "\n" for ln in kept).encode())
         self._f = open(self.path, "a")
