@@ -14,10 +14,11 @@ A pushed chunk may arrive compressed (``common/compress.py``): it is decoded int
 slot, so everything after the slot sees float values whatever the wire carried.
 
 How an update is made depends on the consistency model (``consistency.py``): plain BSP
-averages each chunk as soon as every worker has pushed it and updates chunk by chunk
-(``average_chunk``; ``begin_update``, ``update_chunk``, ``end_update``: every element is
+holds each pushed chunk as received, sums the agreed workers' chunks once the step's set
+is known (``average_chunk``; again, from the held chunks, if the set shrinks) and updates
+chunk by chunk (``begin_update``, ``update_chunk``, ``end_update``: every element is
 updated on its own, so chunks updated one after the other give exactly the step of the
-whole shard); BSP with backup workers averages slots and takes an optimizer step (``average`` + ``apply``);
+whole shard; ``steps.py``); BSP with backup workers averages slots and takes an optimizer step (``average`` + ``apply``);
 ASP/SSP take an optimizer step with one worker's gradient as it arrives (``set_update``
 + ``apply``); local SGD averages the workers' parameter changes and subtracts them
 (``average`` + ``apply_delta``: an outer SGD step with learning rate 1).
