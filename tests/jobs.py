@@ -97,6 +97,20 @@ class Job:
             os.kill(p.pid, sig)
         p.wait(timeout=30)
 
+    def signal_at_once(self, sig, timeout=30.0) -> dict:
+        """``sig`` to every running process as ONE event, as a Ctrl-C of the whole job would:
+        each is first frozen (SIGSTOP), so that none can react to another's signal (a stopped
+        coordinator telling the rest to stop) before its own is pending; then every process gets
+        ``sig`` and all go on (SIGCONT). Returns {name: exit code} once every process ended."""
+        running = [p for p in self.procs.values() if p.poll() is None]
+        for p in running:
+            os.kill(p.pid, signal.SIGSTOP)
+        for p in running:
+            os.kill(p.pid, sig)
+        for p in running:
+            os.kill(p.pid, signal.SIGCONT)
+        return self.wait(timeout)
+
     def wait(self, timeout=60.0, names=None) -> dict:
         """{name: exit code} once every process (or those named) has ended; fails after ``timeout``."""
         deadline = time.monotonic() + timeout

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from tests.cluster import SLACK
 from tests.clusterenv import CLUSTER_ENV, REPO, RSH, SCRIPTS, TINY, need, netns_hosts, python_cmd, run, sh
 
 
@@ -106,12 +107,12 @@ def test_preflight_names_an_unreachable_host_port_within_its_deadline(tmp_path, 
     took = time.monotonic() - t0
     assert pf.returncode == 1, pf.stdout + pf.stderr
     assert "psh3 cannot reach 10.200.0.1:5734" in pf.stderr and "timed out" in pf.stderr
-    assert took < 8 + 3, took                     # the deadline, plus starting Python
+    assert took < 8 + SLACK, took                 # the deadline, plus starting Python on a busy machine
     # from the root namespace, to a host whose link is cut
     t0 = time.monotonic()
     pf = run(python_cmd("common.preflight", "--targets", "10.200.0.3:5735", "--deadline", 4))
     assert pf.returncode == 1 and "cannot reach 10.200.0.3:5735" in pf.stderr, pf.stderr
-    assert time.monotonic() - t0 < 4 + 3
+    assert time.monotonic() - t0 < 4 + SLACK
 
 
 def test_a_failing_role_stops_every_host(tmp_path, clean_links):

@@ -94,6 +94,7 @@ def test_ctrl_c_stops_every_process(tmp_path):
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def test_optimizer_defaults_match_the_single_process_trainer():

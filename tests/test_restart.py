@@ -86,11 +86,12 @@ def test_a_whole_job_resumed_from_its_checkpoints_continues_the_same_curve(how, 
     with Job(tmp_path, S=2, W=2, steps=STEPS, timeout=20, every=5) as job:
         job.start()
         job.until(lambda: job.step() >= 12, 60, "step 12")
-        for name in list(job.procs):
-            job.kill(name, signal.SIGKILL if how == "kill" else signal.SIGTERM)
+        if how == "kill":
+            for name in list(job.procs):
+                job.kill(name)
+        else:                                                  # every role stops on its own TERM
+            assert set(job.signal_at_once(signal.SIGTERM).values()) == {130}
         stopped = job.step()
-        if how == "term":
-            assert {p.returncode for p in job.procs.values()} == {130}     # every role stopped on TERM
         for s in range(2):
             job.server(s, "--resume")
         for r in range(2):
@@ -98,10 +99,14 @@ def test_a_whole_job_resumed_from_its_checkpoints_continues_the_same_curve(how, 
         codes = job.wait(120)
         assert all(c == 0 for c in codes.values()), codes
         resumed = int(job.log("server-0").split("resumes from the servers' checkpoints at version ")[1].split()[0])
-        assert 10 <= resumed <= stopped and (how == "term" or resumed % 5 == 0)
+        # a TERMed server saves the version it holds as it stops; it may have applied a step whose
+        # answer worker 0 never read (nor logged): the servers are at most one step ahead of its log
+        assert 10 <= resumed <= stopped + 1 and (how == "term" or resumed % 5 == 0)
         assert f"joining the job at version {resumed}" in job.log("worker-1")
         steps = [r["step"] for r in job.metrics()]
-        assert steps == list(range(STEPS + 1)), steps     # one curve: kept up to the resume, then continued
+        # one curve: kept up to the resume, then continued (a step the servers applied but whose answer
+        # worker 0 never read before the TERM has no line: its loss was never seen by a worker)
+        assert steps == [s for s in range(STEPS + 1) if s <= stopped or s > resumed], (steps, stopped, resumed)
         lines = [r for r in job.metrics() if "bytes_pushed" in r]
         per_step = lines[0]["bytes_pushed"] // lines[0]["step"]            # both workers' pushes of one step
         assert [r["bytes_pushed"] for r in lines] == [r["step"] * per_step for r in lines]   # counted on, once

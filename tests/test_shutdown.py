@@ -51,7 +51,9 @@ def test_term_stops_a_process_at_every_phase(victim, phase, tmp_path):
         code = p.wait(timeout=30)
         took = time.monotonic() - t0
         print(f"\n{victim} TERMed at {phase}: exit {code} after {took:.2f} s")
-        assert code == 130 and took < 5, (code, took, job.log(victim)[-2000:])
+        # the promise is a bound, not a speed: a checkpoint written and every socket closed with a
+        # linger of at most 1 s take about 1 s here; 15 s leaves room for a machine at load 6
+        assert code == 130 and took < 15, (code, took, job.log(victim)[-2000:])
         assert "interrupted; stopping" in job.log(victim) and "Traceback" not in job.log(victim)
         if victim.startswith("server") and phase != "registration":     # it wrote its state as it stopped
             ckpts = sorted((job.out / "checkpoints").glob(f"server-{victim[-1]}-v*.safetensors"))
@@ -87,7 +89,7 @@ def test_ps_local_term_stops_every_process(phase, tmp_path):
         print(f"\nps-local TERMed at {phase}: exit {proc.returncode} after {took:.2f} s")
         assert proc.returncode == 130 and "stopping every process" in err, err
         assert processes_with(coordinator) == [], "a process of the job is left behind"
-        assert took < 10
+        assert took < 30        # ps-local kills what is left 5 s after its TERM; the rest is a loaded machine
     finally:
         if proc.poll() is None:
             proc.kill()
