@@ -186,6 +186,7 @@ def main(argv=None) -> int:
     def on_term(signum, frame):                 # TERM (a scheduler, kill) stops every role like Ctrl-C
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)       # also where it started ignored (a background job of a script)
     try:
         for h, name, argv_ in roles:
             cmd = remote_command(argv_, args.remote_dir, REPO, args.python, args.threads, {"PS_HOST": h.name})

@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     def on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)       # also where it started ignored (a background job of a script)
 
     from common.transport import TransportError
     from worker.client import DeadlineError, RemoteError
