@@ -28,7 +28,7 @@ the reference the tests compare with. ``describe`` prints a placement as a table
 ``ps-local --show-placement`` / ``python -m worker --show-placement``.
 
 Not here: offsets of named tensors (``common/layout.py``), what travels
-(``common/protocol.py``).
+(``common/wire/protocol.py``).
 """
 from __future__ import annotations
 

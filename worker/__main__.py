@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, on_term)
 
-    from common.transport import TransportError
+    from common.wire.transport import TransportError
     from worker.client import DeadlineError, RemoteError
     from worker.distributed import run
     try:

@@ -9,7 +9,7 @@ The header is:
 
 A compressed chunk of a push travels as several arrays that all carry the chunk's
 range and each name its part in ``enc`` (``{"dtype": "uint32", "shape": [41],
-"range": [0, 4096], "enc": "idx"}``; the parts of each scheme: ``common/compress.py``).
+"range": [0, 4096], "enc": "idx"}``; the parts of each scheme: ``common/wire/compress.py``).
 A push may carry any of the server's chunks: a worker that overlaps communication
 with its backward pushes each chunk as soon as its gradient is final (``worker/client.py``).
 
@@ -17,7 +17,7 @@ with its backward pushes each chunk as soon as its gradient is final (``worker/c
 handler sees it (STYLE habit 6: check at the door): the version, the command, the
 types and bounds of every field, the array descriptors and the command's own fields.
 An error names what was expected and what arrived. This module knows nothing about
-bytes (``common/codec.py``) or sockets (``common/transport.py``).
+bytes (``common/wire/codec.py``) or sockets (``common/wire/transport.py``).
 
 The conversation, in order (see docs/ for the lesson that walks through it):
 
