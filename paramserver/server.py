@@ -46,7 +46,7 @@ from common.cluster import ClusterConfig, JobConfig, advertised_endpoint, host_n
 from common.config import to_dict
 from common.layout import Layout
 from common.optim import OptimConfig
-from common.placement import place_chunks, place_contiguous
+from common.placement import place_chunks
 from common.wire.protocol import (
     BARRIER, DONE, ERROR, HEARTBEAT, INIT, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS, VIEW, ProtocolError,
 )
@@ -65,8 +65,6 @@ from paramserver.traffic import Traffic, frames_nbytes
 
 log = logging.getLogger("server")
 
-
-placement_contiguous = place_contiguous      # the placement before chunks (common/placement.py)
 
 
 def parse_sender(sender: str, role: str, count: int) -> int:

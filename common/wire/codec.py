@@ -3,7 +3,7 @@
 A message is a list of frames: frame 0 is the msgpack header (``common/wire/protocol.py``),
 frames 1..n are the raw bytes of the arrays, C-contiguous, little-endian, one frame
 per array, in the order of the header's ``arrays`` list. Bulk bytes never go through
-msgpack (it runs at ~0.4 GB/s here, BASELINES.md); the arrays are handed to the
+msgpack (it packs at 0.4 GB/s, docs/wire.md); the arrays are handed to the
 transport as buffers and sent without a copy.
 
 ``decode`` refuses (``ProtocolError``) anything that does not parse or does not match

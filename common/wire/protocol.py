@@ -160,14 +160,6 @@ def _fail(text):
     raise ProtocolError(text)
 
 
-def rank_list(value, limit: int, what: str) -> list[int]:
-    """A list of distinct ints in [0, limit) from a message field, or ProtocolError."""
-    ok = (isinstance(value, list) and len(value) <= limit
-          and all(_is_int(r) and 0 <= r < limit for r in value) and len(set(value)) == len(value))
-    _check(ok, f"{what} must be a list of distinct ranks in [0, {limit}), got {value!r}"[:300])
-    return list(value)
-
-
 def session_list(value, limit: int, what: str) -> dict[int, int]:
     """``[[rank, session], ...]`` -> {rank: session}, or ProtocolError."""
     ok = (isinstance(value, list) and len(value) <= limit
