@@ -23,7 +23,7 @@ Flags win over the environment, the environment over the defaults.
 Bind and advertise are separate on purpose: in a container or behind NAT a server
 listens on ``tcp://*:PORT`` (or the container's address) while peers must dial the
 host's address. The advertised address is, in order: ``--advertise``; the address on
-``--interface`` and/or inside ``--subnet`` (``common/netaddr.py``); the address of
+``--interface`` and/or inside ``--subnet`` (``common/wire/addresses.py``); the address of
 the interface on the route to the coordinator.
 
 Also here: ``JobConfig``, the settings every process of a job must share (the
@@ -38,9 +38,9 @@ import socket
 import typing
 from dataclasses import dataclass
 
-from common.compress import SCHEMES
+from common.wire.compress import SCHEMES
 from common.config import add_arguments
-from common.netaddr import pick_address
+from common.wire.addresses import pick_address
 from common.placement import DEFAULT_CHUNK_MB
 
 ENV = {"rank": "PS_RANK", "num_servers": "PS_NUM_SERVERS", "num_workers": "PS_NUM_WORKERS",
@@ -87,7 +87,7 @@ class ClusterConfig:
         """The CurveZMQ keys of ``--curve``, or None without it."""
         if not self.curve:
             return None
-        from common.transport import Curve
+        from common.wire.transport import Curve
         return Curve(self.curve)
 
 
@@ -95,15 +95,15 @@ class ClusterConfig:
 class JobConfig:
     """Settings every process of the job must share (checked at registration).
 
-    The consistency models (``paramserver/consistency.py`` for the servers' side,
-    ``worker/consistency.py`` for the workers'; docs/consistency.md for the lesson)."""
+    The consistency models (``paramserver/modes.py`` for the servers' side,
+    ``worker/mode_loops.py`` for the workers'; docs/consistency.md for the lesson)."""
     CHOICES = {"mode": MODES, "compress": SCHEMES, "error_feedback": ("on", "off")}
     mode: str = "bsp"                       # consistency model: bsp (bulk synchronous), asp (asynchronous), ssp (stale synchronous), local-sgd (local steps, then model averaging)
     staleness: int = 0                      # ssp: a worker may run this many clocks ahead of the slowest live worker (0 = lockstep)
     local_steps: int = 1                    # local-sgd: optimizer steps each worker takes between two averagings (H)
     backup_workers: int = 0                 # bsp: a step proceeds with the first W - b gradients; later ones are dropped and counted
     chunk_mb: float = DEFAULT_CHUNK_MB      # the flat vector is cut into equal chunks of at most this many MiB, dealt over the servers (see --show-placement)
-    compress: str = "none"                  # gradient compression on the push: none, fp16, bf16, int8 (stochastic, QSGD-style), topk or randk (common/compress.py)
+    compress: str = "none"                  # gradient compression on the push: none, fp16, bf16, int8 (stochastic, QSGD-style), topk or randk (common/wire/compress.py)
     compress_ratio: float = 0.01            # topk/randk: the fraction of each chunk's entries sent
     error_feedback: str = "on"              # with --compress: keep on the worker what was not sent and add it to the next push
     compress_momentum: float = 0.0          # with --compress: momentum applied on the workers before compressing (Deep Gradient Compression's momentum correction; the servers then run --optimizer sgd)

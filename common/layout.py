@@ -15,7 +15,7 @@ What it holds:
   one onto those tools.
 
 What it does not do: allocate the model's activations, know about optimizers, or
-know how ranges travel (see ``common/protocol.py``).
+know how ranges travel (see ``common/wire/protocol.py``).
 """
 from __future__ import annotations
 

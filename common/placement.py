@@ -23,12 +23,11 @@ Chunks are then assigned greedily, largest first, each to the least-loaded serve
 of every layer are spread over every server and a layer's push goes to all of them
 at once.
 
-``place_contiguous`` is the old placement (one contiguous range per server), kept as
-the reference the tests compare with. ``describe`` prints a placement as a table for
+``describe`` prints a placement as a table for
 ``ps-local --show-placement`` / ``python -m worker --show-placement``.
 
 Not here: offsets of named tensors (``common/layout.py``), what travels
-(``common/protocol.py``).
+(``common/wire/protocol.py``).
 """
 from __future__ import annotations
 
@@ -84,11 +83,6 @@ def chunk_elements(chunk_mb: float, itemsize: int = 4) -> int:
 def place_chunks(layout: Layout, num_servers: int, chunk_mb: float = DEFAULT_CHUNK_MB, itemsize: int = 4) -> list:
     """The job's placement: equal chunks of at most ``chunk_mb`` MiB, dealt greedily."""
     return assign_greedy(chunk_ranges(layout.size, num_servers, chunk_elements(chunk_mb, itemsize)), num_servers)
-
-
-def place_contiguous(layout: Layout, num_servers: int) -> list:
-    """One contiguous range per server, balanced by bytes (the placement before chunks)."""
-    return [[b, e, s] for s, (b, e) in enumerate(layout.shard_ranges(num_servers))]
 
 
 def check(placement, size: int, num_servers: int):

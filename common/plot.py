@@ -10,7 +10,7 @@ What it reads (and nothing else; it never imports the roles):
 - ``metrics.jsonl``: ``step``, ``loss``, ``val_loss``, ``elapsed_s``, ``tokens_per_s``,
   ``bytes_pushed`` / ``bytes_pulled`` (cumulative, summed over the workers);
 - ``server-*.json``, written by every server at the end (``Recorder.summary`` in
-  ``paramserver/consistency.py``): ``staleness_hist``, a map ``{"0": count, "1": count, ...}``
+  ``paramserver/modes.py``): ``staleness_hist``, a map ``{"0": count, "1": count, ...}``
   from the staleness in versions of an applied update (server version at apply - the
   version its gradient was computed on) to the number of such updates, and
   ``clock_staleness_hist``, the same in clocks for asp/ssp (empty in the synchronous

@@ -20,7 +20,7 @@ from common import log as logsetup
 from common.cluster import ClusterConfig, JobConfig, add_cluster_arguments
 from common.config import add_arguments, describe, from_args
 from common.optim import OptimConfig
-from paramserver.checkpoint import DurabilityConfig
+from paramserver.shard_checkpoint import DurabilityConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
 
     from paramserver.server import Server, ServerError
     from common.trace import Tracer, trace_file
-    from common.transport import TransportError
+    from common.wire.transport import TransportError
     tracer = Tracer(f"server {rank}") if args.trace else None
     try:
         server = Server(cluster, optim, job, rank, out=args.out, durability=durability)

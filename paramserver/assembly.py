@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.protocol import ProtocolError
+from common.wire.protocol import ProtocolError
 
 
 @dataclass

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 
-from common.protocol import ERROR, JOB, OK, SHUTDOWN, VIEW, ProtocolError
+from common.wire.protocol import ERROR, JOB, OK, SHUTDOWN, VIEW, ProtocolError
 from paramserver.liveness import Liveness
 from paramserver.membership import Membership
 

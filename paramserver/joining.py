@@ -12,12 +12,12 @@ server's life that happens around the loop rather than in it.
   version, the checkpoint of that version is loaded (a server back in its running job,
   or every server of a job resumed as a whole);
 - ``_checkpoint``, ``after_update``, ``_final_checkpoint``: when checkpoints are written
-  (``checkpoint.py`` says how): every ``--checkpoint-every`` versions, before the answers
+  (``shard_checkpoint.py`` says how): every ``--checkpoint-every`` versions, before the answers
   of that version leave, and when the server stops; ``--die-at-version`` kills the
   process right after a chosen one (fault injection).
 
 Not here: the loop and the handlers (``server.py``), what to do when peers fail
-(``failures.py``).
+(``failure_handling.py``).
 """
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ import os
 import signal
 import time
 
-from common import codec
+from common.wire import codec
 from common.cluster import host_name, server_bind
 from common.config import to_dict
 from common.layout import Layout
-from common.protocol import ERROR, JOB, NORM, REGISTER
-from common.transport import Dealer, reachable_locally
-from paramserver import checkpoint
-from paramserver.failures import ServerError
+from common.wire.protocol import ERROR, JOB, NORM, REGISTER
+from common.wire.transport import Dealer, reachable_locally
+from paramserver import shard_checkpoint as checkpoint
+from paramserver.failure_handling import ServerError
 
 log = logging.getLogger("server")
 

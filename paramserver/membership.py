@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from common.layout import Layout
-from common.protocol import ProtocolError
+from common.wire.protocol import ProtocolError
 
 
 @dataclass

@@ -9,7 +9,7 @@ STATUS and in ``server-S.json``), and the server's state is left as it was.
 How a push becomes an update depends on the consistency model (``--mode``):
 bsp and local-sgd run synchronous steps (``steps.py``: every worker of the view
 pushes, the servers agree on the set of workers, average, step, answer); asp and ssp
-apply each push as it arrives (``consistency.AsyncServing``), and ssp holds an answer
+apply each push as it arrives (``modes.AsyncServing``), and ssp holds an answer
 back while its worker is too far ahead. Server 0 is also the coordinator
 (``coordinator.py``): it registers every process, watches the heartbeats, changes the
 view when a worker dies or joins, and shuts the servers down when every worker is
@@ -23,16 +23,16 @@ survived to ``server-S.json``.
 
 Failures (docs/failures.md): every push carries the worker's session and request id,
 and a resent one is applied at most once (``dedupe.py``); the server writes a
-checkpoint (``checkpoint.py``) every ``--checkpoint-every`` versions and when it stops;
+checkpoint (``shard_checkpoint.py``) every ``--checkpoint-every`` versions and when it stops;
 a server restarted with ``--resume`` binds its old address, registers again, loads the
 checkpoint of the version the coordinator names, and goes on.
 
 The server is cut in three: this module (the loop, dispatch and request handlers),
-``joining.py`` (address, registration, the JOB answer, checkpoints) and ``failures.py``
+``joining.py`` (address, registration, the JOB answer, checkpoints) and ``failure_handling.py``
 (signals, heartbeats, views, stopping with an error), joined as mixins.
 
-Not here: what a message looks like (``common/protocol.py``, ``common/codec.py``),
-sockets (``common/transport.py``), the optimizer (``common/optim.py``).
+Not here: what a message looks like (``common/wire/protocol.py``, ``common/wire/codec.py``),
+sockets (``common/wire/transport.py``), the optimizer (``common/optim.py``).
 """
 from __future__ import annotations
 
@@ -40,24 +40,24 @@ import logging
 import os
 import time
 
-from common import codec
-from common.compress import make_scheme
+from common.wire import codec
+from common.wire.compress import make_scheme
 from common.cluster import ClusterConfig, JobConfig, advertised_endpoint, host_name
 from common.config import to_dict
 from common.layout import Layout
 from common.optim import OptimConfig
-from common.placement import place_chunks, place_contiguous
-from common.protocol import (
+from common.placement import place_chunks
+from common.wire.protocol import (
     BARRIER, DONE, ERROR, HEARTBEAT, INIT, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS, VIEW, ProtocolError,
 )
 from common.trace import NULL_TRACER
-from common.transport import Dealer, Poller, Router, local_endpoint
-from paramserver import checkpoint
-from paramserver.checkpoint import DurabilityConfig
-from paramserver.consistency import AsyncRule, AsyncServing, Recorder, make_rule
+from common.wire.transport import Dealer, Poller, Router, local_endpoint
+from paramserver import shard_checkpoint as checkpoint
+from paramserver.shard_checkpoint import DurabilityConfig
+from paramserver.modes import AsyncRule, AsyncServing, Recorder, make_rule
 from paramserver.coordinator import Coordinator
 from paramserver.dedupe import Applied
-from paramserver.failures import FailureHandling, ServerError
+from paramserver.failure_handling import FailureHandling, ServerError
 from paramserver.joining import Joining
 from paramserver.shard import Shard
 from paramserver.steps import SyncServing
@@ -65,8 +65,6 @@ from paramserver.traffic import Traffic, frames_nbytes
 
 log = logging.getLogger("server")
 
-
-placement_contiguous = place_contiguous      # the placement before chunks (common/placement.py)
 
 
 def parse_sender(sender: str, role: str, count: int) -> int:

@@ -10,10 +10,10 @@ Gradients from the workers of one step land in per-worker slots, and are summed 
 rank order: the sum, and therefore the parameters, do not depend on the order in
 which pushes arrive (a run is reproducible bit for bit; the reliability tests rely on it).
 
-A pushed chunk may arrive compressed (``common/compress.py``): it is decoded into the
+A pushed chunk may arrive compressed (``common/wire/compress.py``): it is decoded into the
 slot, so everything after the slot sees float values whatever the wire carried.
 
-How an update is made depends on the consistency model (``consistency.py``): plain BSP
+How an update is made depends on the consistency model (``modes.py``): plain BSP
 holds each pushed chunk as received, sums the agreed workers' chunks once the step's set
 is known (``average_chunk``; again, from the held chunks, if the set shrinks) and updates
 chunk by chunk (``begin_update``, ``update_chunk``, ``end_update``: every element is
@@ -27,17 +27,17 @@ from __future__ import annotations
 
 import numpy
 
-from common.compress import decode_chunk, all_finite
+from common.wire.compress import decode_chunk, all_finite
 from common.layout import intersect_ranges
 from common.optim import OptimConfig, clip_scale, lr_at, make_optimizer, sum_of_squares
-from common.protocol import ProtocolError
+from common.wire.protocol import ProtocolError
 
 
 class Shard:
     def __init__(self, chunks, dtype, optim: OptimConfig, decay_ranges=(), scheme=None):
         """``chunks``: the global ranges this server owns; ``decay_ranges``: the job's
         global weight-decay ranges (the shard keeps the parts inside its chunks);
-        ``scheme``: the job's gradient compression (``common.compress``; None: plain)."""
+        ``scheme``: the job's gradient compression (``common.wire.compress``; None: plain)."""
         self.scheme = scheme
         self.chunks = [(int(b), int(e)) for b, e in chunks]
         self.dtype = numpy.dtype(dtype)
@@ -240,7 +240,7 @@ class Shard:
         shard of the job (each server adds the others' shares, see ``server.py``).
         ``lr_step``: where in the learning-rate schedule this update is (default: the
         version; asp/ssp pass version // W, so W pushes make one step of the schedule);
-        ``lr_scale`` multiplies the scheduled rate (asp/ssp: 1 / W, see consistency.py)."""
+        ``lr_scale`` multiplies the scheduled rate (asp/ssp: 1 / W, see modes.py)."""
         self.begin_update(global_sumsq, lr_step, lr_scale)
         self.optimizer.update(self.params, self.avg, *self._step)
         self.end_update()

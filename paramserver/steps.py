@@ -24,17 +24,17 @@ after those with ``dropped``. A resent push (same worker, session and request id
 never stored twice: while its step is open its answer just goes to the connection it
 came from last, and once applied it is answered again from the record.
 
-Not here: sockets and message decoding (``server.py``), asp/ssp (``consistency.py``).
+Not here: sockets and message decoding (``server.py``), asp/ssp (``modes.py``).
 """
 from __future__ import annotations
 
 import time
 
-from common import codec
-from common.protocol import NORM, OK, ProtocolError, session_list
+from common.wire import codec
+from common.wire.protocol import NORM, OK, ProtocolError, session_list
 from paramserver.agreement import Agreement
 from paramserver.assembly import StepAssembly
-from paramserver.consistency import COUNT, LATE, LATE_WAIT
+from paramserver.modes import COUNT, LATE, LATE_WAIT
 
 
 class SyncServing:

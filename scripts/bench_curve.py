@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a clon
 import numpy as np  # noqa: E402
 
 from common.cluster import ClusterConfig  # noqa: E402
-from common.transport import free_port, generate_keys  # noqa: E402
+from common.wire.transport import free_port, generate_keys  # noqa: E402
 from common.layout import Layout  # noqa: E402
 from worker.client import PSClient  # noqa: E402
 

@@ -8,7 +8,7 @@ trainer, same model, same batch, same optimizer.
 Single process: ``worker.train.train_step`` (forward, backward, clip by global norm,
 AdamW), as ``ps-train`` runs it. Parameter server: one server process (AdamW, the same
 clipping) and this process as its worker, running the worker's BSP loop
-(``worker/consistency.py``): with overlap (the default), the backward pushes each
+(``worker/mode_loops.py``): with overlap (the default), the backward pushes each
 layer's gradients as soon as they are final, the server averages and, once it has every
 chunk and the norm, updates and answers chunk by chunk in the order of the forward,
 and the next forward waits for each layer's parameters just before using them. Both
@@ -69,9 +69,9 @@ def main(argv=None):
     import numpy as np
     from common.cluster import ClusterConfig, JobConfig
     from common.optim import OptimConfig, make_optimizer
-    from common.transport import free_port
+    from common.wire.transport import free_port
     from worker.client import PSClient
-    from worker.consistency import make_loop
+    from worker.mode_loops import make_loop
     from worker.model import GPT, GPTConfig
     from worker.train import train_step
 

@@ -204,7 +204,7 @@ class Job:
 
 
 def start_ours(servers: int, chunk_mb: float, logdir: str, ipc: bool):
-    from common.transport import free_port
+    from common.wire.transport import free_port
     port = free_port()
     coord = f"127.0.0.1:{port}"
     server_procs = []
@@ -244,7 +244,7 @@ def main(argv=None):
     if args.role == "raw":
         return raw_worker(args.rank, args.coordinator.split(","), args.chunk_mb)
 
-    from common.transport import free_port
+    from common.wire.transport import free_port
     nbytes = layout_b().size * 4
     try:
         import torch.distributed  # noqa: F401

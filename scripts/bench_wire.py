@@ -43,11 +43,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a clone without installing
 import numpy as np  # noqa: E402
-import zmq  # noqa: E402  (the baseline only; the product's zmq lives in common/transport.py)
+import zmq  # noqa: E402  (the baseline only; the product's zmq lives in common/wire/transport.py)
 
 from common.cluster import ClusterConfig, JobConfig  # noqa: E402
 from common.layout import Layout  # noqa: E402
-from common.transport import free_port  # noqa: E402
+from common.wire.transport import free_port  # noqa: E402
 from worker.client import PSClient  # noqa: E402
 
 ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))                 # run from a clone without install
 import numpy as np  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from common.transport import free_port  # noqa: E402
+from common.wire.transport import free_port  # noqa: E402
 
 MODEL = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "8",
          "--eval-batches", "2", "--sample-bytes", "0", "--log-interval", "1"]
@@ -55,7 +55,7 @@ class LocalJob:
 
     def __init__(self, out: Path, steps: int, *extra):
         self.out, self.port, self.steps = out, free_port(), steps
-        cmd = [sys.executable, "-m", "common.launch_local", "--servers", "2", "--workers", "2", "--steps", str(steps),
+        cmd = [sys.executable, "-m", "common.launch.local", "--servers", "2", "--workers", "2", "--steps", str(steps),
                "--out", str(out), "--port", str(self.port), "--no-progress", "--timeout", "8", "--heartbeat", "0.2",
                *self.worker_args(), *extra]
         self.proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -78,7 +78,7 @@ class LocalJob:
 
     def pid(self, role: str, rank: int) -> int:
         """The PID of a process of the job, from ps-status (the coordinator's address table)."""
-        done = subprocess.run([sys.executable, "-m", "common.status", "--coordinator", f"127.0.0.1:{self.port}",
+        done = subprocess.run([sys.executable, "-m", "common.launch.status", "--coordinator", f"127.0.0.1:{self.port}",
                                "--json", "--interval", "0.1"], env=ENV, capture_output=True, text=True, timeout=60)
         rows = json.loads(done.stdout)["rows"]
         return next(r["pid"] for r in rows if r["role"] == role and r["rank"] == rank)

@@ -31,8 +31,8 @@ import zmq  # noqa: E402  (raw frames, not the project's transport: the point is
 
 from common.cluster import ClusterConfig  # noqa: E402
 from common.layout import Layout  # noqa: E402
-from common.protocol import PROTOCOL_VERSION  # noqa: E402
-from common.transport import free_port  # noqa: E402
+from common.wire.protocol import PROTOCOL_VERSION  # noqa: E402
+from common.wire.transport import free_port  # noqa: E402
 from worker.client import PSClient  # noqa: E402
 
 N = 64                                 # parameters of the fuzzed job

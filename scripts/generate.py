@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a clone without installing
-from worker.checkpoint import load_model  # noqa: E402
+from worker.model_checkpoint import load_model  # noqa: E402
 from worker.sample import generate  # noqa: E402
 
 

@@ -9,7 +9,7 @@ import subprocess, sys, threading
 import numpy as np
 from common.cluster import ClusterConfig
 from common.layout import Layout
-from common.transport import free_port
+from common.wire.transport import free_port
 from worker.client import PSClient
 
 S, W, STEPS, LR = 2, 2, 200, 0.1

@@ -28,7 +28,7 @@ def main(argv=None):
         import transformers
     except ImportError as e:
         sys.exit(f"hf_check: {e.name} is not installed; pip install transformers torch")
-    from worker.checkpoint import load_model
+    from worker.model_checkpoint import load_model
     from worker.sample import generate
 
     ours = load_model(args.run)

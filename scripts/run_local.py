@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a clone without installing
-from common.launch_local import main  # noqa: E402
+from common.launch.local import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

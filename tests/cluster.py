@@ -5,7 +5,7 @@ import sys
 import threading
 import time
 
-from common.transport import free_port
+from common.wire.transport import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # PYTHONPATH: subprocesses import this checkout, not whatever an editable install points at

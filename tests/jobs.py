@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.transport import free_port
+from common.wire.transport import free_port
 from tests.cluster import ENV
 
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",

@@ -95,7 +95,7 @@ def test_layout_differs_from_the_gpts_and_checkpoints_round_trip(tmp_path):
 def test_ps_local_trains_bert_and_its_masked_lm_loss_falls(tmp_path):
     out = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "common.launch_local", "--model", "bert", "--servers", "2", "--workers", "2",
+        [sys.executable, "-m", "common.launch.local", "--model", "bert", "--servers", "2", "--workers", "2",
          "--steps", "60", "--out", str(out), "--no-progress", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
          "--block-size", "32", "--batch-size", "8", "--eval-interval", "20", "--eval-batches", "2",
          "--sample-bytes", "32", "--timeout", "30"], env=ENV, capture_output=True, text=True, timeout=240)

@@ -7,7 +7,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from common.optim import OptimConfig, make_optimizer
-from worker import checkpoint as ck
+from worker import model_checkpoint as ck
 from worker.model import GPT, GPTConfig
 
 CFG = GPTConfig(vocab_size=256, block_size=8, n_layer=2, n_head=2, n_embd=8)

@@ -45,7 +45,7 @@ def test_three_hosts_train_through_ps_launch(tmp_path, clean_links):
     # coordinator is reached by the name psh1); the workers are on psh2, psh3
     hf = hostfile(tmp_path, "psh1 servers=2\npsh2 workers=1\npsh3 workers=1\n")
     out = tmp_path / "run"
-    done = run(python_cmd("common.launch_ssh", "--hostfile", hf, "--rsh", RSH, "--port", 5731,
+    done = run(python_cmd("common.launch.ssh", "--hostfile", hf, "--rsh", RSH, "--port", 5731,
                           "--subnet", "10.200.0.0/24", "--preflight", "--out", out, "--steps", 30, "--timeout", 30,
                           *TINY))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -63,7 +63,7 @@ def test_rate_limited_link_trains_and_preflight_names_the_slow_pair(tmp_path, cl
     hf = hostfile(tmp_path, HOSTS)
     sh(SCRIPTS / "netns_link.sh", "rate", "psh3", "4mbit")
     report = tmp_path / "preflight.json"
-    pf = run(python_cmd("common.preflight", "--hostfile", hf, "--rsh", RSH, "--port", 5732, "--deadline", 30,
+    pf = run(python_cmd("common.launch.preflight", "--hostfile", hf, "--rsh", RSH, "--port", 5732, "--deadline", 30,
                         "--json", report))
     assert pf.returncode == 0, pf.stdout + pf.stderr
     res = json.loads(report.read_text())
@@ -75,7 +75,7 @@ def test_rate_limited_link_trains_and_preflight_names_the_slow_pair(tmp_path, cl
 
     # the job still completes over the slow link, and ps-status sees it while it runs
     out = tmp_path / "run"
-    job = subprocess.Popen(python_cmd("common.launch_ssh", "--hostfile", hf, "--rsh", RSH, "--port", 5733,
+    job = subprocess.Popen(python_cmd("common.launch.ssh", "--hostfile", hf, "--rsh", RSH, "--port", 5733,
                                       "--out", out, "--steps", 40, "--timeout", 60, *TINY),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=CLUSTER_ENV, cwd=REPO)
     try:
@@ -83,7 +83,7 @@ def test_rate_limited_link_trains_and_preflight_names_the_slow_pair(tmp_path, cl
         while not (out / "metrics.jsonl").exists():
             assert job.poll() is None and time.monotonic() < deadline, "the job did not start"
             time.sleep(0.2)
-        st = run(python_cmd("common.status", "--coordinator", "10.200.0.1:5733", "--json", "--interval", 0.5))
+        st = run(python_cmd("common.launch.status", "--coordinator", "10.200.0.1:5733", "--json", "--interval", 0.5))
         assert st.returncode == 0, st.stderr
         rows = {(r["role"], r["rank"]): r for r in json.loads(st.stdout)["rows"]}
         assert set(rows) == {("server", 0), ("worker", 0), ("worker", 1)}
@@ -103,14 +103,14 @@ def test_preflight_names_an_unreachable_host_port_within_its_deadline(tmp_path, 
     hf = hostfile(tmp_path, HOSTS)
     sh(SCRIPTS / "netns_link.sh", "cut", "psh3")
     t0 = time.monotonic()
-    pf = run(python_cmd("common.preflight", "--hostfile", hf, "--rsh", RSH, "--port", 5734, "--deadline", 8))
+    pf = run(python_cmd("common.launch.preflight", "--hostfile", hf, "--rsh", RSH, "--port", 5734, "--deadline", 8))
     took = time.monotonic() - t0
     assert pf.returncode == 1, pf.stdout + pf.stderr
     assert "psh3 cannot reach 10.200.0.1:5734" in pf.stderr and "timed out" in pf.stderr
     assert took < 8 + SLACK, took                 # the deadline, plus starting Python on a busy machine
     # from the root namespace, to a host whose link is cut
     t0 = time.monotonic()
-    pf = run(python_cmd("common.preflight", "--targets", "10.200.0.3:5735", "--deadline", 4))
+    pf = run(python_cmd("common.launch.preflight", "--targets", "10.200.0.3:5735", "--deadline", 4))
     assert pf.returncode == 1 and "cannot reach 10.200.0.3:5735" in pf.stderr, pf.stderr
     assert time.monotonic() - t0 < 4 + SLACK
 
@@ -119,7 +119,7 @@ def test_a_failing_role_stops_every_host(tmp_path, clean_links):
     hf = hostfile(tmp_path, HOSTS)
     out = tmp_path / "run"
     # the workers cannot read their data: the first to fail makes ps-launch stop every role
-    done = run(python_cmd("common.launch_ssh", "--hostfile", hf, "--rsh", RSH, "--port", 5736, "--out", out,
+    done = run(python_cmd("common.launch.ssh", "--hostfile", hf, "--rsh", RSH, "--port", 5736, "--out", out,
                           "--steps", 100000, "--timeout", 30, "--data", tmp_path / "missing", *TINY))
     assert done.returncode == 1
     assert "exited with code 1" in done.stderr and "worker-" in done.stderr
@@ -129,7 +129,7 @@ def test_a_failing_role_stops_every_host(tmp_path, clean_links):
 
 
 def test_interface_and_subnet_pick_the_namespace_address(hosts):
-    code = "from common.netaddr import pick_address as p; print(p(interface='eth0'), p(subnet='10.200.0.0/24'))"
+    code = "from common.wire.addresses import pick_address as p; print(p(interface='eth0'), p(subnet='10.200.0.0/24'))"
     done = subprocess.run(["ip", "netns", "exec", "psh2", sys.executable, "-c", code], capture_output=True,
                           text=True, env=CLUSTER_ENV, cwd=REPO, timeout=60)
     assert done.stdout.split() == ["10.200.0.2", "10.200.0.2"], done.stderr

@@ -3,8 +3,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from common import codec
-from common.protocol import MAX_HEADER_BYTES, PROTOCOL_VERSION, ProtocolError
+from common.wire import codec
+from common.wire.protocol import MAX_HEADER_BYTES, PROTOCOL_VERSION, ProtocolError
 
 
 def as_received(frames):

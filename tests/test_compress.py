@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from common import codec
-from common.compress import (BUCKET, FP16_MAX, PushEncoder, decode_chunk, from_bf16, make_scheme, to_bf16)
-from common.protocol import ProtocolError
+from common.wire import codec
+from common.wire.compress import (BUCKET, FP16_MAX, PushEncoder, decode_chunk, from_bf16, make_scheme, to_bf16)
+from common.wire.protocol import ProtocolError
 
 SIZES = [1, 7, 511, 512, 513, 4099]
 

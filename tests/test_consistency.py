@@ -14,7 +14,7 @@
 - every mode ends by itself under ps-local, with its metrics in the run folder.
 
 Workers run as threads of this test (PSClient + the real worker loops of
-worker/consistency.py); servers are real processes.
+worker/mode_loops.py); servers are real processes.
 """
 import json
 import threading
@@ -30,7 +30,7 @@ from common.layout import Layout
 from common.optim import OptimConfig, clip_scale, lr_at, make_optimizer
 from tests.cluster import Servers, run_threads
 from worker.client import PSClient, RemoteError
-from worker.consistency import make_loop
+from worker.mode_loops import make_loop
 from worker.distributed import ANY, Straggler, parse_straggler
 from worker.model import GPT, GPTConfig
 from worker.train import compute_gradients

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from common.keys import main as ps_keys
+from common.wire.keys import main as ps_keys
 from common.layout import Layout
 from tests.cluster import Servers
 from worker.client import DeadlineError, PSClient, RemoteError

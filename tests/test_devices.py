@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from common.launch_local import worker_flags
+from common.launch.local import worker_flags
 from tests.cluster import ENV, ROOT
 from worker import backend
 from worker.distributed import WorkerConfig
@@ -97,13 +97,13 @@ def test_cuda_requests_fail_at_once_with_the_reason(tmp_path):
     assert done.returncode == 2 and reason in done.stderr
     done = run("-m", "worker.train", "--device", "cuda", "--steps", 1, "--out-dir", tmp_path / "t")
     assert done.returncode == 1 and reason in done.stderr and not (tmp_path / "t").exists()
-    done = run("-m", "common.launch_local", "--workers", 2, "--devices", "cuda:0,cpu", "--out", tmp_path / "r")
+    done = run("-m", "common.launch.local", "--workers", 2, "--devices", "cuda:0,cpu", "--out", tmp_path / "r")
     assert done.returncode == 2 and reason in done.stderr
     assert not (tmp_path / "r").exists()          # nothing started, no run folder
 
 
 def test_ps_local_checks_the_devices_list(tmp_path):
-    done = run("-m", "common.launch_local", "--workers", 2, "--devices", "cpu,cpu,cpu", "--out", tmp_path / "r")
+    done = run("-m", "common.launch.local", "--workers", 2, "--devices", "cpu,cpu,cpu", "--out", tmp_path / "r")
     assert done.returncode == 2 and "3 device(s) for 2 worker(s)" in done.stderr
-    done = run("-m", "common.launch_local", "--workers", 2, "--devices", "cpu,gpu", "--out", tmp_path / "r")
+    done = run("-m", "common.launch.local", "--workers", 2, "--devices", "cpu,gpu", "--out", tmp_path / "r")
     assert done.returncode == 2 and "cpu, cuda or cuda:N" in done.stderr

@@ -180,7 +180,7 @@ def _gpu_count() -> int:
 def run_block(block: dict, work: Path, env: dict) -> None:
     code = block["code"]
     if "{port}" in code:
-        from common.transport import free_port
+        from common.wire.transport import free_port
         code = code.replace("{port}", str(free_port()))
     if block["lang"] == "python":
         cmds = [[str(work / ".bin" / "python"), "-c", code]]

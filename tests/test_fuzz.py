@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import fuzz_server  # noqa: E402
 
-from common import codec  # noqa: E402
+from common.wire import codec  # noqa: E402
 from tests.cluster import Servers  # noqa: E402
 from worker.client import PSClient  # noqa: E402
 

@@ -123,7 +123,7 @@ def test_ps_train_bf16_learns(fake, tmp_path, text_file, capsys):
 def _job(tmp_path, devices, text_file, steps=5):
     """A BSP job, SGD, 2 servers, one worker thread per entry of ``devices``; the final
     parameters (from worker 0's checkpoint) and the workers' results."""
-    from worker import checkpoint
+    from worker import model_checkpoint as checkpoint
     from worker.distributed import WorkerConfig, run
     logdir = tmp_path / "logs"
     logdir.mkdir(parents=True)

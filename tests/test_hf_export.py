@@ -4,7 +4,7 @@ and gives the same logits. Skips unless ``transformers`` and ``torch`` are insta
 import numpy as np
 import pytest
 
-from worker import checkpoint
+from worker import model_checkpoint as checkpoint
 from worker.model import GPT, GPTConfig
 
 torch = pytest.importorskip("torch")

@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
-from common.probe import measure
-from common.transport import free_port
+from common.launch.probe import measure
+from common.wire.transport import free_port
 from tests.cluster import SLACK
 from tests.clusterenv import CLUSTER_ENV, REPO, SCRIPTS, TINY, python_cmd, run
 from tests.test_local import processes_with
@@ -18,7 +18,7 @@ LOCAL_RSH = f"sh {SCRIPTS / 'local_rsh.sh'}"
 
 
 def test_guard_stops_its_command_when_the_session_input_ends():
-    guard = subprocess.Popen(python_cmd("common.guard", "--", sys.executable, "-c", "import time; time.sleep(300)"),
+    guard = subprocess.Popen(python_cmd("common.launch.guard", "--", sys.executable, "-c", "import time; time.sleep(300)"),
                              stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CLUSTER_ENV, cwd=REPO)
     try:
         deadline = time.monotonic() + 30
@@ -36,7 +36,7 @@ def test_guard_stops_its_command_when_the_session_input_ends():
 
 
 def test_probe_measures_loopback_and_preflight_names_a_closed_port():
-    server = subprocess.Popen(python_cmd("common.probe", "serve", "--bind", "tcp://127.0.0.1:0"), stdin=subprocess.PIPE,
+    server = subprocess.Popen(python_cmd("common.launch.probe", "serve", "--bind", "tcp://127.0.0.1:0"), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=CLUSTER_ENV, cwd=REPO)
     try:
         ready = server.stdout.readline().split()
@@ -48,7 +48,7 @@ def test_probe_measures_loopback_and_preflight_names_a_closed_port():
         server.wait(timeout=20)
     port = free_port()
     t0 = time.monotonic()
-    done = run(python_cmd("common.preflight", "--targets", f"127.0.0.1:{port}", "--deadline", 5), timeout=60)
+    done = run(python_cmd("common.launch.preflight", "--targets", f"127.0.0.1:{port}", "--deadline", 5), timeout=60)
     assert done.returncode == 1 and f"cannot reach 127.0.0.1:{port}: connection refused" in done.stderr, done.stderr
     assert time.monotonic() - t0 < 5 + SLACK
 
@@ -57,7 +57,7 @@ def test_preflight_over_local_rsh(tmp_path):
     hf = tmp_path / "hosts"
     hf.write_text("a servers=1 addr=127.0.0.1\nb workers=1 addr=127.0.0.1\n")
     report = tmp_path / "report.json"
-    done = run(python_cmd("common.preflight", "--hostfile", hf, "--rsh", LOCAL_RSH, "--port", free_port(),
+    done = run(python_cmd("common.launch.preflight", "--hostfile", hf, "--rsh", LOCAL_RSH, "--port", free_port(),
                           "--deadline", 30, "--json", report), timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     res = json.loads(report.read_text())["results"]
@@ -67,7 +67,7 @@ def test_preflight_over_local_rsh(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = run(python_cmd("common.preflight", "--hostfile", hf, "--rsh", LOCAL_RSH, "--port", port,
+        done = run(python_cmd("common.launch.preflight", "--hostfile", hf, "--rsh", LOCAL_RSH, "--port", port,
                               "--deadline", 30), timeout=60)
     assert done.returncode == 1 and f"cannot bind tcp://*:{port}: Address already in use" in done.stderr, done.stderr
     assert "could not start the probe server on a" in done.stderr
@@ -79,7 +79,7 @@ def test_ps_launch_trains_and_ps_status_sees_it_and_ctrl_c_stops_everything(tmp_
     port = free_port()
     coord = f"127.0.0.1:{port}"
     out = tmp_path / "run"
-    job = subprocess.Popen(python_cmd("common.launch_ssh", "--hostfile", hf, "--rsh", LOCAL_RSH, "--port", port,
+    job = subprocess.Popen(python_cmd("common.launch.ssh", "--hostfile", hf, "--rsh", LOCAL_RSH, "--port", port,
                                       "--out", out, "--steps", 100000, "--timeout", 30, *TINY),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CLUSTER_ENV, cwd=REPO)
     try:
@@ -88,14 +88,14 @@ def test_ps_launch_trains_and_ps_status_sees_it_and_ctrl_c_stops_everything(tmp_
             assert job.poll() is None and time.monotonic() < deadline, "the job did not start"
             time.sleep(0.2)
         assert len(processes_with(coord)) >= 4
-        st = run(python_cmd("common.status", "--coordinator", coord, "--json", "--interval", 0.5), timeout=60)
+        st = run(python_cmd("common.launch.status", "--coordinator", coord, "--json", "--interval", 0.5), timeout=60)
         assert st.returncode == 0, st.stderr
         snap = json.loads(st.stdout)
         rows = {(r["role"], r["rank"]): r for r in snap["rows"]}
         assert set(rows) == {("server", 0), ("server", 1), ("worker", 0), ("worker", 1)}
         assert rows[("server", 1)]["last"] == "answered" and rows[("worker", 1)]["host"] == "b"
         assert all(r["rate"] > 0 and r["step"] > 0 for r in rows.values()), rows     # training: bytes move
-        text = run(python_cmd("common.status", "--coordinator", coord, "--interval", 0.2), timeout=60).stdout
+        text = run(python_cmd("common.launch.status", "--coordinator", coord, "--interval", 0.2), timeout=60).stdout
         assert "worker    1 b" in text and f"tcp://127.0.0.1:{port}" in text
         job.send_signal(signal.SIGINT)
         _, err = job.communicate(timeout=60)
@@ -104,5 +104,5 @@ def test_ps_launch_trains_and_ps_status_sees_it_and_ctrl_c_stops_everything(tmp_
     finally:
         if job.poll() is None:
             os.kill(job.pid, signal.SIGKILL)
-    gone = run(python_cmd("common.status", "--coordinator", coord, "--timeout", 1), timeout=60)
+    gone = run(python_cmd("common.launch.status", "--coordinator", coord, "--timeout", 1), timeout=60)
     assert gone.returncode == 1 and f"no answer from tcp://{coord}" in gone.stderr and "refused" in gone.stderr

@@ -10,10 +10,10 @@ import threading
 
 import numpy as np
 
-from common import codec
+from common.wire import codec
 from common.cluster import JobConfig
 from common.layout import Layout
-from common.protocol import PUSH
+from common.wire.protocol import PUSH
 from tests.cluster import ENV, Servers, run_threads
 from tests.jobs import Job
 from worker.client import PSClient
@@ -103,14 +103,14 @@ def test_ps_status_shows_heartbeats_and_the_view(tmp_path):
         job.until(lambda: job.step() >= 5, 60, "step 5")
         job.kill("worker-1")
         job.until(lambda: "dropped worker 1" in job.log("server-0"), 30, "worker 1 dropped")
-        done = subprocess.run([sys.executable, "-m", "common.status", "--coordinator", job.coordinator, "--json",
+        done = subprocess.run([sys.executable, "-m", "common.launch.status", "--coordinator", job.coordinator, "--json",
                                "--interval", "0.3"], capture_output=True, text=True, env=ENV, timeout=60)
         assert done.returncode == 0, done.stderr
         rows = {(r["role"], r["rank"]): r for r in json.loads(done.stdout)["rows"]}
         assert rows[("worker", 0)]["heartbeat"] < 2 and not rows[("worker", 0)]["dropped"]
         assert rows[("worker", 1)]["heartbeat"] > 1 and rows[("worker", 1)]["dropped"]
         assert rows[("server", 1)]["heartbeat"] < 2 and rows[("server", 0)]["heartbeat"] is None
-        text = subprocess.run([sys.executable, "-m", "common.status", "--coordinator", job.coordinator,
+        text = subprocess.run([sys.executable, "-m", "common.launch.status", "--coordinator", job.coordinator,
                                "--interval", "0.3"], capture_output=True, text=True, env=ENV, timeout=60).stdout
         assert "view 2 (workers [0])" in text and "dropped" in text
 

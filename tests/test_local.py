@@ -14,7 +14,7 @@ SMALL = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "3
 
 
 def ps_local(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "common.launch_local", *map(str, args)], env=ENV,
+    return subprocess.run([sys.executable, "-m", "common.launch.local", *map(str, args)], env=ENV,
                           capture_output=True, text=True, **kw)
 
 
@@ -48,7 +48,7 @@ def test_ps_local_trains_and_writes_the_run_folder(tmp_path):
     assert len(vals) >= 3 and vals[-1] < vals[0] - 0.5, vals           # validation loss falls
     last = records[-1]
     assert last["step"] == 60 and last["tokens_per_s"] > 0
-    from worker.checkpoint import load_model
+    from worker.model_checkpoint import load_model
     nbytes = load_model(out).num_params() * 4                            # float32
     # the bytes on the wire: 2 workers, 60 pushes each of the whole gradient (the arrays; headers not counted)
     assert last["bytes_pushed"] == 2 * 60 * nbytes
@@ -76,7 +76,7 @@ def test_bad_flags_fail_before_anything_starts(tmp_path):
 
 def test_ctrl_c_stops_every_process(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "common.launch_local", "--steps", "100000", "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "common.launch.local", "--steps", "100000", "--out", str(out),
                              "--no-progress", *SMALL], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -98,7 +98,7 @@ def test_ctrl_c_stops_every_process(tmp_path):
 
 
 def test_optimizer_defaults_match_the_single_process_trainer():
-    from common.launch_local import OPTIM_DEFAULTS
+    from common.launch.local import OPTIM_DEFAULTS
     from worker.train import TRAIN_DEFAULTS
     assert {k: TRAIN_DEFAULTS[k] for k in OPTIM_DEFAULTS} == OPTIM_DEFAULTS
 
@@ -113,7 +113,7 @@ def test_hello_ps_trains_a_linear_model_through_real_servers():
 
 
 def test_ps_local_over_curve(tmp_path):
-    from common.keys import main as ps_keys
+    from common.wire.keys import main as ps_keys
     ps_keys([str(tmp_path / "keys")])
     done = ps_local("--steps", 10, "--out", tmp_path / "run", "--no-progress", "--curve", tmp_path / "keys",
                     *SMALL, timeout=120)

@@ -4,7 +4,7 @@ import json
 import os
 import sys
 
-from common.transport import free_port
+from common.wire.transport import free_port
 from tests.clusterenv import TINY, need, run
 
 
@@ -16,7 +16,7 @@ def test_mpirun_ps_role_trains(tmp_path):
     env = ["-x", f"PS_COORDINATOR=127.0.0.1:{port}", "-x", "PYTHONPATH", "-x", "OPENBLAS_NUM_THREADS",
            "-x", "OMP_NUM_THREADS", "-x", "PYTHONUNBUFFERED"]
     done = run(["mpirun", *root, "--oversubscribe", "--bind-to", "none", "-n", "3", *env, sys.executable, "-m",
-                "common.role", "--servers", "1", "--steps", "20", "--timeout", "30", "--out", str(out), *TINY],
+                "common.launch.role", "--servers", "1", "--steps", "20", "--timeout", "30", "--out", str(out), *TINY],
                timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from common.cluster import JobConfig
-from common.compress import decode_chunk
+from common.wire.compress import decode_chunk
 from common.optim import OptimConfig
 from tests.cluster import Servers, run_threads
 from tests.test_bsp_equivalence import B, CFG, K, W, big_batch, single_process
 from worker.client import PSClient
-from worker.consistency import make_loop
+from worker.mode_loops import make_loop
 from worker.model import GPT
 
 

@@ -1,13 +1,13 @@
 """ps-plot on run folders written here: which panels it draws from which files, overlays,
 and errors a person can act on. The servers' files are written by the servers' own
-``Recorder`` (paramserver/consistency.py), so a change of their format fails here.
+``Recorder`` (paramserver/modes.py), so a change of their format fails here.
 (The end-to-end drawing of a real job is in test_trace.py.)"""
 import json
 
 import pytest
 
 from common import plot
-from paramserver.consistency import Recorder
+from paramserver.modes import Recorder
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from common import hostfile
+from common.launch import hostfile
 from common.cluster import ClusterConfig, advertised_endpoint
-from common.launch_ssh import remote_command, role_commands
-from common.netaddr import interfaces, pick_address
-from common.roles import derive, expand_hostlist
+from common.launch.ssh import remote_command, role_commands
+from common.wire.addresses import interfaces, pick_address
+from common.launch.launcher_env import derive, expand_hostlist
 from tests.clusterenv import CLUSTER_ENV, REPO
 
 
@@ -50,7 +50,7 @@ def test_mpi_wins_over_an_inherited_slurm_rank_and_needs_a_coordinator():
 
 def test_ps_role_prints_the_command_it_would_exec():
     env = dict(CLUSTER_ENV, SLURM_PROCID="1", SLURM_NTASKS="3", SLURM_JOB_NODELIST="vm", PS_PORT="5999")
-    done = subprocess.run([sys.executable, "-m", "common.role", "--print", "--steps", "7", "--n-layer", "1",
+    done = subprocess.run([sys.executable, "-m", "common.launch.role", "--print", "--steps", "7", "--n-layer", "1",
                            "--lr", "0.01"], capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stderr
     import json

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import zmq
 
-from common import codec
+from common.wire import codec
 from common.cluster import ClusterConfig
 from common.layout import Layout
-from common.protocol import PROTOCOL_VERSION
+from common.wire.protocol import PROTOCOL_VERSION
 from tests.cluster import SLACK, Servers, run_threads
 from worker.client import DeadlineError, PSClient, RemoteError
 
@@ -99,7 +99,7 @@ def test_registration_deadline_names_the_missing(tmp_path):
 
 
 def test_client_deadline_names_the_coordinator():
-    from common.transport import free_port
+    from common.wire.transport import free_port
     port = free_port()
     client = PSClient(ClusterConfig(rank=0, coordinator=f"127.0.0.1:{port}", timeout=1.0))
     t0 = time.monotonic()

@@ -61,7 +61,7 @@ def test_term_stops_a_process_at_every_phase(victim, phase, tmp_path):
 
 
 def ps_local(out, *extra):
-    cmd = [sys.executable, "-m", "common.launch_local", "--servers", "2", "--workers", "2", "--steps", "100000",
+    cmd = [sys.executable, "-m", "common.launch.local", "--servers", "2", "--workers", "2", "--steps", "100000",
            "--out", str(out), "--no-progress", *TINY, "--data", str(corpus(out.parent)), "--timeout", "30", *extra]
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -47,7 +47,7 @@ def test_sbatch_job_trains_on_one_node(tmp_path, one_node):
 
 def test_srun_by_hand_derives_roles_from_slurm(one_node):
     done = run(["srun", "-n", "4", "--export=ALL,PS_NUM_SERVERS=2", sys.executable, "-m",
-                "common.role", "--print"], timeout=120)
+                "common.launch.role", "--print"], timeout=120)
     assert done.returncode == 0, done.stderr
     got = sorted((p["global_rank"], p["role"], p["rank"], p["source"], p["num_workers"])
                  for p in map(json.loads, done.stdout.splitlines()))

@@ -63,7 +63,7 @@ def test_merge_renumbers_processes(tmp_path):
 @pytest.fixture(scope="module")
 def traced_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("traced") / "run"
-    done = subprocess.run([sys.executable, "-m", "common.launch_local", "--servers", "2", "--workers", "2",
+    done = subprocess.run([sys.executable, "-m", "common.launch.local", "--servers", "2", "--workers", "2",
                            "--steps", "30", "--out", str(out), "--no-progress", "--trace", *SMALL],
                           env=ENV, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker import checkpoint as ck
+from worker import model_checkpoint as ck
 from worker.train import METRICS, RUN_CONFIG, main, parse_configs, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from common import codec
-from common.protocol import ProtocolError
-from common.transport import Dealer, Router
+from common.wire import codec
+from common.wire.protocol import ProtocolError
+from common.wire.transport import Dealer, Router
 
 
 @pytest.fixture

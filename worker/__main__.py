@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)       # also where it started ignored (a background job of a script)
 
-    from common.transport import TransportError
+    from common.wire.transport import TransportError
     from worker.client import DeadlineError, RemoteError
     from worker.distributed import run
     try:

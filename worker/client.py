@@ -22,7 +22,7 @@ Usage (the "hello PS" script in scripts/ is a complete example):
     client.done()
 
 ``push_pull`` is three calls, which a worker that overlaps communication with compute
-makes itself (plain BSP; ``worker/consistency.py``):
+makes itself (plain BSP; ``worker/mode_loops.py``):
 
     client.begin_push(grads, params, step, loss=loss)
     ...backward: client.push_final(b, e) each time grads[b:e] is final -> its chunks leave
@@ -30,13 +30,13 @@ makes itself (plain BSP; ``worker/consistency.py``):
     ...next forward: client.wait_params(b, e) before params[b:e] is used
     reply = client.end_step()                    # every answer in; server 0's meta
 
-With ``--compress`` each chunk of a push is compressed (``common/compress.py``), the
+With ``--compress`` each chunk of a push is compressed (``common/wire/compress.py``), the
 residual kept here for error feedback. ``bytes_pushed`` and ``bytes_pulled`` count the
 arrays' bytes on the wire (compressed, when they are), not the headers (a hundred or two
 bytes a message), so that a push can carry the count including itself.
 
 How the answers are read depends on the consistency model (``--mode``, see
-``paramserver/consistency.py``): in bsp and local-sgd every server answers at the same
+``paramserver/modes.py``): in bsp and local-sgd every server answers at the same
 version, and anything else is an error; with backup workers a push may come back
 ``dropped`` (its step went on without it), and the client then catches up with any
 server that is behind, so that the worker's parameters are again one version; in asp
@@ -55,7 +55,7 @@ and the server applies a push at most once. A worker the coordinator dropped (it
 silent too long) registers again and goes on from the current parameters; when the
 coordinator says the job is stopping, or is gone, the next wait raises with the reason.
 
-Not here: sockets (``common/transport.py``), bytes (``common/codec.py``), the model.
+Not here: sockets (``common/wire/transport.py``), bytes (``common/wire/codec.py``), the model.
 """
 from __future__ import annotations
 
@@ -65,14 +65,14 @@ import os
 import time
 from dataclasses import dataclass
 
-from common import codec
+from common.wire import codec
 from common.cluster import ClusterConfig, JobConfig, host_name
-from common.compress import PushEncoder, make_scheme
+from common.wire.compress import PushEncoder, make_scheme
 from common.config import to_dict
 from common.layout import Layout, merge_ranges
-from common.protocol import DONE, ERROR, INIT, JOB, OK, PULL, PUSH, REGISTER, ProtocolError
+from common.wire.protocol import DONE, ERROR, INIT, JOB, OK, PULL, PUSH, REGISTER, ProtocolError
 from common.trace import NULL_TRACER
-from common.transport import Dealer, Poller, reachable_locally
+from common.wire.transport import Dealer, Poller, reachable_locally
 from worker.heartbeat import Heartbeat
 
 log = logging.getLogger("client")

@@ -65,7 +65,3 @@ class DeviceOptimizer:
         self.t = int(state["t"])
         for n, v in self.state.items():
             v[...] = self.xp.asarray(state[n], dtype=self.dtype)
-
-
-def make_device_optimizer(xp, cfg: OptimConfig, size: int, dtype=numpy.float32, decay_ranges=()):
-    return DeviceOptimizer(xp, cfg, size, dtype, decay_ranges)

@@ -16,7 +16,7 @@ One worker, top to bottom:
         (--straggler: this worker sleeps)  a slow worker, to see what each mode does with it
         the mode's step                    BSP: push grads, the servers average over every
                                            worker, step the optimizer, answer with fresh
-                                           params; the other modes: worker/consistency.py
+                                           params; the other modes: worker/mode_loops.py
         worker 0: log, evaluate
     worker 0: save model.safetensors       (before done: the training's result is safe first)
     done                                   the coordinator stops the servers after the last worker
@@ -50,7 +50,7 @@ from common.cluster import ClusterConfig, JobConfig
 from common.trace import NULL_TRACER, Tracer, trace_file
 from worker import backend
 from worker.client import PSClient
-from worker.consistency import make_loop
+from worker.mode_loops import make_loop
 from worker.data import BatchSampler, DataConfig, load_data, unigram_entropy, validation_batches
 from worker.kernels.halfs import PRECISIONS
 from worker.model import GPTConfig

@@ -23,9 +23,9 @@ import logging
 import threading
 import time
 
-from common import codec
-from common.protocol import ERROR, HEARTBEAT, OK, ProtocolError
-from common.transport import Dealer
+from common.wire import codec
+from common.wire.protocol import ERROR, HEARTBEAT, OK, ProtocolError
+from common.wire.transport import Dealer
 
 log = logging.getLogger("heartbeat")
 

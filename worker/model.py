@@ -21,7 +21,7 @@ end of ``backward``. Each thread then wants a single-threaded BLAS
 fine-grained synchronisation, which is also what keeps them fast on a shared machine.
 
 Two optional hooks let a distributed worker overlap communication with compute
-(``worker/consistency.py``): ``forward(..., before=f)`` calls ``f(begin, end)`` before
+(``worker/mode_loops.py``): ``forward(..., before=f)`` calls ``f(begin, end)`` before
 the first use of ``params[begin:end]`` (the embeddings, each block, ln_f: the order of
 the flat vector), and ``backward(after=g)`` calls ``g(begin, end)`` once
 ``grads[begin:end]`` is final (ln_f, the blocks from the last, then the embeddings:

@@ -1,6 +1,6 @@
 """Host staging of a GPU model's flat vectors for push and pull: pinned memory, async copies.
 
-The wire code (``worker/client.py``, ``common/codec.py``) sends and receives host
+The wire code (``worker/client.py``, ``common/wire/codec.py``) sends and receives host
 memory: it sees ``HostStaging.params`` and ``.grads``, two NumPy vectors in pinned
 (page-locked) host memory, the layout and dtype of the model's, and never a CuPy
 array. The loop moves data between them and the GPU at two points of a step:

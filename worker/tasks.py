@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy
 
-from worker import checkpoint
+from worker import model_checkpoint as checkpoint
 from worker.bert import BERT, MaskedBatches, fill_in, masked_validation, save_bert
 from worker.model import GPT, GPTConfig
 from worker.sample import generate

@@ -7,7 +7,7 @@
 One step: zero the gradients, forward and backward on a batch, clip by global norm,
 optimizer update at the scheduled learning rate. Every ``eval_interval`` steps the
 loss on a fixed validation set; every ``log_interval`` steps a JSON line in
-``metrics.jsonl``; a checkpoint (``worker/checkpoint.py``) every ``ckpt_interval``
+``metrics.jsonl``; a checkpoint (``worker/model_checkpoint.py``) every ``ckpt_interval``
 steps and at the end. The run folder also holds ``run_config.json`` (the effective
 configuration) so ``--resume`` rebuilds the same run: same model, optimizer state,
 data order, hence the same loss curve as a run that never stopped.

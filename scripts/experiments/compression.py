@@ -24,7 +24,7 @@ or two bytes a message), ``results.json`` in the run folder, and a table on stdo
 pushed, the ratio to uncompressed, final validation loss and its distance to the
 uncompressed run's.
 
-Not here: the schemes (``common/compress.py``), the wire (``worker/client.py``).
+Not here: the schemes (``common/wire/compress.py``), the wire (``worker/client.py``).
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ DIVERGED = "holds NaN or Inf; refused"     # the servers' refusal of a non-finit
 
 def run(name, out: Path, args) -> bool:
     """One ps-local job; False if it diverged (stopped on a non-finite gradient)."""
-    cmd = [sys.executable, "-m", "common.launch_local", "--servers", str(args.servers), "--workers", str(args.workers),
+    cmd = [sys.executable, "-m", "common.launch.local", "--servers", str(args.servers), "--workers", str(args.workers),
            "--steps", str(args.steps), "--out", str(out), "--no-progress", "--eval-interval", str(args.eval_interval),
            "--log-interval", str(args.eval_interval), "--threads", "1", "--sample-bytes", "0", "--seed", "0",
            *RUNS[name][1]]

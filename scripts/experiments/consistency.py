@@ -25,7 +25,7 @@ Wall time is the job's: from the first worker's first step to the last worker's 
 (each worker records both in ``worker-R.json``); start-up and the final evaluation
 are not in it. Times on a shared 2-core machine move by 10-20% between runs.
 
-Not here: the modes themselves (``paramserver/consistency.py``, ``worker/consistency.py``).
+Not here: the modes themselves (``paramserver/modes.py``, ``worker/mode_loops.py``).
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ COLORS = {"bsp": "black", "asp": "tab:red", "ssp2": "tab:blue", "localsgd4": "ta
 
 
 def run_mode(name, scenario, out: Path, args) -> None:
-    cmd = [sys.executable, "-m", "common.launch_local", "--servers", str(args.servers), "--workers", str(args.workers),
+    cmd = [sys.executable, "-m", "common.launch.local", "--servers", str(args.servers), "--workers", str(args.workers),
            "--steps", str(args.steps), "--out", str(out), "--no-progress", "--eval-interval", str(args.eval_interval),
            "--threads", "1", *MODEL, *RUNS[name][1]]
     if args.slow > 1:

@@ -26,7 +26,7 @@ import numpy as np
 
 from common.cluster import ClusterConfig
 from common.optim import OptimConfig, clip_scale, lr_at, make_optimizer
-from common.transport import free_port
+from common.wire.transport import free_port
 from worker.client import PSClient
 from worker.data import BatchSampler, DataConfig, load_data
 from worker.model import GPT, GPTConfig

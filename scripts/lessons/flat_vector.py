@@ -8,7 +8,7 @@
    vector, cut by bytes, so a tensor may be split between two servers: the servers
    never know.
 3. The wire: the exact frames of one PUSH from worker 0 to server 1, made by the real
-   codec (``common/codec.py``): frame 0 is the msgpack header (its fields are shown),
+   codec (``common/wire/codec.py``): frame 0 is the msgpack header (its fields are shown),
    frame 1 the raw bytes of the gradient slice, sent without a copy.
 
 Not here: sockets (lesson 3's ``ps-local --trace`` run shows the messages in time).
@@ -18,8 +18,8 @@ import sys
 
 import numpy as np
 
-from common import codec
-from common.protocol import PUSH
+from common.wire import codec
+from common.wire.protocol import PUSH
 from worker.model import GPT, GPTConfig
 from worker.train import TRAIN_DEFAULTS
 
@@ -65,7 +65,7 @@ def main(argv=None):
     frames = codec.encode(PUSH, "worker:0", step=12, rid=7, arrays=[model.grads[b:e]], ranges=[(b, e)],
                           loss=3.21, tokens=1024, bytes_pushed=12 * 4 * P, bytes_pulled=12 * 4 * P)
     msg = codec.decode([bytes(f) for f in frames])       # what the server decodes at the door
-    print(f"\n3. one PUSH from worker 0 to server {min(1, S - 1)} (step 12), made by common/codec.py:")
+    print(f"\n3. one PUSH from worker 0 to server {min(1, S - 1)} (step 12), made by common/wire/codec.py:")
     print(f"   frame 0, the msgpack header: {len(frames[0])} bytes, starting {bytes(frames[0][:12]).hex(' ')} ...")
     print(f"      v = 1, cmd = {msg.cmd!r}, from = {msg.sender!r}, step = {msg.step}, rid = {msg.rid}")
     print(f"      arrays = [{{dtype: {msg.dtypes[0]!r}, shape: {list(msg.arrays[0].shape)}, "

@@ -49,7 +49,7 @@ from common.cluster import JobConfig
 from common.config import add_arguments, from_args, to_dict
 from common.optim import OptimConfig
 from common.trace import merge_traces
-from common.transport import free_port
+from common.wire.transport import free_port
 
 GRACE_S = 5.0      # after TERM, how long a process gets before KILL
 # The optimizer of the single-process trainer's small GPT (worker/train.py TRAIN_DEFAULTS;

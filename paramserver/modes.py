@@ -48,7 +48,7 @@ import time
 from collections import Counter
 
 from common.files import atomic_write
-from common.protocol import ProtocolError
+from common.wire.protocol import ProtocolError
 
 COUNT, LATE, LATE_WAIT = "count", "late", "late-wait"
 

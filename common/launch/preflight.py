@@ -2,7 +2,7 @@
 
 With a hostfile (the one ``ps-launch`` takes), over the same ``--rsh``:
 
-1. on every host that will run servers, start a probe server (``common/probe.py``)
+1. on every host that will run servers, start a probe server (``common/launch/probe.py``)
    where the servers will listen: on the coordinator's host at the coordinator's port
    itself (so a port already taken, or blocked, shows up now), elsewhere on a free
    port, advertised at the hostfile's ``addr=``; its sessions end with this command;
@@ -19,7 +19,7 @@ line naming the source host and the unreachable ``host:port`` with the reason
 (refused, timed out, no route). The whole run is bounded by ``--deadline``.
 
 With ``--targets HOST:PORT ...`` it measures from this machine only, against probe
-servers started by hand (``python -m common.probe serve``) or any TCP port (then only
+servers started by hand (``python -m common.launch.probe serve``) or any TCP port (then only
 reachability is checked). ``--json FILE`` saves every figure.
 
 Not here: launching the job (``ps-launch --preflight`` calls this first).
@@ -36,9 +36,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import hostfile
-from common.launch_ssh import REPO, remote_command
-from common.probe import measure
+from common.launch import hostfile
+from common.launch.ssh import REPO, remote_command
+from common.launch.probe import measure
 
 
 def _readline(proc: subprocess.Popen, until: float) -> str:
@@ -78,7 +78,7 @@ class Preflight:
             if not h.servers:
                 continue
             port = self.port if 0 in h.servers else 0
-            proc = self._rsh(h, [self.python, "-m", "common.probe", "serve", "--bind", f"tcp://*:{port}",
+            proc = self._rsh(h, [self.python, "-m", "common.launch.probe", "serve", "--bind", f"tcp://*:{port}",
                                  "--advertise", h.addr])
             self.servers.append((h, proc, ""))
         for i, (h, proc, _) in enumerate(self.servers):
@@ -100,7 +100,7 @@ class Preflight:
 
     def measure_from(self, h) -> tuple[list[dict], str | None]:
         endpoints = [ep for _, _, ep in self.servers]
-        proc = self._rsh(h, [self.python, "-m", "common.probe", "measure", *endpoints, "--deadline",
+        proc = self._rsh(h, [self.python, "-m", "common.launch.probe", "measure", *endpoints, "--deadline",
                              f"{max(0.1, self.left() - 0.5):.2f}", "--source", h.name], stdin=subprocess.DEVNULL)
         try:
             out, _ = proc.communicate(timeout=max(0.5, self.left() + 1.0))

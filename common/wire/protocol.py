@@ -9,7 +9,7 @@ The header is:
 
 A compressed chunk of a push travels as several arrays that all carry the chunk's
 range and each name its part in ``enc`` (``{"dtype": "uint32", "shape": [41],
-"range": [0, 4096], "enc": "idx"}``; the parts of each scheme: ``common/compress.py``).
+"range": [0, 4096], "enc": "idx"}``; the parts of each scheme: ``common/wire/compress.py``).
 A push may carry any of the server's chunks: a worker that overlaps communication
 with its backward pushes each chunk as soon as its gradient is final (``worker/client.py``).
 
@@ -17,7 +17,7 @@ with its backward pushes each chunk as soon as its gradient is final (``worker/c
 handler sees it (STYLE habit 6: check at the door): the version, the command, the
 types and bounds of every field, the array descriptors and the command's own fields.
 An error names what was expected and what arrived. This module knows nothing about
-bytes (``common/codec.py``) or sockets (``common/transport.py``).
+bytes (``common/wire/codec.py``) or sockets (``common/wire/transport.py``).
 
 The conversation, in order (see docs/ for the lesson that walks through it):
 
@@ -158,14 +158,6 @@ _DTYPES = frozenset(DTYPES)
 
 def _fail(text):
     raise ProtocolError(text)
-
-
-def rank_list(value, limit: int, what: str) -> list[int]:
-    """A list of distinct ints in [0, limit) from a message field, or ProtocolError."""
-    ok = (isinstance(value, list) and len(value) <= limit
-          and all(_is_int(r) and 0 <= r < limit for r in value) and len(set(value)) == len(value))
-    _check(ok, f"{what} must be a list of distinct ranks in [0, {limit}), got {value!r}"[:300])
-    return list(value)
 
 
 def session_list(value, limit: int, what: str) -> dict[int, int]:

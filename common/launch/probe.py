@@ -1,6 +1,6 @@
 """The network probe of ``ps-preflight``: an echo server, and a client that measures a path.
 
-``python -m common.probe serve --bind tcp://*:PORT [--advertise ADDR]`` runs on a host
+``python -m common.launch.probe serve --bind tcp://*:PORT [--advertise ADDR]`` runs on a host
 where servers will run. It prints ``READY tcp://ADDR:PORT`` and answers, over a
 ZeroMQ ROUTER (the sockets the real servers use), three requests:
 
@@ -11,13 +11,13 @@ ZeroMQ ROUTER (the sockets the real servers use), three requests:
 Anything else is dropped (check at the door). It stops at the end of its standard
 input (the launcher's session ended) or after ``--for`` seconds.
 
-``python -m common.probe measure ENDPOINT... --deadline S`` runs on every host and
+``python -m common.launch.probe measure ENDPOINT... --deadline S`` runs on every host and
 prints one JSON line per endpoint: a TCP connect first (reachable, or the reason it
 is not), then the median round trip of small pings, then the bandwidth up and down
 (a stream of 64 KiB frames, a window of 8 in flight, for at most ``--bw-seconds`` or
 ``--bw-bytes``). Every wait is bounded by the deadline, one for all the endpoints.
 
-Not here: which hosts probe which, the report (``common/preflight.py``).
+Not here: which hosts probe which, the report (``common/launch/preflight.py``).
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ import sys
 import threading
 import time
 
-from common.netaddr import probe_tcp
-from common.transport import Dealer, Router, TransportError, host_port
+from common.wire.addresses import probe_tcp
+from common.wire.transport import Dealer, Router, TransportError, host_port
 
 CHUNK = 64 << 10
 WINDOW = 8
@@ -98,7 +98,7 @@ def _latency(sock, budget, pings):
         if reply is None:
             return rtts, "no answer to ping from the probe server"
         if bytes(reply[0]) != b"pong":
-            return rtts, "it answers, but is not a probe server (python -m common.probe serve)"
+            return rtts, "it answers, but is not a probe server (python -m common.launch.probe serve)"
         if i:
             rtts.append(time.perf_counter() - t0)
     return rtts, None
@@ -160,7 +160,7 @@ def measure(endpoint: str, deadline: float = 10.0, connect_timeout: float = 3.0,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m common.probe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m common.launch.probe", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="answer probes until end of input")
     s.add_argument("--bind", default="tcp://*:0", help="where to listen (default: %(default)s, any free port)")

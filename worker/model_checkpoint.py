@@ -19,7 +19,7 @@ never half of one. The two files of a save carry the step, and loading refuses a
 whose steps differ (a save interrupted between the two renames).
 
 Never pickle: safetensors holds raw arrays and a JSON header, nothing executable.
-Not here: the server's shard checkpoints (``paramserver/checkpoint.py``), downloading.
+Not here: the server's shard checkpoints (``paramserver/shard_checkpoint.py``), downloading.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Gradient compression on the push, with error feedback kept on the worker.
 
 Each chunk of a pushed gradient travels as one or more arrays ("parts"), each tagged
-on the wire with its part name (the array descriptor's ``enc``, ``common/protocol.py``)
+on the wire with its part name (the array descriptor's ``enc``, ``common/wire/protocol.py``)
 and carrying the chunk's range:
 
 | scheme | parts of a chunk of n elements                     | bytes      | error of one element              |
@@ -32,7 +32,7 @@ on values where that addition is exact, and in float64). The subtraction is exac
 kept value is its own rounding, within a factor 2 of the original (Sterbenz).
 
 Not here: which chunks go where (``common/placement.py``), bytes on the wire
-(``common/codec.py``).
+(``common/wire/codec.py``).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ import math
 
 import numpy
 
-from common.protocol import ProtocolError
+from common.wire.protocol import ProtocolError
 
 SCHEMES = ("none", "fp16", "bf16", "int8", "topk", "randk")
 BUCKET = 512                      # int8: elements sharing one scale

@@ -10,7 +10,7 @@ A ``Poller`` waits on several sockets with a timeout: every wait in this project
 poll with a deadline, never a blocking receive.
 
 Frames are received without a copy (``copy=False``): callers get memoryviews of the
-bytes libzmq received and decode them in place (``common/codec.py``). Or, with
+bytes libzmq received and decode them in place (``common/wire/codec.py``). Or, with
 ``recv_placed``, a caller that knows from a message's header where its arrays belong
 has them received straight into those buffers (``recv_into``, pyzmq >= 26.4): one copy,
 out of libzmq's message into memory reused step after step. Sends take
@@ -41,7 +41,7 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
-from common.netaddr import explain_unreachable
+from common.wire.addresses import explain_unreachable
 
 LINGER_MS = 1000                 # at close, give queued messages this long to leave
 MAX_MESSAGE_BYTES = 2 << 30      # a peer sending a bigger frame is disconnected by libzmq

@@ -15,7 +15,7 @@ pieces to get that right and to say what went wrong:
   or a cut link; "network unreachable": no route), used in deadline errors and by
   ``ps-preflight``.
 
-Not here: binding sockets (``common/transport.py``), which address a server binds
+Not here: binding sockets (``common/wire/transport.py``), which address a server binds
 (``common/cluster.py``: bind and advertise are separate settings).
 """
 from __future__ import annotations

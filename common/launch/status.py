@@ -30,10 +30,10 @@ import json
 import sys
 import time
 
-from common import codec
-from common.netaddr import explain_unreachable
-from common.protocol import ERROR, STATUS, ProtocolError
-from common.transport import Curve, Dealer, TransportError, normalize
+from common.wire import codec
+from common.wire.addresses import explain_unreachable
+from common.wire.protocol import ERROR, STATUS, ProtocolError
+from common.wire.transport import Curve, Dealer, TransportError, normalize
 
 
 class StatusError(RuntimeError):

@@ -12,7 +12,7 @@ use to reach this one (default: ``HOST`` itself); servers on that host advertise
 and the coordinator (server 0, on the first host with servers) is ``addr:PORT``.
 Ranks follow the file: servers are numbered in the order of the lines, workers too.
 
-Not here: ssh, processes (``common/launch_ssh.py``).
+Not here: ssh, processes (``common/launch/ssh.py``).
 """
 from __future__ import annotations
 

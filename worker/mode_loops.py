@@ -1,4 +1,4 @@
-"""What a worker does in each consistency model (the servers' side: paramserver/consistency.py).
+"""What a worker does in each consistency model (the servers' side: paramserver/modes.py).
 
 After computing the gradient of a batch, a worker hands it to its mode's loop:
 

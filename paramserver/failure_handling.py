@@ -25,8 +25,8 @@ import contextlib
 import logging
 import time
 
-from common import codec
-from common.protocol import ERROR, HEARTBEAT, OK, SHUTDOWN, VIEW, ProtocolError, session_list
+from common.wire import codec
+from common.wire.protocol import ERROR, HEARTBEAT, OK, SHUTDOWN, VIEW, ProtocolError, session_list
 
 log = logging.getLogger("server")
 

@@ -22,7 +22,7 @@ script's ``SLURM_PROCID`` (always 0). The coordinator is ``--coordinator`` /
 ``SLURM_STEP_NODELIST`` (or ``SLURM_JOB_NODELIST``) with port ``PS_PORT`` (5700).
 Under MPI there is no node list, so PS_COORDINATOR must be set.
 
-Not here: starting the role (``common/role.py`` execs ``python -m paramserver`` or
+Not here: starting the role (``common/launch/role.py`` execs ``python -m paramserver`` or
 ``python -m worker``); the rank a worker gets is still confirmed by the coordinator.
 """
 from __future__ import annotations

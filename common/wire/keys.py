@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.transport import CLIENT_KEY, generate_keys
+from common.wire.transport import CLIENT_KEY, generate_keys
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 """``ps-role``: one command for every process of a job; the role comes from the global rank.
 
 Under ``srun`` or ``mpirun`` every process runs the same command line. ``ps-role``
-reads the global rank from the launcher's variables (``common/roles.py``: ranks
+reads the global rank from the launcher's variables (``common/launch/launcher_env.py``: ranks
 0..S-1 are servers, the rest workers) and replaces itself (``exec``) with exactly the
 command a user would type for that role:
 
@@ -16,7 +16,7 @@ without running it (what a test or a puzzled user wants).
     srun -n 4 ps-role --servers 1 --steps 100 --out runs/x
     PS_COORDINATOR=node1:5700 mpirun -n 4 ps-role --servers 1 --steps 100
 
-Not here: the rules for the rank (``common/roles.py``), the roles themselves.
+Not here: the rules for the rank (``common/launch/launcher_env.py``), the roles themselves.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ import sys
 
 from common.cluster import JobConfig
 from common.config import add_arguments, from_args, to_dict
-from common.launch_local import OPTIM_DEFAULTS     # ps-local's (= ps-train's): every launcher trains the same job
+from common.launch.local import OPTIM_DEFAULTS     # ps-local's (= ps-train's): every launcher trains the same job
 from common.optim import OptimConfig
-from common.roles import derive
+from common.launch.launcher_env import derive
 
 
 def add_job_arguments(parser: argparse.ArgumentParser):

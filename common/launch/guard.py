@@ -1,4 +1,4 @@
-"""``python -m common.guard -- CMD...``: run CMD on a remote host and end it with the session.
+"""``python -m common.launch.guard -- CMD...``: run CMD on a remote host and end it with the session.
 
 An ssh client that is killed does not kill what it started on the other side (unless a
 terminal was allocated), so a launcher that stops a job by ending its ssh sessions
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
-        print("usage: python -m common.guard -- CMD [ARGS...]", file=sys.stderr)
+        print("usage: python -m common.launch.guard -- CMD [ARGS...]", file=sys.stderr)
         return 2
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
     stopping = threading.Event()

@@ -1,9 +1,9 @@
 """The codec: the only code that knows the byte layout of a message.
 
-A message is a list of frames: frame 0 is the msgpack header (``common/protocol.py``),
+A message is a list of frames: frame 0 is the msgpack header (``common/wire/protocol.py``),
 frames 1..n are the raw bytes of the arrays, C-contiguous, little-endian, one frame
 per array, in the order of the header's ``arrays`` list. Bulk bytes never go through
-msgpack (it runs at ~0.4 GB/s here, BASELINES.md); the arrays are handed to the
+msgpack (it packs at 0.4 GB/s, docs/wire.md); the arrays are handed to the
 transport as buffers and sent without a copy.
 
 ``decode`` refuses (``ProtocolError``) anything that does not parse or does not match
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy
 
-from common.protocol import (
+from common.wire.protocol import (
     DTYPES, MAX_ARRAYS, MAX_HEADER_BYTES, PROTOCOL_VERSION, ProtocolError, array_nbytes,
     validate_header,
 )
@@ -88,7 +88,7 @@ def encode(cmd: str, sender: str, step: int = 0, rid: int = 0, arrays=(), ranges
 def parse_header(head) -> dict:
     """The validated header of frame 0 (ProtocolError on anything malformed). A receiver
     that knows where a message's arrays belong reads this first, receives the array
-    frames straight into their destinations (``common/transport.py``), then ``decode``s."""
+    frames straight into their destinations (``common/wire/transport.py``), then ``decode``s."""
     if len(head) > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {len(head)} bytes exceeds the limit of {MAX_HEADER_BYTES}")
     try:

@@ -1,14 +1,14 @@
 """``ps-launch --hostfile FILE``: start a job's roles on other hosts over ssh.
 
-For every role the hostfile gives a host (``common/hostfile.py``), ``ps-launch`` runs
+For every role the hostfile gives a host (``common/launch/hostfile.py``), ``ps-launch`` runs
 
-    RSH HOST 'cd CWD && exec env PYTHONPATH=REPO ... PYTHON -m common.guard -- PYTHON -m paramserver ...'
+    RSH HOST 'cd CWD && exec env PYTHONPATH=REPO ... PYTHON -m common.launch.guard -- PYTHON -m paramserver ...'
 
 (``RSH`` is ``--rsh``, by default ``ssh -o BatchMode=yes``; the tests give a script that
 enters a network namespace instead). It prints every line the roles write, prefixed
 with ``[HOST role-rank]``, and also writes each role's log to ``OUT/logs/``. When one
 role fails, or on Ctrl-C, it stops them all: it closes each session's input, so the
-guard on the far side stops its role (``common/guard.py``), then ends the local ssh
+guard on the far side stops its role (``common/launch/guard.py``), then ends the local ssh
 processes that are still there. It exits 0 only when every role exited 0.
 
 Assumptions, as on most clusters: the repository and Python live at the same path on
@@ -36,11 +36,11 @@ import threading
 import time
 from pathlib import Path
 
-from common import hostfile
-from common.role import add_job_arguments, role_flags
+from common.launch import hostfile
+from common.launch.role import add_job_arguments, role_flags
 
 GRACE_S = 8.0
-REPO = str(Path(__file__).resolve().parents[1])
+REPO = str(Path(__file__).resolve().parents[2])
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -50,7 +50,7 @@ def remote_command(argv: list[str], cwd: str, repo: str, python: str, threads: i
     stops the role when the session's input ends) unless ``guard`` is False."""
     vars_ = {"PYTHONPATH": repo, "PYTHONUNBUFFERED": "1", **{v: str(threads) for v in THREAD_VARS}, **(env or {})}
     assign = " ".join(f"{k}={shlex.quote(v)}" for k, v in vars_.items())
-    wrap = f"{shlex.quote(python)} -m common.guard -- " if guard else ""
+    wrap = f"{shlex.quote(python)} -m common.launch.guard -- " if guard else ""
     return f"cd {shlex.quote(cwd)} && exec env {assign} {wrap}" + " ".join(shlex.quote(a) for a in argv)
 
 
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     roles = role_commands(hosts, args.port, server_flags, worker_flags + ["--out", str(out)], args.python,
                           args.timeout, cluster_flags)
     if args.preflight:
-        from common.preflight import main as preflight
+        from common.launch.preflight import main as preflight
         code = preflight(["--hostfile", args.hostfile, "--rsh", args.rsh, "--port", str(args.port),
                           "--python", args.python])
         if code != 0:
