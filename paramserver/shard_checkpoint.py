@@ -23,6 +23,7 @@ Not here: when a restarted server may use its checkpoint (``coordinator.py``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
+from safetensors import SafetensorError
 from safetensors.numpy import load as st_load, save as st_save
 
 from common.files import atomic_write
@@ -81,7 +83,7 @@ def save(folder, rank: int, shard, layout_hash: str, extra: dict, keep: int = KE
     tensors.update({f"optimizer.{k}": v for k, v in opt.items() if isinstance(v, numpy.ndarray)})
     state = {"format": FORMAT, "rank": rank, "version": shard.version, "initialized": shard.initialized,
              "chunks": [list(c) for c in shard.chunks], "dtype": shard.dtype.name, "layout_hash": layout_hash,
-             "optimizer": shard.optim_cfg.optimizer,
+             "optimizer": shard.optim_cfg.optimizer, "optimizer_config": dataclasses.asdict(shard.optim_cfg),
              "optimizer_scalars": {k: v for k, v in opt.items() if not isinstance(v, numpy.ndarray)},
              "extra": extra}
     path = path_of(folder, rank, shard.version)
@@ -100,30 +102,51 @@ def load(folder, rank: int, version: int, shard, layout_hash: str) -> dict:
         tensors = st_load(raw)
         header_len = int.from_bytes(raw[:8], "little")
         state = json.loads(json.loads(raw[8:8 + header_len])["__metadata__"]["state"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
-    where = f"{path}"
-    if state.get("format") != FORMAT or state.get("rank") != rank or state.get("version") != version:
-        raise CheckpointError(f"{where}: not server {rank}'s checkpoint of version {version} (format {FORMAT})")
-    if [tuple(c) for c in state["chunks"]] != list(shard.chunks):
-        raise CheckpointError(f"{where} holds chunks {state['chunks'][:4]}, this server owns "
-                              f"{shard.describe_chunks()}: another placement (number of servers?)")
-    if state["layout_hash"] != layout_hash:
-        raise CheckpointError(f"{where} is of layout {state['layout_hash']}, the job's is {layout_hash}: "
-                              "another model")
-    if state["dtype"] != shard.dtype.name or state["optimizer"] != shard.optim_cfg.optimizer:
-        raise CheckpointError(f"{where} is {state['dtype']} / {state['optimizer']}, this server runs "
-                              f"{shard.dtype.name} / {shard.optim_cfg.optimizer}")
-    params = tensors["params"]
-    if params.shape != shard.params.shape:
-        raise CheckpointError(f"{where}: parameters of shape {params.shape}, expected {shard.params.shape}")
-    shard.params[...] = params
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        older = [v for v in versions(folder, rank) if v < version]
+        offer = (f"; this server's older checkpoints: versions {older} (move this file away to resume from "
+                 f"version {older[-1]})" if older else "; this server has no older checkpoint")
+        raise CheckpointError(f"cannot read {path} (truncated or corrupt?): {e}{offer}") from None
+    check_matches(path, state, rank, version, shard, layout_hash)
+    check_arrays(path, tensors, shard)              # everything checked before anything is written
+    shard.params[...] = tensors["params"]
     opt = dict(state["optimizer_scalars"])
     opt.update({k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")})
     shard.optimizer.load_state_dict(opt)
     shard.version = version
     shard.initialized = bool(state["initialized"])
     return state["extra"]
+
+
+def check_matches(path, state: dict, rank: int, version: int, shard, layout_hash: str):
+    """Refuse a checkpoint written by another shape of job, naming the field, both values and
+    the file: the placement (number of servers, --chunk-mb), the model (layout hash), the
+    dtype, the optimizer and each of its settings (a resume with other settings would not
+    continue the same run)."""
+    if state.get("format") != FORMAT or state.get("rank") != rank or state.get("version") != version:
+        raise CheckpointError(f"{path}: not server {rank}'s checkpoint of version {version} (format {FORMAT})")
+    if [tuple(c) for c in state["chunks"]] != list(shard.chunks):
+        raise CheckpointError(f"{path}: chunks differ: the checkpoint holds {state['chunks'][:4]}, this server "
+                              f"owns {shard.describe_chunks()}: another placement (number of servers, --chunk-mb?)")
+    theirs = {"layout_hash": state["layout_hash"], "dtype": state["dtype"], "optimizer": state["optimizer"],
+              **{f"optimizer {k}": v for k, v in state.get("optimizer_config", {}).items()}}
+    ours = {"layout_hash": layout_hash, "dtype": shard.dtype.name, "optimizer": shard.optim_cfg.optimizer,
+            **{f"optimizer {k}": v for k, v in dataclasses.asdict(shard.optim_cfg).items()}}
+    differ = [f"{k}: {theirs[k]!r} in the checkpoint, {ours.get(k)!r} in this job" for k in theirs if theirs[k] != ours.get(k)]
+    if differ:
+        raise CheckpointError(f"{path} was written by another job: " + "; ".join(differ) +
+                              ". Resume with the flags of the run that wrote it (its run_config.json)")
+
+
+def check_arrays(path, tensors: dict, shard):
+    """Refuse arrays of other shapes than this shard's parameters and optimizer state."""
+    want = {"params": shard.params.shape}
+    want.update({f"optimizer.{k}": v.shape for k, v in shard.optimizer.state_dict().items()
+                 if isinstance(v, numpy.ndarray)})
+    for name, shape in want.items():
+        got = tensors.get(name)
+        if got is None or got.shape != shape:
+            raise CheckpointError(f"{path}: {name} of shape {None if got is None else got.shape}, expected {shape}")
 
 
 def peek(folder, rank: int, version: int) -> dict:
