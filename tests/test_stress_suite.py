@@ -1,0 +1,54 @@
+"""scripts/stress_suite.sh finds what it exists to find: a test that fails in one run of
+two is listed with the runs it failed in, the exit status says so, and the CPU burners
+it started are gone when it ends."""
+import os
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FLAKY = '''
+from pathlib import Path
+
+def test_fails_in_the_first_run_only():
+    count = Path(__file__).with_name("runs")
+    n = int(count.read_text()) if count.exists() else 0
+    count.write_text(str(n + 1))
+    assert n > 0, "the first run"
+
+def test_always_passes():
+    pass
+'''
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_a_test_that_fails_in_one_run_of_two_is_found_and_the_burners_are_stopped(tmp_path):
+    (tmp_path / "test_flaky.py").write_text(FLAKY)
+    done = subprocess.run(["bash", "scripts/stress_suite.sh", "-n", "2", "-b", "1", "--", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = done.stdout
+    assert done.returncode == 1, out + done.stderr
+    assert re.search(r"run 1: exit 1 .*1 failed, 1 passed", out), out
+    assert re.search(r"run 2: exit 0 .*2 passed", out), out
+    assert "1 of 2 run(s) failed" in out
+    assert re.search(r"^\s+1 \S*test_flaky.py::test_fails_in_the_first_run_only$", out, re.M), out
+    pids = [int(p) for p in re.search(r"burner\(s\) \(PIDs ([\d ]+)\)", out).group(1).split()]
+    assert len(pids) == 1 and not alive(pids[0])
+
+
+def test_a_steady_suite_passes_and_bad_arguments_are_refused(tmp_path):
+    (tmp_path / "test_steady.py").write_text("def test_one():\n    pass\n")
+    done = subprocess.run(["bash", "scripts/stress_suite.sh", "-n", "1", "-b", "0", "--", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "0 of 1 run(s) failed" in done.stdout, done.stdout + done.stderr
+    bad = subprocess.run(["bash", "scripts/stress_suite.sh", "-n", "three"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "whole numbers" in bad.stderr
