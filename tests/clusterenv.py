@@ -59,14 +59,18 @@ def cluster_lock():
         finally:
             _held[0] -= 1
         return
-    with open(LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    # read-only: flock needs no write access, so another user's lock file serves as well
+    fd = os.open(LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         _held[0] = 1
         try:
             yield
         finally:
             _held[0] = 0
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def stress(tmp_path, *args):
+    """The script on the tests in ``tmp_path``; its logs go there too (mktemp follows TMPDIR)."""
+    return subprocess.run(["bash", "scripts/stress_suite.sh", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, TMPDIR=str(tmp_path)))
+
 FLAKY = '''
 from pathlib import Path
 
@@ -32,8 +38,7 @@ def alive(pid: int) -> bool:
 
 def test_a_test_that_fails_in_one_run_of_two_is_found_and_the_burners_are_stopped(tmp_path):
     (tmp_path / "test_flaky.py").write_text(FLAKY)
-    done = subprocess.run(["bash", "scripts/stress_suite.sh", "-n", "2", "-b", "1", "--", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = stress(tmp_path, "-n", "2", "-b", "1", "--", str(tmp_path / "test_flaky.py"))
     out = done.stdout
     assert done.returncode == 1, out + done.stderr
     assert re.search(r"run 1: exit 1 .*1 failed, 1 passed", out), out
@@ -46,9 +51,7 @@ def test_a_test_that_fails_in_one_run_of_two_is_found_and_the_burners_are_stoppe
 
 def test_a_steady_suite_passes_and_bad_arguments_are_refused(tmp_path):
     (tmp_path / "test_steady.py").write_text("def test_one():\n    pass\n")
-    done = subprocess.run(["bash", "scripts/stress_suite.sh", "-n", "1", "-b", "0", "--", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = stress(tmp_path, "-n", "1", "-b", "0", "--", str(tmp_path / "test_steady.py"))
     assert done.returncode == 0 and "0 of 1 run(s) failed" in done.stdout, done.stdout + done.stderr
-    bad = subprocess.run(["bash", "scripts/stress_suite.sh", "-n", "three"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60)
+    bad = stress(tmp_path, "-n", "three")
     assert bad.returncode == 2 and "whole numbers" in bad.stderr
