@@ -5,8 +5,8 @@
     python scripts/failures.py worker --keep runs/lesson7 --eval-interval 25   # lesson 7: the run
                         # folders kept, the job left alone among them, validation curves to plot
 
-Each scenario runs ``ps-local`` as a user would, finds a process's PID with ``ps-status``
-(as a user would), kills it with SIGKILL (a crash), and reports what the job did and
+Each scenario runs ``ps-local`` as a user would, finds a process's PID among its children
+(as ``pgrep -f`` would), kills it with SIGKILL (a crash), and reports what the job did and
 how long it took, from the run folder's logs and files:
 
 - ``worker``:      worker 1 dies; the coordinator drops it after 5 missed heartbeats and
@@ -76,12 +76,20 @@ class LocalJob:
                 raise SystemExit(f"the job did not reach step {step}:\n{self.proc.stdout.read()}")
             time.sleep(0.05)
 
-    def pid(self, role: str, rank: int) -> int:
-        """The PID of a process of the job, from ps-status (the coordinator's address table)."""
-        done = subprocess.run([sys.executable, "-m", "common.launch.status", "--coordinator", f"127.0.0.1:{self.port}",
-                               "--json", "--interval", "0.1"], env=ENV, capture_output=True, text=True, timeout=60)
-        rows = json.loads(done.stdout)["rows"]
-        return next(r["pid"] for r in rows if r["role"] == role and r["rank"] == rank)
+    def pid(self, role: str, rank: int, timeout: float = 60.0) -> int:
+        """The PID of a process of the job: the child of ps-local whose command line is that
+        role and rank, as ``pgrep -f "worker --rank 1"`` finds it. (ps-status shows the same
+        PIDs, but starting it takes seconds on a busy machine, in which this small job may end.)"""
+        module = {"worker": "worker", "server": "paramserver"}[role]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            for pid in children(self.proc.pid):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if Path(f"/proc/{pid}").exists() else []
+                words = [a.decode(errors="replace") for a in argv]
+                if module in words and "--rank" in words and words[words.index("--rank") + 1] == str(rank):
+                    return pid
+            time.sleep(0.05)
+        raise SystemExit(f"no {role} {rank} among ps-local's processes within {timeout:.0f} s")
 
     def finish(self, timeout=180.0) -> tuple[int, str]:
         out, _ = self.proc.communicate(timeout=timeout)
@@ -94,6 +102,19 @@ class LocalJob:
         return [ln for ln in self.log(name).splitlines() if any(w in ln for w in words)]
 
 
+def children(parent: int) -> list[int]:
+    """The PIDs whose parent is ``parent`` (read from /proc, as ps and pgrep do)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                                 # a process that ended meanwhile
+        if int(fields[1]) == parent:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def params(out: Path) -> dict:
     return load_file(str(out / "model.safetensors"))
 
@@ -104,8 +125,8 @@ def same(a: dict, b: dict) -> bool:
 
 def kill_at(job: LocalJob, role: str, rank: int, step: int) -> float:
     """SIGKILL ``role`` ``rank`` of ``job`` as soon as the job reaches ``step``. The PID is
-    looked up first (ps-status takes a moment, in which a small job runs dozens of steps),
-    so the kill lands within a few steps of ``step``. Returns the time of the kill."""
+    looked up first, so the kill lands within a few steps of ``step``. Returns the time of
+    the kill."""
     job.wait_step(1)
     pid = job.pid(role, rank)
     job.wait_step(step)
