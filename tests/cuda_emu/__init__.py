@@ -37,6 +37,7 @@ import numpy
 from numpy.lib.array_utils import byte_bounds
 
 from tests.cuda_emu.fake_cupy import fake_cupy, ndarray  # noqa: F401
+from tests.cuda_emu.streams import StreamOrderError  # noqa: F401
 from worker.kernels import loader
 
 HERE = pathlib.Path(__file__).resolve().parent
