@@ -97,7 +97,7 @@ def test_host_staging_copies_through_pinned_buffers_on_its_own_stream(fake):
               if stream is not None]                     # (the test's own reads: stream None)
     # every copy on the staging stream, asynchronous (pinned memory)
     assert staged == [("d2h", True, False), ("d2h", True, False), ("h2d", True, False)]
-    assert host.copies == 3 and host.stream.non_blocking
+    assert host.copies == 3 and host.stream.is_non_blocking
     cpu = GPT(STAGING_CFG)
     same = HostStaging(cpu)
     assert same.params is cpu.params and same.grads is cpu.grads

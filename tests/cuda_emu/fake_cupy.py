@@ -221,6 +221,50 @@ def _set_pointer_mode(handle, mode):
 
 
 # --------------------------------------------------------------------------------------
+# the device and the runtime: one emulated device
+
+class Device:
+    def __init__(self, device=None):
+        self.id = 0 if device is None else int(device)
+
+    def use(self):
+        if self.id != 0:
+            raise RuntimeError(f"the emulator has one device, 0; not {self.id}")
+
+    def synchronize(self):
+        streams.STATE.synchronize_device()
+
+
+class MemoryPool:
+    def total_bytes(self):
+        return 0
+
+    def used_bytes(self):
+        return 0
+
+
+PROPERTIES = {"name": b"CUDA emulator (tests/cuda_emu)", "major": 9, "minor": 0,
+              "totalGlobalMem": 16 << 30, "multiProcessorCount": 1}
+
+
+def _runtime():
+    def getDeviceCount():
+        return 1
+
+    def getDeviceProperties(device):
+        return dict(PROPERTIES)
+
+    def getDevice():
+        return 0
+
+    def setDevice(device):
+        Device(device).use()
+
+    def memGetInfo():
+        return PROPERTIES["totalGlobalMem"], PROPERTIES["totalGlobalMem"]
+    return types.SimpleNamespace(getDeviceCount=getDeviceCount, getDeviceProperties=getDeviceProperties,
+                                 getDevice=getDevice, setDevice=setDevice, memGetInfo=memGetInfo)
+
 
 def _cuda(state):
     cublas = types.SimpleNamespace(gemmEx=gemmEx, gemmStridedBatchedEx=gemmStridedBatchedEx,
@@ -228,11 +272,10 @@ def _cuda(state):
                                    setPointerMode=_set_pointer_mode)
     return types.SimpleNamespace(
         cublas=cublas, Stream=streams.Stream, Event=streams.Event,
-        alloc_pinned_memory=lambda nbytes: bytearray(max(1, nbytes)),
-        get_current_stream=lambda device_id=-1: state.current,
+        alloc_pinned_memory=lambda size: bytearray(max(1, size)),
+        get_current_stream=lambda device_id=-1: streams.STATE.current,
         device=types.SimpleNamespace(get_cublas_handle=lambda: 1),
-        Device=lambda device=None: types.SimpleNamespace(id=0, use=lambda: None,
-                                                         synchronize=state.synchronize_device))
+        Device=Device, MemoryPool=MemoryPool, runtime=_runtime())
 
 
 def fake_cupy():
@@ -244,7 +287,7 @@ def fake_cupy():
     mod.ndarray = ndarray
     mod.asarray, mod.array, mod.asnumpy = asarray, array, asnumpy
     mod.copies = state.copies
-    mod.get_default_memory_pool = lambda: types.SimpleNamespace(total_bytes=lambda: 0)
+    mod.get_default_memory_pool = MemoryPool
     for name in FUNCTIONS:
         setattr(mod, name, _function(name))
     for name in UFUNCS:

@@ -35,7 +35,8 @@ class DeviceState:
         self.launches = 0         # kernels and cuBLAS calls run on the eager stream
         self.synced = 0           # launches the host has waited for
         self.deferred = []        # the deferred streams made so far
-        self.null = Stream(null=True, state=self)
+        self.null = Stream(null=True)
+        self.null.state = self
         self.current = self.null
 
     def launched(self, name):
@@ -53,7 +54,7 @@ class DeviceState:
                 f"launches, of which the stream waited for {max(s.waited, self.synced)}: it may "
                 "read memory the kernels are still writing. Record an event on the compute "
                 "stream and stream.wait_event(it) first, or synchronise.")
-        s.enqueue(do)
+        s._enqueue(do)
         if blocking:
             s.synchronize()
 
@@ -66,8 +67,8 @@ class DeviceState:
 class Stream:
     """``cupy.cuda.Stream``: deferred when non-blocking (see the module's docstring)."""
 
-    def __init__(self, null=False, non_blocking=False, ptds=False, priority=None, *, state=None):
-        self.state = state or STATE
+    def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
+        self.state = globals().get("STATE")      # None only for the first state's null stream
         self.ptr = 0 if null else id(self)
         self.non_blocking = non_blocking
         self.deferred = non_blocking and not null
@@ -79,32 +80,36 @@ class Stream:
         if self.deferred:
             self.state.deferred.append(self)
 
-    def enqueue(self, op):
+    def _enqueue(self, op):
         self.queue.append(op)
         self.enqueued += 1
 
-    def run(self, upto=None):
+    def _run(self, upto=None):
         """Runs the queued operations, up to the ``upto``-th ever enqueued."""
         while self.queue and (upto is None or self.executed < upto):
             op = self.queue.pop(0)
             self.executed += 1
             op()
 
+    @property
+    def is_non_blocking(self):
+        return self.non_blocking
+
     def synchronize(self):
-        self.run()
+        self._run()
         if not self.deferred:
             self.state.synced = self.state.launches
 
     def record(self, event=None):
         event = event or Event()
-        event.mark(self)
+        event._mark(self)
         return event
 
     def wait_event(self, event):
         if not self.deferred:
-            event.complete()        # what the eager stream runs next must see the event's work
+            event._complete()        # what the eager stream runs next must see the event's work
             return
-        self.enqueue(event.complete)
+        self._enqueue(event._complete)
         if event.stream is not None and not event.stream.deferred:
             self.waited = max(self.waited, event.launches)
 
@@ -125,19 +130,19 @@ class Event:
         self.ticket = 0           # the stream's operations before the event
         self.launches = 0         # eager launches before the event
 
-    def mark(self, stream):
+    def _mark(self, stream):
         self.stream, self.ticket = stream, stream.enqueued
         self.launches = stream.state.launches
 
     def record(self, stream=None):
         (stream or STATE.current).record(self)
 
-    def complete(self):
+    def _complete(self):
         if self.stream is not None and self.stream.deferred:
-            self.stream.run(self.ticket)
+            self.stream._run(self.ticket)
 
     def synchronize(self):
-        self.complete()
+        self._complete()
         if self.stream is not None and not self.stream.deferred:
             self.stream.state.synced = max(self.stream.state.synced, self.launches)
 
