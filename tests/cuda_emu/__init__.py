@@ -170,7 +170,7 @@ class EmuKernel:
         ndarray._launched(self.name)
 
 
-_BUILT: dict = {}      # (family, source text, racecheck) -> (library, entries), once per process
+_BUILT: dict = {}      # (family, source, racecheck, names) -> (library, entries), once per process
 
 
 class Emulator:
@@ -178,9 +178,10 @@ class Emulator:
     ``racecheck``: check every launch for races; ``order``: the order in which the
     fibers of a block run ("forward", "reverse", "shuffled" with ``seed``)."""
 
-    def __init__(self, workdir, racecheck=True, order="forward", seed=1):
+    def __init__(self, workdir, racecheck=True, order="forward", seed=1, instances=None):
         self.workdir = pathlib.Path(workdir)
         self.racecheck, self.order, self.seed = racecheck, order, seed
+        self.instances = instances        # a predicate on name expressions: build only those
         self.libs = {}
         self.calls = {}
 
@@ -189,12 +190,15 @@ class Emulator:
             raise KeyError(name_expression)
         if family not in self.libs:
             # one build per source text in this process: the test files share it
-            key = (family, loader.source(family), self.racecheck)
+            names = [n for n in loader.FAMILIES[family] if not self.instances or self.instances(n)]
+            key = (family, loader.source(family), self.racecheck, tuple(names))
             if key not in _BUILT:
-                _BUILT[key] = build(family, self.workdir, racecheck=self.racecheck,
-                                    tag="" if self.racecheck else "_plain")
+                _BUILT[key] = build(family, self.workdir, names, racecheck=self.racecheck,
+                                    tag=f"_{len(_BUILT)}")
             self.libs[family] = _BUILT[key]
         dll, entries = self.libs[family]
+        if name_expression not in entries:
+            raise KeyError(f"{name_expression}: not built by this emulator (instances=)")
         self.calls[name_expression] = self.calls.get(name_expression, 0) + 1
         return EmuKernel(dll, entries[name_expression], name_expression, self.racecheck,
                          self.order, self.seed)

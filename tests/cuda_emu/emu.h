@@ -150,35 +150,44 @@ EMU_NOTRACK inline void draw_order(int n) {
 }
 
 // Releases the shuffle groups whose every lane has arrived; false (g_error set) when a
-// group waits for a lane that can never join.
-EMU_NOTRACK inline bool release_shuffles(int n, bool* released) {
-    for (int i = 0; i < n; i++) {
-        Fiber& f = g_fibers[i];
-        if (f.state != AT_WARP) continue;
-        const int lo = i & ~31;
-        bool complete = true;
-        for (int l = 0; l < 32; l++) {
-            if (!((f.mask >> l) & 1u)) continue;
-            const int j = lo + l;
-            const char* why = nullptr;
-            if (j >= n) why = "does not exist (the block is not a multiple of 32)";
-            else if (g_fibers[j].state == DONE) why = "has exited";
-            else if (g_fibers[j].state == AT_BLOCK) why = "waits at __syncthreads";
-            else if (g_fibers[j].state == AT_WARP && g_fibers[j].mask != f.mask)
-                why = "waits at a shuffle with another mask";
-            if (why) {
-                std::snprintf(g_error, sizeof g_error,
-                              "block (%u,%u,%u) warp %d: lane %d is at a shuffle (mask 0x%08x) "
-                              "while lane %d %s", g_blockIdx.x, g_blockIdx.y, g_blockIdx.z,
-                              lo >> 5, i - lo, f.mask, l, why);
-                return false;
-            }
-            complete &= g_fibers[j].state == AT_WARP;
+// group waits for a lane that can never join. One pass over each warp's lanes per group.
+EMU_NOTRACK inline bool release_group(int n, int lo, unsigned mask, int first, bool* released) {
+    bool complete = true;
+    for (int l = 0; l < 32; l++) {
+        if (!((mask >> l) & 1u)) continue;
+        const int j = lo + l;
+        const char* why = nullptr;
+        if (j >= n) why = "does not exist (the block is not a multiple of 32)";
+        else if (g_fibers[j].state == DONE) why = "has exited";
+        else if (g_fibers[j].state == AT_BLOCK) why = "waits at __syncthreads";
+        else if (g_fibers[j].state == AT_WARP && g_fibers[j].mask != mask)
+            why = "waits at a shuffle with another mask";
+        if (why) {
+            std::snprintf(g_error, sizeof g_error,
+                          "block (%u,%u,%u) warp %d: lane %d is at a shuffle (mask 0x%08x) while "
+                          "lane %d %s", g_blockIdx.x, g_blockIdx.y, g_blockIdx.z, lo >> 5, first,
+                          mask, l, why);
+            return false;
         }
-        if (!complete) continue;
+        complete &= g_fibers[j].state == AT_WARP;
+    }
+    if (complete) {
         for (int l = 0; l < 32; l++)
-            if ((f.mask >> l) & 1u) g_fibers[lo + l].state = RUN;
+            if ((mask >> l) & 1u) g_fibers[lo + l].state = RUN;
         *released = true;
+    }
+    return true;
+}
+
+EMU_NOTRACK inline bool release_shuffles(int n, bool* released) {
+    for (int lo = 0; lo < n; lo += 32) {
+        unsigned handled = 0;
+        for (int l = 0; l < 32 && lo + l < n; l++) {
+            const Fiber& f = g_fibers[lo + l];
+            if (f.state != AT_WARP || ((handled >> l) & 1u)) continue;
+            handled |= f.mask;
+            if (!release_group(n, lo, f.mask, l, released)) return false;
+        }
     }
     return true;
 }
