@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
+import os
 import pathlib
 import re
 import shutil
@@ -80,22 +82,50 @@ def build(family: str, workdir: pathlib.Path, names=None, source=None, racecheck
         f'const char* c, int n) {{ return emu::launch(&{name}, g, b, a, c, n); }}'
         for i, name in enumerate(names))
     text = instrument(source if source is not None else loader.source(family))
-    stem = workdir / f"{family}{tag}_emu"
-    src = stem.with_suffix(".cpp")
-    src.write_text(f'#include "emu.h"\n{text}\n{exports}\n')
+    program = f'#include "emu.h"\n{text}\n{exports}\n'
     flags = [compiler(), "-std=c++17", "-O1", "-gdwarf-4", "-fPIC", "-U_FORTIFY_SOURCE",
              "-Wno-unknown-pragmas", "-I", str(HERE)]
     if racecheck:
         flags += ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0"]
-    _run(flags + ["-c", str(src), "-o", str(stem) + ".o"], family)
-    _run([compiler(), "-shared", str(stem) + ".o", str(_racecheck_object(workdir)), "-o",
-          str(stem) + ".so", "-Wl,--no-undefined"], family)
-    dll = ctypes.CDLL(str(stem) + ".so")
+    key = hashlib.sha256("\0".join([program, *flags[1:], (HERE / "emu.h").read_text(),
+                                     (HERE / "racecheck.cpp").read_text()]).encode()).hexdigest()[:24]
+    library = _cached(key)
+    if library is None:
+        stem = workdir / f"{family}{tag}_emu"
+        stem.with_suffix(".cpp").write_text(program)
+        _run(flags + ["-c", str(stem) + ".cpp", "-o", str(stem) + ".o"], family)
+        _run([compiler(), "-shared", str(stem) + ".o", str(_racecheck_object(workdir)), "-o",
+              str(stem) + ".so", "-Wl,--no-undefined"], family)
+        library = _store(key, pathlib.Path(str(stem) + ".so"))
+    dll = ctypes.CDLL(str(library))
     dll.emu_error.restype = dll.emu_rc_report.restype = ctypes.c_char_p
     dll.emu_rc_global.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int]
     dll.emu_set_order.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
-    dll.path = str(stem) + ".so"
+    dll.path = str(library)
     return dll, {name: getattr(dll, f"emu_k{i}") for i, name in enumerate(names)}
+
+
+def _cache_dir():
+    """Where built libraries are kept between processes (``PS_EMU_CACHE``, else
+    ~/.cache/paramserver-cuda-emu), keyed by a hash of everything that went into them."""
+    return pathlib.Path(os.environ.get("PS_EMU_CACHE") or pathlib.Path.home() / ".cache" / "paramserver-cuda-emu")
+
+
+def _cached(key):
+    path = _cache_dir() / f"{key}.so"
+    return path if path.exists() else None
+
+
+def _store(key, built):
+    """``built`` copied into the cache (atomically; a cache that cannot be written is skipped)."""
+    try:
+        _cache_dir().mkdir(parents=True, exist_ok=True)
+        tmp = _cache_dir() / f".{key}.{os.getpid()}.tmp"
+        shutil.copyfile(built, tmp)
+        os.replace(tmp, _cache_dir() / f"{key}.so")
+        return _cache_dir() / f"{key}.so"
+    except OSError:
+        return built
 
 
 @functools.lru_cache(maxsize=None)
