@@ -4,11 +4,13 @@ which one emulated CuPy worker trains beside a CPU worker through real servers.
 The model is ``GPT(device="cuda")`` over the stand-in CuPy and the emulated kernels of
 tests/cuda_emu/ (as in tests/test_gpu_model_emulated.py). What is checked here is what
 surrounds it: that ``worker/staging.py`` copies through pinned buffers on its own
-stream, non-blocking; that ``ps-train --device cuda`` trains the same curve as the CPU
+stream, non-blocking, and that each of its waits is needed (the stand-in's streams
+defer their copies until waited for: each wait removed in turn gives stale numbers or
+an unordered copy); that ``ps-train --device cuda`` trains the same curve as the CPU
 (optimizer on the device, checkpoints through the host, resume); and that the worker
 loop of ``worker/distributed.py`` with a GPU worker and a CPU worker in one BSP job
 gives the parameters of an all-CPU job. Timing and real stream concurrency are not
-visible here (the stand-in's copies complete at once): a GPU owes those.
+visible here: a GPU owes those.
 """
 import json
 import sys
