@@ -78,7 +78,7 @@ def test_the_stand_in_has_every_name_the_product_uses(uses):
 def _fake_surface(fake):
     """(chain, stand-in object, real chain) for everything the stand-in provides."""
     out = []
-    for name in [*fc.FUNCTIONS, *fc.UFUNCS, *fc.TYPES, "asarray", "array", "asnumpy", "ndarray",
+    for name in [*fc.FUNCTIONS, *fc.UFUNCS, *fc.TYPES, *fc.CONSTANTS, "asarray", "array", "asnumpy", "ndarray",
                  "get_default_memory_pool", "__version__"]:
         out.append((name, getattr(fake, name), name))
     for name in ("Stream", "Event", "alloc_pinned_memory", "get_current_stream", "Device", "MemoryPool"):

@@ -1,9 +1,9 @@
 """A stand-in for the ``cupy`` module over NumPy, for running the GPU code paths on a CPU.
 
-``fake_cupy()`` is a module to put in ``sys.modules['cupy']``. It has exactly the names
-listed here (``FUNCTIONS``, ``UFUNCS``, ``TYPES`` taken from NumPy, plus the pieces of
-``cupy.cuda`` the worker uses); any other name raises ``AttributeError``, as it would if
-real CuPy lacked it. tests/test_fake_cupy.py holds every name the product uses and
+``fake_cupy()`` is a module to put in ``sys.modules['cupy']``. It has exactly the
+names listed here (``FUNCTIONS``, ``UFUNCS``, ``TYPES``, ``CONSTANTS`` taken from NumPy,
+plus the pieces of ``cupy.cuda`` the worker uses); any other name raises
+``AttributeError``, as it would if real CuPy lacked it. tests/test_fake_cupy.py holds every name the product uses and
 every name this stand-in has to the installed CuPy package (existence and signature).
 Arrays are ``ndarray`` below, an ndarray subclass that ``layers.array_module`` takes for
 CuPy. Device and host memory are kept apart as CuPy keeps them: ``asarray`` and
@@ -42,7 +42,8 @@ from worker.kernels import halfs
 FUNCTIONS = ("arange", "argsort", "ascontiguousarray", "empty", "empty_like", "ones",
              "take", "take_along_axis", "triu", "where", "zeros", "zeros_like")
 UFUNCS = ("add", "exp", "isfinite", "log", "matmul", "multiply", "sqrt", "subtract", "tanh")
-TYPES = ("float16", "float32", "float64", "int32", "int64", "uint16", "uint32", "inf")
+TYPES = ("float16", "float32", "float64", "int32", "int64", "uint16", "uint32")
+CONSTANTS = ("inf",)
 
 
 def _host_arrays(args):
@@ -292,7 +293,7 @@ def fake_cupy():
         setattr(mod, name, _function(name))
     for name in UFUNCS:
         setattr(mod, name, _Ufunc(getattr(numpy, name)))
-    for name in TYPES:
+    for name in TYPES + CONSTANTS:
         setattr(mod, name, getattr(numpy, name))
     mod.cuda = _cuda(state)
 
