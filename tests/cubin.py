@@ -118,8 +118,9 @@ def launch_problems(arch, grid, block, res):
             out.append(f"{what} {value} > {bound}")
     if min(grid) < 1 or min(block) < 1:
         out.append(f"empty grid or block {grid} {block}")
-    if res["max_threads"] is not None and threads > res["max_threads"][0] * res["max_threads"][1] * res["max_threads"][2]:
-        out.append(f"{threads} threads > __launch_bounds__ {res['max_threads']}")
+    bound = res["max_threads"]
+    if bound is not None and threads > bound[0] * bound[1] * bound[2]:
+        out.append(f"{threads} threads > __launch_bounds__ {bound}")
     warps = -(-threads // 32)
     regs = warps * (-(-res["registers"] * 32 // 256) * 256)          # allocated per warp, 256 at a time
     if regs > lim["regs_per_block"]:

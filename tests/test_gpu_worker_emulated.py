@@ -14,7 +14,6 @@ visible here: a GPU owes those.
 """
 import json
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest

@@ -125,7 +125,9 @@ def verdict(site, workdir, monkeypatch):
         source = loader.source(family)
         original = path.read_text()
         marker = f'#line 1 "{site.file}"\n'
-        source = source.replace(marker + original, marker + text)
+        mutated = source.replace(marker + original, marker + text)
+        assert mutated != source, f"{site.file}:{site.line}: the mutant is the original source"
+        source = mutated
         dll, entries = cuda_emu.build(family, workdir, names=_float32_names(family), source=source,
                                       tag=f"_{site.file.split('.')[0]}_{site.line}")
         calls = {}
