@@ -58,11 +58,11 @@ def _launched(dev, *prefixes):
         assert any(name.startswith(p) for name in dev.calls), f"kernel {p} never launched"
 
 
-def check_embedding(dev, dtype, rng, index_dtype=np.int64):
-    B, T, C, V = 3, 7, 40, 13
+def check_embedding(dev, dtype, rng, index_dtype=np.int64, B=3, T=7, C=40, V=13):
     idx = rng.integers(0, V, size=(B, T)).astype(index_dtype)
     idx[0, :4] = 5                                   # a run of one id
     idx[2, :] = 5
+    idx[1, -1] = V - 1                               # the last row of the table
     r = Run(dev, idx=idx, wte=rng.normal(size=(V, C)).astype(dtype),
             wpe=rng.normal(size=(T + 2, C)).astype(dtype),
             out=np.full((B, T, C), 7.0, dtype), dout=rng.normal(size=(B, T, C)).astype(dtype),
@@ -76,8 +76,7 @@ def check_embedding(dev, dtype, rng, index_dtype=np.int64):
     _launched(dev, "embedding_forward", "embedding_backward_wte", "embedding_backward_wpe")
 
 
-def check_layernorm(dev, dtype, rng, C=40):
-    B, T = 2, 5
+def check_layernorm(dev, dtype, rng, C=40, B=2, T=5):
     x = (rng.normal(size=(B, T, C)) * 3 + 1).astype(dtype)
     r = Run(dev, x=x, w=rng.normal(size=C).astype(dtype), b=rng.normal(size=C).astype(dtype),
             out=np.full((B, T, C), 7.0, dtype), mean=np.full((B, T), 7.0, dtype),
@@ -116,9 +115,8 @@ def _attention_inputs(dev, dtype, rng, B, T, NH, hs, saved):
                dqkv=np.full((B, T, 3 * C), 7.0, dtype))
 
 
-def check_attention_att(dev, dtype, rng, hs=16, T=37):
+def check_attention_att(dev, dtype, rng, hs=16, T=37, B=2, NH=2):
     """Design 1: att (B,NH,T,T) saved, as the reference."""
-    B, NH = 2, 2
     r = _attention_inputs(dev, dtype, rng, B, T, NH, hs, (B, NH, T, T))
     for f, a in ((layers.attention_forward, r.h), (kernels.attention_forward, r.d)):
         f(a["out"], a["saved"], a["qkv"], NH)
@@ -128,9 +126,8 @@ def check_attention_att(dev, dtype, rng, hs=16, T=37):
     _launched(dev, "causal_softmax_forward", "causal_softmax_backward")
 
 
-def check_attention_lse(dev, dtype, rng, hs=16, T=37, expect_kernel=True):
+def check_attention_lse(dev, dtype, rng, hs=16, T=37, expect_kernel=True, B=2, NH=2):
     """Design 2: lse (B,NH,T) saved; out and dqkv must equal the reference layer's."""
-    B, NH = 2, 2
     r = _attention_inputs(dev, dtype, rng, B, T, NH, hs, (B, NH, T))
     att = np.zeros((B, NH, T, T), dtype)
     layers.attention_forward(r.h["out"], att, r.h["qkv"], NH)
@@ -146,8 +143,7 @@ def check_attention_lse(dev, dtype, rng, hs=16, T=37, expect_kernel=True):
         assert not any("flash" in n for n in dev.calls), dev.calls
 
 
-def check_gelu(dev, dtype, rng):
-    shape = (3, 5, 33)
+def check_gelu(dev, dtype, rng, shape=(3, 5, 33)):
     r = Run(dev, x=(rng.normal(size=shape) * 3).astype(dtype), out=np.full(shape, 7.0, dtype),
             dout=rng.normal(size=shape).astype(dtype), dx=np.full(shape, 7.0, dtype))
     for f, a in ((layers.gelu_forward, r.h), (kernels.gelu_forward, r.d)):

@@ -4,15 +4,16 @@ which one emulated CuPy worker trains beside a CPU worker through real servers.
 The model is ``GPT(device="cuda")`` over the stand-in CuPy and the emulated kernels of
 tests/cuda_emu/ (as in tests/test_gpu_model_emulated.py). What is checked here is what
 surrounds it: that ``worker/staging.py`` copies through pinned buffers on its own
-stream, non-blocking; that ``ps-train --device cuda`` trains the same curve as the CPU
+stream, non-blocking, and that each of its waits is needed (the stand-in's streams
+defer their copies until waited for: each wait removed in turn gives stale numbers or
+an unordered copy); that ``ps-train --device cuda`` trains the same curve as the CPU
 (optimizer on the device, checkpoints through the host, resume); and that the worker
 loop of ``worker/distributed.py`` with a GPU worker and a CPU worker in one BSP job
 gives the parameters of an all-CPU job. Timing and real stream concurrency are not
-visible here (the stand-in's copies complete at once): a GPU owes those.
+visible here: a GPU owes those.
 """
 import json
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -59,35 +60,91 @@ def text_file(tmp_path_factory):
     return path
 
 
+STAGING_CFG = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8)
+
+
+def staging_cycle(staging_class, fake):
+    """One step of the worker loop through ``staging_class`` (a HostStaging), with the
+    stand-in's deferred streams: after a forward and backward, params and grads reach
+    the host with the model's values; new params written on the host are what the
+    next forward computes with. AssertionError or StreamOrderError if not."""
+    model = GPT(STAGING_CFG, device="cuda")
+    host = staging_class(model)
+    idx = np.random.default_rng(0).integers(0, 16, size=(2, 9))
+    model.forward(idx[:, :-1], idx[:, 1:])
+    model.backward()                                        # kernels on the compute stream
+    host.grads_to_host()
+    np.testing.assert_array_equal(host.grads, model.grads.get(), "grads_to_host: stale host grads")
+    assert np.abs(host.grads).max() > 0
+    model.forward(idx[:, :-1], idx[:, 1:])                  # more kernels, then an upload
+    host.params_to_host()
+    np.testing.assert_array_equal(host.params, model.params.get(), "params_to_host: stale host params")
+    host.params[...] -= 0.5 * host.grads                    # what the servers would answer
+    new = host.params.copy()
+    host.params_to_device()
+    loss = model.forward(idx[:, :-1], idx[:, 1:])           # must compute with the new params
+    ref = GPT(STAGING_CFG)
+    ref.params[...] = new
+    assert loss == pytest.approx(ref.forward(idx[:, :-1], idx[:, 1:]), rel=1e-5), "stale params on the device"
+    return host
+
+
 def test_host_staging_copies_through_pinned_buffers_on_its_own_stream(fake):
-    cfg = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8)
-    model = GPT(cfg, device="cuda")
-    host = HostStaging(model)
+    fake.copies.clear()
+    host = staging_cycle(HostStaging, fake)
     assert type(host.params) is np.ndarray and host.params.dtype == np.float32
-    assert host.params.size == host.grads.size == model.num_params()
-    made = []
-
-    def staged(call):                            # the copies one staging call made
-        fake.copies.clear()
-        call()
-        made.extend((kind, stream is host.stream, blocking) for kind, stream, blocking in fake.copies)
-
-    staged(host.params_to_host)
-    np.testing.assert_array_equal(host.params, model.params.get())
-    model.grads[...] = fake.arange(model.num_params(), dtype=np.float32)
-    staged(host.grads_to_host)
-    np.testing.assert_array_equal(host.grads, np.arange(model.num_params(), dtype=np.float32))
-    host.params[...] = 0.25
-    staged(host.params_to_device)
-    assert (model.params.get() == 0.25).all()
-    # every copy on the staging stream; device -> host not blocking (pinned memory)
-    assert made == [("d2h", True, False), ("d2h", True, False), ("h2d", True, True)]
-    assert host.copies == 3 and host.stream.non_blocking
-    cpu = GPT(cfg)
+    assert host.params.size == host.grads.size == host.model.num_params()
+    staged = [(kind, stream is host.stream, blocking) for kind, stream, blocking in fake.copies
+              if stream is not None]                     # (the test's own reads: stream None)
+    # every copy on the staging stream, asynchronous (pinned memory)
+    assert staged == [("d2h", True, False), ("d2h", True, False), ("h2d", True, False)]
+    assert host.copies == 3 and host.stream.is_non_blocking
+    cpu = GPT(STAGING_CFG)
     same = HostStaging(cpu)
     assert same.params is cpu.params and same.grads is cpu.grads
     same.grads_to_host()
     same.params_to_device()                      # nothing to do on the CPU
+
+
+def _staging_waits():
+    """(line number, text) of each wait of HostStaging: a synchronize() or wait_event()."""
+    import ast
+    import inspect
+
+    from worker import staging
+    source = inspect.getsource(staging)
+    waits = []
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+                and isinstance(node.value.func, ast.Attribute)
+                and node.value.func.attr in ("synchronize", "wait_event")):
+            waits.append((node.lineno, source.split("\n")[node.lineno - 1].strip()))
+    return source, waits
+
+
+def test_each_wait_of_the_staging_is_needed_and_caught(fake):
+    """worker/staging.py with one of its waits removed (each in turn) fails the staging
+    cycle: stale numbers, or a copy refused as unordered after the kernels."""
+    import types
+    source, waits = _staging_waits()
+    assert len(waits) >= 5, waits
+    rows = []
+    for lineno, text in waits:
+        lines = source.split("\n")
+        indent = lines[lineno - 1][:len(lines[lineno - 1]) - len(lines[lineno - 1].lstrip())]
+        lines[lineno - 1] = indent + "pass"
+        mutant = types.ModuleType("staging_mutant")
+        exec(compile("\n".join(lines), "worker/staging.py (mutant)", "exec"), mutant.__dict__)
+        try:
+            staging_cycle(mutant.HostStaging, fake)
+            caught = "MISSED"
+        except AssertionError as e:
+            caught = "numbers: " + str(e).strip().split("\n")[0][:70]
+        except cuda_emu.StreamOrderError as e:
+            caught = "StreamOrderError: " + str(e)[:60]
+        rows.append((lineno, text, caught))
+    print("\n" + "\n".join(f"staging.py:{n:<4} {t:<70} {c}" for n, t, c in rows))
+    assert not [r for r in rows if r[2] == "MISSED"], rows
 
 
 def test_ps_train_on_the_gpu_trains_the_cpu_curve_and_resumes(fake, tmp_path, text_file, capsys):

@@ -7,6 +7,10 @@ really run there: asking for ``cuda`` on a machine without CuPy, without a CUDA
 device, or with a driver too old for the CuPy build, raises ``BackendError`` naming
 which of the three is missing, never a silent fall back to the CPU.
 
+Every question to the GPU goes through ``cupy.cuda.runtime`` (the CUDA runtime API:
+device count, current device, properties, free memory), so a test can stand in for the
+runtime's answers under the real CuPy package (tests/test_backend_cuda.py).
+
 Not here: the model's buffers on the device (``worker/model.py`` with
 ``worker/devicemodel.py``), the pinned host buffers for push and pull
 (``worker/staging.py``), several GPUs per process.
@@ -97,7 +101,7 @@ def select(device: str = "cpu"):
     xp = probe(device)
     index = parse(device)[1]
     if index is not None:
-        xp.cuda.Device(index).use()
+        xp.cuda.runtime.setDevice(index)          # what cupy.cuda.Device(index).use() does
     _chosen = (device, xp)
     return xp
 
@@ -122,13 +126,15 @@ def describe(device: str) -> str:
     if xp is numpy:
         return f"cpu: NumPy {numpy.__version__}"
     index = parse(device)[1]
-    index = xp.cuda.Device().id if index is None else index
-    return f"cuda:{index} {gpu_name(xp, index)}, CuPy {xp.__version__}"
+    index = xp.cuda.runtime.getDevice() if index is None else index
+    free, total = xp.cuda.runtime.memGetInfo()    # of the current device (select made it so)
+    return (f"cuda:{index} {gpu_name(xp, index)}, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free, "
+            f"CuPy {xp.__version__}")
 
 
 def gpu_name(xp, index: int | None = None) -> str:
     """``NVIDIA H100 80GB HBM3 (sm_90)``: the name and architecture of a CUDA device."""
-    index = xp.cuda.Device().id if index is None else index
+    index = xp.cuda.runtime.getDevice() if index is None else index
     props = xp.cuda.runtime.getDeviceProperties(index)
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     return f"{name} (sm_{props['major']}{props['minor']})"
@@ -139,8 +145,3 @@ def to_host(x):
     if type(x).__module__.split(".")[0] == "cupy":
         return x.get()
     return numpy.asarray(x)
-
-
-def _reset_for_tests():
-    global _chosen
-    _chosen = None

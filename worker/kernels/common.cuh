@@ -101,54 +101,52 @@ template <> __device__ __forceinline__ double neg_inf<double>() {
     return __longlong_as_double(0xfff0000000000000LL);
 }
 
-template <typename A> __device__ __forceinline__ A warp_sum(A v) {
-    // butterfly: every lane ends with the same sum, added in the same order
+// Warp and block reductions, one body each for sum and max (the operator is a type).
+struct SumOp {
+    template <typename A> __device__ __forceinline__ A operator()(A a, A b) const { return a + b; }
+};
+struct MaxOp {
+    template <typename A> __device__ __forceinline__ A operator()(A a, A b) const {
+        return b > a ? b : a;
+    }
+};
+
+template <typename A, typename Op> __device__ __forceinline__ A warp_reduce(A v, Op op) {
+    // butterfly: every lane ends with the same result, combined in the same order
     for (int offset = 16; offset > 0; offset >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, offset);
+        v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
     return v;
 }
 
-template <typename A> __device__ __forceinline__ A warp_max(A v) {
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        A other = __shfl_xor_sync(0xffffffffu, v, offset);
-        v = other > v ? other : v;
-    }
-    return v;
-}
+template <typename A> __device__ __forceinline__ A warp_sum(A v) { return warp_reduce(v, SumOp()); }
+template <typename A> __device__ __forceinline__ A warp_max(A v) { return warp_reduce(v, MaxOp()); }
 
 // Sum (or max) over the whole block; every thread gets the result. blockDim.x must be
 // a multiple of 32 (at most 1024) and every thread of the block must call it.
-// ``scratch`` is __shared__ A[32]; it may be reused by the next call.
-template <typename A> __device__ A block_sum(A v, A* scratch) {
+// ``scratch`` is __shared__ A[32]; the next call may reuse it (softmax: a max, then a
+// sum), which is what the first barrier is for.
+template <typename A, typename Op>
+__device__ A block_reduce(A v, A* scratch, A identity, Op op) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int n_warps = blockDim.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();                       // the previous call's readers are done
+    v = warp_reduce(v, op);
+    __syncthreads();                       // the previous call's readers of scratch[0] are done
     if (lane == 0) scratch[warp] = v;
-    __syncthreads();
+    __syncthreads();                       // every warp's partial is in scratch
     if (warp == 0) {
-        v = lane < n_warps ? scratch[lane] : A(0);
-        v = warp_sum(v);
+        v = warp_reduce(lane < n_warps ? scratch[lane] : identity, op);
         if (lane == 0) scratch[0] = v;
     }
-    __syncthreads();
+    __syncthreads();                       // the result is in scratch[0]
     return scratch[0];
 }
 
+template <typename A> __device__ A block_sum(A v, A* scratch) {
+    return block_reduce(v, scratch, A(0), SumOp());
+}
+
 template <typename A> __device__ A block_max(A v, A* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int n_warps = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < n_warps ? scratch[lane] : neg_inf<A>();
-        v = warp_max(v);
-        if (lane == 0) scratch[0] = v;
-    }
-    __syncthreads();
-    return scratch[0];
+    return block_reduce(v, scratch, neg_inf<A>(), MaxOp());
 }
 
 // Column sums of an (N, C) matrix, deterministic, in two launches:
