@@ -1,6 +1,8 @@
 """A live server under thousands of random and mutated messages: it stays up, its
 parameters do not move, its memory stays bounded, and a normal worker then trains.
-(scripts/fuzz_server.py is the same check for as long as you like.)"""
+(scripts/fuzz_server.py is the same check for as long as you like.) And a whole BSP job
+fuzzed on every endpoint while it trains ends with the very parameters of an undisturbed
+run (scripts/fuzz_job.py, for as many frames as you like)."""
 import sys
 import time
 from pathlib import Path
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import fuzz_job  # noqa: E402
 import fuzz_server  # noqa: E402
 
 from common.wire import codec  # noqa: E402
@@ -50,3 +53,11 @@ def test_a_peer_that_never_reads_cannot_stall_the_server(tmp_path):
         client.close()
         rude.close()
         assert servers.wait() == [0]
+
+
+def test_a_job_fuzzed_on_every_endpoint_while_it_trains_ends_bit_for_bit_as_left_alone(tmp_path):
+    findings = fuzz_job.run(20_000, 3, tmp_path, steps=80, say=print)
+    assert findings["identical"]
+    assert len(findings["endpoints"]) == 4          # two servers, each on TCP and on its Unix-socket twin
+    assert findings["frames"] >= 300 and findings["answered"] > 0, findings     # the fuzz ran while it trained
+    assert max(p - s for p, s in zip(findings["rss_peak_mib"], findings["rss_start_mib"])) < 64
