@@ -31,14 +31,23 @@ while [ $# -gt 0 ]; do
 done
 case "$runs$burners" in *[!0-9]*) echo "stress_suite.sh: -n and -b take whole numbers" >&2; exit 2 ;; esac
 
-burner_pids=()
-stop_burners() {
+# Job control: each background command gets a process group of its own and keeps SIGINT
+# (a script's background commands otherwise start with it ignored), so that a stop can
+# interrupt pytest as Ctrl-C would: its tests then end the processes they started.
+set -m
+burner_pids=() pytest_pid=""
+stop_all() {
+  if [ -n "$pytest_pid" ] && kill -0 "$pytest_pid" 2>/dev/null; then
+    kill -INT -- "-$pytest_pid" 2>/dev/null
+    for _ in $(seq 1 600); do kill -0 "$pytest_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL -- "-$pytest_pid" 2>/dev/null
+  fi
   for pid in "${burner_pids[@]}"; do kill "$pid" 2>/dev/null; done
   for pid in "${burner_pids[@]}"; do wait "$pid" 2>/dev/null; done
   burner_pids=()
 }
-trap stop_burners EXIT
-trap 'exit 130' INT TERM
+trap stop_all EXIT
+trap 'echo "stress_suite: interrupted; stopping pytest and the burners" >&2; exit 130' INT TERM
 for _ in $(seq 1 "$burners"); do
   timeout "$limit_s" python3 -c "while True: pass" &
   burner_pids+=($!)
@@ -57,8 +66,12 @@ failed_runs=0
 for i in $(seq 1 "$runs"); do
   before=$(load)
   start=$(date +%s)
-  python3 -m pytest -q -rfE -p no:cacheprovider "${targets[@]}" "${pytest_args[@]}" > "$log_dir/run$i.log" 2>&1
+  # in the background, waited for: a signal to this script interrupts the wait at once
+  python3 -m pytest -q -rfE -p no:cacheprovider "${targets[@]}" "${pytest_args[@]}" > "$log_dir/run$i.log" 2>&1 &
+  pytest_pid=$!
+  wait "$pytest_pid"
   rc=$?
+  pytest_pid=""
   after=$(load)
   closing=$(grep -E "(passed|failed|error)" "$log_dir/run$i.log" | tail -1)
   echo "run $i: exit $rc in $(( $(date +%s) - start )) s; load $before -> $after; $closing"

@@ -55,3 +55,45 @@ def test_a_steady_suite_passes_and_bad_arguments_are_refused(tmp_path):
     assert done.returncode == 0 and "0 of 1 run(s) failed" in done.stdout, done.stdout + done.stderr
     bad = stress(tmp_path, "-n", "three")
     assert bad.returncode == 2 and "whole numbers" in bad.stderr
+
+
+SLOW = '''
+import subprocess
+import time
+from pathlib import Path
+
+def test_slow():
+    child = subprocess.Popen(["sleep", "300"])
+    try:
+        Path(__file__).with_name("child").write_text(str(child.pid))
+        time.sleep(300)
+    finally:
+        child.kill()
+        child.wait()
+'''
+
+
+def test_a_stopped_stress_run_interrupts_pytest_whose_tests_clean_up_and_leaves_no_burner(tmp_path):
+    import signal
+    import time
+    (tmp_path / "test_slow.py").write_text(SLOW)
+    script = subprocess.Popen(["bash", "scripts/stress_suite.sh", "-n", "1", "-b", "1", "--",
+                               str(tmp_path / "test_slow.py")], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    try:
+        first = script.stdout.readline()
+        burners = [int(p) for p in re.search(r"PIDs ([\d ]+)\)", first).group(1).split()]
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "child").exists():           # the slow test runs, with a process of its own
+            assert time.monotonic() < deadline and script.poll() is None, first
+            time.sleep(0.1)
+        child = int((tmp_path / "child").read_text())
+        script.send_signal(signal.SIGTERM)
+        assert script.wait(timeout=90) == 130
+        assert "interrupted" in script.stderr.read()
+        assert not alive(child), "pytest was not interrupted: the test's own process is left"
+        assert not any(alive(p) for p in burners)
+    finally:
+        if script.poll() is None:
+            script.kill()
+            script.wait()
