@@ -41,17 +41,6 @@ def test_every_barrier_and_shuffle_mask_is_needed_and_caught(tmp_path, monkeypat
     assert all(v[0] == "racecheck" for s, v in rows if s.kind == "barrier"), mutations.table(rows)
 
 
-class _Device:
-    def __init__(self, emulator):
-        self.xp = cuda_emu.fake_cupy()
-        self.calls = emulator.calls
-
-    def to_dev(self, a):
-        return self.xp.array(a)
-
-    def to_host(self, a):
-        return self.xp.asnumpy(a)
-
 
 @pytest.mark.parametrize("order", ["reverse", "shuffled"])
 def test_kernels_are_race_free_and_order_independent(tmp_path, monkeypatch, order):
@@ -60,7 +49,7 @@ def test_kernels_are_race_free_and_order_independent(tmp_path, monkeypatch, orde
     results = {}
     for run_order in ("forward", order):
         emulator = cuda_emu.Emulator(tmp_path, order=run_order, seed=7)
-        dev = _Device(emulator)
+        dev = cuda_emu.EmulatedDevice(emulator)
         monkeypatch.setitem(sys.modules, "cupy", dev.xp)
         monkeypatch.setattr(loader, "function", emulator.function)
         rng = np.random.default_rng(1)

@@ -24,21 +24,10 @@ def emulator(tmp_path_factory):
     return cuda_emu.Emulator(tmp_path_factory.mktemp("cuda_emu"))
 
 
-class EmulatedDevice:
-    def __init__(self, emulator):
-        self.xp = cuda_emu.fake_cupy()
-        self.calls = emulator.calls
-
-    def to_dev(self, a):
-        return self.xp.array(a)
-
-    def to_host(self, a):
-        return self.xp.asnumpy(a)
-
 
 @pytest.fixture
 def dev(emulator, monkeypatch):
-    d = EmulatedDevice(emulator)
+    d = cuda_emu.EmulatedDevice(emulator)
     emulator.calls.clear()
     monkeypatch.setitem(sys.modules, "cupy", d.xp)
     monkeypatch.setattr(loader, "function", emulator.function)

@@ -25,17 +25,6 @@ def _float_and_bf16(name):
     return "<float" in name or "<bf16" in name
 
 
-class _Device:
-    def __init__(self, emulator):
-        self.xp = cuda_emu.fake_cupy()
-        self.calls = emulator.calls
-
-    def to_dev(self, a):
-        return self.xp.array(a)
-
-    def to_host(self, a):
-        return self.xp.asnumpy(a)
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
@@ -49,7 +38,7 @@ def test_family_at_gpt2_shape(workdir, monkeypatch, family, dtype):
         emulator = cuda_emu.Emulator(workdir, racecheck=False, instances=_float_and_bf16)
     else:                         # the race-checked builds the other emulated tests share
         emulator = cuda_emu.Emulator(workdir)
-    dev = _Device(emulator)
+    dev = cuda_emu.EmulatedDevice(emulator)
     monkeypatch.setitem(sys.modules, "cupy", dev.xp)
     monkeypatch.setattr(loader, "function", emulator.function)
     g2.CHECKS[family](dev, dtype, np.random.default_rng(124))

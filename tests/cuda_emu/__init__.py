@@ -241,3 +241,18 @@ def available():
     if not sys.platform.startswith("linux"):
         return "the emulator uses ucontext fibers (Linux)"
     return None
+
+
+class EmulatedDevice:
+    """The device side of tests/kernel_checks.py's checks on the emulator: arrays to and from
+    the stand-in CuPy, and the emulator's record of the kernels launched."""
+
+    def __init__(self, emulator):
+        self.xp = fake_cupy()
+        self.calls = emulator.calls
+
+    def to_dev(self, a):
+        return self.xp.array(a)
+
+    def to_host(self, a):
+        return self.xp.asnumpy(a)
