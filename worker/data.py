@@ -40,6 +40,7 @@ separators (windows may cross a document boundary, as in nanoGPT), data on a GPU
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -50,8 +51,8 @@ from pathlib import Path
 
 import numpy
 
-from worker.tokenfiles import SIDECAR, DataError, is_prepared, read_prepared, read_sidecar
-from worker.tokenizer import TOKENIZER_FILE, Tokenizer, bytes_tokenizer, load_tokenizer
+from worker.tokenfiles import is_prepared, read_prepared
+from worker.tokenizer import Tokenizer, bytes_tokenizer
 
 VOCAB_SIZE = 256
 SHARD_STRATEGIES = ("contiguous", "hash", "random")
@@ -78,11 +79,13 @@ class DataConfig:
 @dataclass(frozen=True, eq=False)          # compared by identity: the bytes are an array
 class Document:
     name: str                     # "<relative path>#<piece number>"
-    tokens: numpy.ndarray = field(repr=False)   # uint8 bytes
+    tokens: numpy.ndarray = field(repr=False)   # uint8 bytes (or the tokens of a prepared document)
+    text_sha256: bytes = b""      # a prepared document's: sha256 of its text, as it was before tokenizing
 
     @property
     def digest(self) -> bytes:
-        return hashlib.sha256(self.tokens.tobytes()).digest()
+        """sha256 of the document's text: what the split and --shard hash rank it by."""
+        return self.text_sha256 or hashlib.sha256(self.tokens.tobytes()).digest()
 
 
 @dataclass(frozen=True)
@@ -274,10 +277,13 @@ def load_data(cfg: DataConfig, rank: int = 0, num_workers: int = 1, seed: int = 
 
 def load_prepared_data(cfg: DataConfig, rank: int, num_workers: int, seed: int = 0) -> Data:
     """This worker's shard of a prepared folder (checked first: ``read_prepared``). The
-    contiguous shard is a view of the memory map; hash and random ones are copied."""
-    prep = read_prepared(cfg.data)
+    contiguous shard is a view of the memory map; hash and random ones are copied. A
+    document goes to the worker it would go to as raw text (``--shard hash`` ranks the
+    sha256 of its text, recorded by ps-prepare), whatever the tokenizer."""
+    prep = _prepared(str(Path(cfg.data).resolve()))
     offsets = prep.train_offsets.astype(numpy.int64)
-    docs = [Document(str(i), prep.train[offsets[i]:offsets[i + 1]]) for i in range(len(offsets) - 1)]
+    docs = [Document(str(i), prep.train[offsets[i]:offsets[i + 1]], prep.train_digests[i].tobytes())
+            for i in range(len(offsets) - 1)]
     docs = [d for d in docs if len(d.tokens)]
     if cfg.shard == "contiguous":
         total = len(prep.train)
@@ -296,17 +302,19 @@ def load_prepared_data(cfg: DataConfig, rank: int, num_workers: int, seed: int =
     return Data(train, prep.val, fp, summary, tok, prep.bytes_per_token)
 
 
+@functools.lru_cache(maxsize=4)
+def _prepared(folder: str):
+    """``read_prepared`` once per process and folder: the command line checks the folder
+    (vocabulary, before registering), the worker then takes its shard of the same maps."""
+    return read_prepared(folder)
+
+
 def data_tokenizer(cfg: DataConfig) -> Tokenizer:
-    """The tokenizer of the data ``cfg`` names (a prepared folder's, checked against its
-    sidecar; else bytes), without reading the token files: what the vocabulary follows."""
+    """The tokenizer of the data ``cfg`` names: bytes for raw text; a prepared folder's,
+    after the whole folder is checked (so a corrupt file stops a worker before it joins)."""
     if not (cfg.data and is_prepared(cfg.data)):
         return bytes_tokenizer()
-    meta = read_sidecar(Path(cfg.data))
-    tok = load_tokenizer(Path(cfg.data) / TOKENIZER_FILE)
-    if tok.sha256 != meta["tokenizer"]["sha256"]:
-        raise DataError(f"{Path(cfg.data) / TOKENIZER_FILE}: sha256 {tok.sha256[:12]}... differs from "
-                        f"{SIDECAR}'s {meta['tokenizer']['sha256'][:12]}...")
-    return tok
+    return _prepared(str(Path(cfg.data).resolve())).tokenizer
 
 
 def unigram_entropy(tokens: numpy.ndarray, vocab_size: int = VOCAB_SIZE) -> float:

@@ -55,7 +55,8 @@ def prepare(dc: DataConfig, spec: str, out) -> dict:
             "split": {"val_fraction": dc.val_fraction, "doc_bytes": dc.doc_bytes}}
     for name, docs in (("train", train_docs), ("val", val_docs)):
         encoded = tokenizer.encode_many([texts[id(d)] for d in docs])
-        meta[name] = write_split(out, name, encoded, [len(d.tokens) for d in docs], dtype, index=name == "train")
+        meta[name] = write_split(out, name, encoded, [len(d.tokens) for d in docs], dtype,
+                                 [d.digest for d in docs] if name == "train" else None)
     write_sidecar(out, meta)            # last: a folder without it is not a prepared folder
     meta["seconds"] = time.perf_counter() - t0
     return meta

@@ -8,6 +8,7 @@ A prepared folder (written by ``ps-prepare``, ``worker/prepare.py``) holds:
     tokenizer.json   the tokenizer (worker/tokenizer.py)
     train.bin        the training documents' tokens back to back, in corpus order
     train.idx        uint64: where each training document starts (and the end), for --shard
+    train.sha256     32 bytes per training document: sha256 of its text (--shard hash ranks by it)
     val.bin          the validation documents' tokens
 
 Token files are raw little-endian ``uint16`` (``uint32`` when the vocabulary passes
@@ -54,18 +55,20 @@ def is_prepared(path) -> bool:
 
 # --- writing ----------------------------------------------------------------------------
 
-def write_split(folder: Path, name: str, docs_tokens: list, doc_bytes: list, dtype, index: bool) -> dict:
-    """Write ``NAME.bin`` (and ``NAME.idx``): the documents' tokens back to back; return its sidecar entry."""
+def write_split(folder: Path, name: str, docs_tokens: list, doc_bytes: list, dtype, digests=None) -> dict:
+    """Write ``NAME.bin``: the documents' tokens back to back; with ``digests`` (each document's
+    text sha256) also ``NAME.idx`` and ``NAME.sha256``. Return its sidecar entry."""
     lengths = numpy.array([len(t) for t in docs_tokens], dtype=numpy.uint64)
     stream = (numpy.concatenate(docs_tokens) if docs_tokens else numpy.zeros(0)).astype(dtype)
     data = stream.tobytes()
     atomic_write(folder / f"{name}.bin", data)
     entry = {"file": f"{name}.bin", "tokens": int(stream.size), "bytes": int(sum(doc_bytes)),
              "documents": len(docs_tokens), "sha256": hashlib.sha256(data).hexdigest()}
-    if index:
+    if digests is not None:
         offsets = numpy.concatenate([[0], numpy.cumsum(lengths)]).astype("<u8")
         atomic_write(folder / f"{name}.idx", offsets.tobytes())
-        entry["index"] = f"{name}.idx"
+        atomic_write(folder / f"{name}.sha256", b"".join(digests))
+        entry.update(index=f"{name}.idx", digests=f"{name}.sha256")
     return entry
 
 
@@ -83,6 +86,7 @@ class Prepared:
     tokenizer: Tokenizer
     train: numpy.ndarray              # memmap, (train tokens,)
     train_offsets: numpy.ndarray      # memmap, (documents + 1,) uint64
+    train_digests: numpy.ndarray      # (documents, 32) uint8: each document's text sha256
     val: numpy.ndarray                # memmap, (val tokens,)
 
     @property
@@ -119,6 +123,7 @@ def read_sidecar(folder: Path) -> dict:
         for key, typ in _SPLIT_FIELDS.items():
             _need(_need(meta, split, dict, path), key, typ, f"{path} [{split}]")
     _need(meta["train"], "index", str, f"{path} [train]")
+    _need(meta["train"], "digests", str, f"{path} [train]")
     _need(meta, "source", dict, path)
     return meta
 
@@ -157,6 +162,16 @@ def _check_index(path: Path, entry: dict) -> numpy.ndarray:
     return offsets
 
 
+def _read_digests(path: Path, n: int) -> numpy.ndarray:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; prepare the folder again with ps-prepare") from None
+    if len(raw) != 32 * n:
+        raise DataError(f"{path}: {len(raw)} bytes, expected 32 per document ({32 * n})")
+    return numpy.frombuffer(raw, dtype=numpy.uint8).reshape(n, 32)
+
+
 def read_prepared(folder) -> Prepared:
     """Check a prepared folder (see the module docstring) and memory-map its token files."""
     folder = Path(folder)
@@ -180,4 +195,5 @@ def read_prepared(folder) -> Prepared:
         maps[split] = (numpy.memmap(path, dtype=dtype, mode="r", shape=(entry["tokens"],))
                        if entry["tokens"] else numpy.zeros(0, dtype=dtype))
     offsets = _check_index(folder / meta["train"]["index"], meta["train"])
-    return Prepared(folder, meta, tokenizer, maps["train"], offsets, maps["val"])
+    digests = _read_digests(folder / meta["train"]["digests"], meta["train"]["documents"])
+    return Prepared(folder, meta, tokenizer, maps["train"], offsets, digests, maps["val"])
