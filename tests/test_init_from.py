@@ -55,6 +55,20 @@ def test_a_hf_gpt2_reads_into_ours_with_the_same_logits(shape, tmp_path):
     assert err < ATOL, f"max |logit difference| {err:.2e}"
 
 
+def test_a_shorter_context_cuts_the_position_table(tmp_path):
+    """--block-size below the folder's n_positions: the first T positions of HF's logits."""
+    hf = hf_gpt2(tmp_path, vocab_size=256, n_positions=32, n_embd=24, n_layer=2, n_head=2)
+    from worker import train
+    mc = train.parse_configs(["--init-from", str(tmp_path), "--block-size", "12"])["model"]
+    assert mc.block_size == 12 and mc.n_embd == 24
+    ours = GPT(mc)
+    pretrained.load_init(ours, tmp_path)
+    idx = np.random.default_rng(2).integers(0, 256, size=(2, 12))
+    assert np.abs(ours.forward(idx) - hf_logits(hf, idx)).max() < ATOL
+    with pytest.raises(SystemExit):                       # longer than the checkpoint's: refused
+        train.parse_configs(["--init-from", str(tmp_path), "--block-size", "33"])
+
+
 def test_a_mismatched_checkpoint_is_refused_naming_the_tensor(tmp_path):
     from safetensors.numpy import load_file, save_file
     hf_gpt2(tmp_path / "hf", vocab_size=256, n_positions=8, n_embd=16, n_layer=2, n_head=2)

@@ -9,9 +9,12 @@ Two rules, applied to the parsed command line of every training command (``ps-tr
   pads GPT-2's 50,257 to 50,304), never smaller.
 - ``--init-from DIR`` (a Hugging Face GPT-2 folder: ``config.json`` + ``model.safetensors``,
   the form our checkpoints have) sets the shape to DIR's; a shape flag given explicitly
-  must agree with it. The weights are then read by ``load_init`` into the flat buffer
-  (``worker/checkpoint.py`` checks every name, shape and dtype, and names the tensor
-  that is missing or wrong; Conv1D weights are (in, out), as ours).
+  must agree with it, except ``--block-size``, which may be shorter than DIR's context
+  (the position table is cut to it, as nanoGPT's ``crop_block_size``: a causal model's
+  first T positions compute what they computed before). The weights are then read by
+  ``load_init`` into the flat buffer (``worker/checkpoint.py`` checks every name, shape
+  and dtype, and names the tensor that is missing or wrong; Conv1D weights are (in,
+  out), as ours).
 
 In a distributed job only worker 0 reads the weights; its INIT seeds the servers, and
 every worker pulls them (``worker/distributed.py``).
@@ -20,8 +23,11 @@ Not here: the checkpoint format (``worker/checkpoint.py``), downloading a model.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+
+import numpy
 
 from worker import checkpoint
 
@@ -64,6 +70,8 @@ def resolve_shape(args, given: set, tokenizer_vocab: int):
     init_from = getattr(args, "init_from", "")
     if init_from:
         for field, value in checkpoint_shape(init_from).items():
+            if field == "block_size" and field in given and 0 < args.block_size <= value:
+                continue                                 # a shorter context: wpe is cut
             if field in given and getattr(args, field) != value:
                 raise ValueError(f"--{field.replace('_', '-')} {getattr(args, field)} disagrees with --init-from "
                                  f"{init_from}, whose config.json says {SHAPE[field]} = {value}")
@@ -76,5 +84,14 @@ def resolve_shape(args, given: set, tokenizer_vocab: int):
 
 
 def load_init(model, folder) -> dict:
-    """Copy the weights of GPT-2 folder ``folder`` into ``model``; return the file's metadata."""
-    return checkpoint.load_model_into(model, folder)
+    """Copy the weights of GPT-2 folder ``folder`` into ``model`` (its context may be shorter
+    than the folder's: the first rows of ``wpe``); return the file's metadata. Everything
+    is checked before anything is copied."""
+    cfg, tensors, metadata = checkpoint.read_model(folder)
+    T = model.config.block_size
+    if dataclasses.replace(cfg, block_size=T) != model.config or T > cfg.block_size:
+        raise checkpoint.CheckpointError(f"{folder}: checkpoint config {cfg} does not fit the model's {model.config}")
+    xp = getattr(model, "xp", numpy)                  # a GPU model's views are CuPy arrays
+    for name, view in model.named_tensors().items():
+        view[...] = xp.asarray(tensors[name][:T] if name == "wpe.weight" else tensors[name])
+    return metadata
