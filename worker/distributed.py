@@ -72,7 +72,7 @@ class WorkerConfig:
     log_interval: int = 5         # worker 0: a metrics.jsonl line every this many steps
     seed: int = 0                 # seeds the initial weights (worker 0's are used) and the data order
     out: str = ""                 # run folder for worker 0's metrics, model and sample ('' = runs/<timestamp>)
-    sample_bytes: int = 300       # worker 0: bytes of text to sample from the final model (0 = none)
+    sample_bytes: int = 300       # worker 0: tokens of text (bytes, for a byte-level run) to sample from the final model into sample.txt (0 = none)
     threads: int = 1              # compute threads: slices of the batch in parallel (with OPENBLAS_NUM_THREADS=1)
     device: str = "cpu"           # where this worker computes: cpu (NumPy), cuda or cuda:N (the CUDA kernels on that GPU; ps-local --devices gives each worker its own)
     precision: str = "fp32"       # with --device cuda: fp32, or bf16 / fp16 activations and matmuls (float32 parameters and gradients on the wire)
