@@ -183,3 +183,15 @@ def test_the_vocabulary_follows_the_tokenizer(bpe, tmp_path, capsys):
                           "def function_", "--tokens", "12", "--seed", "1"], capture_output=True, text=True,
                          env=ENV, timeout=120, check=True).stdout
     assert out.startswith("def function_") and len(out) > len("def function_") + 12   # BPE tokens: several bytes each
+
+
+def test_the_bert_task_refuses_bpe_tokens(bpe):
+    """--model bert fills in masked bytes; given BPE tokens it stops before it registers."""
+    import subprocess
+    import sys
+    from tests.cluster import ENV
+    out = subprocess.run([sys.executable, "-m", "worker", "--model", "bert", "--data", str(bpe),
+                          "--num-servers", "1", "--num-workers", "1", "--coordinator", "127.0.0.1:9",
+                          "--timeout", "5", "--heartbeat", "0"],
+                         capture_output=True, text=True, env=ENV, timeout=120)
+    assert out.returncode == 1 and "--model bert fills in masked bytes" in out.stderr, out.stderr

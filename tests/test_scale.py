@@ -44,3 +44,26 @@ def test_mid_size_gpt2_through_the_servers_within_the_formula(tmp_path):
         # within 1.5x (the goal), and the formula is no loose bound either
         assert 0.8 <= float(ratio) <= 1.5, (name, got, want, ratio)
     assert "tokens/s" in out.stdout
+
+
+def test_the_rss_hook_measures_a_process_and_the_check_fails_past_the_ratio(tmp_path, capsys):
+    """The instrument: a process that touches 200 MiB reports a peak of at least that; and
+    the report flags a process above --max-ratio (what catches a copy of the vector too many)."""
+    import json
+    import os
+    import scale_check
+    (tmp_path / "sitecustomize.py").write_text(scale_check.SITECUSTOMIZE)
+    (tmp_path / "rss").mkdir()
+    env = dict(ENV, PS_RSS_DIR=str(tmp_path / "rss"), PYTHONPATH=f"{tmp_path}{os.pathsep}{ENV['PYTHONPATH']}")
+    subprocess.run([sys.executable, "-c", "import numpy; a = numpy.ones(50 << 20, dtype=numpy.float32)",
+                    "--rank", "7"], env=env, check=True, timeout=60)
+    (report,) = [json.loads(p.read_text()) for p in (tmp_path / "rss").iterdir()]
+    assert report["maxrss"] >= 200 << 20 and scale_check.role_of(report["argv"]) == "worker-7"
+    MiB = 1 << 20
+    parts = {"worker-0": {"params+grads": 100 * MiB}, "server-0": {"params+avg": 100 * MiB}}
+    peaks = {"worker-0": 110 * MiB, "server-0": 260 * MiB}        # the server holds a copy too many
+    args = type("Args", (), dict(shape="mid", servers=1, workers=1, batch_size=1, optimizer="adamw", steps=1))
+    figures = dict(params=1, s_per_step=1.0, tokens_per_s=1.0, wall_s=1.0, out="x")
+    worst = scale_check.report(peaks, parts, 10 * MiB, figures, args)
+    assert worst == pytest.approx(260 / 110) and worst > 1.5
+    assert "server-0" in capsys.readouterr().out
