@@ -11,14 +11,17 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write(path, data: bytes):
-    """Write ``data`` to ``path`` so that readers see the old file or the new, never a mix."""
+def atomic_write(path, data):
+    """Write ``data`` (bytes, or a list of bytes-like pieces written one after the other,
+    e.g. ``common.stfile.safetensors_parts``) to ``path`` so that readers see the old file
+    or the new, never a mix."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o644)      # mkstemp makes 0600; a checkpoint is for sharing
-            f.write(data)
+            for piece in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -56,6 +56,7 @@ class Membership:
         self.layout: Layout | None = None
         self.layout_hash = ""
         self.dtype = ""
+        self.tokenizer = ""                    # sha256 of the workers' tokenizer ('' = one that sends none)
         self.first_layout_from = ""
         self.started = False
         self.done: set[int] = set()
@@ -140,6 +141,10 @@ class Membership:
                                 "the workers' model configurations differ")
         elif meta["dtype"] != self.dtype:
             raise ProtocolError(f"{who} uses {meta['dtype']}, the job uses {self.dtype}")
+        elif meta.get("tokenizer", "") != self.tokenizer:
+            raise ProtocolError(f"{who} trains with tokenizer sha256 {meta.get('tokenizer', '')[:12] or '(none)'}, "
+                                f"but the job's is {self.tokenizer[:12] or '(none)'} (first registered by "
+                                f"{self.first_layout_from}): give every worker the same --data")
         return layout
 
     def _register_worker(self, m: Member, meta: dict):
@@ -159,6 +164,7 @@ class Membership:
             self.workers.remove(same[0])
         if self.layout is None:
             self.layout, self.layout_hash, self.dtype = layout, layout.hash(), meta["dtype"]
+            self.tokenizer = meta.get("tokenizer", "")
             self.first_layout_from = who
         self.workers.append(m)
 
@@ -207,7 +213,7 @@ class Membership:
         ipc = [self.servers[r].meta.get("ipc", "") for r in range(self.num_servers)]
         return dict(servers=servers, placement=self.placement, layout=self.layout.table(), ipc=ipc,
                     layout_hash=self.layout_hash, num_workers=self.num_workers, num_servers=self.num_servers,
-                    dtype=self.dtype, optim=self.optim, job=self.job_settings, rank=rank,
+                    dtype=self.dtype, tokenizer=self.tokenizer, optim=self.optim, job=self.job_settings, rank=rank,
                     session=self.sessions[(role, rank)], version=version, view=self.view,
                     workers=self.view_pairs(), **extra)
 

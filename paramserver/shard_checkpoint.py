@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy
 from safetensors import SafetensorError
-from safetensors.numpy import load as st_load, save as st_save
+from safetensors.numpy import load as st_load
 
 from common.files import atomic_write
+from common.stfile import safetensors_parts
 
 FORMAT = 1
 KEEP = 3
@@ -87,7 +88,7 @@ def save(folder, rank: int, shard, layout_hash: str, extra: dict, keep: int = KE
              "optimizer_scalars": {k: v for k, v in opt.items() if not isinstance(v, numpy.ndarray)},
              "extra": extra}
     path = path_of(folder, rank, shard.version)
-    atomic_write(path, st_save(tensors, metadata={"state": json.dumps(state)}))
+    atomic_write(path, safetensors_parts(tensors, {"state": json.dumps(state)}))    # no copy of the shard
     for old in versions(folder, rank)[:-keep]:
         path_of(folder, rank, old).unlink(missing_ok=True)
     return path

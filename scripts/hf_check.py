@@ -6,7 +6,7 @@
 are a GPT-2 checkpoint: ``transformers.GPT2LMHeadModel.from_pretrained(folder)`` reads
 them. This script loads the folder both ways, compares the logits on the prompt, and
 continues the prompt greedily with each (``model.generate`` there, ``worker/sample.py``
-here): the same bytes come out.
+here): the same tokens come out, decoded by the run's tokenizer.
 
 Needs ``pip install transformers torch`` (CPU torch is enough); the project itself
 never imports them.
@@ -21,7 +21,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="run folder with model.safetensors and config.json")
     p.add_argument("--prompt", default="def ", help="text to start from (default 'def ')")
-    p.add_argument("--bytes", type=int, default=40, help="bytes to continue greedily (default 40)")
+    p.add_argument("--tokens", "--bytes", dest="tokens", type=int, default=40,
+                   help="tokens (bytes, for a byte-level run) to continue greedily (default 40)")
     args = p.parse_args(argv)
     try:
         import torch
@@ -30,17 +31,19 @@ def main(argv=None):
         sys.exit(f"hf_check: {e.name} is not installed; pip install transformers torch")
     from worker.model_checkpoint import load_model
     from worker.sample import generate
+    from worker.tokenizer import run_tokenizer
 
     ours = load_model(args.run)
     hf = transformers.GPT2LMHeadModel.from_pretrained(args.run).eval()
     print(f"loaded {args.run} with transformers {transformers.__version__}: {type(hf).__name__}, "
           f"{sum(t.numel() for t in hf.parameters()):,} parameters (ours: {ours.num_params():,})")
-    prompt = args.prompt.encode()
+    tokenizer = run_tokenizer(args.run)              # bytes where the folder has no tokenizer.json
+    prompt = tokenizer.encode(args.prompt)
     room = ours.config.block_size - len(prompt)
-    n = min(args.bytes, room)
-    if n < args.bytes:
-        print(f"(continuing {n} bytes: the model's context is {ours.config.block_size} bytes)")
-    idx = np.frombuffer(prompt, dtype=np.uint8).astype(np.int64)[None, :]
+    n = min(args.tokens, room)
+    if n < args.tokens:
+        print(f"(continuing {n} tokens: the model's context is {ours.config.block_size} tokens)")
+    idx = prompt[None, :]
     a = ours.forward(idx)
     with torch.no_grad():
         b = hf(torch.from_numpy(idx)).logits.numpy()
@@ -49,11 +52,10 @@ def main(argv=None):
     mine = generate(ours, prompt, n, temperature=0)
     with torch.no_grad():
         theirs = hf.generate(torch.from_numpy(idx), max_new_tokens=n, do_sample=False, pad_token_id=0)[0]
-    theirs = bytes(theirs.tolist())
-    print(f"greedy, ours: {mine.decode('utf-8', 'replace')!r}")
-    print(f"greedy, HF:   {theirs.decode('utf-8', 'replace')!r}")
-    same = mine == theirs
-    print("the same bytes" if same else "they differ (two nearly equal logits can swap the argmax in float32)")
+    print(f"greedy, ours: {tokenizer.decode(mine)!r}")
+    print(f"greedy, HF:   {tokenizer.decode(theirs.tolist())!r}")
+    same = mine.tolist() == theirs.tolist()
+    print("the same tokens" if same else "they differ (two nearly equal logits can swap the argmax in float32)")
     return 0 if np.abs(a - b).max() < 1e-3 else 1
 
 

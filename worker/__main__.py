@@ -15,9 +15,10 @@ import sys
 from common import log as logsetup
 from common.cluster import ClusterConfig, JobConfig, add_cluster_arguments
 from common.config import add_arguments, describe, from_args, to_dict
-from worker.data import DataConfig
+from worker.data import DataConfig, data_tokenizer
 from worker.distributed import WorkerConfig
 from worker.model import GPTConfig
+from worker.pretrained import given_flags, resolve_shape
 from worker.train import TRAIN_DEFAULTS
 
 CONCERNS = {"cluster": ClusterConfig, "job": JobConfig, "model": GPTConfig, "data": DataConfig,
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "should get the same model, data and worker flags; the optimizer lives on the servers.")
     add_cluster_arguments(p)
     add_arguments(p, JobConfig, "job (identical on every process)")
-    add_arguments(p, GPTConfig, "model (GPT-2 shape; identical on every worker)", defaults=TRAIN_DEFAULTS)
+    add_arguments(p, GPTConfig, "model (GPT-2 shape; identical on every worker)", defaults=TRAIN_DEFAULTS,
+                  default_text={"vocab_size": "0: the tokenizer's"})
     add_arguments(p, DataConfig, "data")
     add_arguments(p, WorkerConfig, "training")
     p.add_argument("--no-progress", action="store_true", help="(accepted for launchers; workers log lines)")
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        resolve_shape(args, given_flags(parser, argv), data_tokenizer(from_args(DataConfig, args)).vocab_size)
         configs = {k: from_args(cls, args) for k, cls in CONCERNS.items()}
     except ValueError as e:
         parser.error(str(e))

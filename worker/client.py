@@ -115,7 +115,7 @@ class PSClient:
         self.heartbeat: Heartbeat | None = None
         self.resends = 0                        # requests sent again after a lost connection
         self.rejoins = 0                        # registrations after being dropped
-        self._model = None                      # (layout, dtype): to register again
+        self._model = None                      # (layout, dtype, tokenizer): to register again
         self.links: list[Dealer] = []           # one per server, in server rank order
         self.servers: list[str] = []
         self.chunks: list[list[tuple[int, int]]] = []   # per server: the ranges it owns
@@ -155,13 +155,14 @@ class PSClient:
         return f"{self.role}:{self.rank}"
 
     # --- the job ------------------------------------------------------------------------
-    def register(self, layout: Layout, dtype: str) -> dict:
+    def register(self, layout: Layout, dtype: str, tokenizer: str = "") -> dict:
         """Join the job; returns the coordinator's JOB answer once every process has
-        registered. Sets ``self.rank`` (assigned by the coordinator when it was -1)."""
-        self._model = (layout, dtype)
+        registered. Sets ``self.rank`` (assigned by the coordinator when it was -1).
+        ``tokenizer``: the sha256 of this worker's tokenizer, checked like the layout."""
+        self._model = (layout, dtype, tokenizer)
         meta = dict(role=self.role, rank=self.rank, host=host_name(), pid=os.getpid(),
                     layout=layout.table(), layout_hash=layout.hash(), dtype=dtype,
-                    job=to_dict(self.job_cfg))
+                    job=to_dict(self.job_cfg), **({"tokenizer": tokenizer} if tokenizer else {}))
         rid = next(self._rid)
         frames = codec.encode(REGISTER, self.name if self.rank >= 0 else f"{self.role}:?", rid=rid, **meta)
         self.coord.send(frames)
@@ -176,6 +177,8 @@ class PSClient:
         job = msg.meta
         if job["layout_hash"] != layout.hash():
             raise RemoteError(f"the job's layout hash {job['layout_hash']} differs from ours {layout.hash()}")
+        if job.get("tokenizer", "") != tokenizer:
+            raise RemoteError(f"the job's tokenizer {job.get('tokenizer', '')[:12]} differs from ours {tokenizer[:12]}")
         self.rank = job["rank"]
         self.session = job.get("session", 0)
         self.joined_at = job.get("version", 0)

@@ -1,7 +1,11 @@
-"""Training data: bytes as tokens, documents, a train/validation split, worker shards, batches.
+"""Training data: documents, a train/validation split, worker shards, batches.
 
-Tokens are bytes (vocabulary 256), so there is no tokenizer to ship or train and any
-file is data. The pipeline, each step a small function:
+Two sources. Raw text (the default): tokens are bytes (vocabulary 256), so there is no
+tokenizer to ship or train and any file is data. A PREPARED folder (``--data FOLDER``
+written by ``ps-prepare``, ``worker/tokenfiles.py``): token files made once by a
+tokenizer (bytes or a BPE), memory-mapped; its split is the one it was prepared with,
+the steps below from 3 on are the same, on tokens instead of bytes.
+The pipeline for raw text, each step a small function:
 
 1. ``load_corpus``: the documents. With no ``--data``, the BUILT-IN CORPUS: the
    ``*.py`` files directly in the running Python's standard-library folder whose names
@@ -10,7 +14,8 @@ file is data. The pipeline, each step a small function:
    machine with no download. Its fingerprint (sha256, Python version) goes into every
    run's records, since another Python version means other bytes. With ``--data PATH``:
    that file, or every text file under that folder (recursively, sorted by relative
-   path; hidden entries skipped; a file is text when its first 8 KiB hold no NUL byte).
+   path; hidden entries skipped; a file is text when its first 8 KiB hold no NUL byte);
+   a ``.jsonl`` file gives the ``text`` field of each of its lines.
    Every file is cut into consecutive pieces of at most ``doc_bytes`` bytes, and each
    piece is one DOCUMENT: so a single large file still gives many documents, and
    documents are of comparable size, which keeps the shards balanced.
@@ -30,12 +35,14 @@ file is data. The pipeline, each step a small function:
    ``state_dict`` makes a resumed run see the same order. ``validation_batches``: a
    fixed set of evenly spaced windows of the validation stream.
 
-Not here: caching tokenized data on disk (bytes need no tokenizing), document
+Not here: tokenizing (``worker/prepare.py``), document
 separators (windows may cross a document boundary, as in nanoGPT), data on a GPU.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import platform
 import sysconfig
@@ -43,6 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy
+
+from worker.tokenfiles import is_prepared, read_prepared
+from worker.tokenizer import Tokenizer, bytes_tokenizer
 
 VOCAB_SIZE = 256
 SHARD_STRATEGIES = ("contiguous", "hash", "random")
@@ -69,11 +79,13 @@ class DataConfig:
 @dataclass(frozen=True, eq=False)          # compared by identity: the bytes are an array
 class Document:
     name: str                     # "<relative path>#<piece number>"
-    tokens: numpy.ndarray = field(repr=False)   # uint8 bytes
+    tokens: numpy.ndarray = field(repr=False)   # uint8 bytes (or the tokens of a prepared document)
+    text_sha256: bytes = b""      # a prepared document's: sha256 of its text, as it was before tokenizing
 
     @property
     def digest(self) -> bytes:
-        return hashlib.sha256(self.tokens.tobytes()).digest()
+        """sha256 of the document's text: what the split and --shard hash rank it by."""
+        return self.text_sha256 or hashlib.sha256(self.tokens.tobytes()).digest()
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,25 @@ def text_files(path: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(path).as_posix())
 
 
+def _texts(path: Path, rel: str, raw: bytes) -> list:
+    """(name, text bytes) of one file: the file itself, or for ``.jsonl`` the ``text``
+    field of each line (line n named ``rel:n``)."""
+    if path.suffix != ".jsonl":
+        return [(rel, raw)]
+    out = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field ({e!r})") from None
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{n}: 'text' must be a string, got {type(text).__name__}")
+        out.append((f"{rel}:{n}", text.encode()))
+    return out
+
+
 def load_corpus(cfg: DataConfig) -> Corpus:
     """Read the files that ``cfg.data`` names (or the built-in corpus) and cut them into
     documents. The fingerprint's sha256 covers, file after file, the relative name, its
@@ -145,9 +176,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         h.update(f"{rel}\0{len(raw)}\0".encode())
         h.update(raw)
         total += len(raw)
-        tokens = numpy.frombuffer(raw, dtype=numpy.uint8)
-        for i, b in enumerate(range(0, len(raw), cfg.doc_bytes)):
-            docs.append(Document(f"{rel}#{i}", tokens[b:b + cfg.doc_bytes]))
+        for name, text in _texts(path, rel, raw):
+            tokens = numpy.frombuffer(text, dtype=numpy.uint8)
+            for i, b in enumerate(range(0, len(text), cfg.doc_bytes)):
+                docs.append(Document(f"{name}#{i}", tokens[b:b + cfg.doc_bytes]))
     fp = {"source": source, "files": len(files), "bytes": total, "sha256": h.hexdigest()}
     if source == BUILTIN:
         fp["python"] = platform.python_version()
@@ -211,16 +243,20 @@ def concat(docs: list, pieces=None) -> numpy.ndarray:
 @dataclass
 class Data:
     """What one worker trains and evaluates on."""
-    train: numpy.ndarray          # uint8 stream of this worker's shard
-    val: numpy.ndarray            # uint8 stream of the validation documents (the same for every worker)
+    train: numpy.ndarray          # token stream of this worker's shard (uint8 bytes; uint16/32 memmap when prepared)
+    val: numpy.ndarray            # token stream of the validation documents (the same for every worker)
     fingerprint: dict
     summary: str                  # one line for the console
+    tokenizer: Tokenizer = field(default_factory=bytes_tokenizer)
+    bytes_per_token: float = 1.0  # text bytes per validation token: bits per byte = loss / ln 2 / this
 
 
 def load_data(cfg: DataConfig, rank: int = 0, num_workers: int = 1, seed: int = 0) -> Data:
     """Corpus -> split -> this worker's shard, in one call."""
     if not 0 <= rank < num_workers:
         raise ValueError(f"rank {rank} outside [0, {num_workers})")
+    if cfg.data and is_prepared(cfg.data):
+        return load_prepared_data(cfg, rank, num_workers, seed)
     corpus = load_corpus(cfg)
     train_docs, val_docs = split_train_val(corpus.documents, cfg.val_fraction)
     shards = shard_documents(train_docs, num_workers, cfg.shard, seed)
@@ -239,6 +275,48 @@ def load_data(cfg: DataConfig, rank: int = 0, num_workers: int = 1, seed: int = 
     return Data(train, val, fp, summary)
 
 
+def load_prepared_data(cfg: DataConfig, rank: int, num_workers: int, seed: int = 0) -> Data:
+    """This worker's shard of a prepared folder (checked first: ``read_prepared``). The
+    contiguous shard is a view of the memory map; hash and random ones are copied. A
+    document goes to the worker it would go to as raw text (``--shard hash`` ranks the
+    sha256 of its text, recorded by ps-prepare), whatever the tokenizer."""
+    prep = _prepared(str(Path(cfg.data).resolve()))
+    offsets = prep.train_offsets.astype(numpy.int64)
+    docs = [Document(str(i), prep.train[offsets[i]:offsets[i + 1]], prep.train_digests[i].tobytes())
+            for i in range(len(offsets) - 1)]
+    docs = [d for d in docs if len(d.tokens)]
+    if cfg.shard == "contiguous":
+        total = len(prep.train)
+        train = prep.train[total * rank // num_workers:total * (rank + 1) // num_workers]
+    else:
+        train = concat(docs, shard_documents(docs, num_workers, cfg.shard, seed)[rank])
+    if len(train) == 0:
+        raise ValueError(f"worker {rank} of {num_workers} got no training tokens from {cfg.data}")
+    meta, tok = prep.meta, prep.tokenizer
+    fp = dict(meta["source"], prepared=str(prep.folder), tokenizer=tok.sha256, vocab_size=tok.vocab_size,
+              train_tokens=int(len(train)), val_tokens=int(len(prep.val)), bytes_per_token=prep.bytes_per_token,
+              shard=cfg.shard, rank=rank, num_workers=num_workers)
+    summary = (f"data: {prep.folder} (prepared from {meta['source']['source']}, {tok.describe()}); "
+               f"train {len(train):,} tokens{f' (shard {rank + 1}/{num_workers}, {cfg.shard})' if num_workers > 1 else ''}, "
+               f"val {len(prep.val):,} tokens, {prep.bytes_per_token:.2f} bytes/token")
+    return Data(train, prep.val, fp, summary, tok, prep.bytes_per_token)
+
+
+@functools.lru_cache(maxsize=4)
+def _prepared(folder: str):
+    """``read_prepared`` once per process and folder: the command line checks the folder
+    (vocabulary, before registering), the worker then takes its shard of the same maps."""
+    return read_prepared(folder)
+
+
+def data_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """The tokenizer of the data ``cfg`` names: bytes for raw text; a prepared folder's,
+    after the whole folder is checked (so a corrupt file stops a worker before it joins)."""
+    if not (cfg.data and is_prepared(cfg.data)):
+        return bytes_tokenizer()
+    return _prepared(str(Path(cfg.data).resolve())).tokenizer
+
+
 def unigram_entropy(tokens: numpy.ndarray, vocab_size: int = VOCAB_SIZE) -> float:
     """Entropy in nats of the byte frequencies of ``tokens``: the loss of the best model
     that ignores context, the mark a model must beat to show it learned anything."""
@@ -248,15 +326,13 @@ def unigram_entropy(tokens: numpy.ndarray, vocab_size: int = VOCAB_SIZE) -> floa
 
 
 def bigram_entropy(tokens: numpy.ndarray, vocab_size: int = VOCAB_SIZE) -> float:
-    """Conditional entropy in nats of a byte given the one before it, measured on
-    ``tokens`` themselves: the loss of the best model that looks one byte back."""
-    t = tokens.astype(numpy.int64)
-    counts = numpy.bincount(t[:-1] * vocab_size + t[1:], minlength=vocab_size * vocab_size)
-    counts = counts.reshape(vocab_size, vocab_size).astype(numpy.float64)
-    rows = counts.sum(axis=1, keepdims=True)
-    nz = counts > 0
-    cond = counts / numpy.maximum(rows, 1)
-    return float(-(counts[nz] * numpy.log(cond[nz])).sum() / counts.sum())
+    """Conditional entropy in nats of a token given the one before it, measured on
+    ``tokens`` themselves: the loss of the best model that looks one token back.
+    Counts only the pairs that occur, so a 50k vocabulary costs no 50k x 50k table."""
+    t = numpy.asarray(tokens).astype(numpy.int64)
+    pairs, counts = numpy.unique(t[:-1] * vocab_size + t[1:], return_counts=True)
+    rows = numpy.bincount(t[:-1], minlength=vocab_size)[pairs // vocab_size]
+    return float(-(counts * numpy.log(counts / rows)).sum() / counts.sum())
 
 
 # --- 4. batches -----------------------------------------------------------------------------
@@ -339,4 +415,4 @@ def validation_batches(tokens: numpy.ndarray, batch_size: int, block_size: int, 
 
 __all__ = ["VOCAB_SIZE", "SHARD_STRATEGIES", "DataConfig", "Document", "Piece", "Corpus", "Data",
            "builtin_corpus_files", "text_files", "load_corpus", "split_train_val", "shard_documents",
-           "concat", "load_data", "unigram_entropy", "bigram_entropy", "BatchSampler", "validation_batches"]
+           "concat", "load_data", "load_prepared_data", "data_tokenizer", "unigram_entropy", "bigram_entropy", "BatchSampler", "validation_batches"]

@@ -51,9 +51,10 @@ from common.trace import NULL_TRACER, Tracer, trace_file
 from worker import backend
 from worker.client import PSClient
 from worker.mode_loops import make_loop
-from worker.data import BatchSampler, DataConfig, load_data, unigram_entropy, validation_batches
+from worker.data import BatchSampler, DataConfig, data_tokenizer, load_data, unigram_entropy, validation_batches
 from worker.kernels.halfs import PRECISIONS
 from worker.model import GPTConfig
+from worker.pretrained import load_init
 from worker.staging import HostStaging
 from worker.tasks import MODELS, make_task
 from worker.train import METRICS, MetricsWriter, evaluate
@@ -71,13 +72,14 @@ class WorkerConfig:
     log_interval: int = 5         # worker 0: a metrics.jsonl line every this many steps
     seed: int = 0                 # seeds the initial weights (worker 0's are used) and the data order
     out: str = ""                 # run folder for worker 0's metrics, model and sample ('' = runs/<timestamp>)
-    sample_bytes: int = 300       # worker 0: bytes of text to sample from the final model (0 = none)
+    sample_bytes: int = 300       # worker 0: tokens of text (bytes, for a byte-level run) to sample from the final model into sample.txt (0 = none)
     threads: int = 1              # compute threads: slices of the batch in parallel (with OPENBLAS_NUM_THREADS=1)
     device: str = "cpu"           # where this worker computes: cpu (NumPy), cuda or cuda:N (the CUDA kernels on that GPU; ps-local --devices gives each worker its own)
     precision: str = "fp32"       # with --device cuda: fp32, or bf16 / fp16 activations and matmuls (float32 parameters and gradients on the wire)
     model: str = "gpt"            # gpt: next byte, causal attention | bert: 15% of the bytes masked, bidirectional
     trace: bool = False           # write a Chrome trace of this worker (trace-worker-R.json in the run folder)
     overlap: bool = True          # bsp: push each layer's gradients during the backward and wait for each layer's new parameters in the next forward (--no-overlap: push and pull after the backward)
+    init_from: str = ""           # worker 0: a Hugging Face GPT-2 folder (config.json + model.safetensors) whose weights seed the servers ('' = random init from seed)
     straggler: str = ""           # RANK:SECONDS (worker RANK sleeps that long after each gradient) or RANK:Fx (its steps take F times its compute time); RANK 'any': a different random worker at each step; '' = none
     CHOICES = {"model": MODELS, "precision": PRECISIONS}
 
@@ -164,10 +166,13 @@ def run(cluster: ClusterConfig, job: JobConfig, mc: GPTConfig, dc: DataConfig, w
 def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc: WorkerConfig) -> dict:
     task = make_task(wc.model, mc, seed=wc.seed, threads=wc.threads, device=wc.device, precision=wc.precision)
     model = task.model
+    tokenizer = data_tokenizer(dc)                   # registered with the layout: every worker's must agree
+    if wc.model == "bert" and tokenizer.kind != "bytes":
+        raise ValueError("--model bert fills in masked bytes: give it raw text or a folder prepared with bytes")
     # what the wire sees of the model: host vectors (on a GPU, pinned copies; on the CPU, the model's own)
     host = HostStaging(model)
     t_register = time.perf_counter()
-    job = client.register(model.layout, model.dtype.name)
+    job = client.register(model.layout, model.dtype.name, tokenizer.sha256)
     rank, W = client.rank, job["num_workers"]
     log.info("rank %d of %d; %d parameters over %d server(s); mode %s; registration took %.1f s",
              rank, W, model.num_params(), job["num_servers"], job_cfg.mode, time.perf_counter() - t_register)
@@ -181,6 +186,9 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
     out = Path(wc.out or time.strftime("runs/%Y%m%d-%H%M%S"))
     tracer = client.tracer = Tracer(f"worker {rank}") if wc.trace else NULL_TRACER
     if lead:
+        if wc.init_from:
+            load_init(model, wc.init_from)
+            log.info("weights from %s", wc.init_from)
         host.params_to_host()
         client.init(host.params)                     # (a server already initialized says so and keeps its own)
     client.pull(host.params)
@@ -206,8 +214,8 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
         if not joined:
             metrics.write({"step": 0, "val_loss": evaluate(model, val_set), "workers": W,
                            "servers": job["num_servers"], "mode": job_cfg.mode, "elapsed_s": 0.0, "updates": 0,
-                           "gradients": 0, "unigram_entropy": unigram_entropy(data.train),
-                           "fingerprint": data.fingerprint})
+                           "gradients": 0, "unigram_entropy": unigram_entropy(data.train, tokenizer.vocab_size),
+                           "bytes_per_token": data.bytes_per_token, "fingerprint": data.fingerprint})
 
     t_start, epoch_start = time.perf_counter(), time.time()
     # joining a running or resumed job, the clock goes on from the last line kept: elapsed_s
@@ -278,6 +286,7 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
                       bytes_pulled=stats.get("bytes_pulled", client.bytes_pulled))
         metrics.write(record)
         task.save(out, wc.steps)                     # before done: the coordinator may not outlive it
+        data.tokenizer.save(out, model_max_length=mc.block_size)
     client.done()
     log.info("finished: %d gradients computed, %d pushes (%d dropped) in %.1f s; waited %.1f s for answers",
              iterations, client.pushes, client.dropped, wall_s, client.wait_s)
@@ -294,7 +303,7 @@ def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc
     if lead:
         metrics.close()
         if wc.sample_bytes:
-            (out / "sample.txt").write_text(task.demonstrate(data.val, wc.sample_bytes, seed=wc.seed))
+            (out / "sample.txt").write_text(task.demonstrate(data.val, wc.sample_bytes, data.tokenizer, seed=wc.seed))
         result.update(val_loss=val, out=str(out))
         log.info("validation loss %.4f; model saved in %s", val, out)
     return result

@@ -59,7 +59,7 @@ from worker.layers import (
 @dataclass
 class GPTConfig:
     """The shape of a GPT-2 model (the fields of HF's ``GPT2Config`` that matter here)."""
-    vocab_size: int = 256   # tokens are bytes
+    vocab_size: int = 256   # token ids (256: bytes; at least the tokenizer's vocabulary)
     block_size: int = 128   # longest context, in tokens (n_positions)
     n_layer: int = 4        # transformer blocks
     n_head: int = 4         # attention heads per block

@@ -27,9 +27,10 @@ import json
 from pathlib import Path
 
 import numpy
-from safetensors.numpy import load as st_load, save as st_save
+from safetensors.numpy import load as st_load
 
 from common.files import atomic_write  # noqa: F401  (re-exported: checkpoint.atomic_write)
+from common.stfile import safetensors_parts
 from worker import backend
 from worker.model import GPT, GPTConfig
 
@@ -144,7 +145,7 @@ def save_model(directory, model: GPT, step: int | None = None):
                 "layout_hash": model.layout.hash()}
     if step is not None:
         metadata["step"] = str(int(step))
-    atomic_write(directory / MODEL_FILE, st_save(tensors, metadata=metadata))
+    atomic_write(directory / MODEL_FILE, safetensors_parts(tensors, metadata))     # no copy of the vector
     atomic_write(directory / CONFIG_FILE, (json.dumps(hf_config(model.config), indent=2) + "\n").encode())
 
 
@@ -216,7 +217,7 @@ def save_trainer_state(directory, step: int, optimizer_state: dict, state: dict)
             "optimizer": json.dumps(scalars), "state": json.dumps(state)}
     if not arrays:                        # safetensors wants at least an empty dict; keep one marker
         arrays = {"_empty": numpy.zeros(0, dtype=numpy.float32)}
-    atomic_write(Path(directory) / STATE_FILE, st_save(arrays, metadata=meta))
+    atomic_write(Path(directory) / STATE_FILE, safetensors_parts(arrays, meta))
 
 
 def load_trainer_state(directory, expected_size: int | None = None) -> dict:

@@ -3,8 +3,9 @@
 Two tasks share the loop of ``worker/distributed.py`` and the same servers (which see
 only a flat vector either way):
 
-- ``gpt``: ``worker.model.GPT`` (causal attention) predicts the next byte at every
-  position; checkpoint in GPT-2's form (HF-loadable); ``sample.txt`` holds sampled text.
+- ``gpt``: ``worker.model.GPT`` (causal attention) predicts the next token (a byte, or
+  a BPE token) at every position; checkpoint in GPT-2's form (HF-loadable);
+  ``sample.txt`` holds sampled text, decoded by the run's tokenizer.
 - ``bert``: ``worker.bert.BERT`` (bidirectional) fills in 15% of the bytes, masked;
   checkpoint by ``save_bert``; ``sample.txt`` shows masked text and the model's guesses.
 
@@ -39,9 +40,10 @@ class NextByte:
     def save(self, out, step: int):
         checkpoint.save_model(out, self.model, step)
 
-    def demonstrate(self, val_tokens, num_bytes: int, seed: int = 0) -> str:
-        text = generate(self.model, b"\n", num_bytes, temperature=0.8, top_k=40, seed=seed)
-        return text.decode("utf-8", errors="replace")
+    def demonstrate(self, val_tokens, num_tokens: int, tokenizer, seed: int = 0) -> str:
+        prompt = tokenizer.encode("\n")
+        ids = generate(self.model, prompt, num_tokens, temperature=0.8, top_k=40, seed=seed)
+        return tokenizer.decode(ids)
 
 
 class MaskedBytes:
@@ -65,8 +67,8 @@ class MaskedBytes:
     def save(self, out, step: int):
         save_bert(out, self.model, step)
 
-    def demonstrate(self, val_tokens, num_bytes: int, seed: int = 0) -> str:
-        return fill_in(self.model, val_tokens[:num_bytes], seed=seed)
+    def demonstrate(self, val_tokens, num_bytes: int, tokenizer=None, seed: int = 0) -> str:
+        return fill_in(self.model, val_tokens[:num_bytes], seed=seed)      # bytes only (checked at start)
 
 
 def make_task(name: str, config: GPTConfig, seed: int = 0, dtype=None, threads: int = 1,

@@ -40,11 +40,12 @@ from common.optim import OptimConfig, clip_scale, lr_at, make_optimizer, sum_of_
 from worker import backend
 from worker import model_checkpoint as checkpoint
 from worker.backend import check_device
-from worker.data import (BatchSampler, DataConfig, bigram_entropy, load_data, unigram_entropy,
-                         validation_batches)
+from worker.data import (BatchSampler, DataConfig, bigram_entropy, data_tokenizer, load_data,
+                         unigram_entropy, validation_batches)
 from worker.deviceoptim import DeviceOptimizer
 from worker.kernels.halfs import PRECISIONS
 from worker.model import GPT, GPTConfig
+from worker.pretrained import load_init, resolve_shape
 
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
@@ -66,6 +67,7 @@ class TrainConfig:
     threads: int = 1              # compute threads: slices of each batch in parallel; with OPENBLAS_NUM_THREADS=1, use one per core
     device: str = "cpu"           # cpu (NumPy), cuda or cuda:N (the CUDA kernels of worker/kernels/ on that GPU, optimizer included)
     precision: str = "fp32"       # with --device cuda: fp32, or bf16 / fp16 activations and matmuls (float32 parameters, gradients, optimizer)
+    init_from: str = ""           # a Hugging Face GPT-2 folder (config.json + model.safetensors) to start from: its shape and weights ('' = random init from seed)
     CHOICES = {"precision": PRECISIONS}
 
     def __post_init__(self):
@@ -80,7 +82,8 @@ class TrainConfig:
 # Defaults of the single-process run, chosen to learn visibly in about a minute on two
 # cores; they override the dataclasses' defaults for this command only.
 # --lr-decay-steps, unless given, follows --steps (the cosine ends with the run).
-TRAIN_DEFAULTS = dict(block_size=64, n_layer=3, n_head=4, n_embd=96,
+# vocab_size 0: the data's tokenizer's (worker/pretrained.py).
+TRAIN_DEFAULTS = dict(vocab_size=0, block_size=64, n_layer=3, n_head=4, n_embd=96,
                       lr=3e-3, warmup_steps=60, min_lr=3e-4, grad_clip=1.0)
 
 
@@ -150,13 +153,15 @@ CONCERNS = {"model": GPTConfig, "optim": OptimConfig, "data": DataConfig, "train
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ps-train", description="Train a byte-level GPT-2 on one process (the reference "
+        prog="ps-train", description="Train a GPT-2 on one process (the reference "
         "loop of the parameter-server workers). With no --data it trains on this Python's "
-        "standard-library sources: no download.",
+        "standard-library sources as bytes: no download; --data FOLDER made by ps-prepare "
+        "trains on its tokens (e.g. a BPE), the vocabulary following its tokenizer.",
         epilog="Writes run_config.json, metrics.jsonl and a GPT-2 checkpoint (model.safetensors, "
-               "config.json) into the run folder; sample from it with scripts/generate.py.")
+               "config.json, tokenizer.json) into the run folder; sample from it with scripts/generate.py.")
     add_arguments(parser, TrainConfig, "training")
-    add_arguments(parser, GPTConfig, "model (GPT-2 shape)", defaults=TRAIN_DEFAULTS)
+    add_arguments(parser, GPTConfig, "model (GPT-2 shape)", defaults=TRAIN_DEFAULTS,
+                  default_text={"vocab_size": "0: the tokenizer's"})
     add_arguments(parser, OptimConfig, "optimizer", defaults=TRAIN_DEFAULTS,
                   default_text={"lr_decay_steps": "--steps"})
     add_arguments(parser, DataConfig, "data")
@@ -181,8 +186,9 @@ def parse_configs(argv=None) -> dict:
         if "lr_decay_steps" not in given:
             args.lr_decay_steps = args.steps
         try:
+            resolve_shape(args, given, data_tokenizer(from_args(DataConfig, args)).vocab_size)
             return {k: from_args(cls, args) for k, cls in CONCERNS.items()}
-        except ValueError as e:
+        except ValueError as e:           # (a CheckpointError or DataError too)
             parser.error(str(e))
     try:
         saved = json.loads((Path(args.resume) / RUN_CONFIG).read_text())
@@ -226,11 +232,12 @@ def train(configs: dict) -> dict:
     # data: this process is worker 0 of 1, so it trains on every training document
     data = load_data(dc, rank=0, num_workers=1, seed=tc.seed)
     print(data.summary)
-    if mc.vocab_size < 256:
-        raise SystemExit(f"--vocab-size {mc.vocab_size}: byte tokens need at least 256")
+    V = data.tokenizer.vocab_size
+    if mc.vocab_size < V:
+        raise SystemExit(f"--vocab-size {mc.vocab_size}: the data's tokenizer has {V} tokens")
     sampler = BatchSampler(data.train, tc.batch_size, mc.block_size, seed=tc.seed)
     val_set = validation_batches(data.val, tc.batch_size, mc.block_size, tc.eval_batches)
-    entropy, entropy2 = unigram_entropy(data.train), bigram_entropy(data.train)
+    entropy, entropy2 = unigram_entropy(data.train, V), bigram_entropy(data.train, V)
 
     # model and optimizer
     model = GPT(mc, seed=tc.seed, threads=tc.threads, device=tc.device, precision=tc.precision)
@@ -239,9 +246,12 @@ def train(configs: dict) -> dict:
                                    threads=tc.threads)
     else:                          # on a GPU, the optimizer steps where the parameters are
         optimizer = DeviceOptimizer(model.xp, oc, model.num_params(), model.dtype, model.layout.decay_ranges())
+    if tc.init_from and not tc.resume:
+        load_init(model, tc.init_from)
+        print(f"weights from {tc.init_from}")
     print(f"model: {model.num_params():,} parameters, layout {model.layout.hash()}; "
-          f"entropy of the training bytes: unigram {entropy:.4f} nats, bigram {entropy2:.4f} "
-          f"(uniform: {math.log(256):.4f})")
+          f"entropy of the training tokens: unigram {entropy:.4f} nats, bigram {entropy2:.4f} "
+          f"(uniform: {math.log(V):.4f})")
 
     step, elapsed0, start = 0, 0.0, time.perf_counter()
     if tc.resume:
@@ -255,8 +265,10 @@ def train(configs: dict) -> dict:
         step, elapsed0 = st["step"], float(st["state"]["elapsed_s"])
         print(f"resumed from {tc.resume} at step {step}")
     (out / RUN_CONFIG).write_text(dump_json(configs) + "\n")
+    data.tokenizer.save(out, model_max_length=mc.block_size)     # beside the model: HF loads both
     metrics = MetricsWriter(out / METRICS, keep_until=step)
-    record = dict(step=step, fingerprint=data.fingerprint, unigram_entropy=entropy, bigram_entropy=entropy2)
+    record = dict(step=step, fingerprint=data.fingerprint, unigram_entropy=entropy, bigram_entropy=entropy2,
+                  bytes_per_token=data.bytes_per_token)
 
     def elapsed():                 # wall time of the run, over every resume
         return elapsed0 + time.perf_counter() - start
@@ -306,7 +318,8 @@ def train(configs: dict) -> dict:
     metrics.close()
     val = evaluate(model, val_set)
     print(f"final validation loss {val:.4f} nats vs unigram entropy {entropy:.4f} nats of the training "
-          f"bytes ({val - entropy:+.4f}); bigram {entropy2:.4f}, uniform {math.log(256):.4f}")
+          f"tokens ({val - entropy:+.4f}); bigram {entropy2:.4f}, uniform {math.log(V):.4f}; "
+          f"{val / math.log(2) / data.bytes_per_token:.4f} bits per byte")
     print(f"checkpoint: {out}/{checkpoint.MODEL_FILE}; sample: python scripts/generate.py {out}")
     return {"out_dir": str(out), "val_loss": val, "unigram_entropy": entropy,
             "bigram_entropy": entropy2, "step": step}

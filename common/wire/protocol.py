@@ -22,7 +22,7 @@ bytes (``common/wire/codec.py``) or sockets (``common/wire/transport.py``).
 The conversation, in order (see docs/ for the lesson that walks through it):
 
     server s>0 -> coordinator  register {role: server, rank, addr, optim}
-    worker     -> coordinator  register {role: worker, rank, layout, layout_hash, dtype}
+    worker     -> coordinator  register {role: worker, rank, layout, layout_hash, dtype, tokenizer}
     coordinator -> everyone    job {rank, servers, placement, layout, ...}  (once all came)
     worker 0   -> each server  init  [its slice of the initial parameters]
     worker     -> each server  pull                     -> params [slice], version
@@ -91,7 +91,7 @@ META = {
     # versions: a server started with --resume lists the versions of its checkpoints
     REGISTER: ({"role": str, "rank": int, "host": str, "pid": int},
                {"addr": str, "layout": list, "layout_hash": str, "dtype": str, "optim": dict,
-                "job": dict, "versions": list, "ipc": str}),
+                "job": dict, "versions": list, "ipc": str, "tokenizer": str}),
     INIT: ({}, {}),
     PULL: ({}, {"min_version": int}),
     # base_version: the server version the gradient was computed on (asp/ssp: staleness =
@@ -119,7 +119,7 @@ META = {
     JOB: ({"rank": int, "servers": list, "placement": list, "layout": list, "layout_hash": str,
            "num_workers": int, "num_servers": int, "dtype": str},
           {"optim": dict, "job": dict, "session": int, "version": int, "view": int, "workers": list,
-           "rejoin": bool, "ipc": list}),
+           "rejoin": bool, "ipc": list, "tokenizer": str}),
     # dropped: this push came after its step was complete (backup workers) and was not applied
     # view, member, workers: a heartbeat's answer (member False: this worker was dropped; rejoin)
     OK: ({}, {"version": int, "message": str, "loss": _num, "stats": dict, "status": dict, "dropped": bool,
