@@ -227,7 +227,7 @@ class PSClient:
             return False
         log.warning("%s was dropped from the job (view %d); registering again", self.name, hb.view)
         if self.in_step:                        # overlap: the answers of the step out (dropped ones)
-            self.end_step()
+            self.end_step(one_version=False)
         self.register(*self._model)
         self.rejoins += 1
         return True
@@ -332,9 +332,11 @@ class PSClient:
             self._wait(PUSH, self._step, lambda: all(i in self._fresh for i in need))
             self.wait_s += time.monotonic() - t0
 
-    def end_step(self) -> dict:
+    def end_step(self, one_version: bool = True) -> dict:
         """Wait for every answer of the step; returns server 0's answer meta (see
-        ``push_pull``). A no-op ({}) when no step is in progress."""
+        ``push_pull``). A no-op ({}) when no step is in progress. ``one_version=False``: the
+        answers need not bring one version (a step this worker was dropped from: the servers
+        answer as each moves on, and the pull after its rejoin brings one version)."""
         if self._step is None:
             return {}
         step, t0 = self._step, time.monotonic()
@@ -345,6 +347,8 @@ class PSClient:
         self.pushes += 1
         dropped = any(a.get("dropped") for a in self._answers.values())
         self.dropped += dropped
+        if not one_version:
+            return dict(self._answers.get(0, {}), dropped=dropped)
         self._check_versions()
         if self.catch_up and len(set(self.versions)) > 1:
             # a late push can come back from one server after it moved on and from another
