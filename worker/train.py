@@ -37,7 +37,8 @@ from tqdm import tqdm
 from common.config import add_arguments, describe, dump_json, from_args, from_dict, to_dict
 from common.files import atomic_write
 from common.optim import OptimConfig, clip_scale, lr_at, make_optimizer, sum_of_squares
-from worker import backend, checkpoint
+from worker import backend
+from worker import model_checkpoint as checkpoint
 from worker.backend import check_device
 from worker.data import (BatchSampler, DataConfig, bigram_entropy, load_data, unigram_entropy,
                          validation_batches)
