@@ -138,7 +138,7 @@ def given_flags(argv) -> set:
     """The dests of the flags typed on the command line (not those left at their default)."""
     marker = object()
     probe = build_parser()
-    probe.set_defaults(**{a.dest: marker for a in probe._actions if a.dest != "help"})
+    probe.set_defaults(**{dest: marker for dest in vars(build_parser().parse_args([]))})
     return {k for k, v in vars(probe.parse_args(argv)).items() if v is not marker}
 
 
