@@ -117,3 +117,14 @@ def describe(configs: dict) -> str:
 def dump_json(configs: dict) -> str:
     """The effective configuration as JSON: ``{title: {field: value}}``."""
     return json.dumps({title: to_dict(obj) for title, obj in configs.items()}, indent=2)
+
+
+def given_flags(build_parser, argv) -> set:
+    """The dests of the flags typed on ``argv`` (not those left at their defaults), by
+    parsing ``argv`` twice with the parser ``build_parser()`` makes: once to learn every
+    dest, once with every default replaced by a marker."""
+    marker = object()
+    probe = build_parser()
+    dests = vars(probe.parse_known_args(argv)[0])
+    probe.set_defaults(**{dest: marker for dest in dests})
+    return {k for k, v in vars(probe.parse_known_args(argv)[0]).items() if v is not marker}

@@ -97,6 +97,54 @@ AGAINST = {"step": ("step", "step"), "time": ("elapsed_s", "wall time (s)"),
 WIRE_AXES = ("bytes", "pushed")                # drawn on a log axis, validation loss only
 
 
+PANEL_TITLES = {
+    "loss_step": ("loss (nats per token)", "step"), "loss_time": ("loss (nats per token)", "wall time (s)"),
+    "loss_bytes": ("validation loss (nats per token)", AGAINST["bytes"][1] + ", log scale"),
+    "loss_pushed": ("validation loss (nats per token)", AGAINST["pushed"][1] + ", log scale"),
+    "tokens": ("tokens per second (whole job)", "step"),
+    "bytes": ("bytes on the wire, pushed + pulled (MB, cumulative)", "step"),
+    "staleness_hist": ("staleness of the applied updates (share of updates)",
+                       "server version at apply - version it was computed on"),
+    "clock_staleness_hist": ("clock staleness, asp/ssp (share of updates)",
+                             "pusher's clock - slowest worker's clock when it read")}
+
+
+def _staleness(ax, hists: list, i: int, **style) -> bool:
+    """Run ``i``'s staleness histogram (of ``hists``, one per run) on ``ax``: bars side by
+    side for a few values, else the cumulative share of updates; True when cumulative."""
+    hist = hists[i]
+    n = sum(hist.values())
+    ks = sorted(hist)
+    top = max(max(h, default=0) for h in hists)
+    if top <= 20:                              # a few values: bars side by side
+        width = 0.8 / len(hists)
+        ax.bar([k + (i - (len(hists) - 1) / 2) * width for k in ks], [hist[k] / n for k in ks], width=width, **style)
+        ax.set_xticks(range(0, top + 1))
+        return False
+    xs = list(range(0, max(ks) + 1))           # a long tail (asp): the share of updates <= x, one line per run
+    share = numpy.cumsum([hist.get(k, 0) for k in xs]) / n
+    ax.step(xs, share, where="post", lw=1.5, **style)
+    ax.set_ylim(0, 1.02)
+    return True
+
+
+def _label(axes, panels: list, cumulative: set):
+    """Titles, axis labels, scales and legends of the panels; the grid's spare cells hidden."""
+    titles = dict(PANEL_TITLES)
+    for ax, panel in zip(axes.flat, panels):
+        if panel in cumulative:
+            ax.set_ylabel("share of updates <= x")
+            titles[panel] = (titles[panel][0].replace("(share of updates)", "(cumulative share)"), titles[panel][1])
+        if panel[5:] in WIRE_AXES:             # local SGD's H = 1 and H = 400 differ 400x in bytes
+            ax.set_xscale("log")
+        ax.set_title(titles[panel][0], fontsize=10)
+        ax.set_xlabel(titles[panel][1])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+
+
 def plot_runs(runs: list, out, title: str = "", against: tuple[str, ...] = ("step", "time")) -> Path:
     """Draw the metrics of ``runs`` (run folders) into ``out`` (a PNG); returns its path.
     ``against``: one loss panel per x axis, of ``step``, ``time``, ``bytes``, ``pushed``."""
@@ -146,42 +194,9 @@ def plot_runs(runs: list, out, title: str = "", against: tuple[str, ...] = ("ste
             elif panel == "bytes":
                 line(ax, series(records, "wire_mb"), color=c, label=label)
             elif panel in STALENESS and hists[panel][i]:
-                hist = hists[panel][i]
-                n = sum(hist.values())
-                ks = sorted(hist)
-                top = max(max(h, default=0) for h in hists[panel])
-                if top <= 20:                  # a few values: bars side by side
-                    width = 0.8 / len(runs)
-                    ax.bar([k + (i - (len(runs) - 1) / 2) * width for k in ks], [hist[k] / n for k in ks],
-                           width=width, color=c, label=label)
-                    ax.set_xticks(range(0, top + 1))
-                else:                          # a long tail (asp): the share of updates <= x, one line per run
-                    xs = list(range(0, max(ks) + 1))
-                    share = numpy.cumsum([hist.get(k, 0) for k in xs]) / n
-                    ax.step(xs, share, where="post", color=c, lw=1.5, label=label)
-                    ax.set_ylim(0, 1.02)
+                if _staleness(ax, hists[panel], i, color=c, label=label):
                     cumulative.add(panel)
-    titles = {"loss_step": ("loss (nats per token)", "step"), "loss_time": ("loss (nats per token)", "wall time (s)"),
-              "loss_bytes": ("validation loss (nats per token)", AGAINST["bytes"][1] + ", log scale"),
-              "loss_pushed": ("validation loss (nats per token)", AGAINST["pushed"][1] + ", log scale"),
-              "tokens": ("tokens per second (whole job)", "step"),
-              "bytes": ("bytes on the wire, pushed + pulled (MB, cumulative)", "step"),
-              "staleness_hist": ("staleness of the applied updates (share of updates)",
-                                 "server version at apply - version it was computed on"),
-              "clock_staleness_hist": ("clock staleness, asp/ssp (share of updates)",
-                                       "pusher's clock - slowest worker's clock when it read")}
-    for ax, panel in zip(axes.flat, panels):
-        if panel in cumulative:
-            ax.set_ylabel("share of updates <= x")
-            titles[panel] = (titles[panel][0].replace("(share of updates)", "(cumulative share)"), titles[panel][1])
-        if panel[5:] in WIRE_AXES:             # local SGD's H = 1 and H = 400 differ 400x in bytes
-            ax.set_xscale("log")
-        ax.set_title(titles[panel][0], fontsize=10)
-        ax.set_xlabel(titles[panel][1])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
+    _label(axes, panels, cumulative)
     fig.suptitle(title or ", ".join(run_labels(runs)), fontsize=11)
     fig.tight_layout()
     out = Path(out)

@@ -67,13 +67,11 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_term)
 
     from paramserver.server import Server, ServerError
-    from common.trace import Tracer, trace_file
+    from common.trace import NULL_TRACER, Tracer, trace_file
     from common.wire.transport import TransportError
     tracer = Tracer(f"server {rank}") if args.trace else None
     try:
-        server = Server(cluster, optim, job, rank, out=args.out, durability=durability)
-        if tracer:
-            server.tracer = tracer
+        server = Server(cluster, optim, job, rank, out=args.out, durability=durability, tracer=tracer or NULL_TRACER)
         signal.signal(signal.SIGTERM, server.on_signal)
         signal.signal(signal.SIGINT, server.on_signal)
         return server.run()

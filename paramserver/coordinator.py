@@ -20,14 +20,20 @@ and exits non-zero. If the coordinator itself dies, the others notice (their
 heartbeats go unanswered, their link to it drops) and stop naming it; the whole job
 can then be resumed from the servers' checkpoints (docs/failures.md).
 
-Not here: sockets (the server sends what this module decides), the steps.
+The coordinator is given the replier (the only sender) and a few functions of the
+server's (``ServerHooks``), never the server itself.
+
+Not here: sockets (the replier sends what this module decides), the steps.
 """
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from typing import Callable
 
-from common.wire.protocol import ERROR, JOB, OK, SHUTDOWN, VIEW, ProtocolError
+from common.wire.protocol import JOB, OK, SHUTDOWN, VIEW, ProtocolError
+from paramserver.errors import ServerError
 from paramserver.liveness import Liveness
 from paramserver.membership import Membership
 
@@ -36,11 +42,24 @@ log = logging.getLogger("coordinator")
 LINGER_BEATS = 3          # heartbeats during which a failing coordinator still tells callers why
 
 
+@dataclass
+class ServerHooks:
+    """What the coordinator asks of server 0, as functions."""
+    placement: Callable            # (layout, num_servers) -> the job's chunk placement
+    start_job: Callable            # (job) -> server 0 starts its own shard from the JOB answer
+    version: Callable              # () -> server 0's version (a returning server is checked against it)
+    on_view: Callable              # (number, pairs) -> server 0 takes a new view
+    fail_all: Callable             # (text) -> every request server 0 holds is refused with text
+    servers_rejoin: bool           # may a restarted server come back into the running job (not asp/ssp)?
+    mode: str
+
+
 class Coordinator:
-    def __init__(self, server, optim: dict, job: dict):
-        self.srv = server
-        c = server.cluster
+    def __init__(self, cluster, optim: dict, job: dict, replier, hooks: ServerHooks):
+        self.replier, self.hooks = replier, hooks
+        c = cluster
         self.cluster = c
+        self.finished = False                   # every worker is done: the servers stop
         self.members = Membership(c.num_servers, c.num_workers, optim, job)
         self.liveness = Liveness()
         self.failure = ""                       # why the job is stopping with an error
@@ -64,10 +83,10 @@ class Coordinator:
         """Everyone is here: answer every member with the job (or refuse them all)."""
         m = self.members
         try:
-            replies = m.start(self.srv.placement)
+            replies = m.start(self.hooks.placement)
         except ProtocolError as e:                  # e.g. no checkpoint version common to every server
-            self.srv._refuse_registered(str(e))
-            raise self.srv.error_type(str(e)) from None
+            self.refuse_registered(str(e))
+            raise ServerError(str(e)) from None
         log.info("the job's address table:\n%s", m.describe_table())
         if m.version:
             log.info("the job resumes from the servers' checkpoints at version %d", m.version)
@@ -76,9 +95,16 @@ class Coordinator:
                             now)
         for ident, job in replies:
             if ident == b"":
-                self.srv._start(job)
+                self.hooks.start_job(job)
             else:
-                self.srv._reply(ident, JOB, 0, **job)
+                self.replier.reply(ident, JOB, 0, **job)
+
+    def refuse_registered(self, text: str):
+        """Every member registered so far gets ``text`` as an ERROR (the job cannot start)."""
+        m = self.members
+        for member in [*m.servers.values(), *m.workers]:
+            if member.identity:
+                self.replier.error(member.identity, 0, text)
 
     def _join_running(self, identity, msg):
         m, meta = self.members, msg.meta
@@ -86,7 +112,7 @@ class Coordinator:
             again = next((w for w in m.workers if w.identity == identity and w.pid == meta["pid"]
                           and m.live.get(w.rank) == m.sessions.get(("worker", w.rank))), None)
             if again is not None:                    # the same process asking again (a resent request)
-                self.srv._reply(identity, JOB, msg.rid, **m.job_reply("worker", again.rank, m.version, rejoin=True))
+                self.replier.reply(identity, JOB, msg.rid, **m.job_reply("worker", again.rank, m.version, rejoin=True))
                 return
             job = m.rejoin(identity, meta, self._alive_elsewhere(meta))
             rank = job["rank"]
@@ -94,25 +120,25 @@ class Coordinator:
             log.warning("worker %d joined the running job (pid %s on %s, session %d): view %d, workers %s",
                         rank, meta["pid"], meta["host"], job["session"], m.view, sorted(m.live))
             self.broadcast_view()
-            self.srv._reply(identity, JOB, msg.rid, **job)
+            self.replier.reply(identity, JOB, msg.rid, **job)
             return
         if meta["role"] != "server" or meta["rank"] == 0:
             raise ProtocolError(f"the job has started; a {meta['role']} {meta['rank']} cannot join it")
-        if self.srv.asynchronous is not None:
-            text = (f"server {meta['rank']} came back into a running {self.srv.job.mode} job: in asp/ssp each "
+        if not self.hooks.servers_rejoin:
+            text = (f"server {meta['rank']} came back into a running {self.hooks.mode} job: in asp/ssp each "
                     "server counts every worker's pushes (its clocks), and those died with it. Resume the whole "
                     "job from the servers' checkpoints (every role with --resume; docs/failures.md)")
-            self.srv._reply(identity, ERROR, msg.rid, message=text)
+            self.replier.error(identity, msg.rid, text)
             self.fail(text)
             return
         member = m.returning_server(identity, meta)
-        rank, mine = member.rank, self.srv.shard.version
+        rank, mine = member.rank, self.hooks.version()
         version = max(m.versions[rank])
         if version < mine - 1:
             text = (f"server {rank} came back from its checkpoint of version {version}, but the job is at version "
                     f"{mine}: the steps it applied in between died with it. Resume the whole job from the "
                     "servers' checkpoints (every role with --resume; docs/failures.md)")
-            self.srv._reply(identity, ERROR, msg.rid, message=text)
+            self.replier.error(identity, msg.rid, text)
             self.fail(text)
             return
         if version > mine + 1:
@@ -122,7 +148,7 @@ class Coordinator:
         self.warned.discard(rank)
         log.warning("server %d came back (pid %s on %s) from its checkpoint of version %d; the job is at %d",
                     rank, meta["pid"], meta["host"], version, mine)
-        self.srv._reply(identity, JOB, msg.rid, **m.job_reply("server", rank, version, rejoin=True))
+        self.replier.reply(identity, JOB, msg.rid, **m.job_reply("server", rank, version, rejoin=True))
 
     def _alive_elsewhere(self, meta):
         """A rank's current process counts as alive (so a newcomer may not take its rank)
@@ -146,7 +172,7 @@ class Coordinator:
             raise ProtocolError(f"heartbeat from {msg.sender!r}: not a member of this job")
         rank = int(k)
         if self.failure:
-            self.srv._reply(identity, ERROR, msg.rid, message=f"the job is stopping: {self.failure}")
+            self.replier.error(identity, msg.rid, f"the job is stopping: {self.failure}")
             return
         if not m.started:
             raise ProtocolError("heartbeat before the job started")
@@ -161,27 +187,27 @@ class Coordinator:
             if rank in self.warned:
                 self.warned.discard(rank)
                 log.info("server %d is heard from again", rank)
-            self.srv._reply(identity, OK, msg.rid, view=m.view, workers=m.view_pairs())
+            self.replier.reply(identity, OK, msg.rid, view=m.view, workers=m.view_pairs())
             return
         self.liveness.beat("worker", rank)
         member = rank in m.live and m.live[rank] == msg.meta.get("session")
-        self.srv._reply(identity, OK, msg.rid, view=m.view, member=member)
+        self.replier.reply(identity, OK, msg.rid, view=m.view, member=member)
 
     def broadcast_view(self):
         """The new view to this server and the others."""
         m = self.members
         pairs = m.view_pairs()
-        self.srv.on_view(m.view, pairs)
+        self.hooks.on_view(m.view, pairs)
         for r, member in m.servers.items():
             if r != 0:
-                self.srv._reply(member.identity, VIEW, 0, view=m.view, workers=pairs)
+                self.replier.reply(member.identity, VIEW, 0, view=m.view, workers=pairs)
 
     def tick(self, now: float):
         """Drop silent workers; give up on a silent server or an empty view; end a failing job."""
         m, c = self.members, self.cluster
         if self.failure:
             if now >= self.stop_at:
-                raise self.srv.error_type(self.failure)
+                raise ServerError(self.failure)
             return
         if not m.started or c.heartbeat <= 0:
             return
@@ -227,8 +253,8 @@ class Coordinator:
     def finish(self, reason: str):
         for s, member in self.members.servers.items():
             if s != 0:
-                self.srv._reply(member.identity, SHUTDOWN, 0, reason=reason)
-        self.srv.stopping = True
+                self.replier.reply(member.identity, SHUTDOWN, 0, reason=reason)
+        self.finished = True
 
     def fail(self, reason: str):
         """Stop the job with an error: tell the servers, keep telling callers for a moment, then exit."""
@@ -238,8 +264,8 @@ class Coordinator:
         self.failure = reason
         for s, member in self.members.servers.items():
             if s != 0:
-                self.srv._reply(member.identity, SHUTDOWN, 0, reason=reason, failed=True)
-        self.srv.answer_all_with_error(f"the job is stopping: {reason}")
+                self.replier.reply(member.identity, SHUTDOWN, 0, reason=reason, failed=True)
+        self.hooks.fail_all(f"the job is stopping: {reason}")
         beat = self.cluster.heartbeat or 0.5
         self.stop_at = time.monotonic() + min(5.0, LINGER_BEATS * beat)
 

@@ -46,11 +46,24 @@ import json
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 from common.files import atomic_write
 from common.wire.protocol import ProtocolError
 
 COUNT, LATE, LATE_WAIT = "count", "late", "late-wait"
+
+
+@dataclass
+class ServingParts:
+    """What a serving object uses besides the shard: the server's other plain objects."""
+    replier: object                             # the only sender (``replier.py``)
+    view: object                                # the live workers (``view.py``)
+    applied: object                             # exactly once (``dedupe.py``)
+    checkpoints: object                         # answers_wait / after_update (``checkpointing.py``)
+    pulls: object                               # pulls waiting for a version (``pulls.py``)
+    tracer: object                              # spans of the step (``common/trace.py``)
+    ahead: object                               # ahead(msg, rank, session): a push for a step not reached
 
 
 class SyncRule:
@@ -128,16 +141,6 @@ class AsyncRule:
         """The live workers whose clocks hold ``rank`` back (for deadline messages)."""
         need = self.clocks[rank] - (self.staleness or 0)
         return sorted(r for r in self.live if self.clocks[r] < need)
-
-
-def make_rule(mode: str, num_workers: int, staleness: int = 0, backup_workers: int = 0):
-    if mode in ("bsp", "local-sgd"):
-        return SyncRule(num_workers, backup_workers)
-    if mode == "asp":
-        return AsyncRule(num_workers, None)
-    if mode == "ssp":
-        return AsyncRule(num_workers, staleness)
-    raise ValueError(f"unknown consistency mode {mode!r}")
 
 
 class Recorder:
@@ -225,23 +228,36 @@ class Recorder:
         atomic_write(os.path.join(folder, name), json.dumps(dict(extra, **self.summary(version))).encode())
 
 
-class AsyncServing:
-    """asp/ssp on a server: apply each push at once, answer when ``rule`` lets its
-    worker read. ``send_params(identity, rid, **meta)`` answers with the parameters (from
-    a per-version copy, see ``Shard.param_snapshot``), ``send_error(identity, rid, text)``
-    refuses; a held answer has a deadline of ``timeout`` seconds."""
+@dataclass
+class HeldRead:
+    """A read (a pull, or the answer to a push) that ssp holds until its worker may read."""
+    identity: bytes
+    rid: int
+    rank: int
+    since: float
+    meta: dict
 
-    def __init__(self, rule: AsyncRule, recorder: Recorder, send_params, send_error, mode: str,
-                 grad_clip: float, timeout: float):
-        self.rule, self.recorder = rule, recorder
-        self.send_params, self.send_error = send_params, send_error
+
+class AsyncServing:
+    """asp/ssp on a server: apply each push at once, answer when the rule lets its
+    worker read. Answers are sent by the replier from a per-version copy (see
+    ``Shard.param_snapshot``); a held answer has a deadline of ``timeout`` seconds."""
+
+    def __init__(self, shard, parts: ServingParts, mode: str, num_workers: int, staleness: int | None,
+                 grad_clip: float, timeout: float, clock=time.monotonic):
+        self.shard, self.parts, self.clock = shard, parts, clock
+        self.replier, self.applied = parts.replier, parts.applied
+        self.rule = AsyncRule(num_workers, staleness)
+        self.recorder = Recorder(mode, num_workers)
         self.mode, self.grad_clip, self.timeout = mode, grad_clip, timeout
-        self.num_workers = len(rule.clocks)
-        self.held: list[tuple] = []              # (identity, rid, rank, since, meta) of answers not yet sent
+        self.num_workers = num_workers
+        self.exchange = False                    # the servers agree on nothing: no NORM
+        self.held: list[HeldRead] = []           # answers not yet sent
         self.totals: dict[int, dict] = {}        # each worker's counters, summed into the answers' ``stats``
 
-    def push(self, shard, identity, msg, rank: int):
-        rule = self.rule
+    def push(self, identity, msg, rank: int, session: int):
+        """Apply the push at once (one optimizer step), then answer when its worker may read."""
+        shard, rule = self.shard, self.rule
         rule.check_push(rank, msg.step)
         if len(self.held) >= 4 * self.num_workers:       # refuse before anything changes
             raise ProtocolError("too many reads are waiting (ssp)")
@@ -261,47 +277,91 @@ class AsyncServing:
         shard.apply(sumsq, lr_step=version // W, lr_scale=1.0 / W)
         rule.pushed(rank)
         self.recorder.push(rank, msg.step, base, version, clock_staleness)
+        self._answer_push(identity, msg, rank)
+        self.applied.record(rank, session, msg.rid, msg.step, shard.version, {})
+        if shard.version > version:
+            self.parts.checkpoints.after_update(shard.version)
+        self.parts.pulls.reached(shard.version)
+
+    def _answer_push(self, identity, msg, rank: int):
         meta = msg.meta
         total = self.totals.setdefault(rank, {"tokens": 0})
         total.update(tokens=total["tokens"] + meta.get("tokens", 0), bytes_pushed=meta.get("bytes_pushed", 0),
                      bytes_pulled=meta.get("bytes_pulled", 0))
         stats = {k: sum(t.get(k, 0) for t in self.totals.values()) for k in ("tokens", "bytes_pushed", "bytes_pulled")}
         extra = {"loss": meta["loss"]} if "loss" in meta else {}
-        self.read(identity, msg.rid, rank, stats=stats, **extra)
+        self._hold(identity, msg.rid, rank, stats=stats, **extra)
 
-    def read(self, identity, rid, rank: int, **meta):
-        """A worker asks for the parameters (a pull, or the answer to its push)."""
+    def read(self, identity, rid, rank: int | None, **meta):
+        """A pull: a worker's may wait (ssp); anyone else's is answered at once."""
+        if rank is None:
+            self.replier.params(identity, rid, **meta)
+        else:
+            self._hold(identity, rid, rank, **meta)
+
+    def repeat(self, identity: bytes, msg, rank: int, meta: dict):
+        """A resent push this server applied already: answered again (as a read), not applied."""
+        self._hold(identity, msg.rid, rank, **meta)
+
+    def _hold(self, identity, rid, rank: int, **meta):
         if len(self.held) >= 4 * self.num_workers:       # bounded, whatever peers send
             raise ProtocolError("too many reads are waiting (ssp)")
-        self.held.append((identity, rid, rank, time.monotonic(), meta))
+        self.held.append(HeldRead(identity, rid, rank, self.clock(), meta))
         self.release()
 
-    def done(self, rank: int):
+    def worker_done(self, rank: int):
         self.rule.done(rank)                     # it no longer holds anyone back
         self.release()
 
+    def view_changed(self, gone: set, new: set):
+        for r in gone:
+            self.worker_done(r)                  # a dead worker holds nobody back (ssp)
+        for r in new:
+            self.rule.live.add(r)
+
     def release(self):
         """Answer every held read whose worker may now read, in arrival order."""
-        now, keep = time.monotonic(), []
-        for identity, rid, rank, since, meta in self.held:
-            if self.rule.may_read(rank):
-                self.rule.read(rank)
-                self.recorder.held(rank, now - since)
-                self.send_params(identity, rid, **meta)
+        now, keep = self.clock(), []
+        for h in self.held:
+            if self.rule.may_read(h.rank):
+                self.rule.read(h.rank)
+                self.recorder.held(h.rank, now - h.since)
+                self.replier.params(h.identity, h.rid, **h.meta)
             else:
-                keep.append((identity, rid, rank, since, meta))
+                keep.append(h)
         self.held = keep
 
-    def oldest(self):
+    def oldest(self) -> float | None:
         """When the longest-held answer started waiting (None: nothing held)."""
-        return min((h[3] for h in self.held), default=None)
+        return min((h.since for h in self.held), default=None)
 
-    def expire(self, now: float):
+    def tick(self, now: float, timeout: float, resend_s: float) -> None:
         """Refuse the reads held longer than the deadline, naming the workers they wait for."""
         rule = self.rule
-        for identity, rid, rank, since, _ in [h for h in self.held if now - h[3] > self.timeout]:
-            behind = ", ".join(f"worker {r} at clock {rule.clocks[r]}" for r in rule.blockers(rank))
-            self.send_error(identity, rid, f"ssp(s={rule.staleness}): worker {rank} at clock {rule.clocks[rank]} "
-                                           f"waited {self.timeout:.0f} s for {behind or 'slower workers'}; are "
-                                           "they alive? see their logs")
-        self.held = [h for h in self.held if now - h[3] <= self.timeout]
+        for h in [h for h in self.held if now - h.since > self.timeout]:
+            behind = ", ".join(f"worker {r} at clock {rule.clocks[r]}" for r in rule.blockers(h.rank))
+            self.replier.error(h.identity, h.rid, f"ssp(s={rule.staleness}): worker {h.rank} at clock "
+                                                  f"{rule.clocks[h.rank]} waited {self.timeout:.0f} s for "
+                                                  f"{behind or 'slower workers'}; are they alive? see their logs")
+        self.held = [h for h in self.held if now - h.since <= self.timeout]
+        return None
+
+    def take_held(self) -> list[tuple[bytes, int]]:
+        held = [(h.identity, h.rid) for h in self.held]
+        self.held = []
+        return held
+
+    def initialized(self):
+        """The parameters arrived (nothing waits for them here)."""
+
+    def on_norm(self, peer: int, msg):
+        raise ProtocolError(f"this server exchanges no proposals ({self.mode})")
+
+    def status(self) -> dict:
+        return {"waiting_for": [], "clocks": list(self.rule.clocks), "held": sorted(h.rank for h in self.held)}
+
+    def checkpoint_state(self) -> dict:
+        return {"agreement": {}, "wire": []}
+
+    def load_checkpoint(self, extra: dict, version: int, rejoined: bool):
+        """Nothing of asp/ssp's own is in a checkpoint (the clocks die with the job)."""

@@ -24,40 +24,69 @@ after those with ``dropped``. A resent push (same worker, session and request id
 never stored twice: while its step is open its answer just goes to the connection it
 came from last, and once applied it is answered again from the record.
 
+The serving object is given what a step needs and nothing else: the shard, the replier
+(the only sender), the view, the records of applied pushes, the checkpoints (which may
+hold the answers of a version back), the pulls waiting for a version, and a clock; it
+never sees the server.
+
 Not here: sockets and message decoding (``server.py``), asp/ssp (``modes.py``).
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
-from common.wire import codec
-from common.wire.protocol import NORM, OK, ProtocolError, session_list
+from common.wire.protocol import ProtocolError, session_list
 from paramserver.agreement import Agreement
 from paramserver.assembly import StepAssembly
-from paramserver.modes import COUNT, LATE, LATE_WAIT
+from paramserver.modes import COUNT, LATE, LATE_WAIT, Recorder, ServingParts, SyncRule
+
+
+@dataclass
+class HeldPush:
+    """A push of this step whose answer waits for the step (all its chunks, when chunk-wise)."""
+    identity: bytes
+    rid: int
+    meta: dict
+    session: int
+
+
+@dataclass
+class LatePush:
+    """A push this step does not count, answered ``dropped`` once the step is over."""
+    identity: bytes
+    rid: int
+    rank: int
+    session: int
+    chunks: list | None
 
 
 class SyncServing:
-    def __init__(self, server):
-        self.srv = server
-        S = server.cluster.num_servers
-        self.pending: dict[int, tuple] = {}     # worker rank -> (identity, rid, meta, session) of this step's push
-        self.late: list[tuple] = []             # (identity, rid, rank, session, chunks): answered ``dropped`` after the step
+    def __init__(self, shard, parts: ServingParts, rank: int, server_addrs: list, mode: str, num_workers: int,
+                 backup_workers: int, clip: bool, clock=time.monotonic):
+        """``server_addrs``: every server's address (for deadline errors); ``clip``: clip by the
+        norm of the whole averaged gradient (bsp with --grad-clip; local-sgd clips on the workers)."""
+        self.shard, self.parts, self.clock = shard, parts, clock
+        self.replier, self.view, self.tracer = parts.replier, parts.view, parts.tracer
+        self.applied, self.checkpoints, self.pulls = parts.applied, parts.checkpoints, parts.pulls
+        self.server_addrs, self.mode, self.num_workers = list(server_addrs), mode, num_workers
+        self.rule = SyncRule(num_workers, backup_workers)
+        self.recorder = Recorder(mode, num_workers)
+        S = len(self.server_addrs)
+        self.pending: dict[int, HeldPush] = {}  # worker rank -> its push of this step
+        self.late: list[LatePush] = []          # answered ``dropped`` after the step
         self.step_started = 0.0                 # when the first push of this step arrived
-        self.agreement = Agreement(server.rank, S, by_set=server.job.backup_workers == 0)
+        self.ready_at = 0.0                     # tracer clock: when this step began waiting for pushes
+        self.agreement = Agreement(rank, S, by_set=backup_workers == 0)
         self.exchange = S > 1
-        self.clip = server.optim.grad_clip > 0 and server.job.mode == "bsp"   # local-sgd clips on the workers
+        self.clip = clip
         self.sent_at = 0.0                      # when this step's proposal was last sent
         self.sent_links: dict[int, int] = {}    # peer -> its link's handshakes when we last sent it our proposal
         # (rank, session) -> (bytes pushed, bytes pulled): the last counters of every worker process
         # whose push was applied, so a worker that died or restarted stays in the job's totals
         self.wire: dict[tuple[int, int], tuple[int, int]] = {}
-        self.asm: StepAssembly | None = None    # plain BSP: the step's chunk-by-chunk pushes (set with the shard)
-
-    def start(self, shard):
-        """The shard is set up (``joining.py``): plain BSP takes pushes chunk by chunk."""
-        if self.srv.chunkwise:
-            self.asm = StepAssembly(len(shard.chunks))
+        # plain BSP: pushes arrive chunk by chunk (worker --overlap) and are answered chunk by chunk
+        self.asm = StepAssembly(len(shard.chunks)) if mode == "bsp" and backup_workers == 0 else None
 
     @property
     def started(self) -> bool:
@@ -73,60 +102,60 @@ class SyncServing:
     def push(self, identity, msg, rank: int, session: int):
         if self.asm is not None:
             return self._push_chunks(identity, msg, rank, session)
-        srv, shard = self.srv, self.srv.shard
+        shard = self.shard
         held = self.pending.get(rank)
-        if held is not None and held[1] == msg.rid and held[3] == session:
-            self.pending[rank] = (identity, *held[1:])          # a resend: answer where it came from
+        if held is not None and held.rid == msg.rid and held.session == session:
+            held.identity = identity                            # a resend: answer where it came from
             return
         if self._resent_late(identity, msg.rid, rank, session):
             return
         if msg.step > shard.version:
-            srv.ahead(msg, rank, session)                       # raises: a protocol error, or this server is behind
+            self.parts.ahead(msg, rank, session)                       # raises: a protocol error, or this server is behind
         if msg.step < shard.version:
             kind = LATE                                         # its step went on without it
         elif held is not None or self.agreement.mine is not None:
-            if held is not None and held[3] == session:
+            if held is not None and held.session == session:
                 raise ProtocolError(f"worker {rank} already pushed for step {msg.step}")
             kind = LATE_WAIT                                    # proposed already / a new incarnation of a pusher
         else:
-            kind = srv.rule.classify(msg.step, shard.version, self.pending, rank)
+            kind = self.rule.classify(msg.step, shard.version, self.pending, rank)
         shard.check_full_cover(msg.ranges, "push")
         if kind != COUNT:
             self._not_counted(kind, identity, msg, rank, session, None)
             return
-        with srv.tracer.span("store push", step=msg.step, worker=rank):
+        with self.tracer.span("store push", step=msg.step, worker=rank):
             shard.store_gradient(rank, msg)         # decodes (--compress) and checks, or refuses
         if not self.pending:
-            self.step_started = time.monotonic()
-        self.pending[rank] = (identity, msg.rid, msg.meta, session)
+            self.step_started = self.clock()
+        self.pending[rank] = HeldPush(identity, msg.rid, msg.meta, session)
         self.maybe_propose()
 
     def _resent_late(self, identity, rid, rank, session) -> bool:
         """A resend of a push held for a ``dropped`` answer: answer where it came from."""
-        for i, (_, r_id, r, sess, chunks) in enumerate(self.late):
-            if (r_id, r, sess) == (rid, rank, session):
-                self.late[i] = (identity, r_id, r, sess, chunks)
+        for late in self.late:
+            if (late.rid, late.rank, late.session) == (rid, rank, session):
+                late.identity = identity
                 return True
         return False
 
     def _not_counted(self, kind, identity, msg, rank, session, chunks):
         """A push this step does not count (late, or after the proposal): checked, then
         answered ``dropped`` now (its step is over) or after the step (it is being decided)."""
-        srv, shard = self.srv, self.srv.shard
+        shard = self.shard
         plain = [i for i, e in enumerate(msg.encs or [None] * len(msg.arrays)) if e is None]
         shard.check_arrays([msg.arrays[i] for i in plain], [msg.ranges[i] for i in plain],
                            [msg.dtypes[i] for i in plain], "push")
-        srv.recorder.dropped(rank, shard.version - msg.step)
+        self.recorder.dropped(rank, shard.version - msg.step)
         if kind == LATE:
-            srv._send_params(identity, msg.rid, chunks=chunks, dropped=True)
-        elif len(self.late) < srv.num_workers * len(shard.chunks):
-            self.late.append((identity, msg.rid, rank, session, chunks))
+            self.replier.params(identity, msg.rid, chunks=chunks, dropped=True)
+        elif len(self.late) < self.num_workers * len(shard.chunks):
+            self.late.append(LatePush(identity, msg.rid, rank, session, chunks))
         else:
             raise ProtocolError(f"too many late pushes for step {msg.step}")
 
     def _push_chunks(self, identity, msg, rank: int, session: int):
         """Plain BSP: a push message with some of this server's chunks (``assembly.py``)."""
-        srv, shard, asm = self.srv, self.srv.shard, self.asm
+        shard, asm = self.shard, self.asm
         waiting = asm.find(rank, session, msg.rid)
         if waiting is not None:                                 # a resend: answer where it came from
             waiting.identity = identity
@@ -134,7 +163,7 @@ class SyncServing:
         if self._resent_late(identity, msg.rid, rank, session):
             return
         if msg.step > shard.version:
-            srv.ahead(msg, rank, session)                       # raises: a protocol error, or this server is behind
+            self.parts.ahead(msg, rank, session)                       # raises: a protocol error, or this server is behind
         if not msg.arrays or None in msg.ranges:
             raise ProtocolError("a push carries whole chunks, each with its range in the flat vector")
         chunks = sorted({shard.chunk_index(*r) for r in msg.ranges})
@@ -149,27 +178,26 @@ class SyncServing:
             self._not_counted(kind, identity, msg, rank, session, chunks)
             return
         asm.check(rank, chunks)              # before anything is written: a chunk twice changes nothing
-        with srv.tracer.span("store push", step=msg.step, worker=rank):
+        with self.tracer.span("store push", step=msg.step, worker=rank):
             shard.store_gradient(rank, msg, hold=True)          # decodes and checks, or refuses
         if not self.started:
-            self.step_started = time.monotonic()
+            self.step_started = self.clock()
         asm.add(identity, msg.rid, rank, session, chunks, msg.meta)
         if asm.rank_done(rank):
-            self.pending[rank] = (identity, msg.rid, asm.meta[rank], session)
+            self.pending[rank] = HeldPush(identity, msg.rid, asm.meta[rank], session)
             self.maybe_propose()
 
     def maybe_propose(self):
         """Propose once the pushes this step waits for are in (see the module's docstring)."""
-        srv = self.srv
         if self.agreement.mine is not None or not self.pending:
             return
         if self.agreement.by_set:
-            ready = self.agreement.complete(self._pushed(), srv.view)
+            ready = self.agreement.complete(self._pushed(), self.view.workers)
         else:
-            ready = srv.rule.complete(self.pending)
+            ready = self.rule.complete(self.pending)
         if not ready:
             return
-        srv.tracer.add("wait for pushes", srv.ready_at, srv.tracer.now(), step=srv.shard.version)
+        self.tracer.add("wait for pushes", self.ready_at, self.tracer.now(), step=self.shard.version)
         self.agreement.propose(self._pushed())
         self._average()
         if self.exchange:
@@ -179,24 +207,24 @@ class SyncServing:
             self._finish(self.agreement.sumsq if self.clip else None)
 
     def _pushed(self):
-        return [(r, p[3]) for r, p in self.pending.items()]
+        return [(r, p.session) for r, p in self.pending.items()]
 
     def _average(self):
-        srv, shard = self.srv, self.srv.shard
+        shard = self.shard
         mine = self.agreement.ranks()
         if mine:
-            with srv.tracer.span("average", step=shard.version):
+            with self.tracer.span("average", step=shard.version):
                 if self.asm is not None:             # the chunks as received, summed in rank order
                     for c in range(len(shard.chunks)):
                         shard.average_chunk(c, mine)
                 else:
                     shard.average(mine)
         self.agreement.sumsq = shard.local_sumsq() if (self.clip and mine) else 0.0
-        srv.ready_at = srv.tracer.now()          # (the exchange, if any, runs from here)
+        self.ready_at = self.tracer.now()          # (the exchange, if any, runs from here)
 
     # --- the exchange -----------------------------------------------------------------
     def _send_proposal(self, peers, echo: bool = False, fresh: bool | None = None):
-        srv, a = self.srv, self.agreement
+        a = self.agreement
         meta = {"sumsq": a.sumsq}
         if a.by_set:
             meta["workers"] = [list(p) for p in sorted(a.mine)]
@@ -205,20 +233,19 @@ class SyncServing:
             meta["echo"] = True
         elif fresh:
             meta["fresh"] = True
-        frames = codec.encode(NORM, srv.name, step=a.step, **meta)
+        self.replier.norm(peers, a.step, **meta)
         for p in peers:
-            srv.peers[p].send(frames)
-            self.sent_links[p] = srv.peers[p].connections()[0]
+            self.sent_links[p] = self.replier.peer_link(p)
         if not echo:
-            self.sent_at = time.monotonic()
+            self.sent_at = self.clock()
 
     def on_norm(self, peer: int, msg):
-        srv, a = self.srv, self.agreement
+        a = self.agreement
         workers = msg.meta.get("workers")
         if workers is not None:
-            session_list(workers, srv.num_workers, "norm: workers")
+            session_list(workers, self.num_workers, "norm: workers")
         echo = msg.meta.get("echo", False)
-        if msg.step == srv.shard.version:
+        if msg.step == self.shard.version:
             shrunk = a.receive(peer, workers, msg.meta["sumsq"])
             if a.mine is None:
                 self.maybe_propose()                 # its proposal may show we wait in vain
@@ -228,21 +255,21 @@ class SyncServing:
             elif msg.meta.get("fresh"):
                 self._send_proposal([peer], echo=True)   # it restarted: it may have lost ours
             self._maybe_finish()
-        elif msg.step == srv.shard.version - 1 and a.last is not None and a.last[0] == msg.step:
+        elif msg.step == self.shard.version - 1 and a.last is not None and a.last[0] == msg.step:
             if not echo:                             # a peer still at our last step: answer with it
                 step, mine, sumsq = a.last
                 meta = {"sumsq": sumsq, "echo": True, **({"workers": mine} if a.by_set else {})}
-                srv.peers[peer].send(codec.encode(NORM, srv.name, step=step, **meta))
+                self.replier.norm([peer], step, **meta)
         elif not echo:
-            raise ProtocolError(f"norm for step {msg.step}, but this server is at step {srv.shard.version}")
+            raise ProtocolError(f"norm for step {msg.step}, but this server is at step {self.shard.version}")
 
     def _maybe_finish(self):
         if self.agreement.done():
-            self.srv.tracer.add("norm exchange", self.srv.ready_at, self.srv.tracer.now(),
-                                step=self.srv.shard.version)
+            self.tracer.add("norm exchange", self.ready_at, self.tracer.now(),
+                                step=self.shard.version)
             self._finish(self.agreement.global_sumsq() if self.clip else None)
 
-    def tick(self, now: float, resend_s: float):
+    def _resend(self, now: float, resend_s: float):
         """Resend our proposal to the peers that have not agreed yet, when their link came
         back (a restarted peer lost it) or every ``resend_s`` seconds."""
         a = self.agreement
@@ -250,67 +277,66 @@ class SyncServing:
             return
         due = now - self.sent_at > resend_s
         redo = [p for p in a.waiting_for()
-                if due or self.srv.peers[p].connections()[0] > self.sent_links.get(p, 0)]
+                if due or self.replier.peer_link(p) > self.sent_links.get(p, 0)]
         if redo:
             self._send_proposal(redo, fresh=True)
 
     # --- the update -------------------------------------------------------------------
     def _finish(self, global_sumsq):
-        srv, shard, a = self.srv, self.srv.shard, self.agreement
+        shard, a = self.shard, self.agreement
         step, mine = shard.version, a.ranks()
         left_out = [r for r in sorted(self.pending) if r not in mine]
         answer = {}
         if mine:
-            metas = [self.pending[r][2] for r in mine]
+            metas = [self.pending[r].meta for r in mine]
             losses = [m["loss"] for m in metas if "loss" in m]
             for r in mine:
-                meta, session = self.pending[r][2:]
+                meta, session = self.pending[r].meta, self.pending[r].session
                 self.wire[(r, session)] = (meta.get("bytes_pushed", 0), meta.get("bytes_pulled", 0))
             stats = {"tokens": sum(m.get("tokens", 0) for m in metas),
                      "bytes_pushed": sum(b for b, _ in self.wire.values()),
                      "bytes_pulled": sum(b for _, b in self.wire.values())}
-            srv.recorder.step(mine, step)
+            self.recorder.step(mine, step)
             answer = dict(stats=stats, **({"loss": sum(losses) / len(losses)} if losses else {}))
-            with srv.tracer.span("update", step=step):
-                if srv.job.mode == "local-sgd":
+            with self.tracer.span("update", step=step):
+                if self.mode == "local-sgd":
                     shard.apply_delta()
                 elif self.asm is not None:
-                    self._update_chunks(global_sumsq, set(mine), stream=not srv.answers_wait(step + 1), **answer)
+                    stream = not self.checkpoints.answers_wait(step + 1)
+                    self._update_chunks(global_sumsq, set(mine), stream=stream, **answer)
                 else:
                     shard.apply(global_sumsq)
             for r in mine:
-                _, rid, _, session = self.pending[r]
+                rid, session = self.pending[r].rid, self.pending[r].session
                 rids = self.asm.rids.get(r) if self.asm is not None else None
-                srv.applied.record(r, session, rid, step, shard.version, answer, rids=rids)
+                self.applied.record(r, session, rid, step, shard.version, answer, rids=rids)
             a.finish()
-            srv.after_update()                       # checkpoint (before any answer leaves)
+            self.checkpoints.after_update(shard.version)     # checkpoint (before any answer leaves)
         for r in left_out:
-            srv.recorder.dropped(r, 0)
-        with srv.tracer.span("reply", step=step):
+            self.recorder.dropped(r, 0)
+        with self.tracer.span("reply", step=step):
             if self.asm is not None:                 # every message not answered yet
                 self._answer(self.asm.answerable(set(mine)), version=shard.version, **answer)
                 for m in self.asm.waiting:           # not every server had it: not applied anywhere
-                    srv._send_params(m.identity, m.rid, chunks=m.chunks, dropped=True)
+                    self.replier.params(m.identity, m.rid, chunks=m.chunks, dropped=True)
                 self.asm.reset()
             else:
                 for r in mine:
-                    identity, rid, _, _ = self.pending[r]
-                    srv._send_params(identity, rid, **answer)
+                    self.replier.params(self.pending[r].identity, self.pending[r].rid, **answer)
                 for r in left_out:                   # not every server had it: not applied anywhere
-                    identity, rid, _, _ = self.pending[r]
-                    srv._send_params(identity, rid, dropped=True)
-            for identity, rid, _, _, chunks in self.late:
-                srv._send_params(identity, rid, chunks=chunks, dropped=True)
+                    self.replier.params(self.pending[r].identity, self.pending[r].rid, dropped=True)
+            for late in self.late:
+                self.replier.params(late.identity, late.rid, chunks=late.chunks, dropped=True)
         self.pending.clear()
         self.late.clear()
         a.begin(shard.version)
-        srv._release_pulls()
-        srv.ready_at = srv.tracer.now()
+        self.pulls.reached(shard.version)
+        self.ready_at = self.tracer.now()
 
     def _update_chunks(self, global_sumsq, mine: set, stream: bool, **answer):
         """The optimizer step chunk by chunk, in the order of the flat vector; with
         ``stream``, each message of ``mine`` answered as soon as its chunks are updated."""
-        shard, asm = self.srv.shard, self.asm
+        shard, asm = self.shard, self.asm
         shard.begin_update(global_sumsq)
         for c in range(len(shard.chunks)):
             shard.update_chunk(c)
@@ -320,40 +346,79 @@ class SyncServing:
         shard.end_update()
 
     def _answer(self, messages, version: int, **answer):
-        srv = self.srv
-        arrays, ranges = srv.shard.param_views()
         for m in messages:
-            srv._reply(m.identity, OK, m.rid, arrays=[arrays[c] for c in m.chunks],
-                       ranges=[ranges[c] for c in m.chunks], version=version, **answer)
-
-    def clear(self):
-        """Forget the open step (the job stops; its requests were answered with the error)."""
-        self.pending.clear()
-        self.late.clear()
-        if self.asm is not None:
-            self.asm.reset()
+            self.replier.chunks(m.identity, m.rid, m.chunks, version=version, **answer)
 
     # --- deadlines and failures -------------------------------------------------------
-    def overdue(self, now: float, timeout: float) -> str | None:
+    def tick(self, now: float, timeout: float, resend_s: float) -> str | None:
+        """Resend proposals that may be lost; why this step is past its deadline, or None."""
+        self._resend(now, resend_s)
+        return self._overdue(now, timeout)
+
+    def oldest(self) -> float | None:
+        """When the open step's deadline started (None: no step is open)."""
+        return self.step_started if self.busy else None
+
+    def _overdue(self, now: float, timeout: float) -> str | None:
         """Why this step is past its deadline, or None."""
         if not self.busy or now - self.step_started <= timeout or not self.started:
             return None
-        srv, step = self.srv, self.srv.shard.version
+        step = self.shard.version
         if self.agreement.mine is not None:
-            missing = [f"server {s} at {srv.server_addrs[s]}" for s in self.agreement.waiting_for()]
+            missing = [f"server {s} at {self.server_addrs[s]}" for s in self.agreement.waiting_for()]
             return (f"step {step}: no agreeing proposal (norm) from {', '.join(missing)} within "
                     f"{timeout:.0f} s; is that server alive?")
-        missing = sorted(set(srv.view) - set(self.pending))
+        missing = sorted(set(self.view.workers) - set(self.pending))
         return (f"step {step}: worker(s) {missing} have not pushed (all of it) within {timeout:.0f} s of the "
                 f"first push (workers {sorted(self.pending)} did); are they alive? see their logs")
 
-    def held(self):
-        """(identity, rid) of every request this server holds an answer for."""
+    def take_held(self) -> list[tuple[bytes, int]]:
+        """(identity, rid) of every request held for this step, forgotten (the job stops:
+        the caller answers them with the error)."""
         if self.asm is not None:
             held = [(m.identity, m.rid) for m in self.asm.waiting]
+            self.asm.reset()
         else:
-            held = [(p[0], p[1]) for p in self.pending.values()]
-        return held + [(l[0], l[1]) for l in self.late]
+            held = [(p.identity, p.rid) for p in self.pending.values()]
+        held += [(late.identity, late.rid) for late in self.late]
+        self.pending.clear()
+        self.late.clear()
+        return held
 
-    def waiting_for(self) -> list[int]:
-        return sorted(set(self.srv.view) - set(self.pending)) if self.started else []
+    # --- what the server asks of every serving object ---------------------------------
+    def read(self, identity: bytes, rid: int, rank: int | None):
+        """A pull: the parameters of this version (a step cannot move before it is answered)."""
+        self.replier.params(identity, rid)
+
+    def repeat(self, identity: bytes, msg, rank: int, meta: dict):
+        """A resent push this server applied already: answered again (its chunks), not applied."""
+        chunks = sorted({self.shard.chunk_index(*r) for r in msg.ranges if r}) if self.asm is not None else None
+        self.replier.params(identity, msg.rid, chunks=chunks, **meta)
+
+    def initialized(self):
+        """The parameters arrived: the first step starts waiting for pushes."""
+        self.ready_at = self.tracer.now()
+
+    def view_changed(self, gone: set, new: set):
+        self.maybe_propose()                     # a step may have waited for a worker now gone
+
+    def worker_done(self, rank: int):
+        """A worker finished (the coordinator ends the job when all have)."""
+
+    def status(self) -> dict:
+        return {"waiting_for": sorted(set(self.view.workers) - set(self.pending)) if self.started else []}
+
+    def checkpoint_state(self) -> dict:
+        return {"agreement": self.agreement.state(),
+                "wire": [[r, sess, b, q] for (r, sess), (b, q) in sorted(self.wire.items())]}
+
+    def load_checkpoint(self, extra: dict, version: int, rejoined: bool):
+        """Go on from a checkpoint of ``version``; ``rejoined``: back into a running job,
+        where a peer may still wait for our part of our last step."""
+        self.agreement.load(extra.get("agreement", {}))
+        self.wire = {(r, sess): (b, q) for r, sess, b, q in extra.get("wire", [])}
+        self.agreement.begin(version)
+        a = self.agreement
+        if a.last is not None and self.exchange and rejoined:
+            step, mine, sumsq = a.last
+            self.replier.norm(a.peers, step, sumsq=sumsq, echo=True, **({"workers": mine} if a.by_set else {}))

@@ -26,7 +26,8 @@ from worker.data import DataConfig
 from worker.kernels import loader
 from worker.model import GPT, GPTConfig
 from worker.staging import HostStaging
-from worker.train import METRICS, parse_configs, read_metrics, train
+from worker.metrics import METRICS, read_metrics
+from worker.train import parse_configs, train
 
 why_not = cuda_emu.available()
 pytestmark = pytest.mark.skipif(why_not is not None, reason=f"emulator unavailable: {why_not}")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from worker import model_checkpoint as ck
-from worker.train import METRICS, RUN_CONFIG, main, parse_configs, read_metrics, train
+from worker.metrics import METRICS, read_metrics
+from worker.train import RUN_CONFIG, main, parse_configs, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",

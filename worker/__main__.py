@@ -14,11 +14,11 @@ import sys
 
 from common import log as logsetup
 from common.cluster import ClusterConfig, JobConfig, add_cluster_arguments
-from common.config import add_arguments, describe, from_args, to_dict
+from common.config import add_arguments, describe, from_args, given_flags, to_dict
 from worker.data import DataConfig, data_tokenizer
 from worker.distributed import WorkerConfig
 from worker.model import GPTConfig
-from worker.pretrained import given_flags, resolve_shape
+from worker.pretrained import resolve_shape
 from worker.train import TRAIN_DEFAULTS
 
 CONCERNS = {"cluster": ClusterConfig, "job": JobConfig, "model": GPTConfig, "data": DataConfig,
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        resolve_shape(args, given_flags(parser, argv), data_tokenizer(from_args(DataConfig, args)).vocab_size)
+        resolve_shape(args, given_flags(build_parser, argv), data_tokenizer(from_args(DataConfig, args)).vocab_size)
         configs = {k: from_args(cls, args) for k, cls in CONCERNS.items()}
     except ValueError as e:
         parser.error(str(e))

@@ -57,7 +57,8 @@ from worker.model import GPTConfig
 from worker.pretrained import load_init
 from worker.staging import HostStaging
 from worker.tasks import MODELS, make_task
-from worker.train import METRICS, MetricsWriter, evaluate
+from worker.metrics import METRICS, MetricsWriter, ThroughputWindow, crossed
+from worker.train import evaluate
 
 log = logging.getLogger("worker")
 
@@ -164,146 +165,193 @@ def run(cluster: ClusterConfig, job: JobConfig, mc: GPTConfig, dc: DataConfig, w
 
 
 def _run(client: PSClient, job_cfg: JobConfig, mc: GPTConfig, dc: DataConfig, wc: WorkerConfig) -> dict:
+    """One worker's run, top to bottom (see the module's docstring)."""
     task = make_task(wc.model, mc, seed=wc.seed, threads=wc.threads, device=wc.device, precision=wc.precision)
-    model = task.model
-    tokenizer = data_tokenizer(dc)                   # registered with the layout: every worker's must agree
-    if wc.model == "bert" and tokenizer.kind != "bytes":
-        raise ValueError("--model bert fills in masked bytes: give it raw text or a folder prepared with bytes")
-    # what the wire sees of the model: host vectors (on a GPU, pinned copies; on the CPU, the model's own)
-    host = HostStaging(model)
-    t_register = time.perf_counter()
-    job = client.register(model.layout, model.dtype.name, tokenizer.sha256)
-    rank, W = client.rank, job["num_workers"]
-    log.info("rank %d of %d; %d parameters over %d server(s); mode %s; registration took %.1f s",
-             rank, W, model.num_params(), job["num_servers"], job_cfg.mode, time.perf_counter() - t_register)
+    run = WorkerRun(client, job_cfg, wc, task)
+    run.join(dc, mc)          # register, this rank's data shard, worker 0 inits, pull, catch the sampler up
+    run.open_metrics(mc)      # worker 0: the validation set and metrics.jsonl (its first line)
+    run.train()               # batch, forward, backward, the mode's step, log and evaluate
+    return run.finish()       # worker 0: the last line, the model, a sample; done; worker-R.json
 
-    data = load_data(dc, rank=rank, num_workers=W, seed=wc.seed)
-    log.info("%s", data.summary)
-    log.info("computing on %s, precision %s", backend.describe(wc.device), wc.precision)
-    sampler = task.batches(BatchSampler(data.train, wc.batch_size, mc.block_size, seed=wc.seed * 7919 + rank),
-                           seed=wc.seed * 7919 + rank)
-    lead = rank == 0
-    out = Path(wc.out or time.strftime("runs/%Y%m%d-%H%M%S"))
-    tracer = client.tracer = Tracer(f"worker {rank}") if wc.trace else NULL_TRACER
-    if lead:
-        if wc.init_from:
-            load_init(model, wc.init_from)
-            log.info("weights from %s", wc.init_from)
-        host.params_to_host()
-        client.init(host.params)                     # (a server already initialized says so and keeps its own)
-    client.pull(host.params)
-    host.params_to_device()
-    joined = client.version
-    for _ in range(batches_before(job_cfg, joined, W)):    # the batches this rank drew before `joined`
-        sampler.next_batch()
-    if joined:
-        log.info("joining the job at version %d (the data sampler moved on accordingly)", joined)
-    # overlap needs the model's layer hooks over the very vectors the wire fills: a CPU model
-    loop = make_loop(job_cfg, client, model if not host.on_device else host, wc.steps, W, job.get("optim"),
-                     overlap=wc.overlap and not host.on_device)
-    straggler = Straggler(wc.straggler, rank, W, wc.seed)
-    if straggler.involves_me:
-        log.info("this worker is slowed: %s", straggler.describe())
 
-    metrics = val_set = None
-    if lead:
-        out.mkdir(parents=True, exist_ok=True)
-        val_set = task.validation(validation_batches(data.val, wc.batch_size, mc.block_size, wc.eval_batches))
-        # a fresh file, or (joining a running or resumed job) the lines up to where it is
-        metrics = MetricsWriter(out / METRICS, keep_until=joined if joined else -1)
-        if not joined:
-            metrics.write({"step": 0, "val_loss": evaluate(model, val_set), "workers": W,
-                           "servers": job["num_servers"], "mode": job_cfg.mode, "elapsed_s": 0.0, "updates": 0,
-                           "gradients": 0, "unigram_entropy": unigram_entropy(data.train, tokenizer.vocab_size),
-                           "bytes_per_token": data.bytes_per_token, "fingerprint": data.fingerprint})
+class WorkerRun:
+    """The state one worker's run carries from step to step of ``_run``."""
 
-    t_start, epoch_start = time.perf_counter(), time.time()
-    # joining a running or resumed job, the clock goes on from the last line kept: elapsed_s
-    # is the time the job ran (the time it was down is not in it), so curves against time continue
-    clock0 = metrics.last.get("elapsed_s", 0.0) if metrics is not None else 0.0
-    window_t, window_tokens, val, iterations = t_start, 0, float("nan"), 0
-    last_log = last_eval = joined        # the job's step at the last metrics line and evaluation
-    compute_s = straggle_s = 0.0
-    record: dict = {"step": 0}
-    wire: dict = {}                      # the job's totals from the servers (local-sgd: once per round)
-    p = None
-    while not loop.finished():
-        t_step, step = tracer.now(), iterations
-        idx, targets = sampler.next_batch()
+    def __init__(self, client: PSClient, job_cfg: JobConfig, wc: WorkerConfig, task):
+        self.client, self.job_cfg, self.wc, self.task = client, job_cfg, wc, task
+        self.model = task.model
+        # what the wire sees of the model: host vectors (on a GPU, pinned copies; on the CPU, the model's own)
+        self.host = HostStaging(self.model)
+        self.out = Path(wc.out or time.strftime("runs/%Y%m%d-%H%M%S"))
+        self.metrics = self.val_set = None
+        self.window = ThroughputWindow()
+        self.times = {"compute_s": 0.0, "straggle_s": 0.0}
+
+    # --- before the loop ------------------------------------------------------------------
+    def join(self, dc: DataConfig, mc: GPTConfig):
+        client, wc, host, model = self.client, self.wc, self.host, self.model
+        tokenizer = data_tokenizer(dc)               # registered with the layout: every worker's must agree
+        if wc.model == "bert" and tokenizer.kind != "bytes":
+            raise ValueError("--model bert fills in masked bytes: give it raw text or a folder prepared with bytes")
+        t_register = time.perf_counter()
+        self.job = client.register(model.layout, model.dtype.name, tokenizer.sha256)
+        self.rank, self.W = client.rank, self.job["num_workers"]
+        self.block_size = mc.block_size
+        log.info("rank %d of %d; %d parameters over %d server(s); mode %s; registration took %.1f s",
+                 self.rank, self.W, model.num_params(), self.job["num_servers"], self.job_cfg.mode,
+                 time.perf_counter() - t_register)
+        self.data = load_data(dc, rank=self.rank, num_workers=self.W, seed=wc.seed)
+        log.info("%s", self.data.summary)
+        log.info("computing on %s, precision %s", backend.describe(wc.device), wc.precision)
+        seed = wc.seed * 7919 + self.rank
+        self.sampler = self.task.batches(BatchSampler(self.data.train, wc.batch_size, mc.block_size, seed=seed),
+                                         seed=seed)
+        self.lead = self.rank == 0
+        self.tracer = client.tracer = Tracer(f"worker {self.rank}") if wc.trace else NULL_TRACER
+        if self.lead:
+            if wc.init_from:
+                load_init(model, wc.init_from)
+                log.info("weights from %s", wc.init_from)
+            host.params_to_host()
+            client.init(host.params)                 # (a server already initialized says so and keeps its own)
+        client.pull(host.params)
+        host.params_to_device()
+        self.joined = client.version
+        for _ in range(batches_before(self.job_cfg, self.joined, self.W)):   # the batches drawn before `joined`
+            self.sampler.next_batch()
+        if self.joined:
+            log.info("joining the job at version %d (the data sampler moved on accordingly)", self.joined)
+        # overlap needs the model's layer hooks over the very vectors the wire fills: a CPU model
+        self.loop = make_loop(self.job_cfg, client, model if not host.on_device else host, wc.steps, self.W,
+                              self.job.get("optim"), overlap=wc.overlap and not host.on_device)
+        self.straggler = Straggler(wc.straggler, self.rank, self.W, wc.seed)
+        if self.straggler.involves_me:
+            log.info("this worker is slowed: %s", self.straggler.describe())
+
+    def open_metrics(self, mc: GPTConfig):
+        """Worker 0: the fixed validation set, and metrics.jsonl: a fresh file with the first
+        line, or (joining a running or resumed job) the lines up to where it is."""
+        if not self.lead:
+            return
+        wc, job = self.wc, self.job
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.val_set = self.task.validation(validation_batches(self.data.val, wc.batch_size, mc.block_size,
+                                                               wc.eval_batches))
+        self.metrics = MetricsWriter(self.out / METRICS, keep_until=self.joined if self.joined else -1)
+        if not self.joined:
+            self.metrics.write({"step": 0, "val_loss": evaluate(self.model, self.val_set), "workers": self.W,
+                                "servers": job["num_servers"], "mode": self.job_cfg.mode, "elapsed_s": 0.0,
+                                "updates": 0, "gradients": 0,
+                                "unigram_entropy": unigram_entropy(self.data.train, self.data.tokenizer.vocab_size),
+                                "bytes_per_token": self.data.bytes_per_token, "fingerprint": self.data.fingerprint})
+
+    # --- the loop ---------------------------------------------------------------------------
+    def train(self):
+        loop, client, tracer = self.loop, self.client, self.tracer
+        self.t_start, self.epoch_start = time.perf_counter(), time.time()
+        # joining a running or resumed job, the clock goes on from the last line kept: elapsed_s
+        # is the time the job ran (the time it was down is not in it), so curves against time continue
+        self.clock0 = self.metrics.last.get("elapsed_s", 0.0) if self.metrics is not None else 0.0
+        self.window.mark(self.t_start, 0)
+        self.val, self.iterations = float("nan"), 0
+        self.last_log = self.last_eval = self.joined     # the job's step at the last metrics line and evaluation
+        self.record, self.wire, self.p = {"step": 0}, {}, None   # wire: the job's totals from the servers
+        while not loop.finished():
+            t_step, step = tracer.now(), self.iterations
+            loss, tokens = self._compute(step)
+            self.p = loop.step(loss, tokens)
+            if client.rejoin_if_dropped():               # dropped for silence (a stall): back into the view
+                client.pull(self.host.params)
+            self.host.params_to_device()      # the answer back to a GPU (asynchronous); on the CPU, nothing
+            tracer.add("step", t_step, tracer.now(), step=step)
+            self.iterations += 1
+            if self.lead and self._log(step, loss):
+                break                                    # the last line is written by ``finish``
+        if self.p is not None:
+            self.p = loop.settle(self.p)    # overlap: the last answers in before this worker says done
+        self.wall_s = time.perf_counter() - self.t_start
+
+    def _compute(self, step: int) -> tuple[float, int]:
+        """A batch, its forward and backward (and the straggler's pause); (loss, tokens)."""
+        model, tracer, loop = self.model, self.tracer, self.loop
+        idx, targets = self.sampler.next_batch()
         t0 = time.perf_counter()
         with tracer.span("forward", step=step):         # overlap: waits for each layer's new parameters
             loss = model.forward(idx, targets, **loop.forward_hooks())
         with tracer.span("backward", step=step):        # overlap: each layer's gradients leave when final
             model.zero_grad()      # after the forward: until then the last step's push may still be leaving
             model.backward(**loop.backward_hooks(loss, idx.size))
-            host.grads_to_host()          # a GPU's gradients into pinned host memory, once computed
+            self.host.grads_to_host()     # a GPU's gradients into pinned host memory, once computed
         dt = time.perf_counter() - t0
-        compute_s += dt
-        pause = straggler.pause(iterations, dt)
+        self.times["compute_s"] += dt
+        pause = self.straggler.pause(step, dt)
         if pause:
             time.sleep(pause)
-            straggle_s += pause
-        p = loop.step(loss, idx.size)
-        if client.rejoin_if_dropped():               # dropped for silence (a stall): back into the view
-            client.pull(host.params)
-        host.params_to_device()           # the answer back to a GPU (asynchronous); on the CPU, nothing
-        tracer.add("step", t_step, tracer.now(), step=step)
-        iterations += 1
-        if not lead:
-            continue
-        if not p.synced and (loop.finished() or p.step // wc.eval_interval > last_eval // wc.eval_interval
-                             or p.step // wc.log_interval > last_log // wc.log_interval):
-            p = loop.settle(p)          # overlap: logging and evaluating need this step's answers
-        wire = p.reply.get("stats", wire)
-        # log and evaluate when the job's progress passes a multiple of the intervals (a mode
-        # may jump over one: backup workers, asp); local-sgd evaluates only averaged models
-        record = {"step": p.step, "loss": p.reply.get("loss", loss), "updates": p.updates, "gradients": p.gradients}
+            self.times["straggle_s"] += pause
+        return loss, idx.size
+
+    def _log(self, step: int, loss: float) -> bool:
+        """Worker 0: log and evaluate when the job's progress passes a multiple of the
+        intervals (a mode may jump over one: backup workers, asp); local-sgd evaluates only
+        averaged models. True when the loop is finished."""
+        wc, loop, p = self.wc, self.loop, self.p
+        if not p.synced and (loop.finished() or crossed(wc.eval_interval, self.last_eval, p.step)
+                             or crossed(wc.log_interval, self.last_log, p.step)):
+            p = self.p = loop.settle(p)     # overlap: logging and evaluating need this step's answers
+        self.wire = p.reply.get("stats", self.wire)
+        self.record = {"step": p.step, "loss": p.reply.get("loss", loss), "updates": p.updates,
+                       "gradients": p.gradients}
         if loop.finished():
-            break                                        # the last line is written below
-        if p.synced and p.step // wc.eval_interval > last_eval // wc.eval_interval:
-            with tracer.span("evaluate", step=step):
-                val = record["val_loss"] = evaluate(model, val_set)
-            last_eval = p.step
-        if p.step // wc.log_interval > last_log // wc.log_interval or "val_loss" in record:
+            return True
+        if p.synced and crossed(wc.eval_interval, self.last_eval, p.step):
+            with self.tracer.span("evaluate", step=step):
+                self.val = self.record["val_loss"] = evaluate(self.model, self.val_set)
+            self.last_eval = p.step
+        if crossed(wc.log_interval, self.last_log, p.step) or "val_loss" in self.record:
+            self._write_line(p.tokens, self.wire)
+            self.last_log = p.step
+        return False
+
+    def _write_line(self, tokens: int, wire: dict, now: float | None = None):
+        """The record so far, with throughput over the window and the wire's totals."""
+        now, client = time.perf_counter() if now is None else now, self.client
+        self.record.update(tokens_per_s=self.window.rate(now, tokens), elapsed_s=self.clock0 + now - self.t_start,
+                           bytes_pushed=wire.get("bytes_pushed", client.bytes_pushed),
+                           bytes_pulled=wire.get("bytes_pulled", client.bytes_pulled))
+        self.metrics.write(self.record)
+        self.window.mark(now, tokens)
+
+    # --- after the loop ---------------------------------------------------------------------
+    def finish(self) -> dict:
+        client, wc, rank = self.client, self.wc, self.rank
+        if self.lead:
+            self.loop.finish()
+            self.host.params_to_device()
             now = time.perf_counter()
-            stats = wire
-            record.update(tokens_per_s=(p.tokens - window_tokens) / max(now - window_t, 1e-9),
-                          elapsed_s=clock0 + now - t_start, bytes_pushed=stats.get("bytes_pushed", client.bytes_pushed),
-                          bytes_pulled=stats.get("bytes_pulled", client.bytes_pulled))
-            metrics.write(record)
-            window_t, window_tokens, last_log = now, p.tokens, p.step
-    if p is not None:
-        p = loop.settle(p)              # overlap: the last answers in before this worker says done
-    wall_s = time.perf_counter() - t_start
-    if lead:
-        loop.finish()
-        host.params_to_device()
-        now = time.perf_counter()
-        stats, tokens = (wire, p.tokens) if p else ({}, 0)
-        val = evaluate(model, val_set)
-        record.update(val_loss=val, tokens_per_s=(tokens - window_tokens) / max(now - window_t, 1e-9),
-                      elapsed_s=clock0 + now - t_start, bytes_pushed=stats.get("bytes_pushed", client.bytes_pushed),
-                      bytes_pulled=stats.get("bytes_pulled", client.bytes_pulled))
-        metrics.write(record)
-        task.save(out, wc.steps)                     # before done: the coordinator may not outlive it
-        data.tokenizer.save(out, model_max_length=mc.block_size)
-    client.done()
-    log.info("finished: %d gradients computed, %d pushes (%d dropped) in %.1f s; waited %.1f s for answers",
-             iterations, client.pushes, client.dropped, wall_s, client.wait_s)
-    if tracer.enabled:
-        log.info("trace written to %s", tracer.save(trace_file(out, "worker", rank)))
-    result = {"rank": rank, "steps": wc.steps, "mode": job_cfg.mode, "iterations": iterations,
-              "pushes": client.pushes, "dropped": client.dropped, "wait_s": client.wait_s, "compute_s": compute_s,
-              "straggle_s": straggle_s, "wall_s": wall_s, "straggler": straggler.involves_me, "t_start": epoch_start,
-              "t_end": epoch_start + wall_s, "bytes_pushed": client.bytes_pushed, "bytes_pulled": client.bytes_pulled,
-              "joined_at": joined, "resends": client.resends, "rejoins": client.rejoins}
-    if lead or wc.out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"worker-{rank}.json").write_text(json.dumps(result) + "\n")
-    if lead:
-        metrics.close()
-        if wc.sample_bytes:
-            (out / "sample.txt").write_text(task.demonstrate(data.val, wc.sample_bytes, data.tokenizer, seed=wc.seed))
-        result.update(val_loss=val, out=str(out))
-        log.info("validation loss %.4f; model saved in %s", val, out)
-    return result
+            wire, tokens = (self.wire, self.p.tokens) if self.p else ({}, 0)
+            self.val = self.record["val_loss"] = evaluate(self.model, self.val_set)
+            self._write_line(tokens, wire, now)
+            self.task.save(self.out, wc.steps)           # before done: the coordinator may not outlive it
+            self.data.tokenizer.save(self.out, model_max_length=self.block_size)
+        client.done()
+        log.info("finished: %d gradients computed, %d pushes (%d dropped) in %.1f s; waited %.1f s for answers",
+                 self.iterations, client.pushes, client.dropped, self.wall_s, client.wait_s)
+        if self.tracer.enabled:
+            log.info("trace written to %s", self.tracer.save(trace_file(self.out, "worker", rank)))
+        result = {"rank": rank, "steps": wc.steps, "mode": self.job_cfg.mode, "iterations": self.iterations,
+                  "pushes": client.pushes, "dropped": client.dropped, "wait_s": client.wait_s, **self.times,
+                  "wall_s": self.wall_s, "straggler": self.straggler.involves_me, "t_start": self.epoch_start,
+                  "t_end": self.epoch_start + self.wall_s, "bytes_pushed": client.bytes_pushed,
+                  "bytes_pulled": client.bytes_pulled, "joined_at": self.joined, "resends": client.resends,
+                  "rejoins": client.rejoins}
+        if self.lead or wc.out:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / f"worker-{rank}.json").write_text(json.dumps(result) + "\n")
+        if self.lead:
+            self.metrics.close()
+            if wc.sample_bytes:
+                (self.out / "sample.txt").write_text(self.task.demonstrate(self.data.val, wc.sample_bytes,
+                                                                           self.data.tokenizer, seed=wc.seed))
+            result.update(val_loss=self.val, out=str(self.out))
+            log.info("validation loss %.4f; model saved in %s", self.val, self.out)
+        return result

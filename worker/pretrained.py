@@ -35,21 +35,6 @@ SHAPE = {"vocab_size": "vocab_size", "block_size": "n_positions", "n_layer": "n_
          "n_embd": "n_embd"}
 
 
-def given_flags(parser, argv) -> set:
-    """The dests of the flags typed on the command line (not those left at their default)."""
-    marker = object()
-    saved = {a.dest: a.default for a in parser._actions}
-    try:
-        for a in parser._actions:
-            if a.dest != "help":
-                a.default = marker
-        args, _ = parser.parse_known_args(argv)
-    finally:
-        for a in parser._actions:
-            a.default = saved[a.dest]
-    return {k for k, v in vars(args).items() if v is not marker}
-
-
 def checkpoint_shape(folder) -> dict:
     """The model shape (GPTConfig fields) of a GPT-2 folder's ``config.json``."""
     path = Path(folder) / checkpoint.CONFIG_FILE

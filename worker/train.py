@@ -17,7 +17,7 @@ the sampler's state is in the checkpoint: there is no other random generator to 
 (no dropout).
 
 The pieces a distributed worker reuses are plain functions: ``compute_gradients``,
-``apply_update``, ``train_step``, ``evaluate``, ``MetricsWriter``. The distributed
+``apply_update``, ``train_step``, ``evaluate`` (and ``worker/metrics.py``). The distributed
 loop itself (pull, push, servers) lives in the worker's PS client, not here.
 """
 from __future__ import annotations
@@ -34,8 +34,7 @@ from pathlib import Path
 import numpy
 from tqdm import tqdm
 
-from common.config import add_arguments, describe, dump_json, from_args, from_dict, to_dict
-from common.files import atomic_write
+from common.config import add_arguments, describe, dump_json, from_args, from_dict, given_flags, to_dict
 from common.optim import OptimConfig, clip_scale, lr_at, make_optimizer, sum_of_squares
 from worker import backend
 from worker import model_checkpoint as checkpoint
@@ -44,11 +43,11 @@ from worker.data import (BatchSampler, DataConfig, bigram_entropy, data_tokenize
                          unigram_entropy, validation_batches)
 from worker.deviceoptim import DeviceOptimizer
 from worker.kernels.halfs import PRECISIONS
+from worker.metrics import METRICS, MetricsWriter, ThroughputWindow, crossed
 from worker.model import GPT, GPTConfig
 from worker.pretrained import load_init, resolve_shape
 
 RUN_CONFIG = "run_config.json"
-METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -118,34 +117,6 @@ def evaluate(model: GPT, batches) -> float:
     return float(numpy.mean([model.forward(idx, targets) for idx, targets in batches]))
 
 
-class MetricsWriter:
-    """Appends one JSON object per line to ``path`` and flushes it, so a crash loses
-    nothing written. ``keep_until=s`` first drops lines past step ``s``: the lines a
-    crashed run wrote after the checkpoint it resumes from."""
-
-    def __init__(self, path, keep_until: int | None = None):
-        self.path = Path(path)
-        self.last: dict = {}                  # the last line kept (a resumed run's clock goes on from it)
-        if keep_until is not None and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= keep_until]
-            self.last = json.loads(kept[-1]) if kept else {}
-            # a new file in place of the old (a reader following it, like ps-local, sees a new inode)
-            atomic_write(self.path, "".join(ln + "\n" for ln in kept).encode())
-        self._f = open(self.path, "a")
-
-    def write(self, record: dict):
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
-
-    def close(self):
-        self._f.close()
-
-
-def read_metrics(path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
-
-
 # --- configuration ---------------------------------------------------------------------
 
 CONCERNS = {"model": GPTConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig}
@@ -168,20 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def given_flags(argv) -> set:
-    """The dests of the flags typed on the command line (not those left at their default)."""
-    marker = object()
-    probe = build_parser()
-    probe.set_defaults(**{a.dest: marker for a in probe._actions if a.dest != "help"})
-    return {k for k, v in vars(probe.parse_args(argv)).items() if v is not marker}
-
-
 def parse_configs(argv=None) -> dict:
     """{"model", "optim", "data", "train"} configs from the command line. With ``--resume``,
     the saved run's configuration, overridden only by flags given explicitly."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    given = given_flags(argv)
+    given = given_flags(build_parser, argv)
     if not args.resume:
         if "lr_decay_steps" not in given:
             args.lr_decay_steps = args.steps
@@ -238,37 +201,22 @@ def train(configs: dict) -> dict:
     sampler = BatchSampler(data.train, tc.batch_size, mc.block_size, seed=tc.seed)
     val_set = validation_batches(data.val, tc.batch_size, mc.block_size, tc.eval_batches)
     entropy, entropy2 = unigram_entropy(data.train, V), bigram_entropy(data.train, V)
-
-    # model and optimizer
-    model = GPT(mc, seed=tc.seed, threads=tc.threads, device=tc.device, precision=tc.precision)
-    if model.xp is numpy:
-        optimizer = make_optimizer(oc, model.num_params(), model.dtype, model.layout.decay_ranges(),
-                                   threads=tc.threads)
-    else:                          # on a GPU, the optimizer steps where the parameters are
-        optimizer = DeviceOptimizer(model.xp, oc, model.num_params(), model.dtype, model.layout.decay_ranges())
+    model, optimizer = make_model(mc, oc, tc)
     if tc.init_from and not tc.resume:
         load_init(model, tc.init_from)
         print(f"weights from {tc.init_from}")
     print(f"model: {model.num_params():,} parameters, layout {model.layout.hash()}; "
           f"entropy of the training tokens: unigram {entropy:.4f} nats, bigram {entropy2:.4f} "
           f"(uniform: {math.log(V):.4f})")
-
-    step, elapsed0, start = 0, 0.0, time.perf_counter()
-    if tc.resume:
-        checkpoint.load_model_into(model, tc.resume)
-        st = checkpoint.load_trainer_state(tc.resume, expected_size=model.num_params())
-        if st["state"].get("optimizer_name") != oc.optimizer:
-            raise SystemExit(f"--resume: the checkpoint's optimizer is {st['state'].get('optimizer_name')}, "
-                             f"not {oc.optimizer}")
-        optimizer.load_state_dict(st["optimizer"])
-        sampler.load_state_dict(st["state"]["sampler"])
-        step, elapsed0 = st["step"], float(st["state"]["elapsed_s"])
-        print(f"resumed from {tc.resume} at step {step}")
+    start = time.perf_counter()
+    step, elapsed0 = resume(tc, oc, model, optimizer, sampler) if tc.resume else (0, 0.0)
     (out / RUN_CONFIG).write_text(dump_json(configs) + "\n")
     data.tokenizer.save(out, model_max_length=mc.block_size)     # beside the model: HF loads both
     metrics = MetricsWriter(out / METRICS, keep_until=step)
-    record = dict(step=step, fingerprint=data.fingerprint, unigram_entropy=entropy, bigram_entropy=entropy2,
-                  bytes_per_token=data.bytes_per_token)
+    if step == 0:
+        metrics.write(dict(step=step, fingerprint=data.fingerprint, unigram_entropy=entropy,
+                           bigram_entropy=entropy2, bytes_per_token=data.bytes_per_token,
+                           val_loss=evaluate(model, val_set)))
 
     def elapsed():                 # wall time of the run, over every resume
         return elapsed0 + time.perf_counter() - start
@@ -279,41 +227,7 @@ def train(configs: dict) -> dict:
             "sampler": sampler.state_dict(), "elapsed_s": elapsed(), "optimizer_name": oc.optimizer,
             "data_fingerprint": data.fingerprint})
 
-    if step == 0:
-        record["val_loss"] = evaluate(model, val_set)
-        metrics.write(record)
-    bar = None
-    if tc.progress:
-        bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
-    tokens_per_step = tc.batch_size * mc.block_size
-    window_t, window_steps, last = 0.0, 0, {}
-    while step < tc.steps:
-        idx, targets = sampler.next_batch()
-        t0 = time.perf_counter()
-        last = train_step(model, optimizer, oc, step, idx, targets)
-        dt = time.perf_counter() - t0
-        step += 1
-        window_t, window_steps = window_t + dt, window_steps + 1
-        tps = tokens_per_step * window_steps / max(window_t, 1e-9)
-        record = {"step": step, "loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"]}
-        if step % tc.eval_interval == 0 or step == tc.steps:
-            record["val_loss"] = evaluate(model, val_set)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"loss {last['loss']:.3f} {tps:,.0f} tok/s"
-                                + (f" val {record['val_loss']:.3f}" if "val_loss" in record else ""),
-                                refresh=False)
-        if step % tc.log_interval == 0 or "val_loss" in record:
-            record.update(tokens_per_s=tps, elapsed_s=elapsed())
-            metrics.write(record)
-            window_t, window_steps = 0.0, 0
-            if bar is None:
-                print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
-                      flush=True)
-        if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < tc.steps:
-            save(step)
-    if bar is not None:
-        bar.close()
+    step = train_steps(model, optimizer, configs, sampler, val_set, step, metrics, elapsed, save)
     save(step)
     metrics.close()
     val = evaluate(model, val_set)
@@ -323,6 +237,68 @@ def train(configs: dict) -> dict:
     print(f"checkpoint: {out}/{checkpoint.MODEL_FILE}; sample: python scripts/generate.py {out}")
     return {"out_dir": str(out), "val_loss": val, "unigram_entropy": entropy,
             "bigram_entropy": entropy2, "step": step}
+
+
+def make_model(mc: GPTConfig, oc: OptimConfig, tc: TrainConfig):
+    """The GPT and its optimizer, where the run computes."""
+    model = GPT(mc, seed=tc.seed, threads=tc.threads, device=tc.device, precision=tc.precision)
+    if model.xp is numpy:
+        optimizer = make_optimizer(oc, model.num_params(), model.dtype, model.layout.decay_ranges(),
+                                   threads=tc.threads)
+    else:                          # on a GPU, the optimizer steps where the parameters are
+        optimizer = DeviceOptimizer(model.xp, oc, model.num_params(), model.dtype, model.layout.decay_ranges())
+    return model, optimizer
+
+
+def resume(tc: TrainConfig, oc: OptimConfig, model, optimizer, sampler) -> tuple[int, float]:
+    """Load ``tc.resume``'s checkpoint into the model, optimizer and sampler; (step, elapsed_s)."""
+    checkpoint.load_model_into(model, tc.resume)
+    st = checkpoint.load_trainer_state(tc.resume, expected_size=model.num_params())
+    if st["state"].get("optimizer_name") != oc.optimizer:
+        raise SystemExit(f"--resume: the checkpoint's optimizer is {st['state'].get('optimizer_name')}, "
+                         f"not {oc.optimizer}")
+    optimizer.load_state_dict(st["optimizer"])
+    sampler.load_state_dict(st["state"]["sampler"])
+    print(f"resumed from {tc.resume} at step {st['step']}")
+    return st["step"], float(st["state"]["elapsed_s"])
+
+
+def train_steps(model, optimizer, configs: dict, sampler, val_set, step: int, metrics, elapsed, save) -> int:
+    """Steps from ``step`` to the run's end: batch, train_step, log and evaluate, checkpoint."""
+    mc, oc, tc = configs["model"], configs["optim"], configs["train"]
+    bar = None
+    if tc.progress:
+        bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    tokens_per_step = tc.batch_size * mc.block_size
+    window, compute_s = ThroughputWindow(), 0.0        # throughput over compute time, since the last line
+    window.mark(0.0, step * tokens_per_step)
+    while step < tc.steps:
+        idx, targets = sampler.next_batch()
+        t0 = time.perf_counter()
+        last = train_step(model, optimizer, oc, step, idx, targets)
+        compute_s += time.perf_counter() - t0
+        step += 1
+        tps = window.rate(compute_s, step * tokens_per_step)
+        record = {"step": step, "loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"]}
+        if crossed(tc.eval_interval, step - 1, step) or step == tc.steps:
+            record["val_loss"] = evaluate(model, val_set)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"loss {last['loss']:.3f} {tps:,.0f} tok/s"
+                                + (f" val {record['val_loss']:.3f}" if "val_loss" in record else ""),
+                                refresh=False)
+        if crossed(tc.log_interval, step - 1, step) or "val_loss" in record:
+            record.update(tokens_per_s=tps, elapsed_s=elapsed())
+            metrics.write(record)
+            window.mark(compute_s, step * tokens_per_step)
+            if bar is None:
+                print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
+                      flush=True)
+        if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < tc.steps:
+            save(step)
+    if bar is not None:
+        bar.close()
+    return step
 
 
 if __name__ == "__main__":

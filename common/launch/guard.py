@@ -26,6 +26,15 @@ import time
 GRACE_S = 5.0
 
 
+def read_to_end_of_input():
+    """Return when standard input ends (the launcher closed it, or its session died)."""
+    try:
+        while os.read(0, 4096):
+            pass
+    except OSError:
+        pass
+
+
 def stop_group(proc: subprocess.Popen, grace: float = GRACE_S):
     """TERM the process group of ``proc``, KILL it if still there after ``grace`` seconds."""
     if proc.poll() is not None:
@@ -63,11 +72,7 @@ def main(argv=None) -> int:
             stop_group(proc)
 
     def watch_stdin():
-        try:
-            while os.read(0, 4096):
-                pass
-        except OSError:
-            pass
+        read_to_end_of_input()
         if proc.poll() is None:
             stop("the launcher's session ended (end of input)")
 

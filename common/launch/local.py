@@ -259,6 +259,53 @@ def _read_new_metrics(path: Path, pos):
 def main(argv=None) -> int:
     parser = build_parser()
     args, worker_args = parser.parse_known_args(argv)
+    job, optim, out = _checked(parser, args)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // (args.servers + args.workers))
+    port = args.port or free_port()
+    coord = f"127.0.0.1:{port}"
+    common = ["--num-servers", str(args.servers), "--num-workers", str(args.workers),
+              "--coordinator", coord, "--timeout", str(args.timeout), "--heartbeat", str(args.heartbeat),
+              "--heartbeat-misses", str(args.heartbeat_misses)] + _flags(job)
+    if args.curve:
+        common += ["--curve", args.curve]
+    try:
+        per_rank = worker_flags(args.devices, args.workers, worker_args)
+    except ValueError as e:
+        parser.error(str(e))
+    shared_args = _without_precision(worker_args) if args.devices else worker_args
+    worker_cmd = [sys.executable, "-m", "worker", *common, "--steps", str(args.steps), "--out", str(out),
+                  *shared_args]
+    if args.show_placement:
+        return subprocess.run(worker_cmd + ["--show-placement"]).returncode
+    # the workers' flags (and devices) are checked before anything starts, so a typo fails in a second
+    for extra in dict.fromkeys(tuple(f) for f in per_rank):
+        check = subprocess.run(worker_cmd + list(extra) + ["--dry-run"], capture_output=True, text=True)
+        if check.returncode != 0:
+            sys.stderr.write(check.stderr or check.stdout)
+            return 2
+    out.mkdir(parents=True, exist_ok=True)
+    config_name = "run_config.json" if not args.resume else f"run_config.resumed-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    (out / config_name).write_text(json.dumps({
+        "launcher": {"servers": args.servers, "workers": args.workers, "steps": args.steps,
+                     "coordinator": coord, "threads": threads, "timeout": args.timeout,
+                     "devices": [f[1] if f else "" for f in per_rank]},
+        "job": to_dict(job), "optimizer": to_dict(optim), "worker_args": worker_args,
+        "worker": json.loads(check.stdout) if check.stdout.strip().startswith("{") else {},
+    }, indent=2) + "\n")
+    print(f"ps-local: {args.servers} server(s), {args.workers} worker(s), {args.steps} steps, "
+          f"mode {describe_mode(job)}, {threads} BLAS thread(s) per process; run folder {out}")
+    server_cmds = [[sys.executable, "-m", "paramserver", "--rank", str(s),
+                    "--bind", f"tcp://127.0.0.1:{port if s == 0 else '*'}",   # a local job stays on loopback
+                    *common, *_flags(optim), "--out", str(out), "--checkpoint-every", str(args.checkpoint_every),
+                    *(["--resume"] if args.resume else []), *(["--trace", str(out)] if args.trace else [])]
+                   for s in range(args.servers)]
+    trace = ["--trace"] if args.trace else []
+    worker_cmds = [worker_cmd + per_rank[r] + ["--rank", str(r), "--no-progress", *trace] for r in range(args.workers)]
+    return _run_job(Job(out, threads), server_cmds, worker_cmds, out, args)
+
+
+def _checked(parser, args):
+    """The job and optimizer configs and the run folder from ``args``, or a parser error."""
     if args.lr_decay_steps is None:              # the cosine ends with the run
         args.lr_decay_steps = args.steps
     try:
@@ -276,58 +323,19 @@ def main(argv=None) -> int:
         parser.error(f"--resume: {out / 'checkpoints'} does not exist; give the --out of the job to resume")
     if not args.resume and out.exists() and any(out.iterdir()):
         parser.error(f"run folder {out} already exists and is not empty; choose another --out (or --resume it)")
-    threads = args.threads or max(1, (os.cpu_count() or 1) // (args.servers + args.workers))
-    port = args.port or free_port()
-    coord = f"127.0.0.1:{port}"
-    py = sys.executable
-    common = ["--num-servers", str(args.servers), "--num-workers", str(args.workers),
-              "--coordinator", coord, "--timeout", str(args.timeout), "--heartbeat", str(args.heartbeat),
-              "--heartbeat-misses", str(args.heartbeat_misses)] + _flags(job)
-    if args.curve:
-        common += ["--curve", args.curve]
-    try:
-        per_rank = worker_flags(args.devices, args.workers, worker_args)
-    except ValueError as e:
-        parser.error(str(e))
-    shared_args = _without_precision(worker_args) if args.devices else worker_args
-    worker_cmd = [py, "-m", "worker", *common, "--steps", str(args.steps), "--out", str(out), *shared_args]
-    trace = ["--trace"] if args.trace else []
+    return job, optim, out
 
-    if args.show_placement:
-        return subprocess.run(worker_cmd + ["--show-placement"]).returncode
-    # the workers' flags (and devices) are checked before anything starts, so a typo fails in a second
-    for extra in dict.fromkeys(tuple(f) for f in per_rank):
-        check = subprocess.run(worker_cmd + list(extra) + ["--dry-run"], capture_output=True, text=True)
-        if check.returncode != 0:
-            sys.stderr.write(check.stderr or check.stdout)
-            return 2
 
-    out.mkdir(parents=True, exist_ok=True)
-    config_name = "run_config.json" if not args.resume else f"run_config.resumed-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    (out / config_name).write_text(json.dumps({
-        "launcher": {"servers": args.servers, "workers": args.workers, "steps": args.steps,
-                     "coordinator": coord, "threads": threads, "timeout": args.timeout,
-                     "devices": [f[1] if f else "" for f in per_rank]},
-        "job": to_dict(job), "optimizer": to_dict(optim), "worker_args": worker_args,
-        "worker": json.loads(check.stdout) if check.stdout.strip().startswith("{") else {},
-    }, indent=2) + "\n")
-    print(f"ps-local: {args.servers} server(s), {args.workers} worker(s), {args.steps} steps, "
-          f"mode {describe_mode(job)}, {threads} BLAS thread(s) per process; run folder {out}")
-
-    run = Job(out, threads)
+def _run_job(run: Job, server_cmds: list, worker_cmds: list, out: Path, args) -> int:
+    """Start the servers, then the workers; watch them to the end (``_watch``); stop them all."""
     interrupted = False
-
     signal.signal(signal.SIGTERM, run.on_signal)
     signal.signal(signal.SIGINT, run.on_signal)
     try:
-        for s in range(args.servers):
-            bind = f"tcp://127.0.0.1:{port if s == 0 else '*'}"      # a local job stays on loopback
-            run.start(f"server-{s}", [py, "-m", "paramserver", "--rank", str(s), "--bind", bind, *common,
-                                      *_flags(optim), "--out", str(out),
-                                      "--checkpoint-every", str(args.checkpoint_every),
-                                      *(["--resume"] if args.resume else []), *(trace and ["--trace", str(out)])])
-        for r in range(args.workers):
-            run.start(f"worker-{r}", worker_cmd + per_rank[r] + ["--rank", str(r), "--no-progress", *trace])
+        for s, cmd in enumerate(server_cmds):
+            run.start(f"server-{s}", cmd)
+        for r, cmd in enumerate(worker_cmds):
+            run.start(f"worker-{r}", cmd)
         code = _watch(run, out, args)
         if args.trace:
             run.stop()                        # the servers write their traces as they exit

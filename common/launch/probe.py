@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import sys
 import threading
 import time
 
+from common.launch.guard import read_to_end_of_input
 from common.wire.addresses import probe_tcp
 from common.wire.transport import Dealer, Router, TransportError, host_port
 
@@ -47,11 +47,7 @@ def serve(bind: str, advertise: str = "", seconds: float = 0.0) -> int:
     ended = threading.Event()
 
     def watch_stdin():
-        try:
-            while os.read(0, 4096):
-                pass
-        except OSError:
-            pass
+        read_to_end_of_input()
         ended.set()
 
     threading.Thread(target=watch_stdin, daemon=True).start()

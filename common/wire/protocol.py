@@ -171,6 +171,27 @@ def session_list(value, limit: int, what: str) -> dict[int, int]:
     return out
 
 
+def _check_array(i: int, a):
+    """Array descriptor ``i`` of a header: dtype, shape, optional range and enc."""
+    if not (isinstance(a, dict) and a.keys() <= _ARRAY_KEYS and "dtype" in a and "shape" in a):
+        _fail(f"array {i}: expected a map with dtype, shape, optional range and enc, got {a!r}")
+    if "enc" in a:
+        enc = a["enc"]
+        if not (isinstance(enc, str) and 0 < len(enc) <= MAX_ENC_LEN and "range" in a):
+            _fail(f"array {i}: enc must be a part name of 1..{MAX_ENC_LEN} characters on an array with a "
+                  f"range, got {enc!r}")
+    if not isinstance(a["dtype"], str) or a["dtype"] not in _DTYPES:
+        _fail(f"array {i}: dtype must be one of {', '.join(DTYPES)}, got {a['dtype']!r}")
+    shape = a["shape"]
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
+            and all(_is_int(d) and 0 <= d < 2 ** 40 for d in shape)):
+        _fail(f"array {i}: shape must be a list of at most {MAX_DIMS} non-negative ints, got {shape!r}")
+    r = a.get("range")
+    if r is not None and not (isinstance(r, list) and len(r) == 2 and _is_int(r[0]) and _is_int(r[1])
+                              and 0 <= r[0] <= r[1]):
+        _fail(f"array {i}: range must be [begin, end] with 0 <= begin <= end, got {r!r}")
+
+
 def validate_header(h) -> dict:
     """Check a decoded header; return it unchanged or raise ``ProtocolError``. (Every
     message passes here twice, at its sender and at its receiver: the error texts are
@@ -196,23 +217,7 @@ def validate_header(h) -> dict:
     if not (isinstance(arrays, list) and len(arrays) <= MAX_ARRAYS):
         _fail(f"'arrays' must be a list of at most {MAX_ARRAYS} descriptors")
     for i, a in enumerate(arrays):
-        if not (isinstance(a, dict) and a.keys() <= _ARRAY_KEYS and "dtype" in a and "shape" in a):
-            _fail(f"array {i}: expected a map with dtype, shape, optional range and enc, got {a!r}")
-        if "enc" in a:
-            enc = a["enc"]
-            if not (isinstance(enc, str) and 0 < len(enc) <= MAX_ENC_LEN and "range" in a):
-                _fail(f"array {i}: enc must be a part name of 1..{MAX_ENC_LEN} characters on an array with a "
-                      f"range, got {enc!r}")
-        if not isinstance(a["dtype"], str) or a["dtype"] not in _DTYPES:
-            _fail(f"array {i}: dtype must be one of {', '.join(DTYPES)}, got {a['dtype']!r}")
-        shape = a["shape"]
-        if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
-                and all(_is_int(d) and 0 <= d < 2 ** 40 for d in shape)):
-            _fail(f"array {i}: shape must be a list of at most {MAX_DIMS} non-negative ints, got {shape!r}")
-        r = a.get("range")
-        if r is not None and not (isinstance(r, list) and len(r) == 2 and _is_int(r[0]) and _is_int(r[1])
-                                  and 0 <= r[0] <= r[1]):
-            _fail(f"array {i}: range must be [begin, end] with 0 <= begin <= end, got {r!r}")
+        _check_array(i, a)
     meta = h.get("meta")
     if not (isinstance(meta, dict) and all(isinstance(k, str) for k in meta)):
         _fail(f"'meta' must be a map with string keys, got {type(meta).__name__}")

@@ -1,0 +1,55 @@
+"""A server's sockets: where it listens, the address it advertises, its links to peers.
+
+- the ROUTER every request comes in on, bound at ``--bind`` (a resuming server: the
+  address in its checkpoint), advertised at ``--advertise`` or the address this host
+  uses toward the coordinator (``common/cluster.py``);
+- a server advertised on 127.0.0.1 also listens on a Unix socket that the processes of
+  its host use (``--ipc``);
+- servers s > 0: a DEALER to the coordinator; every server of a job with S > 1: one
+  DEALER to each other server, for the step agreement (through the peer's Unix socket
+  when it is on this host).
+
+Not here: sending (``replier.py``), the sockets themselves (``common/wire/transport.py``).
+"""
+from __future__ import annotations
+
+import os
+
+from common.cluster import advertised_endpoint, host_name
+from common.wire.transport import Dealer, Poller, Router, local_endpoint, reachable_locally
+
+
+class ServerEndpoints:
+    def __init__(self, cluster, rank: int, bind: str):
+        self.cluster = cluster
+        self.curve = cluster.curve_keys()             # None without --curve
+        self.router = Router(bind, curve=self.curve)
+        self.addr = advertised_endpoint(cluster, self.router.endpoint)
+        self.ipc = local_endpoint(self.addr, host_name()) if cluster.ipc else ""
+        if self.ipc and not self.router.bind_also(self.ipc):
+            self.ipc = ""
+        self.poller = Poller([self.router])
+        self.identity = f"server:{rank}/{os.getpid()}".encode()    # kept across reconnects (ROUTER_HANDOVER)
+        self.coordinator = None if rank == 0 else Dealer(cluster.coordinator, identity=self.identity,
+                                                          curve=self.curve)
+        if self.coordinator:
+            self.poller.add(self.coordinator)
+        self.peers: dict[int, Dealer] = {}
+
+    def connect_peers(self, rank: int, addrs: list, ipc: list) -> dict:
+        """One DEALER to every other server (``addrs``; ``ipc``: their Unix sockets, '' for none)."""
+        for s, addr in enumerate(addrs):
+            if s != rank:      # a server of this host through its Unix socket
+                near = self.cluster.ipc and reachable_locally(ipc[s])
+                self.peers[s] = Dealer(ipc[s] if near else addr, identity=self.identity + b"/peer", curve=self.curve)
+        return self.peers
+
+    def close(self):
+        for s in [self.router, self.coordinator, *self.peers.values()]:
+            if s is not None:
+                s.close()
+        if self.ipc:                        # the Unix socket's file, if libzmq left it
+            try:
+                os.unlink(self.ipc[len("ipc://"):])
+            except OSError:
+                pass
