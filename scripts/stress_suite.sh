@@ -59,6 +59,7 @@ if [ "$procs" = 1 ]; then
   mapfile -t targets < <(grep -l -E "subprocess|Servers\(|Job\(|run_threads" tests/test_*.py)
 fi
 
+RUN_PYTEST='import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); import pytest; sys.exit(pytest.main())'
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 log_dir=$(mktemp -d /tmp/stress_suite.XXXXXX)
 echo "stress_suite: $runs run(s), $burners burner(s) (PIDs ${burner_pids[*]:-none}), logs in $log_dir"
@@ -66,8 +67,10 @@ failed_runs=0
 for i in $(seq 1 "$runs"); do
   before=$(load)
   start=$(date +%s)
-  # in the background, waited for: a signal to this script interrupts the wait at once
-  python3 -m pytest -q -rfE -p no:cacheprovider "${targets[@]}" "${pytest_args[@]}" > "$log_dir/run$i.log" 2>&1 &
+  # in the background, waited for: a signal to this script interrupts the wait at once. Python's
+  # Ctrl-C handler is put back by hand: a process started with SIGINT ignored (by nohup, or as a
+  # background command of a script that started so) would otherwise pass it on ignored
+  python3 -c "$RUN_PYTEST" -q -rfE -p no:cacheprovider "${targets[@]}" "${pytest_args[@]}" > "$log_dir/run$i.log" 2>&1 &
   pytest_pid=$!
   wait "$pytest_pid"
   rc=$?

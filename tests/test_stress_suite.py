@@ -70,6 +70,7 @@ def test_slow():
     finally:
         child.kill()
         child.wait()
+        Path(__file__).with_name("cleaned up").write_text("")
 '''
 
 
@@ -77,9 +78,12 @@ def test_a_stopped_stress_run_interrupts_pytest_whose_tests_clean_up_and_leaves_
     import signal
     import time
     (tmp_path / "test_slow.py").write_text(SLOW)
+    # started with SIGINT ignored, as by nohup or from a script's background command: what it
+    # starts inherits that, and pytest must still be interrupted
     script = subprocess.Popen(["bash", "scripts/stress_suite.sh", "-n", "1", "-b", "1", "--",
                                str(tmp_path / "test_slow.py")], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=dict(os.environ, TMPDIR=str(tmp_path)))
+                              stderr=subprocess.PIPE, text=True, env=dict(os.environ, TMPDIR=str(tmp_path)),
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         first = script.stdout.readline()
         burners = [int(p) for p in re.search(r"PIDs ([\d ]+)\)", first).group(1).split()]
@@ -91,7 +95,8 @@ def test_a_stopped_stress_run_interrupts_pytest_whose_tests_clean_up_and_leaves_
         script.send_signal(signal.SIGTERM)
         assert script.wait(timeout=90) == 130
         assert "interrupted" in script.stderr.read()
-        assert not alive(child), "pytest was not interrupted: the test's own process is left"
+        assert (tmp_path / "cleaned up").exists(), "pytest was killed, not interrupted: no test cleaned up"
+        assert not alive(child)
         assert not any(alive(p) for p in burners)
     finally:
         if script.poll() is None:
