@@ -36,7 +36,7 @@ PY = sys.executable
 
 
 def _pytest(files, select=None):
-    return [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files] + (["-k", select] if select else [])
+    return [PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *files] + (["-k", select] if select else [])
 
 
 def checks(emulated: bool, quick: bool, out: pathlib.Path):
@@ -122,9 +122,15 @@ def run_check(name, what, cmd, deadline, env):
     if ok and "val_loss_first" in fig and fig["val_loss_last"] >= fig["val_loss_first"]:
         ok = False
         output += "\nthe validation loss did not fall"
-    return dict(name=name, what=what, status="pass" if ok else "fail", seconds=round(time.monotonic() - start, 1),
-                figures=fig, command=" ".join(cmd), exit_code=code,
-                output_tail=None if ok else output[-3000:])
+    status = "pass" if ok else "fail"
+    if ok and fig.get("skipped") and not fig.get("passed"):       # every test of it skipped: never a pass
+        status = "skipped"
+    result = dict(name=name, what=what, status=status, seconds=round(time.monotonic() - start, 1),
+                  figures=fig, command=" ".join(cmd), exit_code=code, output_tail=None if ok else output[-3000:])
+    if status == "skipped":
+        reasons = [ln.split("] ", 1)[-1] for ln in output.splitlines() if ln.startswith("SKIPPED")]
+        result["reason"] = "skipped: " + ("; ".join(reasons[:3]) or "every test of it skipped")
+    return result
 
 
 def gpu_name(env):
