@@ -81,7 +81,8 @@ def test_a_restarted_worker_rejoins_with_its_shard_and_trains(tmp_path):
 
 
 def test_a_stalled_worker_is_dropped_then_registers_again_by_itself(tmp_path):
-    with Job(tmp_path, S=2, W=2, steps=150, timeout=10, worker_args=["--straggler", "0:0.03"]) as job:
+    # 300 steps of at least 0.03 s: after its wake-up the worker has seconds to rejoin before the job ends
+    with Job(tmp_path, S=2, W=2, steps=300, timeout=10, worker_args=["--straggler", "0:0.03"]) as job:
         job.start()
         job.until(lambda: job.step() >= 10, 60, "step 10")
         os.kill(job.procs["worker-1"].pid, signal.SIGSTOP)            # a stall: alive, silent

@@ -392,7 +392,9 @@ class PSClient:
         metas = self.answers.metas
         dropped = any(a.get("dropped") for a in metas.values())
         self.stats.dropped += dropped
-        if not one_version:
+        if not one_version or (dropped and not self.catch_up):
+            # plain BSP answers ``dropped`` only to a worker dropped from the view: the servers answered
+            # as each moved on, so the versions may differ; the pull after its rejoin brings one version
             return dict(metas.get(0, {}), dropped=dropped)
         self.answers.settle()
         if self.catch_up and len(set(self.versions)) > 1:
