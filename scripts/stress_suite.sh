@@ -6,6 +6,7 @@
 #   bash scripts/stress_suite.sh -n 5 -b 4       # 5 runs, 4 burners
 #   bash scripts/stress_suite.sh --procs -n 10   # only the test files that start processes, 10 times
 #   bash scripts/stress_suite.sh -- -k liveness  # anything after -- goes to pytest
+#   (--limit SECONDS: the longest a burner may live, default 4 hours)
 #
 # A burner is one Python process spinning on a core. Each lives at most as long as the
 # whole stress run may (`timeout`), and all are ended by their PIDs when this script
@@ -17,7 +18,7 @@ cd "$(dirname "$0")/.."
 
 runs=3 burners=2 procs=0 limit_s=$((4 * 3600))
 pytest_args=()
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     -n|--runs) runs=$2; shift 2 ;;
