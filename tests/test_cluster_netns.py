@@ -51,7 +51,9 @@ def test_three_hosts_train_through_ps_launch(tmp_path, clean_links):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "ps-preflight: OK, 3 pair(s) reachable" in done.stdout              # --preflight ran first
     assert "[psh2 worker-0]" in done.stdout and "[psh3 worker-1]" in done.stdout and "[psh1 server-1]" in done.stdout
-    table = done.stdout.split("address table:")[1].split("job started")[0]
+    # server 0's lines only: ps-launch prints each role's lines as they come, interleaved
+    server0 = "\n".join(ln for ln in done.stdout.splitlines() if ln.startswith("[psh1 server-0]"))
+    table = server0.split("address table:")[1].split("job started")[0]
     assert "tcp://10.200.0.1:5731" in table and "psh2" in table and "psh3" in table
     assert "servers tcp://10.200.0.1:5731, tcp://10.200.0.1:" in done.stdout     # both servers, real addresses
     vals = val_losses(out)
