@@ -66,7 +66,7 @@ class LocalJob:
 
     def step(self) -> int:
         path = self.out / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
+        lines = path.read_text().split("\n")[:-1] if path.exists() else []    # complete lines: one may be half written
         return max((json.loads(ln).get("step", 0) for ln in lines if ln.strip()), default=-1)
 
     def wait_step(self, step: int, timeout=120.0):

@@ -52,8 +52,8 @@ def start_job(out: Path, steps: int) -> subprocess.Popen:
 
 def job_step(out: Path) -> int:
     path = out / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return max((json.loads(ln).get("step", 0) for ln in lines if ln.strip().endswith("}")), default=-1)
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []        # complete lines: one may be half written
+    return max((json.loads(ln).get("step", 0) for ln in lines if ln.strip()), default=-1)
 
 
 def endpoints(out: Path, servers: int, proc, timeout=120.0) -> list[str]:

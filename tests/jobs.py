@@ -148,7 +148,8 @@ class Job:
         path = self.out / "metrics.jsonl"
         if not path.exists():
             return []
-        return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        complete = path.read_text().split("\n")[:-1]          # the last line may be half written
+        return [json.loads(ln) for ln in complete if ln.strip()]
 
     def step(self) -> int:
         """The last step worker 0 logged (it logs every step)."""

@@ -83,7 +83,9 @@ def test_checkpoint_every_step_survives_a_kill_at_any_moment(tmp_path, tmp_path_
 def test_a_whole_job_resumed_from_its_checkpoints_continues_the_same_curve(how, tmp_path, tmp_path_factory):
     import signal
     want = reference(tmp_path_factory, 2)
-    with Job(tmp_path, S=2, W=2, steps=STEPS, timeout=20, every=5) as job:
+    # paced (worker 0 sleeps 0.1 s a step: the same numbers, slower), so that the stop lands mid-job
+    # even on a quiet machine, where the 24 tiny steps would otherwise be over before the test looks
+    with Job(tmp_path, S=2, W=2, steps=STEPS, timeout=20, every=5, worker_args=["--straggler", "0:0.1"]) as job:
         job.start()
         job.until(lambda: job.step() >= 12, 60, "step 12")
         if how == "kill":
