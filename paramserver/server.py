@@ -21,7 +21,7 @@ The server is the loop and the dispatch; everything else is a plain object besid
 | ``applied``             | dedupe.py           | exactly-once pushes                                 |
 
 How a push becomes an update depends on the consistency model (``--mode``), chosen
-once in ``serving_for``: bsp and local-sgd run synchronous steps (``steps.SyncServing``:
+once in ``serving_for``: bsp, local-sgd and diloco run synchronous steps (``steps.SyncServing``:
 every worker of the view pushes, the servers agree on the set of workers, average,
 step, answer); asp and ssp apply each push as it arrives (``modes.AsyncServing``), and
 ssp holds an answer back while its worker is too far ahead. Server 0 is also the
@@ -90,9 +90,9 @@ def serving_for(cluster: ClusterConfig, optim: OptimConfig, job: JobConfig, rank
     """The consistency model, chosen once: a function ``(shard, parts, server_addrs) ->``
     its serving object. Raises ValueError for a mode or a setting it cannot serve."""
     W = cluster.num_workers
-    if job.mode in ("bsp", "local-sgd"):
+    if job.synchronous:
         SyncRule(W, job.backup_workers)                    # checks --backup-workers now, not at the first step
-        clip = optim.grad_clip > 0 and job.mode == "bsp"   # local-sgd clips on the workers
+        clip = optim.grad_clip > 0 and job.mode == "bsp"   # local-sgd and diloco clip on the workers
         return lambda shard, parts, addrs: SyncServing(shard, parts, rank, addrs, job.mode, W,
                                                        job.backup_workers, clip)
     if job.mode in ("asp", "ssp"):
@@ -283,7 +283,8 @@ class Server:
     def _make_shard(self, chunks, dtype: str, layout: Layout) -> Shard:
         job = self.cfg.job
         scheme = make_scheme(job.compress, job.compress_ratio, job.error_feedback == "on")
-        return Shard(chunks, dtype, self.cfg.optim, layout.decay_ranges(), scheme)
+        optim = job.outer_optim() if job.mode == "diloco" else self.cfg.optim   # diloco: --optim* is the workers'
+        return Shard(chunks, dtype, optim, layout.decay_ranges(), scheme)
 
     def _start(self, job: dict):
         """Set up the shard and its serving object from the coordinator's JOB answer (and a

@@ -1,4 +1,4 @@
-"""Synchronous steps on one server: bsp (with or without backup workers) and local-sgd.
+"""Synchronous steps on one server: bsp (with or without backup workers), local-sgd and diloco.
 
 Step t, as this server runs it (its ``version`` is t):
     1. each worker's PUSH of step t lands in that worker's slot; its answer is held back;
@@ -8,7 +8,8 @@ Step t, as this server runs it (its ``version`` is t):
        servers (NORM, which also carries its share of the squared norm of the averaged
        gradient, so each server clips by the norm of the WHOLE gradient): the servers
        agree on one set (``agreement.py``);
-    3. the optimizer steps (local-sgd: the averaged parameter change is subtracted),
+    3. the optimizer steps (local-sgd: the averaged parameter change is subtracted;
+       diloco: it is the gradient of the outer optimizer, the shard's optimizer),
        ``version`` becomes t + 1, the applied pushes are recorded (``dedupe.py``), a
        checkpoint is written when one is due (before any answer leaves: no worker ever
        holds parameters newer than the server could restore), and every held push is

@@ -142,3 +142,28 @@ def test_a_server_restarted_into_an_asp_job_stops_it_and_says_why(tmp_path):
         codes = job.wait(60)
         assert all(c == 1 for c in codes.values()), codes
         assert "came back into a running asp job" in job.log("worker-0")
+
+
+DILOCO = ["--mode", "diloco", "--local-steps", "2"]
+
+
+def test_a_server_killed_in_a_diloco_job_restarts_with_its_outer_momentum(tmp_path, tmp_path_factory):
+    """diloco: the outer Nesterov buffer is the shard's optimizer state, so it is in the
+    checkpoint; a server killed after version 5 of 12 rounds and restarted ends the job with
+    the parameters of an uninterrupted diloco run (and the workers' inner AdamW goes on)."""
+    with Job(tmp_path_factory.mktemp("diloco_reference"), S=2, W=2, steps=STEPS, timeout=20,
+             server_args=DILOCO, worker_args=DILOCO) as job:
+        job.start()
+        assert all(c == 0 for c in job.wait(120).values())
+        want = final_params(job)
+    with Job(tmp_path, S=2, W=2, steps=STEPS, timeout=20, every=5, server_args=DILOCO, worker_args=DILOCO) as job:
+        job.server(0)
+        job.server(1, "--die-at-version", 5)
+        job.worker(0)
+        job.worker(1)
+        job.until(lambda: job.procs["server-1"].poll() is not None, 60, "server 1 dies at version 5")
+        job.server(1, "--resume")
+        codes = job.wait(120)
+        assert all(c == 0 for c in codes.values()), codes
+        assert "loaded the checkpoint of version 5" in job.log("server-1")
+        assert_equal(final_params(job), want)

@@ -150,8 +150,8 @@ class Straggler:
 
 def batches_before(job: JobConfig, version: int, num_workers: int) -> int:
     """How many batches a worker of a job at ``version`` has drawn: bsp, one per step;
-    local-sgd, H per round; asp/ssp, about one per W updates."""
-    if job.mode == "local-sgd":
+    local-sgd and diloco, H per round; asp/ssp, about one per W updates."""
+    if job.local:
         return version * job.local_steps
     return version if job.mode == "bsp" else version // num_workers
 
