@@ -147,6 +147,8 @@ class JobConfig:
             raise ValueError(f"--compress-ratio applies to --compress topk or randk, not {self.compress}")
         if not 0 <= self.compress_momentum < 1:
             raise ValueError(f"compress_momentum must lie in [0, 1), got {self.compress_momentum}")
+        if self.compress_momentum and self.mode in ("local-sgd", "diloco"):
+            raise ValueError(f"--compress-momentum applies to gradients, not to the parameter changes of {self.mode}")
         if self.compress_momentum and self.compress == "none":
             raise ValueError("--compress-momentum applies with --compress (without, use --optimizer momentum)")
         if self.error_feedback != "on" and self.compress == "none":
