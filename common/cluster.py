@@ -39,6 +39,7 @@ import typing
 from dataclasses import dataclass
 
 from common.wire.compress import SCHEMES
+from common.wire.pull_compress import PULL_SCHEMES
 from common.config import add_arguments
 from common.optim import OptimConfig
 from common.wire.addresses import pick_address
@@ -51,7 +52,6 @@ ENV = {"rank": "PS_RANK", "num_servers": "PS_NUM_SERVERS", "num_workers": "PS_NU
 
 MODES = ("bsp", "asp", "ssp", "local-sgd", "diloco")
 OUTER_OPTIMIZERS = ("nesterov", "sgd")
-PULL_SCHEMES = ("none", "bf16", "int8", "topk")
 
 
 @dataclass
@@ -114,7 +114,8 @@ class JobConfig:
     compress_ratio: float = 0.01            # topk/randk: the fraction of each chunk's entries sent
     error_feedback: str = "on"              # with --compress: keep on the worker what was not sent and add it to the next push
     compress_momentum: float = 0.0          # with --compress: momentum applied on the workers before compressing (Deep Gradient Compression's momentum correction; the servers then run --optimizer sgd)
-    compress_pull: str = "none"             # compression of the parameters a server answers with: none, bf16, int8, topk (the change against the copy the workers hold, with error feedback on the server; paramserver/pull_compress.py)
+    compress_pull: str = "none"             # compression of the parameters a server answers with: none, bf16, int8, topk (the change against the copy the workers hold, with error feedback on the server; common/wire/pull_compress.py)
+    compress_pull_ratio: float = 0.01       # --compress-pull topk: the fraction of each chunk's entries sent
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -134,6 +135,10 @@ class JobConfig:
         if not (self.outer_lr > 0 and 0 <= self.outer_momentum < 1):
             raise ValueError(f"need outer_lr > 0 and 0 <= outer_momentum < 1; got {self.outer_lr}, "
                              f"{self.outer_momentum}")
+        if not 0 < self.compress_pull_ratio <= 1:
+            raise ValueError(f"need 0 < compress_pull_ratio <= 1, got {self.compress_pull_ratio}")
+        if self.compress_pull_ratio != 0.01 and self.compress_pull != "topk":
+            raise ValueError(f"--compress-pull-ratio applies to --compress-pull topk, not {self.compress_pull}")
         if self.outer_optimizer == "sgd" and self.outer_momentum != 0.9:
             raise ValueError("--outer-momentum applies to --outer-optimizer nesterov, not sgd")
         if self.compress not in SCHEMES:

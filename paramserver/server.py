@@ -55,6 +55,7 @@ from common.placement import place_chunks
 from common.trace import NULL_TRACER
 from common.wire import codec
 from common.wire.compress import make_scheme
+from common.wire.pull_compress import pull_scheme
 from common.wire.protocol import (
     BARRIER, DONE, HEARTBEAT, INIT, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS, VIEW, ProtocolError,
 )
@@ -284,7 +285,8 @@ class Server:
         job = self.cfg.job
         scheme = make_scheme(job.compress, job.compress_ratio, job.error_feedback == "on")
         optim = job.outer_optim() if job.mode == "diloco" else self.cfg.optim   # diloco: --optim* is the workers'
-        return Shard(chunks, dtype, optim, layout.decay_ranges(), scheme)
+        return Shard(chunks, dtype, optim, layout.decay_ranges(), scheme,
+                     pull_scheme(job.compress_pull, job.compress_pull_ratio))
 
     def _start(self, job: dict):
         """Set up the shard and its serving object from the coordinator's JOB answer (and a
@@ -359,6 +361,8 @@ class Server:
                    STATUS: self._on_status, HEARTBEAT: self._on_heartbeat, BARRIER: self._unsupported,
                    SHUTDOWN: self._unsupported, VIEW: self._unsupported}.get(msg.cmd, self._unsupported)
         try:
+            if msg.cmd in (PULL, PUSH):
+                self.replier.note_request(identity, msg.meta)     # --compress-pull: what it holds
             handler(identity, msg)
         except ProtocolError as e:
             self.state.refused += 1

@@ -1,0 +1,177 @@
+"""Compressed pulls (``--compress-pull``): a server answers with the compressed CHANGE of
+its parameters against the copy the workers hold, and keeps what it did not send.
+
+The push side (``compress.py``) keeps an error-feedback residual on each worker; the pull
+side turns it around. The server keeps, per chunk, θ̂: exactly the values every worker
+holds. When it answers at a version it has not answered at yet, it refreshes the chunk
+once for everyone:
+
+    Δ = C(θ - θ̂)          the chosen scheme (bf16, int8, topk) on the difference
+    θ̂ <- θ̂ + D(Δ)         D: the decoding the workers do, bit for bit
+
+and every worker that holds the θ̂ of the refresh before gets Δ and adds D(Δ) to its
+copy, so it holds the new θ̂ exactly. What C dropped stays in θ - θ̂ and goes out with
+a later answer: error feedback on the server (as in DoubleSqueeze, Tang et al. 2019, and
+the two-way compression of SparseLoCo). A worker that holds nothing or another version
+(it joins, rejoins, or missed an answer: asp/ssp, where the versions move on between a
+worker's reads) gets θ̂ in full, as float values; so every worker's parameters are
+always one θ̂ of the server. The first answer of a chunk sets θ̂ = θ (in full).
+
+Every request carries ``held``: the version of the θ̂ it holds of the chunks it asks for
+(-1: none, or not one version); ``PullEncoder.note`` records it per connection, and
+``answer`` picks, per chunk, the change or the full θ̂. The random numbers of int8's
+stochastic rounding come from (chunk, version) alone: a refresh after a restart is the
+refresh before it. ``state``/``load`` are what a checkpoint keeps (θ̂ and the versions).
+
+``PullDecoder`` is the worker's side: its copy of θ̂ (its own vector: a local-sgd or
+diloco worker moves its parameters between pulls), the version of each chunk, and the
+answer's chunks written into ``params``.
+
+Not here: when answers are sent (``paramserver/replier.py``), reading answers
+(``worker/answers.py``), the schemes (``compress.py``).
+"""
+from __future__ import annotations
+
+import numpy
+
+from common.wire.compress import decode_chunk, make_scheme
+from common.wire.protocol import ProtocolError
+
+PULL_SCHEMES = ("none", "bf16", "int8", "topk")
+SEED = 0x5EED                  # int8's rounding: numpy's generator seeded with (SEED, chunk begin, version)
+
+
+def pull_scheme(name: str, ratio: float):
+    """The scheme of ``--compress-pull`` (None for none); top-k keeps ``ratio`` of each chunk."""
+    if name not in PULL_SCHEMES:
+        raise ValueError(f"compress_pull must be one of {', '.join(PULL_SCHEMES)}, got {name!r}")
+    return make_scheme(name, ratio) if name != "none" else None
+
+
+def held_version(versions) -> int:
+    """What a request says it holds: the one version of ``versions`` (-1 if none or several)."""
+    versions = set(versions)
+    return versions.pop() if len(versions) == 1 else -1
+
+
+class PullEncoder:
+    def __init__(self, scheme, chunks, dtype, peers: int = 64):
+        """``chunks``: this server's (begin, end) ranges in the order of its shard;
+        ``peers``: how many connections' ``held`` are remembered (the oldest are forgotten)."""
+        self.scheme, self.chunks = scheme, [(int(b), int(e)) for b, e in chunks]
+        self.offsets = numpy.cumsum([0] + [e - b for b, e in self.chunks])
+        self.hat = numpy.zeros(int(self.offsets[-1]), dtype=dtype)
+        n = len(self.chunks)
+        self.version = [-1] * n        # the version θ̂ of each chunk stands for (-1: never answered)
+        self.base = [-1] * n           # the version it stood for before its last refresh
+        self.parts: list = [None] * n  # that refresh's [(part name, array)] (None: sent in full)
+        self.held: dict[bytes, int] = {}
+        self.peers = peers
+
+    def view(self, c: int):
+        return self.hat[self.offsets[c]:self.offsets[c + 1]]
+
+    def note(self, identity: bytes, meta: dict):
+        """A request from ``identity``: remember the version of θ̂ it says it holds."""
+        held = meta.get("held", -1)
+        if not isinstance(held, int) or isinstance(held, bool) or held < -1:
+            raise ProtocolError(f"held must be a version >= -1, got {held!r}")
+        self.held.pop(identity, None)
+        self.held[identity] = held
+        while len(self.held) > self.peers:
+            del self.held[next(iter(self.held))]
+
+    def refresh(self, c: int, theta, version: int):
+        """θ̂ of chunk ``c`` brought to ``theta`` (the chunk at ``version``), once per version."""
+        if self.version[c] == version:
+            return
+        hat = self.view(c)
+        if self.version[c] < 0:
+            hat[...] = theta
+            parts = None
+        else:
+            diff = numpy.subtract(theta, hat)
+            rng = numpy.random.default_rng([SEED, self.chunks[c][0], version])
+            parts = [(name, a.copy()) for name, a in
+                     self.scheme.encode(diff, self.scheme.buffers(diff.size), rng)]
+            decode_chunk(self.scheme, [a for _, a in parts], [n for n, _ in parts], diff)
+            hat += diff
+        self.base[c], self.version[c], self.parts[c] = self.version[c], version, parts
+
+    def answer(self, identity: bytes, ids, arrays, version: int):
+        """The answer's arrays for the chunk indices ``ids`` whose values are ``arrays`` at
+        ``version``: (arrays, ranges, encs, dtypes) for ``codec.encode``."""
+        held = self.held.get(identity, -1)
+        out, ranges, encs, dtypes = [], [], [], []
+        wire = dict(self.scheme.parts)
+        for c, theta in zip(ids, arrays):
+            self.refresh(c, theta, version)
+            parts = self.parts[c] if held >= 0 and held == self.base[c] else None
+            if parts is None:            # in full: a copy (θ̂ changes with the next refresh)
+                parts = [(None, self.view(c).copy())]
+            for name, a in parts:
+                out.append(a)
+                ranges.append(self.chunks[c])
+                encs.append(name)
+                dtypes.append(wire.get(name))
+        return out, ranges, encs, dtypes
+
+    def state(self) -> dict:
+        return {"hat": self.hat, "version": list(self.version), "base": list(self.base)}
+
+    def load(self, state: dict):
+        """From a checkpoint: θ̂ and its versions (the last changes are not kept: a worker
+        asking for one again gets θ̂ in full)."""
+        self.hat[...] = state["hat"]
+        self.version, self.base = [int(v) for v in state["version"]], [int(v) for v in state["base"]]
+        self.parts = [None] * len(self.chunks)
+
+
+class PullDecoder:
+    def __init__(self, scheme, chunks, size: int, dtype):
+        """``chunks``: every chunk (begin, end) of the job, in the order of the flat vector."""
+        self.scheme = scheme
+        self.index = {(b, e): i for i, (b, e) in enumerate(chunks)}
+        self.hat = numpy.zeros(size, dtype=dtype)
+        self.version = [-1] * len(chunks)      # per chunk: the version of θ̂ held (-1: none)
+
+    def held(self, ids) -> int:
+        return held_version(self.version[i] for i in ids)
+
+    def forget(self):
+        """Hold nothing (a worker registering again asks for θ̂ in full)."""
+        self.version = [-1] * len(self.version)
+
+    def take(self, msg, params, placed=None) -> list[int]:
+        """The chunks of an answer ``msg`` into θ̂ and ``params``; returns their indices.
+        A plain array is θ̂ in full (already in ``params`` where ``placed``); compressed
+        parts are the change, added to θ̂."""
+        version, done, i = msg.meta.get("version", -1), [], 0
+        arrays, ranges, encs = msg.arrays, msg.ranges, msg.encs or [None] * len(msg.arrays)
+        placed = placed or [False] * len(arrays)
+        while i < len(arrays):
+            r = ranges[i]
+            c = self.index.get(r)
+            if c is None or c in done:
+                raise ProtocolError(f"an answer with a range {r} that is not a chunk, or twice")
+            b, e = r
+            if encs[i] is None:
+                a = params[b:e] if placed[i] else arrays[i]
+                if a.shape != (e - b,):
+                    raise ProtocolError(f"chunk [{b}, {e}) answered with shape {a.shape}")
+                self.hat[b:e] = a
+                i += 1
+            else:
+                if self.scheme is None or self.version[c] < 0:
+                    raise ProtocolError(f"a compressed change of [{b}, {e}) for a worker that holds none of it")
+                j = i
+                while j < len(arrays) and ranges[j] == r and encs[j] is not None:
+                    j += 1
+                change = numpy.empty(e - b, dtype=self.hat.dtype)
+                decode_chunk(self.scheme, arrays[i:j], encs[i:j], change)
+                self.hat[b:e] += change
+                i = j
+            params[b:e] = self.hat[b:e]
+            self.version[c] = version
+            done.append(c)
+        return done
