@@ -59,6 +59,9 @@ from common.files import atomic_write
 from common.wire.protocol import ProtocolError
 
 COUNT, LATE, LATE_WAIT = "count", "late", "late-wait"
+# what each worker's push says it moved (worker/client.py), summed into the answers' ``stats``:
+# arrays pushed and pulled, and every frame sent and received, headers included
+WIRE_COUNTERS = ("bytes_pushed", "bytes_pulled", "bytes_sent", "bytes_received")
 
 
 @dataclass
@@ -293,9 +296,8 @@ class AsyncServing:
     def _answer_push(self, identity, msg, rank: int):
         meta = msg.meta
         total = self.totals.setdefault(rank, {"tokens": 0})
-        total.update(tokens=total["tokens"] + meta.get("tokens", 0), bytes_pushed=meta.get("bytes_pushed", 0),
-                     bytes_pulled=meta.get("bytes_pulled", 0))
-        stats = {k: sum(t.get(k, 0) for t in self.totals.values()) for k in ("tokens", "bytes_pushed", "bytes_pulled")}
+        total.update(tokens=total["tokens"] + meta.get("tokens", 0), **{k: meta.get(k, 0) for k in WIRE_COUNTERS})
+        stats = {k: sum(t.get(k, 0) for t in self.totals.values()) for k in ("tokens", *WIRE_COUNTERS)}
         extra = {"loss": meta["loss"]} if "loss" in meta else {}
         self._hold(identity, msg.rid, rank, stats=stats, **extra)
 

@@ -84,10 +84,13 @@ class Replier:
         frames = codec.encode(NORM, self.name, step=step, **meta)
         for p in peers:
             self.peers[p].send(frames)
+            self.traffic.sent(b"", frames_nbytes(frames))               # (totals only)
 
     def peer_link(self, peer: int) -> int:
         """How many times the link to server ``peer`` was (re)established."""
         return self.peers[peer].connections()[0]
 
     def to_coordinator(self, cmd: str, **meta):
-        self.coordinator.send(codec.encode(cmd, self.name, **meta))
+        frames = codec.encode(cmd, self.name, **meta)
+        self.coordinator.send(frames)
+        self.traffic.sent(b"", frames_nbytes(frames))

@@ -229,7 +229,8 @@ class Server:
         c = self.checkpoints
         extra = dict(refused=self.state.refused, repeated_pushes=self.applied.repeats,
                      checkpoints_written=c.written, checkpoint_s=c.seconds, resumed_at=self.state.resumed_at,
-                     failure=self.state.failure or None)
+                     failure=self.state.failure or None, bytes_in=self.replier.traffic.bytes_in,
+                     bytes_out=self.replier.traffic.bytes_out, peers=self.replier.traffic.table())
         if self.coordinator:
             extra.update(self.coordinator.metrics())
         job = self.cfg.job
@@ -375,6 +376,7 @@ class Server:
     def _handle_control(self, frames):
         """A message from the coordinator (servers s > 0): a heartbeat's answer, a view, the end."""
         msg = self._decode(frames, "the coordinator")
+        self.replier.traffic.received(b"", "link:coordinator", frames_nbytes(frames), -1, "")   # (totals only)
         if msg is None:
             return
         ctl = self.link.control(msg)

@@ -33,7 +33,10 @@ makes itself (plain BSP; ``worker/mode_loops.py``):
 With ``--compress`` each chunk of a push is compressed (``common/wire/compress.py``), the
 residual kept here for error feedback. ``bytes_pushed`` and ``bytes_pulled`` count the
 arrays' bytes on the wire (compressed, when they are), not the headers (a hundred or two
-bytes a message), so that a push can carry the count including itself.
+bytes a message), so that a push can carry the count including itself; ``bytes_sent`` and
+``bytes_received`` count every frame to and from the servers and the coordinator, headers
+and resends included (``Requests``; the heartbeats' own socket is not counted), and a push
+carries them as they were before it.
 
 How the answers are read depends on the consistency model (``--mode``, see
 ``paramserver/modes.py``): in bsp and local-sgd every server answers at the same
@@ -212,6 +215,8 @@ class PSClient:
     wait_s = property(lambda self: self.stats.wait_s)
     rejoins = property(lambda self: self.stats.rejoins)
     resends = property(lambda self: self.requests.resends)
+    bytes_sent = property(lambda self: self.requests.bytes_sent)
+    bytes_received = property(lambda self: self.requests.bytes_received)
 
     # --- the job ------------------------------------------------------------------------
     def register(self, layout: Layout, dtype: str, tokenizer: str = "") -> dict:
@@ -429,7 +434,8 @@ class PSClient:
                     ranges.append((b, e))
                     encs.append(enc)
             meta = dict(sp.meta, bytes_pushed=self.stats.bytes_pushed + sum(a.nbytes for a in arrays),
-                        bytes_pulled=self.bytes_pulled)
+                        bytes_pulled=self.bytes_pulled, bytes_sent=self.bytes_sent,
+                        bytes_received=self.bytes_received)
             if self.asynchronous:
                 meta["base_version"] = self.versions[s]
             meta.update(self.answers.held(ids))

@@ -102,7 +102,8 @@ META = {
     # session: the worker's incarnation (the coordinator's JOB answer gives it): with the
     # request id it names a push uniquely, so a resent one is applied at most once
     PUSH: ({}, {"loss": _num, "tokens": int, "bytes_pushed": int, "bytes_pulled": int,
-                "base_version": int, "grad_sumsq": _num, "session": int, "held": int}),
+                "base_version": int, "grad_sumsq": _num, "session": int, "held": int, "bytes_sent": int,
+                "bytes_received": int}),
     # workers: the set of workers whose gradients this server averages for the step (the
     # servers agree on it, paramserver/agreement.py); fresh: the sender restarted and may have
     # lost its peers' norms, answer with yours; echo: such an answer (never answered)
