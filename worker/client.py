@@ -36,7 +36,7 @@ arrays' bytes on the wire (compressed, when they are), not the headers (a hundre
 bytes a message), so that a push can carry the count including itself; ``bytes_sent`` and
 ``bytes_received`` count every frame to and from the servers and the coordinator, headers
 and resends included (``Requests``; the heartbeats' own socket is not counted), and a push
-carries them as they were before it.
+carries them as they were before it, plus its own arrays.
 
 How the answers are read depends on the consistency model (``--mode``, see
 ``paramserver/modes.py``): in bsp and local-sgd every server answers at the same
@@ -434,8 +434,8 @@ class PSClient:
                     ranges.append((b, e))
                     encs.append(enc)
             meta = dict(sp.meta, bytes_pushed=self.stats.bytes_pushed + sum(a.nbytes for a in arrays),
-                        bytes_pulled=self.bytes_pulled, bytes_sent=self.bytes_sent,
-                        bytes_received=self.bytes_received)
+                        bytes_pulled=self.bytes_pulled, bytes_received=self.bytes_received,
+                        bytes_sent=self.bytes_sent + sum(a.nbytes for a in arrays))   # all but its own header
             if self.asynchronous:
                 meta["base_version"] = self.versions[s]
             meta.update(self.answers.held(ids))
