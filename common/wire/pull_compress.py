@@ -12,10 +12,12 @@ once for everyone:
 and every worker that holds the θ̂ of the refresh before gets Δ and adds D(Δ) to its
 copy, so it holds the new θ̂ exactly. What C dropped stays in θ - θ̂ and goes out with
 a later answer: error feedback on the server (as in DoubleSqueeze, Tang et al. 2019, and
-the two-way compression of SparseLoCo). A worker that holds nothing or another version
-(it joins, rejoins, or missed an answer: asp/ssp, where the versions move on between a
-worker's reads) gets θ̂ in full, as float values; so every worker's parameters are
-always one θ̂ of the server. The first answer of a chunk sets θ̂ = θ (in full).
+the two-way compression of SparseLoCo). A worker that missed refreshes (asp/ssp, where
+the versions move on between a worker's reads) gets the changes since the θ̂ it holds,
+in order, when the server still has them (at most the last ``DEPTH``, and fewer bytes
+than θ̂ in full, are kept); otherwise, and when it holds nothing (it joins or rejoins), it gets θ̂ in full,
+as float values. So every worker's parameters are always one θ̂ of the server. The
+first answer of a chunk sets θ̂ = θ (in full).
 
 Every request carries ``held``: the version of the θ̂ it holds of the chunks it asks for
 (-1: none, or not one version); ``PullEncoder.note`` records it per connection, and
@@ -39,6 +41,7 @@ from common.wire.protocol import ProtocolError
 
 PULL_SCHEMES = ("none", "bf16", "int8", "topk")
 SEED = 0x5EED                  # int8's rounding: numpy's generator seeded with (SEED, chunk begin, version)
+DEPTH = 8                      # refreshes of each chunk kept, for a worker that missed some
 
 
 def pull_scheme(name: str, ratio: float):
@@ -63,8 +66,8 @@ class PullEncoder:
         self.hat = numpy.zeros(int(self.offsets[-1]), dtype=dtype)
         n = len(self.chunks)
         self.version = [-1] * n        # the version θ̂ of each chunk stands for (-1: never answered)
-        self.base = [-1] * n           # the version it stood for before its last refresh
-        self.parts: list = [None] * n  # that refresh's [(part name, array)] (None: sent in full)
+        # per chunk, its last refreshes, oldest first: (version before, [(part name, array)])
+        self.history: list[list] = [[] for _ in range(n)]
         self.held: dict[bytes, int] = {}
         self.peers = peers
 
@@ -88,7 +91,6 @@ class PullEncoder:
         hat = self.view(c)
         if self.version[c] < 0:
             hat[...] = theta
-            parts = None
         else:
             diff = numpy.subtract(theta, hat)
             rng = numpy.random.default_rng([SEED, self.chunks[c][0], version])
@@ -96,7 +98,22 @@ class PullEncoder:
                      self.scheme.encode(diff, self.scheme.buffers(diff.size), rng)]
             decode_chunk(self.scheme, [a for _, a in parts], [n for n, _ in parts], diff)
             hat += diff
-        self.base[c], self.version[c], self.parts[c] = self.version[c], version, parts
+            kept = self.history[c] = self.history[c][1 - DEPTH:] + [(self.version[c], parts)]
+            while len(kept) > 1 and sum(a.nbytes for _, change in kept for _, a in change) >= hat.nbytes:
+                kept.pop(0)              # a chain as large as θ̂ is never sent: at most θ̂'s bytes kept
+        self.version[c] = version
+
+    def changes_since(self, c: int, held: int) -> list | None:
+        """The parts of chunk ``c``'s refreshes after version ``held``, in order, when they
+        are all kept and take fewer bytes than θ̂ in full; else None."""
+        if held < 0 or held >= self.version[c]:
+            return None
+        for i in range(len(self.history[c]) - 1, -1, -1):
+            if self.history[c][i][0] == held:
+                parts = [p for _, change in self.history[c][i:] for p in change]
+                small = sum(a.nbytes for _, a in parts) < self.view(c).nbytes
+                return parts if small else None
+        return None
 
     def answer(self, identity: bytes, ids, arrays, version: int):
         """The answer's arrays for the chunk indices ``ids`` whose values are ``arrays`` at
@@ -106,7 +123,7 @@ class PullEncoder:
         wire = dict(self.scheme.parts)
         for c, theta in zip(ids, arrays):
             self.refresh(c, theta, version)
-            parts = self.parts[c] if held >= 0 and held == self.base[c] else None
+            parts = self.changes_since(c, held)
             if parts is None:            # in full: a copy (θ̂ changes with the next refresh)
                 parts = [(None, self.view(c).copy())]
             for name, a in parts:
@@ -117,14 +134,14 @@ class PullEncoder:
         return out, ranges, encs, dtypes
 
     def state(self) -> dict:
-        return {"hat": self.hat, "version": list(self.version), "base": list(self.base)}
+        return {"hat": self.hat, "version": list(self.version)}
 
     def load(self, state: dict):
-        """From a checkpoint: θ̂ and its versions (the last changes are not kept: a worker
-        asking for one again gets θ̂ in full)."""
+        """From a checkpoint: θ̂ and its versions (the changes are not kept: a worker that
+        misses one gets θ̂ in full)."""
         self.hat[...] = state["hat"]
-        self.version, self.base = [int(v) for v in state["version"]], [int(v) for v in state["base"]]
-        self.parts = [None] * len(self.chunks)
+        self.version = [int(v) for v in state["version"]]
+        self.history = [[] for _ in self.chunks]
 
 
 class PullDecoder:
@@ -164,13 +181,11 @@ class PullDecoder:
             else:
                 if self.scheme is None or self.version[c] < 0:
                     raise ProtocolError(f"a compressed change of [{b}, {e}) for a worker that holds none of it")
-                j = i
-                while j < len(arrays) and ranges[j] == r and encs[j] is not None:
-                    j += 1
-                change = numpy.empty(e - b, dtype=self.hat.dtype)
-                decode_chunk(self.scheme, arrays[i:j], encs[i:j], change)
-                self.hat[b:e] += change
-                i = j
+                change, per = numpy.empty(e - b, dtype=self.hat.dtype), len(self.scheme.parts)
+                while i < len(arrays) and ranges[i] == r and encs[i] is not None:     # one change after another
+                    decode_chunk(self.scheme, arrays[i:i + per], encs[i:i + per], change)
+                    self.hat[b:e] += change
+                    i += per
             params[b:e] = self.hat[b:e]
             self.version[c] = version
             done.append(c)
