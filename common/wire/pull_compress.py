@@ -58,7 +58,7 @@ def held_version(versions) -> int:
 
 
 class PullEncoder:
-    def __init__(self, scheme, chunks, dtype, peers: int = 64):
+    def __init__(self, scheme, chunks, dtype, peers: int = 1024):
         """``chunks``: this server's (begin, end) ranges in the order of its shard;
         ``peers``: how many connections' ``held`` are remembered (the oldest are forgotten)."""
         self.scheme, self.chunks = scheme, [(int(b), int(e)) for b, e in chunks]
@@ -154,10 +154,6 @@ class PullDecoder:
 
     def held(self, ids) -> int:
         return held_version(self.version[i] for i in ids)
-
-    def forget(self):
-        """Hold nothing (a worker registering again asks for θ̂ in full)."""
-        self.version = [-1] * len(self.version)
 
     def take(self, msg, params, placed=None) -> list[int]:
         """The chunks of an answer ``msg`` into θ̂ and ``params``; returns their indices.
