@@ -39,7 +39,9 @@ import typing
 from dataclasses import dataclass
 
 from common.wire.compress import SCHEMES
+from common.wire.pull_compress import PULL_SCHEMES
 from common.config import add_arguments
+from common.optim import OptimConfig
 from common.wire.addresses import pick_address
 from common.placement import DEFAULT_CHUNK_MB
 
@@ -48,7 +50,8 @@ ENV = {"rank": "PS_RANK", "num_servers": "PS_NUM_SERVERS", "num_workers": "PS_NU
        "timeout": "PS_TIMEOUT", "interface": "PS_INTERFACE", "subnet": "PS_SUBNET", "curve": "PS_CURVE",
        "heartbeat": "PS_HEARTBEAT", "heartbeat_misses": "PS_HEARTBEAT_MISSES"}
 
-MODES = ("bsp", "asp", "ssp", "local-sgd")
+MODES = ("bsp", "asp", "ssp", "local-sgd", "diloco")
+OUTER_OPTIMIZERS = ("nesterov", "sgd")
 
 
 @dataclass
@@ -97,16 +100,22 @@ class JobConfig:
 
     The consistency models (``paramserver/modes.py`` for the servers' side,
     ``worker/mode_loops.py`` for the workers'; docs/consistency.md for the lesson)."""
-    CHOICES = {"mode": MODES, "compress": SCHEMES, "error_feedback": ("on", "off")}
-    mode: str = "bsp"                       # consistency model: bsp (bulk synchronous), asp (asynchronous), ssp (stale synchronous), local-sgd (local steps, then model averaging)
+    CHOICES = {"mode": MODES, "compress": SCHEMES, "error_feedback": ("on", "off"),
+               "outer_optimizer": OUTER_OPTIMIZERS, "compress_pull": PULL_SCHEMES}
+    mode: str = "bsp"                       # consistency model: bsp (bulk synchronous), asp (asynchronous), ssp (stale synchronous), local-sgd (local steps, then model averaging), diloco (local steps of the inner optimizer, then an outer optimizer step on the servers)
     staleness: int = 0                      # ssp: a worker may run this many clocks ahead of the slowest live worker (0 = lockstep)
-    local_steps: int = 1                    # local-sgd: optimizer steps each worker takes between two averagings (H)
+    local_steps: int = 1                    # local-sgd, diloco: optimizer steps each worker takes between two pushes (H)
+    outer_optimizer: str = "nesterov"       # diloco: the servers' optimizer on the averaged pseudo-gradient: nesterov (momentum SGD, Nesterov's form) or sgd
+    outer_lr: float = 0.7                   # diloco: the outer learning rate (DiLoCo, OpenDiLoCo: 0.7)
+    outer_momentum: float = 0.9             # diloco with --outer-optimizer nesterov: the outer momentum (DiLoCo: 0.9)
     backup_workers: int = 0                 # bsp: a step proceeds with the first W - b gradients; later ones are dropped and counted
     chunk_mb: float = DEFAULT_CHUNK_MB      # the flat vector is cut into equal chunks of at most this many MiB, dealt over the servers (see --show-placement)
     compress: str = "none"                  # gradient compression on the push: none, fp16, bf16, int8 (stochastic, QSGD-style), topk or randk (common/wire/compress.py)
     compress_ratio: float = 0.01            # topk/randk: the fraction of each chunk's entries sent
     error_feedback: str = "on"              # with --compress: keep on the worker what was not sent and add it to the next push
     compress_momentum: float = 0.0          # with --compress: momentum applied on the workers before compressing (Deep Gradient Compression's momentum correction; the servers then run --optimizer sgd)
+    compress_pull: str = "none"             # compression of the parameters a server answers with: none, bf16, int8, topk (the change against the copy the workers hold, with error feedback on the server; common/wire/pull_compress.py)
+    compress_pull_ratio: float = 0.01       # --compress-pull topk: the fraction of each chunk's entries sent
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -115,10 +124,23 @@ class JobConfig:
             raise ValueError(f"need staleness >= 0, local_steps >= 1, backup_workers >= 0; got "
                              f"{self.staleness}, {self.local_steps}, {self.backup_workers}")
         # a setting that the chosen mode would ignore is a mistake: say so rather than ignore it
-        for name, default, mode in (("staleness", 0, "ssp"), ("local_steps", 1, "local-sgd"),
-                                    ("backup_workers", 0, "bsp")):
-            if getattr(self, name) != default and self.mode != mode:
-                raise ValueError(f"--{name.replace('_', '-')} applies to --mode {mode}, not {self.mode}")
+        for name, default, modes in (("staleness", 0, ("ssp",)), ("local_steps", 1, ("local-sgd", "diloco")),
+                                     ("backup_workers", 0, ("bsp",)), ("outer_optimizer", "nesterov", ("diloco",)),
+                                     ("outer_lr", 0.7, ("diloco",)), ("outer_momentum", 0.9, ("diloco",))):
+            if getattr(self, name) != default and self.mode not in modes:
+                raise ValueError(f"--{name.replace('_', '-')} applies to --mode {' or '.join(modes)}, not {self.mode}")
+        if self.outer_optimizer not in OUTER_OPTIMIZERS or self.compress_pull not in PULL_SCHEMES:
+            raise ValueError(f"need outer_optimizer in {OUTER_OPTIMIZERS} and compress_pull in {PULL_SCHEMES}; got "
+                             f"{self.outer_optimizer!r}, {self.compress_pull!r}")
+        if not (self.outer_lr > 0 and 0 <= self.outer_momentum < 1):
+            raise ValueError(f"need outer_lr > 0 and 0 <= outer_momentum < 1; got {self.outer_lr}, "
+                             f"{self.outer_momentum}")
+        if not 0 < self.compress_pull_ratio <= 1:
+            raise ValueError(f"need 0 < compress_pull_ratio <= 1, got {self.compress_pull_ratio}")
+        if self.compress_pull_ratio != 0.01 and self.compress_pull != "topk":
+            raise ValueError(f"--compress-pull-ratio applies to --compress-pull topk, not {self.compress_pull}")
+        if self.outer_optimizer == "sgd" and self.outer_momentum != 0.9:
+            raise ValueError("--outer-momentum applies to --outer-optimizer nesterov, not sgd")
         if self.compress not in SCHEMES:
             raise ValueError(f"compress must be one of {', '.join(SCHEMES)}, got {self.compress!r}")
         if self.error_feedback not in ("on", "off"):
@@ -130,6 +152,8 @@ class JobConfig:
             raise ValueError(f"--compress-ratio applies to --compress topk or randk, not {self.compress}")
         if not 0 <= self.compress_momentum < 1:
             raise ValueError(f"compress_momentum must lie in [0, 1), got {self.compress_momentum}")
+        if self.compress_momentum and self.mode in ("local-sgd", "diloco"):
+            raise ValueError(f"--compress-momentum applies to gradients, not to the parameter changes of {self.mode}")
         if self.compress_momentum and self.compress == "none":
             raise ValueError("--compress-momentum applies with --compress (without, use --optimizer momentum)")
         if self.error_feedback != "on" and self.compress == "none":
@@ -137,8 +161,19 @@ class JobConfig:
 
     @property
     def synchronous(self) -> bool:
-        """Steps (rounds) that every worker takes together: bsp and local-sgd."""
-        return self.mode in ("bsp", "local-sgd")
+        """Steps (rounds) that every worker takes together: bsp, local-sgd and diloco."""
+        return self.mode in ("bsp", "local-sgd", "diloco")
+
+    @property
+    def local(self) -> bool:
+        """Workers take H local optimizer steps between two pushes: local-sgd and diloco."""
+        return self.mode in ("local-sgd", "diloco")
+
+    def outer_optim(self) -> OptimConfig:
+        """diloco: the servers' outer optimizer (no weight decay, no schedule, no clipping:
+        the inner optimizer on the workers has those)."""
+        return OptimConfig(optimizer="sgd" if self.outer_optimizer == "sgd" else "nesterov", lr=self.outer_lr,
+                           momentum=self.outer_momentum)
 
     def check_workers(self, num_workers: int):
         """What needs W: at least one gradient must make a backup-worker step."""

@@ -7,6 +7,8 @@ state and scratch, so a step allocates nothing.
 
 - ``SGD``: p -= lr * g
 - ``Momentum``: buf = mu * buf + g;  p -= lr * buf   (PyTorch's form, dampening 0)
+- ``Nesterov``: buf = mu * buf + g;  p -= lr * (g + mu * buf)   (PyTorch's ``nesterov=True``;
+  DiLoCo's outer optimizer, ``paramserver/steps.py``)
 - ``AdamW``: Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (2019), with
   bias correction, in PyTorch's order: p *= 1 - lr * wd, then the Adam step.
 Weight decay is decoupled for every optimizer and applies only to ``decay_ranges``
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy
 
-OPTIMIZERS = ("sgd", "momentum", "adamw")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
 CHUNK = 1 << 16        # elements per chunk of a step (256 KiB of float32 per array)
 
 
@@ -42,9 +44,9 @@ CHUNK = 1 << 16        # elements per chunk of a step (256 KiB of float32 per ar
 class OptimConfig:
     """How parameters are updated from averaged gradients."""
     CHOICES = {"optimizer": OPTIMIZERS}
-    optimizer: str = "adamw"      # one of sgd | momentum | adamw
+    optimizer: str = "adamw"      # one of sgd | momentum | nesterov | adamw
     lr: float = 1e-3              # peak learning rate
-    momentum: float = 0.9         # momentum coefficient (optimizer=momentum)
+    momentum: float = 0.9         # momentum coefficient (optimizer=momentum or nesterov)
     beta1: float = 0.9            # AdamW first-moment decay
     beta2: float = 0.95           # AdamW second-moment decay (GPT-2/nanoGPT use 0.95)
     eps: float = 1e-8             # AdamW denominator epsilon
@@ -235,6 +237,21 @@ class Momentum(Optimizer):
         self.buf[...] = state["buf"]
 
 
+class Nesterov(Momentum):
+    """Momentum with Nesterov's look-ahead: the step is g + mu * buf with the new buffer."""
+    name = "nesterov"
+
+    def _update(self, lo, hi, params, grads, lr, grad_scale, s, s2):
+        buf = self.buf[lo:hi]
+        buf *= self.cfg.momentum
+        numpy.multiply(grads, grad_scale, out=s)
+        buf += s
+        numpy.multiply(buf, self.cfg.momentum, out=s2)
+        s += s2                                           # s = g + mu buf
+        s *= lr
+        params -= s
+
+
 class AdamW(Optimizer):
     name = "adamw"
 
@@ -277,5 +294,5 @@ def make_optimizer(cfg: OptimConfig, size: int, dtype=numpy.float32, decay_range
                    threads: int = 1) -> Optimizer:
     """The optimizer that ``cfg.optimizer`` names, over a flat vector of ``size`` elements,
     stepping with ``threads`` threads."""
-    cls = {"sgd": SGD, "momentum": Momentum, "adamw": AdamW}[cfg.optimizer]
+    cls = {"sgd": SGD, "momentum": Momentum, "nesterov": Nesterov, "adamw": AdamW}[cfg.optimizer]
     return cls(cfg, size, dtype, decay_ranges, threads=threads)

@@ -10,6 +10,8 @@ a worker may read the parameters again.
 | ssp(s)        | at once, alone                                 | once every live worker's clock >= c - s      |
 | local-sgd     | with every worker's push of the round: the     | when the round is applied                    |
 |               | parameter CHANGES after H local steps averaged |                                              |
+| diloco        | the same, the averaged change (pseudo-         | when the round is applied                    |
+|               | gradient) fed to the OUTER optimizer           |                                              |
 
 A worker's clock is the number of pushes it has made; ``c`` in the table is the clock
 of the worker that asks to read. ``SyncRule`` and ``AsyncRule`` below hold these rules
@@ -32,6 +34,11 @@ Choices made here (docs/consistency.md explains them):
   asp and ssp runs ended 0.1-0.2 nats worse: W times the step size per round.)
 - local-sgd: the optimizer runs on the workers; the servers' update is plain model
   averaging, params -= mean(change), i.e. an outer SGD step with learning rate 1.
+- diloco (Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language
+  Models", 2023): the same rounds, but the mean change is the gradient of the shard's
+  OUTER optimizer (``JobConfig.outer_optim``: Nesterov momentum at --outer-lr, or SGD),
+  whose state is the shard's optimizer state (checkpointed like any other). Outer SGD
+  at lr 1 is local-sgd (a test keeps the identity).
 - ``Recorder`` measures every mode the same way: the staleness of each applied update
   (server version at apply - the version its gradient was computed on), the clock
   staleness of asp/ssp (the pusher's clock - the slowest live worker's clock when it
@@ -52,6 +59,9 @@ from common.files import atomic_write
 from common.wire.protocol import ProtocolError
 
 COUNT, LATE, LATE_WAIT = "count", "late", "late-wait"
+# what each worker's push says it moved (worker/client.py), summed into the answers' ``stats``:
+# arrays pushed and pulled, and every frame sent and received, headers included
+WIRE_COUNTERS = ("bytes_pushed", "bytes_pulled", "bytes_sent", "bytes_received")
 
 
 @dataclass
@@ -67,7 +77,7 @@ class ServingParts:
 
 
 class SyncRule:
-    """bsp (optionally with backup workers) and local-sgd: steps taken together.
+    """bsp (optionally with backup workers), local-sgd and diloco: steps taken together.
 
     A step needs ``quorum = W - backup_workers`` pushes. Without backup workers a push
     for a past step is a protocol error (it cannot happen in BSP); with them it is late:
@@ -286,9 +296,8 @@ class AsyncServing:
     def _answer_push(self, identity, msg, rank: int):
         meta = msg.meta
         total = self.totals.setdefault(rank, {"tokens": 0})
-        total.update(tokens=total["tokens"] + meta.get("tokens", 0), bytes_pushed=meta.get("bytes_pushed", 0),
-                     bytes_pulled=meta.get("bytes_pulled", 0))
-        stats = {k: sum(t.get(k, 0) for t in self.totals.values()) for k in ("tokens", "bytes_pushed", "bytes_pulled")}
+        total.update(tokens=total["tokens"] + meta.get("tokens", 0), **{k: meta.get(k, 0) for k in WIRE_COUNTERS})
+        stats = {k: sum(t.get(k, 0) for t in self.totals.values()) for k in ("tokens", *WIRE_COUNTERS)}
         extra = {"loss": meta["loss"]} if "loss" in meta else {}
         self._hold(identity, msg.rid, rank, stats=stats, **extra)
 

@@ -54,16 +54,29 @@ class Replier:
     def params(self, identity: bytes, rid: int, chunks=None, **meta):
         """Answer with this shard's parameters (or those of the chunk indices ``chunks``)."""
         shard = self.shard
-        arrays, ranges = shard.param_snapshot() if self.snapshot else shard.param_views()
-        if chunks is not None:
-            arrays, ranges = [arrays[c] for c in chunks], [ranges[c] for c in chunks]
-        self.reply(identity, OK, rid, arrays=arrays, ranges=ranges, version=shard.version, **meta)
+        arrays, _ = shard.param_snapshot() if self.snapshot else shard.param_views()
+        self._answer(identity, rid, range(len(arrays)) if chunks is None else chunks, arrays, shard.version, meta)
 
     def chunks(self, identity: bytes, rid: int, chunks, version: int, **meta):
         """Answer with the live (just updated) parameters of the chunk indices ``chunks``."""
-        arrays, ranges = self.shard.param_views()
-        self.reply(identity, OK, rid, arrays=[arrays[c] for c in chunks], ranges=[ranges[c] for c in chunks],
-                   version=version, **meta)
+        self._answer(identity, rid, chunks, self.shard.param_views()[0], version, meta)
+
+    def _answer(self, identity: bytes, rid: int, ids, arrays, version: int, meta: dict):
+        """The chunks ``ids`` of ``arrays`` (every chunk's values) at ``version``: as they are,
+        or with --compress-pull as the change against what the asker holds."""
+        arrays, pull = [arrays[c] for c in ids], self.shard.pull
+        if pull is None:
+            self.reply(identity, OK, rid, arrays=arrays, ranges=[self.shard.chunks[c] for c in ids],
+                       version=version, **meta)
+            return
+        arrays, ranges, encs, dtypes = pull.answer(identity, ids, arrays, version)
+        self.reply(identity, OK, rid, arrays=arrays, ranges=ranges, encs=encs, dtypes=dtypes, version=version,
+                   **meta)
+
+    def note_request(self, identity: bytes, meta: dict):
+        """A pull or push: with --compress-pull, remember which version its sender holds."""
+        if self.shard is not None and self.shard.pull is not None:
+            self.shard.pull.note(identity, meta)
 
     # --- to the other servers and to the coordinator ----------------------------------
     def norm(self, peers, step: int, **meta):
@@ -71,10 +84,13 @@ class Replier:
         frames = codec.encode(NORM, self.name, step=step, **meta)
         for p in peers:
             self.peers[p].send(frames)
+            self.traffic.sent(b"", frames_nbytes(frames))               # (totals only)
 
     def peer_link(self, peer: int) -> int:
         """How many times the link to server ``peer`` was (re)established."""
         return self.peers[peer].connections()[0]
 
     def to_coordinator(self, cmd: str, **meta):
-        self.coordinator.send(codec.encode(cmd, self.name, **meta))
+        frames = codec.encode(cmd, self.name, **meta)
+        self.coordinator.send(frames)
+        self.traffic.sent(b"", frames_nbytes(frames))

@@ -21,7 +21,7 @@ The server is the loop and the dispatch; everything else is a plain object besid
 | ``applied``             | dedupe.py           | exactly-once pushes                                 |
 
 How a push becomes an update depends on the consistency model (``--mode``), chosen
-once in ``serving_for``: bsp and local-sgd run synchronous steps (``steps.SyncServing``:
+once in ``serving_for``: bsp, local-sgd and diloco run synchronous steps (``steps.SyncServing``:
 every worker of the view pushes, the servers agree on the set of workers, average,
 step, answer); asp and ssp apply each push as it arrives (``modes.AsyncServing``), and
 ssp holds an answer back while its worker is too far ahead. Server 0 is also the
@@ -55,6 +55,7 @@ from common.placement import place_chunks
 from common.trace import NULL_TRACER
 from common.wire import codec
 from common.wire.compress import make_scheme
+from common.wire.pull_compress import pull_scheme
 from common.wire.protocol import (
     BARRIER, DONE, HEARTBEAT, INIT, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS, VIEW, ProtocolError,
 )
@@ -90,9 +91,9 @@ def serving_for(cluster: ClusterConfig, optim: OptimConfig, job: JobConfig, rank
     """The consistency model, chosen once: a function ``(shard, parts, server_addrs) ->``
     its serving object. Raises ValueError for a mode or a setting it cannot serve."""
     W = cluster.num_workers
-    if job.mode in ("bsp", "local-sgd"):
+    if job.synchronous:
         SyncRule(W, job.backup_workers)                    # checks --backup-workers now, not at the first step
-        clip = optim.grad_clip > 0 and job.mode == "bsp"   # local-sgd clips on the workers
+        clip = optim.grad_clip > 0 and job.mode == "bsp"   # local-sgd and diloco clip on the workers
         return lambda shard, parts, addrs: SyncServing(shard, parts, rank, addrs, job.mode, W,
                                                        job.backup_workers, clip)
     if job.mode in ("asp", "ssp"):
@@ -228,7 +229,8 @@ class Server:
         c = self.checkpoints
         extra = dict(refused=self.state.refused, repeated_pushes=self.applied.repeats,
                      checkpoints_written=c.written, checkpoint_s=c.seconds, resumed_at=self.state.resumed_at,
-                     failure=self.state.failure or None)
+                     failure=self.state.failure or None, bytes_in=self.replier.traffic.bytes_in,
+                     bytes_out=self.replier.traffic.bytes_out, peers=self.replier.traffic.table())
         if self.coordinator:
             extra.update(self.coordinator.metrics())
         job = self.cfg.job
@@ -283,7 +285,9 @@ class Server:
     def _make_shard(self, chunks, dtype: str, layout: Layout) -> Shard:
         job = self.cfg.job
         scheme = make_scheme(job.compress, job.compress_ratio, job.error_feedback == "on")
-        return Shard(chunks, dtype, self.cfg.optim, layout.decay_ranges(), scheme)
+        optim = job.outer_optim() if job.mode == "diloco" else self.cfg.optim   # diloco: --optim* is the workers'
+        return Shard(chunks, dtype, optim, layout.decay_ranges(), scheme,
+                     pull_scheme(job.compress_pull, job.compress_pull_ratio))
 
     def _start(self, job: dict):
         """Set up the shard and its serving object from the coordinator's JOB answer (and a
@@ -358,6 +362,8 @@ class Server:
                    STATUS: self._on_status, HEARTBEAT: self._on_heartbeat, BARRIER: self._unsupported,
                    SHUTDOWN: self._unsupported, VIEW: self._unsupported}.get(msg.cmd, self._unsupported)
         try:
+            if msg.cmd in (PULL, PUSH):
+                self.replier.note_request(identity, msg.meta)     # --compress-pull: what it holds
             handler(identity, msg)
         except ProtocolError as e:
             self.state.refused += 1
@@ -370,6 +376,7 @@ class Server:
     def _handle_control(self, frames):
         """A message from the coordinator (servers s > 0): a heartbeat's answer, a view, the end."""
         msg = self._decode(frames, "the coordinator")
+        self.replier.traffic.received(b"", "link:coordinator", frames_nbytes(frames), -1, "")   # (totals only)
         if msg is None:
             return
         ctl = self.link.control(msg)

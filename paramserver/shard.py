@@ -28,16 +28,18 @@ from __future__ import annotations
 import numpy
 
 from common.wire.compress import decode_chunk, all_finite
+from common.wire.pull_compress import PullEncoder
 from common.layout import intersect_ranges
 from common.optim import OptimConfig, clip_scale, lr_at, make_optimizer, sum_of_squares
 from common.wire.protocol import ProtocolError
 
 
 class Shard:
-    def __init__(self, chunks, dtype, optim: OptimConfig, decay_ranges=(), scheme=None):
+    def __init__(self, chunks, dtype, optim: OptimConfig, decay_ranges=(), scheme=None, pull_scheme=None):
         """``chunks``: the global ranges this server owns; ``decay_ranges``: the job's
         global weight-decay ranges (the shard keeps the parts inside its chunks);
-        ``scheme``: the job's gradient compression (``common.wire.compress``; None: plain)."""
+        ``scheme``: the job's gradient compression (``common.wire.compress``; None: plain);
+        ``pull_scheme``: the compression of its answers (``--compress-pull``; None: plain)."""
         self.scheme = scheme
         self.chunks = [(int(b), int(e)) for b, e in chunks]
         self.dtype = numpy.dtype(dtype)
@@ -62,6 +64,8 @@ class Shard:
         self.avg_scale = 1.0                # avg holds avg_scale^-1 times the mean (average_chunk: the sum)
         self.held = {}                      # (rank, chunk) -> its pushed gradient, as received (store_gradient)
         self._sources = {}                  # chunk -> its gradient for the update (average_chunk)
+        # --compress-pull: the copy the workers hold and its versions, checkpointed with the shard
+        self.pull = PullEncoder(pull_scheme, self.chunks, self.dtype) if pull_scheme is not None else None
 
     # --- addressing ---------------------------------------------------------------
     def locate(self, begin: int, end: int) -> slice:

@@ -82,7 +82,10 @@ def save(folder, rank: int, shard, layout_hash: str, extra: dict, keep: int = KE
     opt = shard.optimizer.state_dict()
     tensors = {"params": shard.params}
     tensors.update({f"optimizer.{k}": v for k, v in opt.items() if isinstance(v, numpy.ndarray)})
-    state = {"format": FORMAT, "rank": rank, "version": shard.version, "initialized": shard.initialized,
+    pull = shard.pull.state() if shard.pull is not None else None     # --compress-pull: θ̂, its versions
+    if pull is not None:
+        tensors["pull.hat"] = pull.pop("hat")
+    state = {"pull": pull, "format": FORMAT, "rank": rank, "version": shard.version, "initialized": shard.initialized,
              "chunks": [list(c) for c in shard.chunks], "dtype": shard.dtype.name, "layout_hash": layout_hash,
              "optimizer": shard.optim_cfg.optimizer, "optimizer_config": dataclasses.asdict(shard.optim_cfg),
              "optimizer_scalars": {k: v for k, v in opt.items() if not isinstance(v, numpy.ndarray)},
@@ -114,6 +117,8 @@ def load(folder, rank: int, version: int, shard, layout_hash: str) -> dict:
     opt = dict(state["optimizer_scalars"])
     opt.update({k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")})
     shard.optimizer.load_state_dict(opt)
+    if shard.pull is not None and state.get("pull"):
+        shard.pull.load(dict(state["pull"], hat=tensors["pull.hat"]))
     shard.version = version
     shard.initialized = bool(state["initialized"])
     return state["extra"]
@@ -144,6 +149,8 @@ def check_arrays(path, tensors: dict, shard):
     want = {"params": shard.params.shape}
     want.update({f"optimizer.{k}": v.shape for k, v in shard.optimizer.state_dict().items()
                  if isinstance(v, numpy.ndarray)})
+    if shard.pull is not None and "pull.hat" in tensors:
+        want["pull.hat"] = shard.pull.hat.shape
     for name, shape in want.items():
         got = tensors.get(name)
         if got is None or got.shape != shape:

@@ -1,4 +1,4 @@
-"""Synchronous steps on one server: bsp (with or without backup workers) and local-sgd.
+"""Synchronous steps on one server: bsp (with or without backup workers), local-sgd and diloco.
 
 Step t, as this server runs it (its ``version`` is t):
     1. each worker's PUSH of step t lands in that worker's slot; its answer is held back;
@@ -8,7 +8,8 @@ Step t, as this server runs it (its ``version`` is t):
        servers (NORM, which also carries its share of the squared norm of the averaged
        gradient, so each server clips by the norm of the WHOLE gradient): the servers
        agree on one set (``agreement.py``);
-    3. the optimizer steps (local-sgd: the averaged parameter change is subtracted),
+    3. the optimizer steps (local-sgd: the averaged parameter change is subtracted;
+       diloco: it is the gradient of the outer optimizer, the shard's optimizer),
        ``version`` becomes t + 1, the applied pushes are recorded (``dedupe.py``), a
        checkpoint is written when one is due (before any answer leaves: no worker ever
        holds parameters newer than the server could restore), and every held push is
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from common.wire.protocol import ProtocolError, session_list
 from paramserver.agreement import Agreement
 from paramserver.assembly import StepAssembly
-from paramserver.modes import COUNT, LATE, LATE_WAIT, Recorder, ServingParts, SyncRule
+from paramserver.modes import COUNT, LATE, LATE_WAIT, WIRE_COUNTERS, Recorder, ServingParts, SyncRule
 
 
 @dataclass
@@ -82,9 +83,9 @@ class SyncServing:
         self.clip = clip
         self.sent_at = 0.0                      # when this step's proposal was last sent
         self.sent_links: dict[int, int] = {}    # peer -> its link's handshakes when we last sent it our proposal
-        # (rank, session) -> (bytes pushed, bytes pulled): the last counters of every worker process
-        # whose push was applied, so a worker that died or restarted stays in the job's totals
-        self.wire: dict[tuple[int, int], tuple[int, int]] = {}
+        # (rank, session) -> its counters (WIRE_COUNTERS): the last of every worker process whose
+        # push was applied, so a worker that died or restarted stays in the job's totals
+        self.wire: dict[tuple[int, int], tuple] = {}
         # plain BSP: pushes arrive chunk by chunk (worker --overlap) and are answered chunk by chunk
         self.asm = StepAssembly(len(shard.chunks)) if mode == "bsp" and backup_workers == 0 else None
 
@@ -292,10 +293,9 @@ class SyncServing:
             losses = [m["loss"] for m in metas if "loss" in m]
             for r in mine:
                 meta, session = self.pending[r].meta, self.pending[r].session
-                self.wire[(r, session)] = (meta.get("bytes_pushed", 0), meta.get("bytes_pulled", 0))
+                self.wire[(r, session)] = tuple(meta.get(k, 0) for k in WIRE_COUNTERS)
             stats = {"tokens": sum(m.get("tokens", 0) for m in metas),
-                     "bytes_pushed": sum(b for b, _ in self.wire.values()),
-                     "bytes_pulled": sum(b for _, b in self.wire.values())}
+                     **{k: sum(c[i] for c in self.wire.values()) for i, k in enumerate(WIRE_COUNTERS)}}
             self.recorder.step(mine, step)
             answer = dict(stats=stats, **({"loss": sum(losses) / len(losses)} if losses else {}))
             with self.tracer.span("update", step=step):
@@ -410,13 +410,13 @@ class SyncServing:
 
     def checkpoint_state(self) -> dict:
         return {"agreement": self.agreement.state(),
-                "wire": [[r, sess, b, q] for (r, sess), (b, q) in sorted(self.wire.items())]}
+                "wire": [[r, sess, *c] for (r, sess), c in sorted(self.wire.items())]}
 
     def load_checkpoint(self, extra: dict, version: int, rejoined: bool):
         """Go on from a checkpoint of ``version``; ``rejoined``: back into a running job,
         where a peer may still wait for our part of our last step."""
         self.agreement.load(extra.get("agreement", {}))
-        self.wire = {(r, sess): (b, q) for r, sess, b, q in extra.get("wire", [])}
+        self.wire = {(r, sess): tuple(c) + (0,) * (len(WIRE_COUNTERS) - len(c)) for r, sess, *c in extra.get("wire", [])}
         self.agreement.begin(version)
         a = self.agreement
         if a.last is not None and self.exchange and rejoined:

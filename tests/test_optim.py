@@ -34,7 +34,7 @@ def test_adamw_matches_formula():
     np.testing.assert_allclose(p, want, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("name", ["sgd", "momentum", "adamw"])
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adamw"])
 def test_matches_pytorch(name):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(1)
@@ -46,6 +46,7 @@ def test_matches_pytorch(name):
     tp = torch.tensor(p0.copy(), requires_grad=True)
     topt = {"sgd": lambda: torch.optim.SGD([tp], lr=cfg.lr),
             "momentum": lambda: torch.optim.SGD([tp], lr=cfg.lr, momentum=cfg.momentum),
+            "nesterov": lambda: torch.optim.SGD([tp], lr=cfg.lr, momentum=cfg.momentum, nesterov=True),
             "adamw": lambda: torch.optim.AdamW([tp], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                                eps=cfg.eps, weight_decay=cfg.weight_decay)}[name]()
     p = p0.copy()
@@ -60,7 +61,7 @@ def test_matches_pytorch(name):
 def test_grad_scale_equals_scaled_gradient():
     rng = np.random.default_rng(2)
     g = rng.normal(size=20)
-    for name in ("sgd", "momentum", "adamw"):
+    for name in ("sgd", "momentum", "nesterov", "adamw"):
         cfg = OptimConfig(optimizer=name, lr=0.1)
         a, b = rng.normal(size=20), None
         b = a.copy()
@@ -113,7 +114,7 @@ def test_bad_config_refused(kwargs, msg):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("name", ["sgd", "momentum", "adamw"])
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adamw"])
 def test_chunked_step_equals_whole_vector_formula(name, threads, monkeypatch):
     """Steps walk the vector in chunks, shared out among threads; with chunks of 7
     elements, decay ranges that cross chunk boundaries and a grad_scale, the result is
@@ -140,7 +141,8 @@ def test_chunked_step_equals_whole_vector_formula(name, threads, monkeypatch):
         for g in grads:
             want = want - 0.01 * 0.1 * want * mask
             buf = 0.9 * buf + 0.5 * g
-            want = want - 0.01 * (buf if name == "momentum" else 0.5 * g)
+            step = {"momentum": buf, "nesterov": 0.5 * g + 0.9 * buf}.get(name, 0.5 * g)
+            want = want - 0.01 * step
     np.testing.assert_allclose(p, want, rtol=1e-12, atol=1e-15)
 
 

@@ -142,3 +142,30 @@ def test_a_server_restarted_into_an_asp_job_stops_it_and_says_why(tmp_path):
         codes = job.wait(60)
         assert all(c == 1 for c in codes.values()), codes
         assert "came back into a running asp job" in job.log("worker-0")
+
+
+@pytest.mark.parametrize("flags", [["--mode", "diloco", "--local-steps", "2"],
+                                   ["--mode", "diloco", "--local-steps", "2", "--compress-pull", "int8"],
+                                   ["--compress-pull", "topk", "--compress-pull-ratio", "0.1"]])
+def test_a_server_killed_with_outer_momentum_or_compressed_pulls_restarts_bit_exact(flags, tmp_path,
+                                                                                   tmp_path_factory):
+    """diloco: the outer Nesterov buffer is the shard's optimizer state, so it is in the
+    checkpoint; --compress-pull: so are the copy the workers hold (θ̂) and its versions. A
+    server killed after version 5 and restarted ends the job with the parameters of an
+    uninterrupted run (and the diloco workers' inner AdamW goes on)."""
+    with Job(tmp_path_factory.mktemp("reference"), S=2, W=2, steps=STEPS, timeout=20,
+             server_args=flags, worker_args=flags) as job:
+        job.start()
+        assert all(c == 0 for c in job.wait(120).values())
+        want = final_params(job)
+    with Job(tmp_path, S=2, W=2, steps=STEPS, timeout=20, every=5, server_args=flags, worker_args=flags) as job:
+        job.server(0)
+        job.server(1, "--die-at-version", 5)
+        job.worker(0)
+        job.worker(1)
+        job.until(lambda: job.procs["server-1"].poll() is not None, 60, "server 1 dies at version 5")
+        job.server(1, "--resume")
+        codes = job.wait(120)
+        assert all(c == 0 for c in codes.values()), codes
+        assert "loaded the checkpoint of version 5" in job.log("server-1")
+        assert_equal(final_params(job), want)

@@ -47,9 +47,10 @@ class ChunkMap:
 
 
 class AnswerReader:
-    def __init__(self, chunks: ChunkMap, num_servers: int, one_version: bool):
-        """``one_version``: every server must answer at the same version (bsp, local-sgd)."""
-        self.chunks, self.one_version = chunks, one_version
+    def __init__(self, chunks: ChunkMap, num_servers: int, one_version: bool, pull=None):
+        """``one_version``: every server must answer at the same version (bsp, local-sgd);
+        ``pull``: --compress-pull's ``PullDecoder`` (answers are changes against its copy)."""
+        self.chunks, self.one_version, self.pull = chunks, one_version, pull
         self.params = None                     # where answers are written (set by each pull or push)
         self.fresh: set = set()                # chunks whose answer is in, since ``expect``
         self.metas: dict = {}                  # server -> its answers' meta, merged, since ``expect``
@@ -82,15 +83,23 @@ class AnswerReader:
         if req.cmd not in (PUSH, PULL):
             return
         want = {self.chunks.list[i][:2]: i for i in req.answers}
-        for a, r, placed in zip(msg.arrays, msg.ranges, msg.placed):
+        for a, r in zip(msg.arrays, msg.ranges):
             if r not in want or a.ndim != 1:
                 raise ProtocolError(f"server {s} sent parameters for a range {r} it was not asked for")
-            if not placed:
-                self.params[r[0]:r[1]] = a
-            self.fresh.add(want[r])
+        if self.pull is not None:
+            self.fresh.update(self.pull.take(msg, self.params, msg.placed))
+        else:
+            for a, r, placed in zip(msg.arrays, msg.ranges, msg.placed):
+                if not placed:
+                    self.params[r[0]:r[1]] = a
+                self.fresh.add(want[r])
         self.versions[s] = msg.meta.get("version", self.versions[s])
         self.metas[s] = dict(self.metas.get(s, {}), **msg.meta)
         self.bytes_pulled += nbytes
+
+    def held(self, ids) -> dict:
+        """A request's ``held`` (--compress-pull: the version of the chunks ``ids`` held)."""
+        return {"held": self.pull.held(ids)} if self.pull is not None else {}
 
     def settle(self) -> int:
         """Every answer of a pull or a step is in: the version of the parameters held (the

@@ -33,7 +33,10 @@ makes itself (plain BSP; ``worker/mode_loops.py``):
 With ``--compress`` each chunk of a push is compressed (``common/wire/compress.py``), the
 residual kept here for error feedback. ``bytes_pushed`` and ``bytes_pulled`` count the
 arrays' bytes on the wire (compressed, when they are), not the headers (a hundred or two
-bytes a message), so that a push can carry the count including itself.
+bytes a message), so that a push can carry the count including itself; ``bytes_sent`` and
+``bytes_received`` count every frame to and from the servers and the coordinator, headers
+and resends included (``Requests``; the heartbeats' own socket is not counted), and a push
+carries them as they were before it, plus its own arrays.
 
 How the answers are read depends on the consistency model (``--mode``, see
 ``paramserver/modes.py``): in bsp and local-sgd every server answers at the same
@@ -75,6 +78,7 @@ from common.config import to_dict
 from common.layout import Layout, merge_ranges
 from common.wire import codec
 from common.wire.compress import PushEncoder, make_scheme
+from common.wire.pull_compress import PullDecoder, pull_scheme
 from common.wire.protocol import DONE, INIT, JOB, PULL, PUSH, REGISTER
 from worker.answers import AnswerReader, ChunkMap
 from worker.heartbeat import Heartbeat
@@ -211,6 +215,8 @@ class PSClient:
     wait_s = property(lambda self: self.stats.wait_s)
     rejoins = property(lambda self: self.stats.rejoins)
     resends = property(lambda self: self.requests.resends)
+    bytes_sent = property(lambda self: self.requests.bytes_sent)
+    bytes_received = property(lambda self: self.requests.bytes_received)
 
     # --- the job ------------------------------------------------------------------------
     def register(self, layout: Layout, dtype: str, tokenizer: str = "") -> dict:
@@ -254,8 +260,11 @@ class PSClient:
         """The job's chunks, the compression scheme, and one link per server."""
         servers = list(job["servers"])
         self.chunk_map = ChunkMap(job["placement"], len(servers))
-        self.answers = AnswerReader(self.chunk_map, len(servers), one_version=not (self.asynchronous or self.catch_up))
         jc = self.job_cfg
+        pull = pull_scheme(jc.compress_pull, jc.compress_pull_ratio)
+        decoder = PullDecoder(pull, [c[:2] for c in self.chunk_map.list], layout.size, dtype) if pull else None
+        self.answers = AnswerReader(self.chunk_map, len(servers), one_version=not (self.asynchronous or self.catch_up),
+                                    pull=decoder)
         scheme = make_scheme(jc.compress, jc.compress_ratio, jc.error_feedback == "on")
         if scheme is not None:                  # the residual lives here: one per worker, whole vector
             self.encoder = PushEncoder(scheme, layout.size, dtype, jc.error_feedback == "on",
@@ -323,7 +332,8 @@ class PSClient:
 
     def _send_pull(self, s: int, min_version: int):
         meta = {"min_version": min_version} if min_version else {}
-        self.requests.send(s, PULL, self.version, answers=self.chunk_map.ids_of(s), **meta)
+        ids = self.chunk_map.ids_of(s)
+        self.requests.send(s, PULL, self.version, answers=ids, **meta, **self.answers.held(ids))
 
     def push_pull(self, grads, params, step: int, **meta) -> dict:
         """Push ``grads`` for ``step``; each server answers after its update with fresh
@@ -424,9 +434,11 @@ class PSClient:
                     ranges.append((b, e))
                     encs.append(enc)
             meta = dict(sp.meta, bytes_pushed=self.stats.bytes_pushed + sum(a.nbytes for a in arrays),
-                        bytes_pulled=self.bytes_pulled)
+                        bytes_pulled=self.bytes_pulled, bytes_received=self.bytes_received,
+                        bytes_sent=self.bytes_sent + sum(a.nbytes for a in arrays))   # all but its own header
             if self.asynchronous:
                 meta["base_version"] = self.versions[s]
+            meta.update(self.answers.held(ids))
             wire = dict(self.encoder.scheme.parts) if self.encoder else {}
             dtypes = [wire.get(enc) for enc in encs]       # bfloat16 words travel as "bfloat16"
             frames = self.requests.send(s, PUSH, sp.step, answers=ids, arrays=arrays, ranges=ranges, encs=encs,

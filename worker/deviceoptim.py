@@ -32,7 +32,7 @@ class DeviceOptimizer:
             if not 0 <= b <= e <= self.size:
                 raise ValueError(f"decay range [{b}, {e}) outside [0, {self.size})")
         self.t = 0
-        names = {"sgd": (), "momentum": ("buf",), "adamw": ("m", "v")}[self.name]
+        names = {"sgd": (), "momentum": ("buf",), "nesterov": ("buf",), "adamw": ("m", "v")}[self.name]
         self.state = {n: xp.zeros(self.size, dtype=self.dtype) for n in names}
 
     def step(self, params, grads, lr: float, grad_scale: float = 1.0):
@@ -55,7 +55,12 @@ class DeviceOptimizer:
             params -= grads * (lr * grad_scale)
             return
         s["buf"] *= c.momentum
-        s["buf"] += grads * grad_scale
+        g = grads * grad_scale
+        s["buf"] += g
+        if self.name == "nesterov":               # as common.optim.Nesterov: g + mu buf
+            g += s["buf"] * c.momentum
+            params -= g * lr
+            return
         params -= s["buf"] * lr
 
     def state_dict(self) -> dict:

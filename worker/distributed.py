@@ -150,8 +150,8 @@ class Straggler:
 
 def batches_before(job: JobConfig, version: int, num_workers: int) -> int:
     """How many batches a worker of a job at ``version`` has drawn: bsp, one per step;
-    local-sgd, H per round; asp/ssp, about one per W updates."""
-    if job.mode == "local-sgd":
+    local-sgd and diloco, H per round; asp/ssp, about one per W updates."""
+    if job.local:
         return version * job.local_steps
     return version if job.mode == "bsp" else version // num_workers
 
@@ -317,7 +317,9 @@ class WorkerRun:
         now, client = time.perf_counter() if now is None else now, self.client
         self.record.update(tokens_per_s=self.window.rate(now, tokens), elapsed_s=self.clock0 + now - self.t_start,
                            bytes_pushed=wire.get("bytes_pushed", client.bytes_pushed),
-                           bytes_pulled=wire.get("bytes_pulled", client.bytes_pulled))
+                           bytes_pulled=wire.get("bytes_pulled", client.bytes_pulled),
+                           bytes_sent=wire.get("bytes_sent", client.bytes_sent),
+                           bytes_received=wire.get("bytes_received", client.bytes_received))
         self.metrics.write(self.record)
         self.window.mark(now, tokens)
 
@@ -342,7 +344,8 @@ class WorkerRun:
                   "pushes": client.pushes, "dropped": client.dropped, "wait_s": client.wait_s, **self.times,
                   "wall_s": self.wall_s, "straggler": self.straggler.involves_me, "t_start": self.epoch_start,
                   "t_end": self.epoch_start + self.wall_s, "bytes_pushed": client.bytes_pushed,
-                  "bytes_pulled": client.bytes_pulled, "joined_at": self.joined, "resends": client.resends,
+                  "bytes_pulled": client.bytes_pulled, "bytes_sent": client.bytes_sent,
+                  "bytes_received": client.bytes_received, "joined_at": self.joined, "resends": client.resends,
                   "rejoins": client.rejoins}
         if self.lead or wc.out:
             self.out.mkdir(parents=True, exist_ok=True)

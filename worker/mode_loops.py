@@ -12,6 +12,8 @@ After computing the gradient of a batch, a worker hands it to its mode's loop:
 |              | (ssp: the answer may wait for the slowest worker)           | pushes, whoever made them      |
 | local-sgd    | a local optimizer step; every H steps push the change       | steps local steps              |
 |              | params_then - params_now -> the averaged parameters         |                                |
+| diloco       | the same (the change is the pseudo-gradient); the servers   | steps local steps              |
+|              | answer with the parameters after their OUTER step           |                                |
 
 Why asp/ssp count pushes for the whole job: every mode then uses the same number of
 gradients (W * steps), and a fast worker makes more of them than a slow one, which is
@@ -21,8 +23,10 @@ Every loop reports a ``Progress``: ``step`` is the job's progress in BSP steps (
 gradients the servers have applied, divided by W), so metrics, progress bars and plots
 of every mode share one axis.
 
-Local SGD builds the optimizer the servers were given (the coordinator's JOB answer
-carries server 0's OptimConfig): the worker runs it, the servers only average.
+Local SGD and DiLoCo build the optimizer the servers were given (the coordinator's JOB
+answer carries server 0's OptimConfig): the worker runs it (DiLoCo's inner optimizer, its
+state kept across rounds), the servers only average (local-sgd) or take the outer step
+(diloco: the same loop here, the difference is on the servers).
 
 Not here: messages (``worker/client.py``), the model's arithmetic, the data.
 """
@@ -149,7 +153,8 @@ class AsyncLoop(Loop):
 
 
 class LocalSGDLoop(Loop):
-    """local-sgd: H local optimizer steps, then the servers average the changes."""
+    """local-sgd and diloco: H local optimizer steps, then the servers average the changes
+    (and, diloco, step their outer optimizer with the mean)."""
 
     def __init__(self, client, model, steps: int, num_workers: int, job, optim: dict | None = None):
         self.client, self.model, self.steps, self.W = client, model, steps, num_workers
@@ -189,7 +194,7 @@ class LocalSGDLoop(Loop):
         """The last averaging left the servers' parameters in the model."""
 
 
-LOOPS = {"bsp": SyncLoop, "asp": AsyncLoop, "ssp": AsyncLoop, "local-sgd": LocalSGDLoop}
+LOOPS = {"bsp": SyncLoop, "asp": AsyncLoop, "ssp": AsyncLoop, "local-sgd": LocalSGDLoop, "diloco": LocalSGDLoop}
 
 
 def make_loop(job, client, model, steps: int, num_workers: int, optim: dict | None = None, overlap: bool = False):

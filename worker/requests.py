@@ -67,6 +67,8 @@ class Requests:
         self.out: dict[int, Request] = {}             # rid -> request waiting for its answer
         self.rids = itertools.count(1)
         self.resends = 0                              # requests sent again after a lost connection
+        self.bytes_sent = 0                           # every frame sent (headers included), resends too
+        self.bytes_received = 0                       # every frame received (headers included)
         self.tracer = NULL_TRACER                     # spans: each request sent, wait, pull (answer read)
         self.parsed = (None, None)                    # (frame 0, its header) of the answer being received
 
@@ -90,6 +92,7 @@ class Requests:
         rid = next(self.rids)
         frames = codec.encode(cmd, sender or self.name(), rid=rid, **meta)
         self.coordinator.send(frames)
+        self.bytes_sent += codec.frames_nbytes(frames)
         return self.wait_one(self.coordinator, rid, f"the coordinator at {self.coordinator.endpoint}", what,
                              timeout=timeout, resend=frames, periodic=periodic)
 
@@ -109,7 +112,9 @@ class Requests:
             if entry is not None:
                 self.maybe_resend(sock, entry, what.split(" ")[0], periodic=periodic)
             if sock.poll(min(left, 0.5) * 1000):
-                msg = self.decode(sock.recv(), who)
+                frames = sock.recv()
+                self.bytes_received += codec.frames_nbytes(frames)
+                msg = self.decode(frames, who)
                 if msg is None or msg.rid not in (rid, 0):
                     continue
                 if msg.cmd == ERROR:
@@ -125,6 +130,7 @@ class Requests:
         frames = codec.encode(cmd, self.name(), step=step, rid=rid, **encode)
         lost = self.links[s].connections()[1]     # read before the send (a resend compares with it)
         self.links[s].send(frames)
+        self.bytes_sent += codec.frames_nbytes(frames)
         self.out[rid] = Request(s, cmd, step, list(answers), frames, lost, time.monotonic())
         self.tracer.add(cmd, t, self.tracer.now(), step=step)
         return frames
@@ -164,6 +170,7 @@ class Requests:
                 t = self.tracer.now()
                 frames, placed = link.recv_placed(lambda head: self._place(head, reader))
                 nbytes = codec.frames_nbytes(frames[1:])             # the arrays (frame 0: the header)
+                self.bytes_received += nbytes + len(frames[0])
                 msg = self.decode(frames, link.endpoint, placed)
                 if msg is None or msg.rid not in self.out:
                     continue
@@ -195,6 +202,7 @@ class Requests:
             log.info("%s: sending %s again (%s)", self.name(), what,
                      "its connection was lost" if lost_now > req.lost else f"no answer for {self.resend_s:.0f} s")
             sock.send(req.frames)
+            self.bytes_sent += codec.frames_nbytes(req.frames)
             req.lost, req.sent = lost_now, time.monotonic()
             self.resends += 1
 

@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def describe_mode(job: JobConfig) -> str:
     """``bsp``, ``ssp(s=2)``, ``local-sgd(H=4)``, ``bsp(backup workers=1)``..."""
-    extra = {"ssp": f"s={job.staleness}", "local-sgd": f"H={job.local_steps}"}.get(job.mode)
+    extra = {"ssp": f"s={job.staleness}", "local-sgd": f"H={job.local_steps}",
+             "diloco": f"H={job.local_steps}, outer {job.outer_optimizer} lr={job.outer_lr}"}.get(job.mode)
     if job.backup_workers:
         extra = f"backup workers={job.backup_workers}"
     return f"{job.mode}({extra})" if extra else job.mode

@@ -93,14 +93,17 @@ META = {
                {"addr": str, "layout": list, "layout_hash": str, "dtype": str, "optim": dict,
                 "job": dict, "versions": list, "ipc": str, "tokenizer": str}),
     INIT: ({}, {}),
-    PULL: ({}, {"min_version": int}),
+    # held: the version of the parameters the worker holds of the chunks it asks for (-1: none;
+    # --compress-pull answers with the change against them, common/wire/pull_compress.py)
+    PULL: ({}, {"min_version": int, "held": int}),
     # base_version: the server version the gradient was computed on (asp/ssp: staleness =
     # version at apply - base_version); grad_sumsq: |g|^2 of the worker's WHOLE gradient, so
     # a server that applies one worker's push alone can clip by the global norm
     # session: the worker's incarnation (the coordinator's JOB answer gives it): with the
     # request id it names a push uniquely, so a resent one is applied at most once
     PUSH: ({}, {"loss": _num, "tokens": int, "bytes_pushed": int, "bytes_pulled": int,
-                "base_version": int, "grad_sumsq": _num, "session": int}),
+                "base_version": int, "grad_sumsq": _num, "session": int, "held": int, "bytes_sent": int,
+                "bytes_received": int}),
     # workers: the set of workers whose gradients this server averages for the step (the
     # servers agree on it, paramserver/agreement.py); fresh: the sender restarted and may have
     # lost its peers' norms, answer with yours; echo: such an answer (never answered)

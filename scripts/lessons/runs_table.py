@@ -40,8 +40,8 @@ def describe(run: Path, first: dict) -> str:
     mode = job.get("mode") or first.get("mode", "?")
     if mode == "ssp":
         return f"ssp(s={job.get('staleness', '?')})"
-    if mode == "local-sgd":
-        return f"local-sgd(H={job.get('local_steps', '?')})"
+    if mode in ("local-sgd", "diloco"):
+        return f"{mode}(H={job.get('local_steps', '?')})"
     return mode + (f"(backup={job['backup_workers']})" if job.get("backup_workers") else "")
 
 
