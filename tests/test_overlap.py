@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from common.cluster import JobConfig
-from common.wire.compress import decode_chunk
 from common.optim import OptimConfig
 from tests.cluster import Servers, run_threads
 from tests.test_bsp_equivalence import B, CFG, K, W, big_batch, single_process

@@ -13,8 +13,6 @@
   pulling less than 0.6 of the float64 parameters per answer (asp too: the changes a
   worker missed are sent, not θ̂).
 """
-import json
-
 import numpy as np
 import pytest
 
