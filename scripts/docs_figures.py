@@ -33,9 +33,10 @@ THE MARKERS (HTML comments: invisible when the Markdown is rendered)
 
 3. On the line before an output listing, a kind for every number of a row::
 
-       <!-- figures rows: key time loss exact - ratio -->
+       <!-- figures rows: key time loss exact - ratio | key time loss -->
 
-   Each line of the listing with exactly that many numbers is a row; it is compared
+   Each line of the listing with exactly as many numbers as one of the kinds lists (the
+   first that fits, lists separated by ``|``) is a row; it is compared
    with the line of today's output that has the same key (its words that are not
    numbers, and the numbers marked ``key``); ``-`` leaves a number unchecked. A number is
    a whitespace-separated word such as ``1,465,728``, ``2.3e-10``, ``100%``, ``(256,``.
@@ -185,7 +186,7 @@ def read_markers(text: str) -> list[dict]:
             first, end = listing_after(lines, j + 1)
             body = [(offsets[k], lines[k]) for k in range(first, end)]
             if m.group(1):
-                kinds = [check_kind(k, f"line {i + 1}") for k in m.group(2).split()]
+                kinds = [[check_kind(k, f"line {i + 1}") for k in alt.split()] for alt in m.group(2).split("|")]
                 out.append({"line": i + 1, "rows": kinds, "listing": body})
             else:
                 for item in filter(None, (x.strip() for x in m.group(2).splitlines())):
@@ -262,18 +263,24 @@ def _listing_offset(listing: list[tuple[int, str]], char: int) -> int:
 
 
 def _rows(mk: dict, output: str) -> list[Figure]:
-    kinds = mk["rows"]
+    """The figures of a ``rows`` marker: each row of the listing against today's row of the same key."""
+    def parse(line):                            # (key, numbers, kinds) by the first kinds list that fits
+        for kinds in mk["rows"]:
+            got = row_key(line, kinds)
+            if got:
+                return got[0], got[1], kinds
+        return None
     today = {}
     for ln in output.splitlines():
-        got = row_key(ln, kinds)
+        got = parse(ln)
         if got and got[0] not in today:
             today[got[0]] = got[1]
     out = []
     for start, ln in mk["listing"]:
-        got = row_key(ln, kinds)
+        got = parse(ln)
         if not got:
             continue
-        key, nums = got
+        key, nums, kinds = got
         for kind, (text, b, e), now in zip(kinds, nums, today.get(key) or [None] * len(kinds)):
             if kind in ("key", "-"):
                 continue

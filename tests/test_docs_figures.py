@@ -120,7 +120,8 @@ def test_every_lesson_is_found_and_its_markers_read():
 
 
 def test_rows_are_told_apart_by_their_key_numbers_and_a_dash_is_not_checked():
-    lesson = "<!-- figures rows: key time - -->\n```\n  server 0   reply   4.2  x 7\n  server 1   reply   9.0  x 7\n```\n"
-    today = "  server 1   reply   8.0  x 1\n  server 0   reply   4.0  x 2\n"
+    lesson = ("<!-- figures rows: key time - | key time -->\n```\n  server 0   reply   4.2  x 7\n"
+              "  server 1   reply   9.0  x 7\n  server 2   reply   5.0  x -\n```\n")
+    today = "  server 1   reply   8.0  x 1\n  server 2   reply   6.0  x -\n  server 0   reply   4.0  x 2\n"
     assert [(f.what, f.quoted, f.today) for f in figures(lesson, today, ROOT)] == [
-        ("server reply x 0", "4.2", 4.0), ("server reply x 1", "9.0", 8.0)]
+        ("server reply x 0", "4.2", 4.0), ("server reply x 1", "9.0", 8.0), ("server reply x - 2", "5.0", 6.0)]

@@ -101,3 +101,21 @@ def test_a_missing_neighbour_is_named_within_the_deadline():
             ring_allreduce(np.ones(10, np.float32), links)
     finally:
         links.close()
+
+
+def test_each_rank_sends_what_the_lessons_formula_says():
+    """2 (W - 1) / W of the vector per rank, whatever W (lesson 9's table counts it the same way)."""
+    from scripts.lessons.allreduce_vs_ps import formula_bytes_out
+    for world in (2, 4):
+        peers = [f"tcp://127.0.0.1:{free_port()}" for _ in range(world)]
+        vectors = [np.ones(1000, np.float32) * (r + 1) for r in range(world)]
+
+        def rank(r):
+            links = RingLinks(r, peers)
+            try:
+                ring_allreduce(vectors[r], links)
+                return links.bytes_sent
+            finally:
+                links.close()
+        assert run_threads(rank, world) == [formula_bytes_out("ring", world, 4000)] * world
+        assert all(np.array_equal(v, np.full(1000, (world + 1) / 2, np.float32)) for v in vectors)

@@ -48,6 +48,7 @@ class RingLinks:
 
     def __init__(self, rank: int, peers: list[str], timeout: float = 60.0):
         self.rank, self.world, self.timeout = rank, len(peers), timeout
+        self.bytes_sent = 0
         ctx = zmq.Context.instance()
         self.left = ctx.socket(zmq.PULL)
         self.left.setsockopt(zmq.LINGER, 0)
@@ -58,6 +59,7 @@ class RingLinks:
 
     def send(self, chunk: np.ndarray):
         self.right.send(np.ascontiguousarray(chunk))     # copied into the message: the buffer changes later
+        self.bytes_sent += chunk.nbytes
 
     def recv(self, like: np.ndarray) -> np.ndarray:
         if not self.left.poll(int(self.timeout * 1000)):
@@ -102,14 +104,19 @@ def seeded_gradient(rank: int, size: int) -> np.ndarray:
     return np.random.default_rng(1000 + rank).standard_normal(size).astype(np.float32)
 
 
-def one_rank(rank: int, peers: list[str], size: int, rounds: int) -> dict:
+def one_rank(rank: int, peers: list[str], size: int, rounds: int, wait_go: bool = False) -> dict:
     """A rank of a run: a warm-up all-reduce, then ``rounds`` timed ones (each of a fresh
-    copy of the gradient); returns the seconds of each and the average it computed."""
+    copy of the gradient); returns the seconds of each, the bytes this rank sent per
+    all-reduce and the average it computed. ``wait_go``: print "ready" after the warm-up
+    and wait for a line on stdin (the timing script starts every rank's rounds at once)."""
     links = RingLinks(rank, peers)
     grad = seeded_gradient(rank, size)
     try:
         result = ring_allreduce(grad.copy(), links)
-        seconds = []
+        if wait_go:
+            print("ready", flush=True)
+            sys.stdin.readline()
+        seconds, sent = [], links.bytes_sent
         for _ in range(rounds):
             vec = grad.copy()
             t0 = time.perf_counter()
@@ -117,7 +124,8 @@ def one_rank(rank: int, peers: list[str], size: int, rounds: int) -> dict:
             seconds.append(time.perf_counter() - t0)
     finally:
         links.close()
-    return {"rank": rank, "seconds": seconds, "result": result}
+    return {"rank": rank, "seconds": seconds, "bytes_sent": (links.bytes_sent - sent) / max(rounds, 1),
+            "result": result}
 
 
 def check(world: int, size: int):
@@ -149,12 +157,13 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=1000, help="float32 entries of the vector (default: 1000)")
     ap.add_argument("--rounds", type=int, default=5, help="timed all-reduces after the warm-up (default: 5)")
     ap.add_argument("--print-result", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--wait-go", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.workers:
         return check(args.workers, args.size)
     if args.rank is None:
         ap.error("give --workers W, or --rank R with --peers")
-    out = one_rank(args.rank, args.peers.split(","), args.size, args.rounds)
+    out = one_rank(args.rank, args.peers.split(","), args.size, args.rounds, args.wait_go)
     out["result"] = out["result"].tolist() if args.print_result else None
     print(json.dumps(out), flush=True)
 
