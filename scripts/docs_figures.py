@@ -64,6 +64,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +104,14 @@ def decimals(text: str) -> int:
 def formatted(value: float, like: str) -> str:
     """``value`` written the way the quote ``like`` is: its decimals, exponent and commas."""
     if "e" in like.lower():
-        return f"{value:.{decimals(like)}e}".replace("e-0", "e-").replace("e+0", "e+").replace("e+", "e+")
+        out = f"{value:.{decimals(like)}e}"                 # Python writes 2.4e-07
+        mantissa, exp = out.split("e")
+        quoted_exp = like.lower().split("e")[1]
+        sign = "-" if exp.startswith("-") else ("+" if quoted_exp.startswith("+") else "")
+        digits = exp.lstrip("+-")
+        if len(quoted_exp.lstrip("+-")) < len(digits):    # the quote writes 1e-5: no leading zero
+            digits = digits.lstrip("0") or "0"
+        return f"{mantissa}e{sign}{digits}"
     out = f"{value:,.{decimals(like)}f}" if "," in like else f"{value:.{decimals(like)}f}"
     return ("+" + out) if like.startswith("+") and value >= 0 else out
 
@@ -402,7 +410,14 @@ def main(argv=None):
                 if work.exists():
                     shutil.rmtree(work)
                 print(f"{doc.name}: running its commands at the sizes it states ...", flush=True)
-                output = run_lesson(doc, work)
+                t0 = time.monotonic()
+                try:
+                    output = run_lesson(doc, work)
+                except AssertionError as failed:            # a block exited non-zero: say so, go on
+                    print(f"{doc.name}: FAILED, nothing checked:\n{failed}")
+                    bad += 1
+                    continue
+                print(f"{doc.name}: its commands took {time.monotonic() - t0:.0f} s")
             figs = figures(doc.read_text(), output, work)
             bad += report(doc, figs)
             if args.update:

@@ -89,6 +89,7 @@ def test_the_tolerances_per_kind():
     assert verdict("exact", "0", 0.0)[1] and not verdict("loss", "0", 0.1)[1]
     assert formatted(2.9, "2.484") == "2.900" and formatted(1465729, "1,465,728") == "1,465,729"
     assert formatted(2.1e-11, "8.3e-12") == "2.1e-11" and formatted(2.0, "+1.5") == "+2.0"
+    assert formatted(2.4e-7, "1.2e-07") == "2.4e-07" and formatted(2e-5, "1e-6") == "2e-5"
 
 
 def test_a_bad_marker_is_an_error_that_says_where():

@@ -275,7 +275,7 @@ def draw(results: list[dict], title: str, path: Path):
             if r:
                 ax_b.plot([x - width / 2, x + width / 2], [r["formula_bytes"] / 1e6] * 2, "k-", lw=2)
     for ax, label in ((ax_t, "ms per exchange (black: predicted)"),
-                      (ax_b, "MB sent per exchange, busiest host (black: formula)")):
+                      (ax_b, "MB out of the busiest host (black: formula)")):
         ax.set_xticks(range(len(worlds)), [f"W = {w}" for w in worlds])
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
