@@ -11,7 +11,8 @@ docs test, tests/test_docs.py, runs them at a few steps; only its ``{port}`` sub
 and its ``needs``/``skip``/``parallel``/``finally`` markers are kept here), in a copy of the
 repository, then reads every number the lesson marks as quoted and prints it beside
 today's, with the relative difference and a verdict. Exit status 1 if any is stale.
-``--update`` rewrites each stale quote with today's value (at the quote's precision) and
+``--update`` rewrites each stale quote with today's value (at the quote's precision; every
+marked number of an output listing that holds a stale one, so a listing shows one run) and
 copies the figures the lesson drew into docs/img, so numbers and figures come from one
 run. It is not in CI: the lessons take minutes each.
 
@@ -31,7 +32,8 @@ THE MARKERS (HTML comments: invisible when the Markdown is rendered)
        order /max difference (\\S+)/
        -->
 
-3. On the line before an output listing, a kind for every number of a row::
+3. On the line before an output listing (or before another marker of it), a kind for
+   every number of a row::
 
        <!-- figures rows: key time loss exact - ratio | key time loss -->
 
@@ -90,6 +92,7 @@ class Figure:
     today: float | None = None
     error: str = ""                            # why today's value could not be read
     span: tuple[int, int] | None = None        # the quoted text's character span in the lesson
+    aligned: bool = False                      # in an output listing: a rewrite keeps the columns
 
 
 def to_float(text: str) -> float:
@@ -160,7 +163,7 @@ def row_key(line: str, kinds: list[str]) -> tuple | None:
 
 def listing_after(lines: list[str], i: int) -> tuple[int, int]:
     """The first and one-past-last line of the output listing that starts on line i (a bare fence)."""
-    if lines[i].strip() != "```":
+    if i >= len(lines) or lines[i].strip() != "```":
         raise ValueError(f"line {i + 1}: a 'figures' marker must stand right before an output listing (```)")
     j = i + 1
     while lines[j].strip() != "```":
@@ -191,7 +194,12 @@ def read_markers(text: str) -> list[dict]:
             while "-->" not in lines[j]:
                 j += 1
             m = LISTING.match("".join(lines[i:j + 1]).strip())
-            first, end = listing_after(lines, j + 1)
+            k = j + 1
+            while k < len(lines) and lines[k].lstrip().startswith("<!--"):     # more markers for the same listing
+                while "-->" not in lines[k]:
+                    k += 1
+                k += 1
+            first, end = listing_after(lines, k)
             body = [(offsets[k], lines[k]) for k in range(first, end)]
             if m.group(1):
                 kinds = [[check_kind(k, f"line {i + 1}") for k in alt.split()] for alt in m.group(2).split("|")]
@@ -249,7 +257,8 @@ def figures(text: str, output: str, work: Path) -> list[Figure]:
             if not q:
                 raise ValueError(f"line {mk['line']}: /{mk['regex'].pattern}/ is not in the listing below it")
             at = _listing_offset(mk["listing"], q.start(1))
-            fig = Figure(mk["line"], mk["kind"], f"/{mk['regex'].pattern}/", q.group(1), span=(at, at + len(q.group(1))))
+            fig = Figure(mk["line"], mk["kind"], f"/{mk['regex'].pattern}/", q.group(1),
+                         span=(at, at + len(q.group(1))), aligned=True)
             source = f"/{mk['regex'].pattern}/"
         else:
             fig = Figure(mk["line"], mk["kind"], mk["source"], mk["quoted"], span=mk["span"])
@@ -292,7 +301,7 @@ def _rows(mk: dict, output: str) -> list[Figure]:
         for kind, (text, b, e), now in zip(kinds, nums, today.get(key) or [None] * len(kinds)):
             if kind in ("key", "-"):
                 continue
-            fig = Figure(mk["line"], kind, " ".join(key), text, span=(start + b, start + e))
+            fig = Figure(mk["line"], kind, " ".join(key), text, span=(start + b, start + e), aligned=True)
             if now is None:
                 fig.error = "no line of today's output has this row's key"
             else:
@@ -365,14 +374,23 @@ def report(doc: Path, figs: list[Figure]) -> int:
 
 
 def update(doc: Path, figs: list[Figure], work: Path) -> int:
-    """Writes today's value into every stale quote, and the lesson's figures drawn by the same
-    run into docs/img; returns how many quotes changed."""
+    """Writes today's value into every stale quote (and into every quote of an output listing
+    that holds a stale one, so that a listing shows one run), and the lesson's figures drawn
+    by the same run into docs/img; returns how many quotes changed."""
     from tests.test_docs import figures as shown
     text = doc.read_text()
     stale = [f for f in figs if f.today is not None and not verdict(f.kind, f.quoted, f.today)[1]]
+    listings = {f.line for f in stale if f.aligned}            # a listing is rewritten whole: one run's numbers
+    stale += [f for f in figs if f.aligned and f.line in listings and f not in stale and f.today is not None]
     for f in sorted(stale, key=lambda f: f.span[0], reverse=True):
         assert text[f.span[0]:f.span[1]] == f.quoted, (f.line, f.quoted)
-        text = text[:f.span[0]] + formatted(f.today, f.quoted) + text[f.span[1]:]
+        begin, new = f.span[0], formatted(f.today, f.quoted)
+        if f.aligned:                          # a right-aligned column: the spaces before it give way
+            pad = len(f.quoted) - len(new)
+            while pad < 0 and text[begin - 2:begin] == "  ":
+                begin, pad = begin - 1, pad + 1
+            new = " " * max(pad, 0) + new
+        text = text[:begin] + new + text[f.span[1]:]
     if stale:
         doc.write_text(text)
         for fig in shown(text):

@@ -61,7 +61,7 @@ def test_every_marker_kind_is_read_with_the_quoted_text_and_todays_value(tmp_pat
         assert LESSON[f.span[0]:f.span[1]] == f.quoted
 
 
-def test_a_stale_number_is_caught_and_only_it_is_rewritten(tmp_path, capsys):
+def test_a_stale_number_is_caught_and_rewritten_with_the_rest_of_its_listing(tmp_path, capsys):
     work = made_up_run(tmp_path / "run", last_loss=2.9)               # the loss moved by 17%: stale
     figs = figures(LESSON, TODAY, work)
     verdicts = {(f.line, f.quoted): verdict(f.kind, f.quoted, f.today)[1] for f in figs}
@@ -69,11 +69,17 @@ def test_a_stale_number_is_caught_and_only_it_is_rewritten(tmp_path, capsys):
     doc = tmp_path / "lesson0_x.md"
     doc.write_text(LESSON)
     assert report(doc, figs) == 2 and "STALE" in capsys.readouterr().out
-    assert update(doc, figs, work) == 2
+    assert update(doc, figs, work) == 1 + 8        # the stale prose number; its listing's 8 numbers (one run)
     new = doc.read_text()
-    assert "the loss ends at 2.900<!--" in new and "fixed-bsp   bsp         13.2     2.307      201" in new
-    assert new.replace("2.900", "2.484").replace("  201  ", "  200  ") == LESSON   # nothing else changed
+    assert "the loss ends at 2.900<!--" in new and "a step takes 12.3 ms<!--" in new     # 12.3 was within 2x
+    assert "fixed-bsp   bsp         25.0     2.307      201     100%" in new
+    assert "fixed-asp   asp          9.0     2.401      600      13%" in new
+    assert "P = 366,432 float32; max difference 8.3e-12" in new                 # its listing had none stale
     assert report(doc, figures(new, TODAY, work)) == 0
+    figs = figures(new, TODAY, work)
+    figs[4].today = 1013.2                         # a wider number in a listing keeps the columns
+    assert update(doc, figs[4:5], work) == 1
+    assert "fixed-bsp   bsp       1013.2     2.307      201" in doc.read_text()
 
 
 def test_the_tolerances_per_kind():
