@@ -1,4 +1,4 @@
-"""The hand-written ring all-reduce (scripts/lessons/ring_allreduce.py, lesson 9) gives the
+"""The hand-written ring all-reduce (scripts/lessons/ring_allreduce.py, lesson 10) gives the
 parameter server's average, for W = 2, 3 and 4.
 
 The PS adds the workers' gradients in rank order, g0 + g1 + ... , then scales by 1 / W.
@@ -104,7 +104,7 @@ def test_a_missing_neighbour_is_named_within_the_deadline():
 
 
 def test_each_rank_sends_what_the_lessons_formula_says():
-    """2 (W - 1) / W of the vector per rank, whatever W (lesson 9's table counts it the same way)."""
+    """2 (W - 1) / W of the vector per rank, whatever W (lesson 10's table counts it the same way)."""
     from scripts.lessons.allreduce_vs_ps import formula_bytes_out
     for world in (2, 4):
         peers = [f"tcp://127.0.0.1:{free_port()}" for _ in range(world)]

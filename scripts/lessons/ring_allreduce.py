@@ -1,4 +1,4 @@
-"""Ring all-reduce by hand: W processes average a vector with no server (lesson 9).
+"""Ring all-reduce by hand: W processes average a vector with no server (lesson 10).
 
     python scripts/lessons/ring_allreduce.py --workers 3 --size 1000     # W processes on 127.0.0.1
     python scripts/lessons/ring_allreduce.py --rank R --peers A0,A1,... --size N --rounds K   # one rank
