@@ -413,6 +413,25 @@ def test_every_mode_ends_by_itself_with_its_metrics(mode, tmp_path):
         assert wire[-1] == sum(w["bytes_pushed"] for w in workers)
 
 
+def test_a_moving_straggler_is_slowed_by_its_compute_only(tmp_path):
+    """``--straggler any:3x`` with overlap: the drawn worker sleeps twice its compute time,
+    where its compute excludes the forward's wait for the last step's answers. Counting
+    that wait (which holds the previous straggler's pause) made each pause feed the next:
+    lesson 4's 200-step run hung at a loaded machine's step ~190. Each worker's compute,
+    waits and pauses are disjoint parts of its wall time, so they sum to at most it."""
+    from tests.test_local import ps_local
+    out = tmp_path / "run"
+    done = ps_local("--servers", 1, "--workers", 3, "--steps", 30, "--out", out, "--no-progress",
+                    "--n-layer", "2", "--n-embd", "64", "--block-size", "64", "--batch-size", "8",
+                    "--eval-interval", "30", "--eval-batches", "1", "--sample-bytes", "0",
+                    "--straggler", "any:3x", timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for r in range(3):
+        w = json.loads((out / f"worker-{r}.json").read_text())
+        parts = w["compute_s"] + w["wait_s"] + w["straggle_s"]
+        assert parts <= 1.02 * w["wall_s"] + 0.2, (r, w)     # (the first pull's wait lies before wall_s)
+
+
 def test_the_experiment_draws_labelled_curves(tmp_path):
     """scripts/experiments/consistency.py, shortened: two modes, a few steps."""
     pytest.importorskip("matplotlib")

@@ -275,14 +275,16 @@ class WorkerRun:
         """A batch, its forward and backward (and the straggler's pause); (loss, tokens)."""
         model, tracer, loop = self.model, self.tracer, self.loop
         idx, targets = self.sampler.next_batch()
-        t0 = time.perf_counter()
+        t0, waited = time.perf_counter(), self.client.wait_s
         with tracer.span("forward", step=step):         # overlap: waits for each layer's new parameters
             loss = model.forward(idx, targets, **loop.forward_hooks())
         with tracer.span("backward", step=step):        # overlap: each layer's gradients leave when final
             model.zero_grad()      # after the forward: until then the last step's push may still be leaving
             model.backward(**loop.backward_hooks(loss, idx.size))
             self.host.grads_to_host()     # a GPU's gradients into pinned host memory, once computed
-        dt = time.perf_counter() - t0
+        # overlap: the forward waits for the last step's answers, which may have waited for
+        # a straggler's pause; that wait is not compute (a pause grown from it would feed on itself)
+        dt = time.perf_counter() - t0 - (self.client.wait_s - waited)
         self.times["compute_s"] += dt
         pause = self.straggler.pause(step, dt)
         if pause:
