@@ -35,12 +35,26 @@ class Checkpointer:
         self.folder = durability.folder(out)         # '' = no checkpoints
         self.rank = rank
         self.tracer = tracer
-        self.resumable = shard_checkpoint.versions(self.folder, rank) if durability.resume else []
+        self.resumable = self._resumable(durability)
         self.shard = None
         self.layout_hash = ""
+        self.tokenizer = ""                          # sha256 of the workers' tokenizer, kept in each checkpoint
         self.state = dict                            # () -> what a checkpoint holds besides the shard
         self.written = 0
         self.seconds = 0.0                           # time spent writing them (lesson 7: the cost C of a save)
+
+    def _resumable(self, durability: DurabilityConfig) -> list:
+        """The versions this server offers the coordinator: every checkpoint it holds, or
+        only the one --resume-from names (refused here if it lacks it)."""
+        if not durability.resume:
+            return []
+        held = shard_checkpoint.versions(self.folder, self.rank)
+        if durability.resume_from < 0:
+            return held
+        if durability.resume_from not in held:
+            raise ServerError(f"--resume-from {durability.resume_from}: server {self.rank} has no checkpoint of "
+                              f"that version in {self.folder or '(no folder)'} (it has {held or 'none'})")
+        return [durability.resume_from]
 
     def bind_address(self, bind: str, bind_given: bool) -> str:
         """Where to listen: a server resuming binds the address in its checkpoint, unless
@@ -52,8 +66,8 @@ class Checkpointer:
                 log.warning("cannot read the address in the newest checkpoint (%s); binding %s", e, bind)
         return bind
 
-    def start(self, shard, layout_hash: str, state):
-        self.shard, self.layout_hash, self.state = shard, layout_hash, state
+    def start(self, shard, layout_hash: str, state, tokenizer: str = ""):
+        self.shard, self.layout_hash, self.state, self.tokenizer = shard, layout_hash, state, tokenizer
 
     def load(self, version: int) -> dict:
         """Load the checkpoint of ``version`` into the shard; returns what else it holds."""
@@ -62,10 +76,13 @@ class Checkpointer:
                               f"(it has {self.resumable or 'none'} in {self.folder or '(no folder)'}); "
                               "start it with --resume and its --checkpoint-dir")
         try:
-            extra = shard_checkpoint.load(self.folder, self.rank, version, self.shard, self.layout_hash)
+            extra = shard_checkpoint.load(self.folder, self.rank, version, self.shard, self.layout_hash,
+                                          self.tokenizer)
         except shard_checkpoint.CheckpointError as e:
             raise ServerError(str(e)) from None
         log.info("loaded the checkpoint of version %d from %s", version, self.folder)
+        for path in shard_checkpoint.set_aside_newer(self.folder, self.rank, version):
+            log.warning("the job goes on from version %d: moved the newer checkpoint %s aside", version, path)
         return extra
 
     def save(self):
@@ -73,7 +90,8 @@ class Checkpointer:
             return
         t0 = time.perf_counter()
         with self.tracer.span("checkpoint", step=self.shard.version):
-            path = shard_checkpoint.save(self.folder, self.rank, self.shard, self.layout_hash, self.state())
+            path = shard_checkpoint.save(self.folder, self.rank, self.shard, self.layout_hash, self.state(),
+                                         tokenizer=self.tokenizer)
         took = time.perf_counter() - t0
         self.written += 1
         self.seconds += took

@@ -296,7 +296,7 @@ class Server:
         parts = ServingParts(self.replier, self.view, self.applied, self.checkpoints, self.pulls, self.tracer,
                              self._ahead)
         self.serving = serving_for(cfg.cluster, cfg.optim, cfg.job, cfg.rank)(self.shard, parts, addrs)
-        self.checkpoints.start(self.shard, job["layout_hash"], self._checkpoint_state)
+        self.checkpoints.start(self.shard, job["layout_hash"], self._checkpoint_state, job.get("tokenizer", ""))
         self.state.session = job.get("session", 0)
         self._take_view(job.get("view", 1), job.get("workers", [[r, 0] for r in range(cfg.cluster.num_workers)]))
         peers = {}
