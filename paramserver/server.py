@@ -68,7 +68,7 @@ from paramserver.modes import AsyncServing, ServingParts, SyncRule
 from paramserver.pulls import PullQueue
 from paramserver.replier import Replier
 from paramserver.shard import Shard
-from paramserver.shard_checkpoint import DurabilityConfig
+from common.durability import DurabilityConfig
 from paramserver.steps import SyncServing
 from paramserver.traffic import Traffic, frames_nbytes
 from paramserver.view import WorkerView
@@ -201,6 +201,8 @@ class Server:
                 with self.interrupts.critical():
                     for sock in ready:
                         self._drain(sock)
+                    if self.checkpoints.failure:
+                        self._stop_job(self.checkpoints.failure)
                     if self.link and self.shard is not None:
                         self.link.heartbeat(self.shard.version, self.state.session)
                     self._check_deadlines()
@@ -227,7 +229,8 @@ class Server:
             return
         c = self.checkpoints
         extra = dict(refused=self.state.refused, repeated_pushes=self.applied.repeats,
-                     checkpoints_written=c.written, checkpoint_s=c.seconds, resumed_at=self.state.resumed_at,
+                     checkpoints_written=c.written, checkpoint_s=c.seconds, checkpoints_failed=c.failed_saves,
+                     resumed_at=self.state.resumed_at,
                      failure=self.state.failure or None)
         if self.coordinator:
             extra.update(self.coordinator.metrics())
@@ -530,6 +533,16 @@ class Server:
             self.answer_all_with_error(text)
             raise ServerError(text)
         raise ProtocolError(f"push for step {msg.step}, but this server is at step {self.shard.version}")
+
+    def _stop_job(self, text: str):
+        """This server cannot go on (a checkpoint could not be written): the coordinator stops
+        the job, telling every process why; another server tells the coordinator and exits."""
+        if self.coordinator is not None:
+            self.coordinator.fail(text)
+            return
+        self.link.report(self.state.session, text)
+        self.answer_all_with_error(text)
+        raise ServerError(text)
 
     def answer_all_with_error(self, text: str):
         """Refuse every request this server holds an answer for (the job is stopping)."""

@@ -10,6 +10,7 @@ through ps-local as a user runs it:
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 from safetensors.numpy import load_file
@@ -35,7 +36,10 @@ def test_a_damaged_newest_checkpoint_offers_a_version_that_resumes_bit_identical
     damaged = out / "checkpoints" / "server-1-v00000012.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:1000])                     # truncated, as by a full disk
 
+    t0 = time.monotonic()
     refused = ps_local("--steps", 12, "--checkpoint-every", 4, "--out", out, "--data", data, "--resume")
+    print(f"\nps-local --resume of a damaged newest checkpoint: exit {refused.returncode} after "
+          f"{time.monotonic() - t0:.1f} s")
     text = refused.stdout + refused.stderr
     assert refused.returncode == 1, text
     assert f"cannot read {damaged}" in text and "--resume-from 8" in text, text

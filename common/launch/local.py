@@ -50,7 +50,7 @@ from common.config import add_arguments, from_args, to_dict
 from common.optim import OptimConfig
 from common.trace import merge_traces
 from common.wire.transport import free_port
-from paramserver.shard_checkpoint import DurabilityConfig
+from common.durability import DurabilityConfig
 
 GRACE_S = 5.0      # after TERM, how long a process gets before KILL
 # The optimizer of the single-process trainer's small GPT (worker/train.py TRAIN_DEFAULTS;
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 1; 0: none)")
     g.add_argument("--heartbeat-misses", type=int, default=5,
                    help="heartbeats a worker may miss before it is dropped (default: 5)")
-    add_arguments(p, DurabilityConfig, "resuming (servers)",
+    add_arguments(p, DurabilityConfig, "checkpoints (servers)",
                   skip=("checkpoint_dir", "checkpoint_every", "resume", "die_at_version"))
     add_arguments(p, JobConfig, "consistency (every process)")
     add_arguments(p, OptimConfig, "optimizer (servers)", defaults=dict(OPTIM_DEFAULTS, lr_decay_steps=None),
@@ -299,7 +299,8 @@ def main(argv=None) -> int:
                     "--bind", f"tcp://127.0.0.1:{port if s == 0 else '*'}",   # a local job stays on loopback
                     *common, *_flags(optim), "--out", str(out), "--checkpoint-every", str(args.checkpoint_every),
                     *(["--resume"] if args.resume else []), *(["--trace", str(out)] if args.trace else []),
-                    *(["--resume-from", str(args.resume_from)] if args.resume_from >= 0 else [])]
+                    *(["--resume-from", str(args.resume_from)] if args.resume_from >= 0 else []),
+                    "--on-checkpoint-error", args.on_checkpoint_error]
                    for s in range(args.servers)]
     trace = ["--trace"] if args.trace else []
     worker_cmds = [worker_cmd + per_rank[r] + ["--rank", str(r), "--no-progress", *trace] for r in range(args.workers)]
