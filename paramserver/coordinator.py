@@ -191,7 +191,8 @@ class Coordinator:
             return
         self.liveness.beat("worker", rank)
         member = rank in m.live and m.live[rank] == msg.meta.get("session")
-        self.replier.reply(identity, OK, msg.rid, view=m.view, member=member)
+        silent = [[r, m.servers[r].addr, round(self.liveness.age("server", r) or 0.0, 1)] for r in sorted(self.warned)]
+        self.replier.reply(identity, OK, msg.rid, view=m.view, member=member, silent=silent)
 
     def broadcast_view(self):
         """The new view to this server and the others."""
@@ -232,8 +233,9 @@ class Coordinator:
                 return
             if r not in self.warned:
                 self.warned.add(r)
-                log.warning("server %d at %s has sent no heartbeat for %.1f s; waiting up to %.0f s for it "
-                            "(restart it with --resume)", r, m.servers[r].addr, age, c.timeout)
+                log.warning("server %d at %s has sent no heartbeat for %.1f s (dead, or its link cut?); waiting up "
+                            "to %.0f s (--timeout) for it (a dead one: restart it with --resume)", r,
+                            m.servers[r].addr, age, c.timeout)
         if m.live:
             self.empty_since = None
         elif self.empty_since is None:

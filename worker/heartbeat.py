@@ -41,6 +41,7 @@ class Heartbeat(threading.Thread):
         self.view = 0
         self.error = ""                         # why the job is stopping, or why the coordinator counts as dead
         self.sent = self.answers = 0
+        self.silent: dict[int, str] = {}        # servers the coordinator has not heard from: rank -> address
 
     def run(self):
         c = self.client
@@ -79,6 +80,26 @@ class Heartbeat(threading.Thread):
         elif msg.cmd == OK and sessions.get(msg.rid) == self.client.session:
             self.view = msg.meta.get("view", self.view)
             self.member = msg.meta.get("member", True)
+            self._silent_servers(msg.meta.get("silent", []))
+
+    def _silent_servers(self, silent):
+        """The coordinator's list of servers it has not heard from ([[rank, address, seconds]]):
+        say when one goes silent (dead, or its link cut) and when it is heard again."""
+        if not (isinstance(silent, list) and all(isinstance(x, list) and len(x) == 3 and isinstance(x[0], int)
+                                                 and isinstance(x[1], str) and isinstance(x[2], (int, float))
+                                                 for x in silent)):
+            log.warning("dropped a heartbeat answer's malformed list of silent servers: %.200r", silent)
+            return
+        now = {rank: addr for rank, addr, _ in silent}
+        for rank, addr, age in silent:
+            if rank not in self.silent:
+                log.warning("%s: the coordinator has not heard from server %d at %s for %.1f s (dead, or its "
+                            "link cut?); this worker's requests to it wait up to --timeout (%.0f s)",
+                            self.client.name, rank, addr, age, self.timeout)
+        for rank, addr in self.silent.items():
+            if rank not in now:
+                log.warning("%s: server %d at %s is heard from again", self.client.name, rank, addr)
+        self.silent = now
 
     def _watch(self, sock):
         quiet = time.monotonic() - self.last_answer

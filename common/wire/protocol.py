@@ -38,7 +38,8 @@ The conversation, in order (see docs/ for the lesson that walks through it):
 and, all along (docs/failures.md):
 
     worker, server -> coordinator  heartbeat {session, version}  -> ok {view, member}
-                                                           (servers also get the live workers)
+                                                           (servers also get the live workers,
+                                                           workers the servers gone silent)
     coordinator -> servers     view {view, workers}     (a worker was dropped or rejoined)
 
 A worker that resends a request (its connection to a server broke and came back)
@@ -122,8 +123,9 @@ META = {
            "rejoin": bool, "ipc": list, "tokenizer": str}),
     # dropped: this push came after its step was complete (backup workers) and was not applied
     # view, member, workers: a heartbeat's answer (member False: this worker was dropped; rejoin)
+    # silent: [[rank, address, seconds]] of the servers the coordinator has not heard from
     OK: ({}, {"version": int, "message": str, "loss": _num, "stats": dict, "status": dict, "dropped": bool,
-              "view": int, "member": bool, "workers": list}),
+              "view": int, "member": bool, "workers": list, "silent": list}),
     ERROR: ({"message": str}, {}),
 }
 
