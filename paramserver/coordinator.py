@@ -52,6 +52,7 @@ class ServerHooks:
     fail_all: Callable             # (text) -> every request server 0 holds is refused with text
     servers_rejoin: bool           # may a restarted server come back into the running job (not asp/ssp)?
     mode: str
+    on_servers: Callable = lambda addrs: None   # (addrs) -> server 0's links to its peers follow a moved server
 
 
 class Coordinator:
@@ -131,6 +132,7 @@ class Coordinator:
             self.replier.error(identity, msg.rid, text)
             self.fail(text)
             return
+        before = m.servers[meta["rank"]].addr if meta["rank"] in m.servers else ""
         member = m.returning_server(identity, meta)
         rank, mine = member.rank, self.hooks.version()
         version = max(m.versions[rank])
@@ -148,6 +150,8 @@ class Coordinator:
         self.warned.discard(rank)
         log.warning("server %d came back (pid %s on %s) from its checkpoint of version %d; the job is at %d",
                     rank, meta["pid"], meta["host"], version, mine)
+        if member.addr != before:
+            self.servers_moved(rank, before)
         self.replier.reply(identity, JOB, msg.rid, **m.job_reply("server", rank, version, rejoin=True))
 
     def _alive_elsewhere(self, meta):
@@ -187,12 +191,25 @@ class Coordinator:
             if rank in self.warned:
                 self.warned.discard(rank)
                 log.info("server %d is heard from again", rank)
-            self.replier.reply(identity, OK, msg.rid, view=m.view, workers=m.view_pairs())
+            self.replier.reply(identity, OK, msg.rid, view=m.view, workers=m.view_pairs(), servers=m.addresses())
             return
         self.liveness.beat("worker", rank)
         member = rank in m.live and m.live[rank] == msg.meta.get("session")
         silent = [[r, m.servers[r].addr, round(self.liveness.age("server", r) or 0.0, 1)] for r in sorted(self.warned)]
-        self.replier.reply(identity, OK, msg.rid, view=m.view, member=member, silent=silent)
+        self.replier.reply(identity, OK, msg.rid, view=m.view, member=member, silent=silent,
+                           servers=m.addresses())
+
+    def servers_moved(self, rank: int, before: str):
+        """Server ``rank`` came back at a new address: server 0's peer link follows it now, the
+        other servers get it in a VIEW, the workers with their next heartbeat's answer."""
+        m = self.members
+        addrs = m.addresses()
+        log.warning("server %d moved from %s to %s: the other servers and the workers are told", rank, before,
+                    addrs[rank])
+        self.hooks.on_servers(addrs)
+        for r, member in m.servers.items():
+            if r not in (0, rank):
+                self.replier.reply(member.identity, VIEW, 0, view=m.view, workers=m.view_pairs(), servers=addrs)
 
     def broadcast_view(self):
         """The new view to this server and the others."""

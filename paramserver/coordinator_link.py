@@ -27,6 +27,7 @@ class Control:
     text: str = ""
     number: int = 0                             # view: its number and [[rank, session], ...]
     pairs: list | None = None
+    servers: list | None = None                 # view: every server's address now (one may have moved)
 
 
 class CoordinatorLink:
@@ -82,7 +83,8 @@ class CoordinatorLink:
         if msg.cmd in (OK, VIEW):
             self.heard = time.monotonic()
             if "workers" in msg.meta and "view" in msg.meta:
-                return Control("view", number=msg.meta["view"], pairs=msg.meta["workers"])
+                return Control("view", number=msg.meta["view"], pairs=msg.meta["workers"],
+                               servers=msg.meta.get("servers"))
             return Control("ignore")
         if msg.cmd == SHUTDOWN and msg.meta.get("failed"):
             return Control("fail", msg.meta.get("reason", ""))

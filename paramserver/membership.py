@@ -275,14 +275,18 @@ class Membership:
         return self.job_reply("worker", m.rank, self.version, rejoin=True)
 
     def returning_server(self, identity: bytes, meta: dict) -> Member:
-        """A server registers into the running job again (restarted from its checkpoint):
-        it must come back at its old address. Returns its member entry, updated."""
+        """A server registers into the running job again (restarted from its checkpoint), at
+        its old address or at a new one (restarted on another host: the coordinator then
+        tells the others, ``addresses``). Returns its member entry, updated."""
         rank, old = meta["rank"], self.servers.get(meta["rank"])
         if old is None:
             raise ProtocolError(f"server rank {rank} is not part of this job")
-        if meta.get("addr") != old.addr:
-            raise ProtocolError(f"server {rank} came back at {meta.get('addr')!r}, but the job knows it at "
-                                f"{old.addr}: restart it with --bind at that address")
+        addr = meta.get("addr")
+        if not isinstance(addr, str) or not addr.startswith("tcp://"):
+            raise ProtocolError(f"server {rank} came back without a tcp:// address (got {addr!r})")
+        taken = [r for r, m in self.servers.items() if r != rank and m.addr == addr]
+        if taken:
+            raise ProtocolError(f"server {rank} came back at {addr}, the address of server {taken[0]}")
         optim = meta.get("optim")
         if optim is not None and optim != self.optim:
             raise ProtocolError(f"server {rank} came back with other optimizer settings")
@@ -290,10 +294,15 @@ class Membership:
         if not versions:
             raise ProtocolError(f"server {rank} came back without a checkpoint (start it with --resume and "
                                 "its --checkpoint-dir): its shard would restart from nothing")
-        old.identity, old.host, old.pid = identity, meta["host"], meta["pid"]
+        old.identity, old.host, old.pid, old.addr = identity, meta["host"], meta["pid"], addr
+        old.meta = dict(old.meta, ipc=meta.get("ipc", ""))
         self.versions[rank] = sorted(set(versions))
         self.sessions[("server", rank)] = self.next_session()
         return old
+
+    def addresses(self) -> list[str]:
+        """Every server's address, by rank (a server restarted on another host: its new one)."""
+        return [self.servers[r].addr for r in range(self.num_servers)]
 
     def table(self) -> list[dict]:
         """The address table: every registered process (role, rank, host, pid, address)."""

@@ -58,6 +58,7 @@ from common.wire.compress import make_scheme
 from common.wire.protocol import (
     BARRIER, DONE, HEARTBEAT, INIT, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS, VIEW, ProtocolError,
 )
+from common.wire.transport import TransportError
 from paramserver.checkpointing import Checkpointer
 from paramserver.coordinator import Coordinator, ServerHooks
 from paramserver.coordinator_link import CoordinatorLink
@@ -172,14 +173,14 @@ class Server:
         serving_for(cluster, optim, job, rank)        # checks the mode and its settings now, not at the start
         self.tracer = tracer          # --trace: spans wait for pushes, store push, average, update, reply
         self.checkpoints = Checkpointer(durability or DurabilityConfig(), out, rank, tracer)
-        self.endpoints = ServerEndpoints(cluster, rank, self.checkpoints.bind_address(
-            server_bind(cluster, rank), bool(cluster.bind)))
+        self.endpoints = self._listen(cluster, rank)
         self.replier = Replier(self.cfg.name, self.endpoints.router, Traffic(cluster.num_servers, cluster.num_workers),
                                self.endpoints.coordinator, snapshot=answers_from_copy(job))
         self.link = CoordinatorLink(cluster, self.endpoints.coordinator, self.replier) if rank else None
         self.coordinator = Coordinator(cluster, to_dict(optim), to_dict(job), self.replier, ServerHooks(
             self.placement, self._start, lambda: self.shard.version, self._take_view, self.answer_all_with_error,
-            servers_rejoin=job.mode not in ("asp", "ssp"), mode=job.mode)) if rank == 0 else None
+            servers_rejoin=job.mode not in ("asp", "ssp"), mode=job.mode,
+            on_servers=self._servers_moved)) if rank == 0 else None
         self.view = WorkerView(cluster.num_workers)
         self.pulls = PullQueue(self.replier, cluster.num_workers, cluster.timeout)
         self.applied = Applied()                  # exactly once: the last push applied per worker
@@ -187,6 +188,21 @@ class Server:
         self.interrupts = Interrupts()
         self.shard: Shard | None = None           # and its serving object, once the job started
         self.serving = None
+
+    def _listen(self, cluster, rank: int) -> ServerEndpoints:
+        """Bind where the workers and peers find this server: a resuming server binds the
+        address of its checkpoint; if that is not one of this host's (restarted on another
+        host), it binds --bind (or the default) and the coordinator tells the others."""
+        bind = server_bind(cluster, rank)
+        old = self.checkpoints.bind_address(bind, bool(cluster.bind))
+        if old == bind:
+            return ServerEndpoints(cluster, rank, bind)
+        try:
+            return ServerEndpoints(cluster, rank, old)
+        except TransportError as e:
+            log.warning("cannot bind the address of the checkpoint (%s); binding %s instead: this server moved, "
+                        "and the coordinator will tell the workers and the other servers", e, bind)
+            return ServerEndpoints(cluster, rank, bind)
 
     # --- the loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -327,6 +343,15 @@ class Server:
         return {"bind": self.endpoints.router.endpoint, "addr": self.endpoints.addr, "view": self.view.number,
                 "workers": self.view.pairs(), "applied": self.applied.state(), **self.serving.checkpoint_state()}
 
+    def _servers_moved(self, addrs):
+        """The coordinator's table of the servers' addresses: follow a peer that moved."""
+        S = self.cfg.cluster.num_servers
+        if not (isinstance(addrs, list) and len(addrs) == S and all(isinstance(a, str) and a.startswith("tcp://")
+                                                                    for a in addrs)):
+            raise ProtocolError(f"the servers' addresses must be {S} tcp:// endpoints, got {str(addrs)[:200]}")
+        for rank, old, new in self.endpoints.move_peers(addrs):
+            log.warning("server %d moved from %s to %s: this server's link to it follows", rank, old, new)
+
     def _take_view(self, number: int, pairs):
         """The coordinator's view ``number``: the live workers and their sessions."""
         changed = self.view.update(number, pairs)
@@ -379,6 +404,8 @@ class Server:
         if ctl.kind == "view":
             try:
                 self._take_view(ctl.number, ctl.pairs)
+                if ctl.servers is not None:
+                    self._servers_moved(ctl.servers)
             except ProtocolError as e:
                 self.state.refused += 1
                 log.warning("refused a view from the coordinator: %s", e)

@@ -42,6 +42,8 @@ class Heartbeat(threading.Thread):
         self.error = ""                         # why the job is stopping, or why the coordinator counts as dead
         self.sent = self.answers = 0
         self.silent: dict[int, str] = {}        # servers the coordinator has not heard from: rank -> address
+        self.servers: list[str] = []            # every server's address, as the coordinator last said (a list
+                                                # replaced whole: the main thread reads it without a lock)
 
     def run(self):
         c = self.client
@@ -81,6 +83,17 @@ class Heartbeat(threading.Thread):
             self.view = msg.meta.get("view", self.view)
             self.member = msg.meta.get("member", True)
             self._silent_servers(msg.meta.get("silent", []))
+            self._addresses(msg.meta.get("servers"))
+
+    def _addresses(self, servers):
+        """The servers' addresses now (``client.follow_servers`` moves a link to a server that
+        came back on another host); a malformed list is dropped."""
+        if servers is None:
+            return
+        if not (isinstance(servers, list) and all(isinstance(a, str) and a.startswith("tcp://") for a in servers)):
+            log.warning("dropped a heartbeat answer's malformed list of server addresses: %.200r", servers)
+            return
+        self.servers = servers
 
     def _silent_servers(self, silent):
         """The coordinator's list of servers it has not heard from ([[rank, address, seconds]]):

@@ -78,6 +78,19 @@ class Requests:
             self.links.append(link)
             self.poller.add(link)
 
+    def follow(self, addrs: list):
+        """The servers' addresses as the coordinator says now: a server restarted on another
+        host is reached there from now on, and what was sent to it is sent again
+        (``maybe_resend``: the move counts as a lost connection)."""
+        if len(addrs) != len(self.links) or addrs == self.addrs:
+            return
+        for s, addr in enumerate(addrs):
+            if addr != self.addrs[s]:
+                log.warning("%s: server %d moved from %s to %s (the coordinator says); its requests go there",
+                            self.name(), s, self.addrs[s], addr)
+                self.links[s].move(addr)
+                self.addrs[s] = addr
+
     def close(self):
         for s in [self.coordinator, *self.links]:
             s.close()
