@@ -73,6 +73,17 @@ class Checkpointer:
                 log.warning("cannot read the address in the newest checkpoint (%s); binding %s", e, bind)
         return bind
 
+    def newest_membership(self):
+        """(version, the job's book) of this server's newest checkpoint when it resumes
+        (server 0: a restarted coordinator rejoins its running job with it), else None."""
+        if not self.resumable:
+            return None
+        try:
+            return self.resumable[-1], shard_checkpoint.peek(self.folder, self.rank, self.resumable[-1]).get("membership")
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("cannot read the job's book in the newest checkpoint: %s", e)
+            return None
+
     def start(self, shard, layout_hash: str, state, tokenizer: str = ""):
         self.shard, self.layout_hash, self.state, self.tokenizer = shard, layout_hash, state, tokenizer
 

@@ -53,6 +53,8 @@ class ServerHooks:
     servers_rejoin: bool           # may a restarted server come back into the running job (not asp/ssp)?
     mode: str
     on_servers: Callable = lambda addrs: None   # (addrs) -> server 0's links to its peers follow a moved server
+    restart_from: Callable = lambda: None       # () -> (version, membership snapshot) of server 0's newest
+                                                # checkpoint when it resumes (None: it does not, or has none)
 
 
 class Coordinator:
@@ -178,7 +180,7 @@ class Coordinator:
         if self.failure:
             self.replier.error(identity, msg.rid, f"the job is stopping: {self.failure}")
             return
-        if not m.started:
+        if not m.started and not self.rejoin_running(role, rank, msg.meta.get("version", 0)):
             raise ProtocolError("heartbeat before the job started")
         if role == "server":
             member = m.servers.get(rank)
@@ -198,6 +200,33 @@ class Coordinator:
         silent = [[r, m.servers[r].addr, round(self.liveness.age("server", r) or 0.0, 1)] for r in sorted(self.warned)]
         self.replier.reply(identity, OK, msg.rid, view=m.view, member=member, silent=silent,
                            servers=m.addresses())
+
+    def rejoin_running(self, role: str, rank: int, their_version: int) -> bool:
+        """A heartbeat of a running job reached this coordinator before its job started: the
+        coordinator died and was restarted with --resume while the others lived on. If its
+        checkpoint holds the job's book (and is recent enough), take it back and rejoin:
+        True. The live processes then correct the book with their heartbeats (a worker
+        dropped meanwhile is dropped again, one that rejoined registers again)."""
+        found = self.hooks.restart_from()
+        if not found or not found[1]:
+            return False
+        version, snap = found
+        if version < their_version - 1:
+            text = (f"the coordinator came back from its checkpoint of version {version}, but {role} {rank} is at "
+                    f"version {their_version}: the steps it applied in between died with it. Resume the whole job "
+                    "from the servers' checkpoints (every role with --resume; docs/failures.md)")
+            self.refuse_registered(text)
+            raise ServerError(text)
+        m = self.members
+        m.restore(snap)
+        now = time.monotonic()
+        self.liveness.start([("server", r) for r in m.servers if r != 0] + [("worker", r) for r in m.live], now)
+        log.warning("the coordinator came back from its checkpoint of version %d into the running job (%s %d "
+                    "is at version %d): %d server(s), workers %s, view %d", version, role, rank, their_version,
+                    len(m.servers), sorted(m.live), m.view)
+        self.hooks.start_job(m.job_reply("server", 0, version, rejoin=True))
+        self.broadcast_view()
+        return True
 
     def servers_moved(self, rank: int, before: str):
         """Server ``rank`` came back at a new address: server 0's peer link follows it now, the

@@ -180,7 +180,7 @@ class Server:
         self.coordinator = Coordinator(cluster, to_dict(optim), to_dict(job), self.replier, ServerHooks(
             self.placement, self._start, lambda: self.shard.version, self._take_view, self.answer_all_with_error,
             servers_rejoin=job.mode not in ("asp", "ssp"), mode=job.mode,
-            on_servers=self._servers_moved)) if rank == 0 else None
+            on_servers=self._servers_moved, restart_from=self.checkpoints.newest_membership)) if rank == 0 else None
         self.view = WorkerView(cluster.num_workers)
         self.pulls = PullQueue(self.replier, cluster.num_workers, cluster.timeout)
         self.applied = Applied()                  # exactly once: the last push applied per worker
@@ -340,8 +340,11 @@ class Server:
 
     def _checkpoint_state(self) -> dict:
         """What a checkpoint holds besides the shard."""
-        return {"bind": self.endpoints.router.endpoint, "addr": self.endpoints.addr, "view": self.view.number,
-                "workers": self.view.pairs(), "applied": self.applied.state(), **self.serving.checkpoint_state()}
+        state = {"bind": self.endpoints.router.endpoint, "addr": self.endpoints.addr, "view": self.view.number,
+                 "workers": self.view.pairs(), "applied": self.applied.state(), **self.serving.checkpoint_state()}
+        if self.coordinator is not None:         # the job's book: a restarted coordinator rejoins with it
+            state["membership"] = self.coordinator.members.snapshot()
+        return state
 
     def _servers_moved(self, addrs):
         """The coordinator's table of the servers' addresses: follow a peer that moved."""
@@ -378,6 +381,8 @@ class Server:
             return
         self.replier.traffic.received(identity, msg.sender, frames_nbytes(frames), msg.step, msg.cmd,
                                       self.endpoints.router.last_peer)
+        if self.coordinator is not None and not self.coordinator.members.started and msg.cmd in (PUSH, PULL, NORM):
+            self._running_job_calls(msg)
         if self.state.failure and msg.cmd not in (STATUS, HEARTBEAT, NORM):
             self.replier.error(identity, msg.rid, f"the job is stopping: {self.state.failure}")
             return
@@ -420,6 +425,14 @@ class Server:
             self.state.stopping = True
         elif ctl.text:
             log.warning("%s", ctl.text)
+
+    def _running_job_calls(self, msg):
+        """A request of a running job reached server 0 before its job started: the coordinator
+        was restarted while the others lived on; it rejoins them now if its checkpoint can
+        (``Coordinator.rejoin_running``; otherwise the request is refused as usual)."""
+        role, _, rank = msg.sender.partition(":")
+        if role in ("worker", "server") and rank.isdigit():
+            self.coordinator.rejoin_running(role, int(rank), msg.step)
 
     def _unsupported(self, identity, msg):
         raise ProtocolError(f"{msg.cmd} is not a request this server ({self.cfg.name}) serves")

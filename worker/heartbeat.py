@@ -7,9 +7,11 @@ are not thread-safe: each belongs to one thread). Every ``interval`` seconds it 
 HEARTBEAT {session, version}; the coordinator's answer says whether this worker is
 still in the view (``member``: False once it was dropped for silence, e.g. after a
 long stall; the client then registers again) or that the job is stopping (an ERROR,
-whose reason the client raises at its next wait). The thread also notices a dead
-coordinator: no answer for ``silence`` seconds while the connection to it is lost, or
-for ``timeout`` seconds whatever the connection says.
+whose reason the client raises at its next wait), which servers the coordinator has
+not heard from, and every server's address (one restarted on another host moved). The
+thread also watches the coordinator: silent for ``silence`` seconds, it says so and waits
+(a coordinator restarted with --resume rejoins the job); silent for ``timeout`` seconds,
+it is gone and the job with it.
 
 NumPy releases the GIL in its heavy loops, and Python switches threads every few
 milliseconds otherwise, so the beats keep their rhythm while the main thread computes.
@@ -41,6 +43,7 @@ class Heartbeat(threading.Thread):
         self.view = 0
         self.error = ""                         # why the job is stopping, or why the coordinator counts as dead
         self.sent = self.answers = 0
+        self.waiting = False                    # the coordinator is silent: waiting for it (said once)
         self.silent: dict[int, str] = {}        # servers the coordinator has not heard from: rank -> address
         self.servers: list[str] = []            # every server's address, as the coordinator last said (a list
                                                 # replaced whole: the main thread reads it without a lock)
@@ -77,6 +80,9 @@ class Heartbeat(threading.Thread):
             return
         self.last_answer = time.monotonic()
         self.answers += 1
+        if self.waiting:
+            self.waiting = False
+            log.warning("%s: the coordinator answers again", self.client.name)
         if msg.cmd == ERROR:
             self.error = msg.meta["message"]
         elif msg.cmd == OK and sessions.get(msg.rid) == self.client.session:
@@ -115,11 +121,17 @@ class Heartbeat(threading.Thread):
         self.silent = now
 
     def _watch(self, sock):
+        """A silent coordinator is waited for up to --timeout (restarted, it rejoins the job)."""
         quiet = time.monotonic() - self.last_answer
-        lost = sock.connections()[0] > 0 and not sock.is_up()
-        if not self.error and (quiet > self.timeout or (lost and quiet > self.silence)):
+        if not self.error and quiet > self.timeout:
             self.error = (f"the coordinator at {sock.endpoint} has not answered heartbeats for {quiet:.1f} s "
-                          f"({sock.diagnose()}): it is dead or cut off, and the job cannot go on without it")
+                          f"({sock.diagnose()}): it is dead or cut off, and the job cannot go on without it; "
+                          "resume the whole job from the checkpoints (docs/failures.md)")
+        elif quiet > self.silence and not self.waiting:
+            self.waiting = True
+            log.warning("%s: the coordinator at %s has not answered heartbeats for %.1f s (%s); waiting up to "
+                        "--timeout (%.0f s) for it", self.client.name, sock.endpoint, quiet, sock.diagnose(),
+                        self.timeout)
 
     def stop(self):
         self._halt.set()
