@@ -155,7 +155,8 @@ class Requests:
             left = deadline - time.monotonic()
             if left <= 0:
                 servers = sorted({r.server for r in self.out.values()})
-                missing = ", ".join(f"server {s} at {self.addrs[s]} ({self.links[s].diagnose()})" for s in servers)
+                missing = ", ".join(f"server {s}{' (the coordinator)' if s == 0 else ''} at {self.addrs[s]} "
+                                    f"({self.links[s].diagnose()})" for s in servers)
                 raise DeadlineError(f"{self.name()}: no answer to {cmd} (step {step}) within "
                                     f"{limit:.0f} s from {missing}; is it running? see its log")
             self.check_job()
