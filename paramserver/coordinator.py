@@ -211,6 +211,12 @@ class Coordinator:
         if not found or not found[1]:
             return False
         version, snap = found
+        if not self.hooks.servers_rejoin:
+            text = (f"the coordinator came back into a running {self.hooks.mode} job: in asp/ssp each server counts "
+                    "every worker's pushes (its clocks), and those died with it. Resume the whole job from the "
+                    "servers' checkpoints (every role with --resume; docs/failures.md)")
+            self.refuse_registered(text)
+            raise ServerError(text)
         if version < their_version - 1:
             text = (f"the coordinator came back from its checkpoint of version {version}, but {role} {rank} is at "
                     f"version {their_version}: the steps it applied in between died with it. Resume the whole job "
