@@ -158,7 +158,8 @@ class Requests:
                 missing = ", ".join(f"server {s}{' (the coordinator)' if s == 0 else ''} at {self.addrs[s]} "
                                     f"({self.links[s].diagnose()})" for s in servers)
                 raise DeadlineError(f"{self.name()}: no answer to {cmd} (step {step}) within "
-                                    f"{limit:.0f} s from {missing}; is it running? see its log")
+                                    f"{limit:.0f} s from {missing}; is it running? see its log. If it cannot "
+                                    "come back, resume the whole job from the checkpoints (docs/failures.md)")
             self.check_job()
             for s in sorted({r.server for r in self.out.values()}):   # a refused handshake never answers
                 why = self.links[s].refused()
