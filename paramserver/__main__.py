@@ -20,7 +20,7 @@ from common import log as logsetup
 from common.cluster import ClusterConfig, JobConfig, add_cluster_arguments
 from common.config import add_arguments, describe, from_args
 from common.optim import OptimConfig
-from paramserver.shard_checkpoint import DurabilityConfig
+from common.durability import DurabilityConfig
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,6 +52,9 @@ class ServerHooks:
     fail_all: Callable             # (text) -> every request server 0 holds is refused with text
     servers_rejoin: bool           # may a restarted server come back into the running job (not asp/ssp)?
     mode: str
+    on_servers: Callable = lambda addrs: None   # (addrs) -> server 0's links to its peers follow a moved server
+    restart_from: Callable = lambda: None       # () -> (version, membership snapshot) of server 0's newest
+                                                # checkpoint when it resumes (None: it does not, or has none)
 
 
 class Coordinator:
@@ -131,6 +134,7 @@ class Coordinator:
             self.replier.error(identity, msg.rid, text)
             self.fail(text)
             return
+        before = m.servers[meta["rank"]].addr if meta["rank"] in m.servers else ""
         member = m.returning_server(identity, meta)
         rank, mine = member.rank, self.hooks.version()
         version = max(m.versions[rank])
@@ -148,6 +152,8 @@ class Coordinator:
         self.warned.discard(rank)
         log.warning("server %d came back (pid %s on %s) from its checkpoint of version %d; the job is at %d",
                     rank, meta["pid"], meta["host"], version, mine)
+        if member.addr != before:
+            self.servers_moved(rank, before)
         self.replier.reply(identity, JOB, msg.rid, **m.job_reply("server", rank, version, rejoin=True))
 
     def _alive_elsewhere(self, meta):
@@ -174,7 +180,7 @@ class Coordinator:
         if self.failure:
             self.replier.error(identity, msg.rid, f"the job is stopping: {self.failure}")
             return
-        if not m.started:
+        if not m.started and not self.rejoin_running(role, rank, msg.meta.get("version", 0)):
             raise ProtocolError("heartbeat before the job started")
         if role == "server":
             member = m.servers.get(rank)
@@ -187,11 +193,58 @@ class Coordinator:
             if rank in self.warned:
                 self.warned.discard(rank)
                 log.info("server %d is heard from again", rank)
-            self.replier.reply(identity, OK, msg.rid, view=m.view, workers=m.view_pairs())
+            self.replier.reply(identity, OK, msg.rid, view=m.view, workers=m.view_pairs(), servers=m.addresses())
             return
         self.liveness.beat("worker", rank)
         member = rank in m.live and m.live[rank] == msg.meta.get("session")
-        self.replier.reply(identity, OK, msg.rid, view=m.view, member=member)
+        silent = [[r, m.servers[r].addr, round(self.liveness.age("server", r) or 0.0, 1)] for r in sorted(self.warned)]
+        self.replier.reply(identity, OK, msg.rid, view=m.view, member=member, silent=silent,
+                           servers=m.addresses())
+
+    def rejoin_running(self, role: str, rank: int, their_version: int) -> bool:
+        """A heartbeat of a running job reached this coordinator before its job started: the
+        coordinator died and was restarted with --resume while the others lived on. If its
+        checkpoint holds the job's book (and is recent enough), take it back and rejoin:
+        True. The live processes then correct the book with their heartbeats (a worker
+        dropped meanwhile is dropped again, one that rejoined registers again)."""
+        found = self.hooks.restart_from()
+        if not found or not found[1]:
+            return False
+        version, snap = found
+        if not self.hooks.servers_rejoin:
+            text = (f"the coordinator came back into a running {self.hooks.mode} job: in asp/ssp each server counts "
+                    "every worker's pushes (its clocks), and those died with it. Resume the whole job from the "
+                    "servers' checkpoints (every role with --resume; docs/failures.md)")
+            self.refuse_registered(text)
+            raise ServerError(text)
+        if version < their_version - 1:
+            text = (f"the coordinator came back from its checkpoint of version {version}, but {role} {rank} is at "
+                    f"version {their_version}: the steps it applied in between died with it. Resume the whole job "
+                    "from the servers' checkpoints (every role with --resume; docs/failures.md)")
+            self.refuse_registered(text)
+            raise ServerError(text)
+        m = self.members
+        m.restore(snap)
+        now = time.monotonic()
+        self.liveness.start([("server", r) for r in m.servers if r != 0] + [("worker", r) for r in m.live], now)
+        log.warning("the coordinator came back from its checkpoint of version %d into the running job (%s %d "
+                    "is at version %d): %d server(s), workers %s, view %d", version, role, rank, their_version,
+                    len(m.servers), sorted(m.live), m.view)
+        self.hooks.start_job(m.job_reply("server", 0, version, rejoin=True))
+        self.broadcast_view()
+        return True
+
+    def servers_moved(self, rank: int, before: str):
+        """Server ``rank`` came back at a new address: server 0's peer link follows it now, the
+        other servers get it in a VIEW, the workers with their next heartbeat's answer."""
+        m = self.members
+        addrs = m.addresses()
+        log.warning("server %d moved from %s to %s: the other servers and the workers are told", rank, before,
+                    addrs[rank])
+        self.hooks.on_servers(addrs)
+        for r, member in m.servers.items():
+            if r not in (0, rank):
+                self.replier.reply(member.identity, VIEW, 0, view=m.view, workers=m.view_pairs(), servers=addrs)
 
     def broadcast_view(self):
         """The new view to this server and the others."""
@@ -232,8 +285,9 @@ class Coordinator:
                 return
             if r not in self.warned:
                 self.warned.add(r)
-                log.warning("server %d at %s has sent no heartbeat for %.1f s; waiting up to %.0f s for it "
-                            "(restart it with --resume)", r, m.servers[r].addr, age, c.timeout)
+                log.warning("server %d at %s has sent no heartbeat for %.1f s (dead, or its link cut?); waiting up "
+                            "to %.0f s (--timeout) for it (a dead one: restart it with --resume)", r,
+                            m.servers[r].addr, age, c.timeout)
         if m.live:
             self.empty_since = None
         elif self.empty_since is None:

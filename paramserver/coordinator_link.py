@@ -5,19 +5,23 @@
   returned, an ERROR or the deadline (``--timeout``) raises ``ServerError``;
 - ``heartbeat``: one every ``--heartbeat`` seconds; the answers and VIEW messages carry
   the view; SHUTDOWN ends the job (``failed``: with an error);
-- ``watch``: a coordinator whose heartbeat answers stop while its connection is lost
-  (or for ``--timeout``) is gone, and so is the job: the text says so.
+- ``watch``: a coordinator whose heartbeat answers stop is waited for up to ``--timeout``
+  (restarted with ``--resume``, it rejoins the running job); past it, it is gone, and so
+  is the job: the text says so.
 
 The ZeroMQ guide's Paranoid Pirate, seen from the worker's side of the queue.
 Not here: what the coordinator decides (``coordinator.py``), the view (``view.py``).
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from common.wire.protocol import ERROR, HEARTBEAT, JOB, OK, REGISTER, SHUTDOWN, VIEW
 from paramserver.errors import ServerError
+
+log = logging.getLogger("server")
 
 
 @dataclass
@@ -27,6 +31,7 @@ class Control:
     text: str = ""
     number: int = 0                             # view: its number and [[rank, session], ...]
     pairs: list | None = None
+    servers: list | None = None                 # view: every server's address now (one may have moved)
 
 
 class CoordinatorLink:
@@ -34,6 +39,7 @@ class CoordinatorLink:
         self.cluster, self.dealer, self.replier = cluster, dealer, replier
         self.heard = time.monotonic()           # when the coordinator last answered
         self.last_beat = 0.0                    # when this server last sent a heartbeat (s > 0)
+        self.waiting = False                    # the coordinator is silent: waiting for it (said once)
 
     def register(self, meta: dict, decode) -> dict:
         """Send REGISTER until the coordinator answers with the job (its meta is returned).
@@ -81,8 +87,12 @@ class CoordinatorLink:
         """A message from the coordinator: a heartbeat's answer, a view, the end."""
         if msg.cmd in (OK, VIEW):
             self.heard = time.monotonic()
+            if self.waiting:
+                self.waiting = False
+                log.warning("the coordinator answers again")
             if "workers" in msg.meta and "view" in msg.meta:
-                return Control("view", number=msg.meta["view"], pairs=msg.meta["workers"])
+                return Control("view", number=msg.meta["view"], pairs=msg.meta["workers"],
+                               servers=msg.meta.get("servers"))
             return Control("ignore")
         if msg.cmd == SHUTDOWN and msg.meta.get("failed"):
             return Control("fail", msg.meta.get("reason", ""))
@@ -99,10 +109,13 @@ class CoordinatorLink:
         if c.heartbeat <= 0:
             return None
         quiet = now - self.heard
-        handshakes, _ = self.dealer.connections()
-        lost = handshakes > 0 and not self.dealer.is_up()
-        if quiet > c.timeout or (lost and quiet > c.silence_s):
+        if quiet > c.timeout:
             return (f"the coordinator (server 0 at {c.coordinator}) has not answered heartbeats for "
                     f"{quiet:.1f} s ({self.dealer.diagnose()}): it is dead or cut off, and the job cannot go on "
                     "without it; resume the whole job from the checkpoints (docs/failures.md)")
+        if quiet > c.silence_s and not self.waiting:
+            self.waiting = True
+            log.warning("the coordinator (server 0 at %s) has not answered heartbeats for %.1f s (%s); waiting up "
+                        "to --timeout (%.0f s) for it: restarted with --resume, it rejoins the job", c.coordinator,
+                        quiet, self.dealer.diagnose(), c.timeout)
         return None

@@ -35,14 +35,27 @@ class ServerEndpoints:
         if self.coordinator:
             self.poller.add(self.coordinator)
         self.peers: dict[int, Dealer] = {}
+        self.peer_addrs: list[str] = []               # the peers' TCP addresses, by rank
 
     def connect_peers(self, rank: int, addrs: list, ipc: list) -> dict:
         """One DEALER to every other server (``addrs``; ``ipc``: their Unix sockets, '' for none)."""
+        self.peer_addrs = list(addrs)
         for s, addr in enumerate(addrs):
             if s != rank:      # a server of this host through its Unix socket
                 near = self.cluster.ipc and reachable_locally(ipc[s])
                 self.peers[s] = Dealer(ipc[s] if near else addr, identity=self.identity + b"/peer", curve=self.curve)
         return self.peers
+
+    def move_peers(self, addrs: list) -> list:
+        """Follow the peers that moved (restarted on another host) to their new TCP
+        addresses; returns [(rank, old, new)] of those that did."""
+        moved = []
+        for s, addr in enumerate(addrs):
+            if s in self.peers and addr != self.peer_addrs[s]:
+                self.peers[s].move(addr)
+                moved.append((s, self.peer_addrs[s], addr))
+                self.peer_addrs[s] = addr
+        return moved
 
     def close(self):
         for s in [self.router, self.coordinator, *self.peers.values()]:

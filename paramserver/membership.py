@@ -275,14 +275,18 @@ class Membership:
         return self.job_reply("worker", m.rank, self.version, rejoin=True)
 
     def returning_server(self, identity: bytes, meta: dict) -> Member:
-        """A server registers into the running job again (restarted from its checkpoint):
-        it must come back at its old address. Returns its member entry, updated."""
+        """A server registers into the running job again (restarted from its checkpoint), at
+        its old address or at a new one (restarted on another host: the coordinator then
+        tells the others, ``addresses``). Returns its member entry, updated."""
         rank, old = meta["rank"], self.servers.get(meta["rank"])
         if old is None:
             raise ProtocolError(f"server rank {rank} is not part of this job")
-        if meta.get("addr") != old.addr:
-            raise ProtocolError(f"server {rank} came back at {meta.get('addr')!r}, but the job knows it at "
-                                f"{old.addr}: restart it with --bind at that address")
+        addr = meta.get("addr")
+        if not isinstance(addr, str) or not addr.startswith("tcp://"):
+            raise ProtocolError(f"server {rank} came back without a tcp:// address (got {addr!r})")
+        taken = [r for r, m in self.servers.items() if r != rank and m.addr == addr]
+        if taken:
+            raise ProtocolError(f"server {rank} came back at {addr}, the address of server {taken[0]}")
         optim = meta.get("optim")
         if optim is not None and optim != self.optim:
             raise ProtocolError(f"server {rank} came back with other optimizer settings")
@@ -290,10 +294,47 @@ class Membership:
         if not versions:
             raise ProtocolError(f"server {rank} came back without a checkpoint (start it with --resume and "
                                 "its --checkpoint-dir): its shard would restart from nothing")
-        old.identity, old.host, old.pid = identity, meta["host"], meta["pid"]
+        old.identity, old.host, old.pid, old.addr = identity, meta["host"], meta["pid"], addr
+        old.meta = dict(old.meta, ipc=meta.get("ipc", ""))
         self.versions[rank] = sorted(set(versions))
         self.sessions[("server", rank)] = self.next_session()
         return old
+
+    # --- a restarted coordinator ---------------------------------------------------------
+    def snapshot(self) -> dict:
+        """The book of a running job as plain JSON, for server 0's checkpoints: a coordinator
+        restarted from it knows the job again (``restore``); the live processes then
+        confirm or correct it with their heartbeats and registrations."""
+        def member(m: Member) -> dict:
+            return dict(rank=m.rank, identity=m.identity.hex(), host=m.host, pid=m.pid, addr=m.addr,
+                        ipc=m.meta.get("ipc", ""))
+        return dict(servers=[member(self.servers[r]) for r in sorted(self.servers)],
+                    workers=[member(w) for w in self.workers], layout=self.layout.table(),
+                    dtype=self.dtype, tokenizer=self.tokenizer, placement=self.placement, view=self.view,
+                    live=self.view_pairs(), sessions=[[role, r, s] for (role, r), s in self.sessions.items()],
+                    done=sorted(self.done), version=self.version, last_session=self._last_session)
+
+    def restore(self, snap: dict):
+        """Take the book of ``snapshot`` as this coordinator's: the job has started. The view
+        number moves on by one, so the servers take the restored view over what they hold."""
+        def member(role: str, d: dict) -> Member:
+            return Member(role, d["rank"], bytes.fromhex(d["identity"]), d["host"], d["pid"], d["addr"],
+                          {"ipc": d.get("ipc", "")})
+        self.servers = {d["rank"]: member("server", d) for d in snap["servers"]}
+        self.workers = [member("worker", d) for d in snap["workers"]]
+        self.layout = Layout.from_table(snap["layout"])
+        self.layout_hash, self.dtype, self.tokenizer = self.layout.hash(), snap["dtype"], snap["tokenizer"]
+        self.first_layout_from = "the job before the coordinator restarted"
+        self.placement, self.view, self.version = snap["placement"], snap["view"] + 1, snap["version"]
+        self.live = {r: s for r, s in snap["live"]}
+        self.sessions = {(role, r): s for role, r, s in snap["sessions"]}
+        self.done = set(snap["done"])
+        self._last_session = max(self._last_session, snap["last_session"])
+        self.started = True
+
+    def addresses(self) -> list[str]:
+        """Every server's address, by rank (a server restarted on another host: its new one)."""
+        return [self.servers[r].addr for r in range(self.num_servers)]
 
     def table(self) -> list[dict]:
         """The address table: every registered process (role, rank, host, pid, address)."""

@@ -59,6 +59,7 @@ from common.wire.pull_compress import pull_scheme
 from common.wire.protocol import (
     BARRIER, DONE, HEARTBEAT, INIT, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS, VIEW, ProtocolError,
 )
+from common.wire.transport import TransportError
 from paramserver.checkpointing import Checkpointer
 from paramserver.coordinator import Coordinator, ServerHooks
 from paramserver.coordinator_link import CoordinatorLink
@@ -69,7 +70,7 @@ from paramserver.modes import AsyncServing, ServingParts, SyncRule
 from paramserver.pulls import PullQueue
 from paramserver.replier import Replier
 from paramserver.shard import Shard
-from paramserver.shard_checkpoint import DurabilityConfig
+from common.durability import DurabilityConfig
 from paramserver.steps import SyncServing
 from paramserver.traffic import Traffic, frames_nbytes
 from paramserver.view import WorkerView
@@ -173,14 +174,14 @@ class Server:
         serving_for(cluster, optim, job, rank)        # checks the mode and its settings now, not at the start
         self.tracer = tracer          # --trace: spans wait for pushes, store push, average, update, reply
         self.checkpoints = Checkpointer(durability or DurabilityConfig(), out, rank, tracer)
-        self.endpoints = ServerEndpoints(cluster, rank, self.checkpoints.bind_address(
-            server_bind(cluster, rank), bool(cluster.bind)))
+        self.endpoints = self._listen(cluster, rank)
         self.replier = Replier(self.cfg.name, self.endpoints.router, Traffic(cluster.num_servers, cluster.num_workers),
                                self.endpoints.coordinator, snapshot=answers_from_copy(job))
         self.link = CoordinatorLink(cluster, self.endpoints.coordinator, self.replier) if rank else None
         self.coordinator = Coordinator(cluster, to_dict(optim), to_dict(job), self.replier, ServerHooks(
             self.placement, self._start, lambda: self.shard.version, self._take_view, self.answer_all_with_error,
-            servers_rejoin=job.mode not in ("asp", "ssp"), mode=job.mode)) if rank == 0 else None
+            servers_rejoin=job.mode not in ("asp", "ssp"), mode=job.mode,
+            on_servers=self._servers_moved, restart_from=self.checkpoints.newest_membership)) if rank == 0 else None
         self.view = WorkerView(cluster.num_workers)
         self.pulls = PullQueue(self.replier, cluster.num_workers, cluster.timeout)
         self.applied = Applied()                  # exactly once: the last push applied per worker
@@ -188,6 +189,21 @@ class Server:
         self.interrupts = Interrupts()
         self.shard: Shard | None = None           # and its serving object, once the job started
         self.serving = None
+
+    def _listen(self, cluster, rank: int) -> ServerEndpoints:
+        """Bind where the workers and peers find this server: a resuming server binds the
+        address of its checkpoint; if that is not one of this host's (restarted on another
+        host), it binds --bind (or the default) and the coordinator tells the others."""
+        bind = server_bind(cluster, rank)
+        old = self.checkpoints.bind_address(bind, bool(cluster.bind))
+        if old == bind:
+            return ServerEndpoints(cluster, rank, bind)
+        try:
+            return ServerEndpoints(cluster, rank, old)
+        except TransportError as e:
+            log.warning("cannot bind the address of the checkpoint (%s); binding %s instead: this server moved, "
+                        "and the coordinator will tell the workers and the other servers", e, bind)
+            return ServerEndpoints(cluster, rank, bind)
 
     # --- the loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -202,6 +218,8 @@ class Server:
                 with self.interrupts.critical():
                     for sock in ready:
                         self._drain(sock)
+                    if self.checkpoints.failure:
+                        self._stop_job(self.checkpoints.failure)
                     if self.link and self.shard is not None:
                         self.link.heartbeat(self.shard.version, self.state.session)
                     self._check_deadlines()
@@ -228,9 +246,10 @@ class Server:
             return
         c = self.checkpoints
         extra = dict(refused=self.state.refused, repeated_pushes=self.applied.repeats,
-                     checkpoints_written=c.written, checkpoint_s=c.seconds, resumed_at=self.state.resumed_at,
-                     failure=self.state.failure or None, bytes_in=self.replier.traffic.bytes_in,
-                     bytes_out=self.replier.traffic.bytes_out, peers=self.replier.traffic.table())
+                     checkpoints_written=c.written, checkpoint_s=c.seconds, checkpoints_failed=c.failed_saves,
+                     resumed_at=self.state.resumed_at, failure=self.state.failure or None,
+                     bytes_in=self.replier.traffic.bytes_in, bytes_out=self.replier.traffic.bytes_out,
+                     peers=self.replier.traffic.table())
         if self.coordinator:
             extra.update(self.coordinator.metrics())
         job = self.cfg.job
@@ -300,7 +319,7 @@ class Server:
         parts = ServingParts(self.replier, self.view, self.applied, self.checkpoints, self.pulls, self.tracer,
                              self._ahead)
         self.serving = serving_for(cfg.cluster, cfg.optim, cfg.job, cfg.rank)(self.shard, parts, addrs)
-        self.checkpoints.start(self.shard, job["layout_hash"], self._checkpoint_state)
+        self.checkpoints.start(self.shard, job["layout_hash"], self._checkpoint_state, job.get("tokenizer", ""))
         self.state.session = job.get("session", 0)
         self._take_view(job.get("view", 1), job.get("workers", [[r, 0] for r in range(cfg.cluster.num_workers)]))
         peers = {}
@@ -325,8 +344,20 @@ class Server:
 
     def _checkpoint_state(self) -> dict:
         """What a checkpoint holds besides the shard."""
-        return {"bind": self.endpoints.router.endpoint, "addr": self.endpoints.addr, "view": self.view.number,
-                "workers": self.view.pairs(), "applied": self.applied.state(), **self.serving.checkpoint_state()}
+        state = {"bind": self.endpoints.router.endpoint, "addr": self.endpoints.addr, "view": self.view.number,
+                 "workers": self.view.pairs(), "applied": self.applied.state(), **self.serving.checkpoint_state()}
+        if self.coordinator is not None:         # the job's book: a restarted coordinator rejoins with it
+            state["membership"] = self.coordinator.members.snapshot()
+        return state
+
+    def _servers_moved(self, addrs):
+        """The coordinator's table of the servers' addresses: follow a peer that moved."""
+        S = self.cfg.cluster.num_servers
+        if not (isinstance(addrs, list) and len(addrs) == S and all(isinstance(a, str) and a.startswith("tcp://")
+                                                                    for a in addrs)):
+            raise ProtocolError(f"the servers' addresses must be {S} tcp:// endpoints, got {str(addrs)[:200]}")
+        for rank, old, new in self.endpoints.move_peers(addrs):
+            log.warning("server %d moved from %s to %s: this server's link to it follows", rank, old, new)
 
     def _take_view(self, number: int, pairs):
         """The coordinator's view ``number``: the live workers and their sessions."""
@@ -354,6 +385,8 @@ class Server:
             return
         self.replier.traffic.received(identity, msg.sender, frames_nbytes(frames), msg.step, msg.cmd,
                                       self.endpoints.router.last_peer)
+        if self.coordinator is not None and not self.coordinator.members.started and msg.cmd in (PUSH, PULL, NORM):
+            self._running_job_calls(msg)
         if self.state.failure and msg.cmd not in (STATUS, HEARTBEAT, NORM):
             self.replier.error(identity, msg.rid, f"the job is stopping: {self.state.failure}")
             return
@@ -383,6 +416,8 @@ class Server:
         if ctl.kind == "view":
             try:
                 self._take_view(ctl.number, ctl.pairs)
+                if ctl.servers is not None:
+                    self._servers_moved(ctl.servers)
             except ProtocolError as e:
                 self.state.refused += 1
                 log.warning("refused a view from the coordinator: %s", e)
@@ -397,6 +432,14 @@ class Server:
             self.state.stopping = True
         elif ctl.text:
             log.warning("%s", ctl.text)
+
+    def _running_job_calls(self, msg):
+        """A request of a running job reached server 0 before its job started: the coordinator
+        was restarted while the others lived on; it rejoins them now if its checkpoint can
+        (``Coordinator.rejoin_running``; otherwise the request is refused as usual)."""
+        role, _, rank = msg.sender.partition(":")
+        if role in ("worker", "server") and rank.isdigit():
+            self.coordinator.rejoin_running(role, int(rank), msg.step)
 
     def _unsupported(self, identity, msg):
         raise ProtocolError(f"{msg.cmd} is not a request this server ({self.cfg.name}) serves")
@@ -537,6 +580,16 @@ class Server:
             self.answer_all_with_error(text)
             raise ServerError(text)
         raise ProtocolError(f"push for step {msg.step}, but this server is at step {self.shard.version}")
+
+    def _stop_job(self, text: str):
+        """This server cannot go on (a checkpoint could not be written): the coordinator stops
+        the job, telling every process why; another server tells the coordinator and exits."""
+        if self.coordinator is not None:
+            self.coordinator.fail(text)
+            return
+        self.link.report(self.state.session, text)
+        self.answer_all_with_error(text)
+        raise ServerError(text)
 
     def answer_all_with_error(self, text: str):
         """Refuse every request this server holds an answer for (the job is stopping)."""

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
@@ -46,23 +44,6 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used here; the text says what differs."""
 
 
-@dataclass
-class DurabilityConfig:
-    """Server checkpoints (docs/failures.md)."""
-    checkpoint_dir: str = ""          # folder of this job's server checkpoints ('' = <--out>/checkpoints, none without --out)
-    checkpoint_every: int = 50        # write a checkpoint every this many versions, and when stopping (0 = only when stopping)
-    resume: bool = False              # start from the newest checkpoint in --checkpoint-dir: a server that died rejoins its job; every server: the whole job goes on
-    die_at_version: int = 0           # fault injection for tests and lessons: right after writing the checkpoint of this version, the server kills itself with SIGKILL (0 = never)
-
-    def __post_init__(self):
-        if self.checkpoint_every < 0 or self.die_at_version < 0:
-            raise ValueError(f"checkpoint_every and die_at_version must be >= 0, got {self.checkpoint_every}, "
-                             f"{self.die_at_version}")
-
-    def folder(self, out: str) -> str:
-        return self.checkpoint_dir or (os.path.join(out, "checkpoints") if out else "")
-
-
 def path_of(folder, rank: int, version: int) -> Path:
     return Path(folder) / f"server-{rank}-v{version:08d}.safetensors"
 
@@ -75,8 +56,9 @@ def versions(folder, rank: int) -> list[int]:
     return sorted(int(m.group(2)) for m in found if m and int(m.group(1)) == rank)
 
 
-def save(folder, rank: int, shard, layout_hash: str, extra: dict, keep: int = KEEP) -> Path:
-    """Write the shard's checkpoint at its version; keep the newest ``keep`` files."""
+def save(folder, rank: int, shard, layout_hash: str, extra: dict, keep: int = KEEP, tokenizer: str = "") -> Path:
+    """Write the shard's checkpoint at its version; keep the newest ``keep`` files.
+    ``tokenizer``: the sha256 of the workers' tokenizer ('' = none sent), checked at resume."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     opt = shard.optimizer.state_dict()
@@ -87,7 +69,8 @@ def save(folder, rank: int, shard, layout_hash: str, extra: dict, keep: int = KE
         tensors["pull.hat"] = pull.pop("hat")
     state = {"pull": pull, "format": FORMAT, "rank": rank, "version": shard.version, "initialized": shard.initialized,
              "chunks": [list(c) for c in shard.chunks], "dtype": shard.dtype.name, "layout_hash": layout_hash,
-             "optimizer": shard.optim_cfg.optimizer, "optimizer_config": dataclasses.asdict(shard.optim_cfg),
+             "tokenizer": tokenizer, "optimizer": shard.optim_cfg.optimizer,
+             "optimizer_config": dataclasses.asdict(shard.optim_cfg),
              "optimizer_scalars": {k: v for k, v in opt.items() if not isinstance(v, numpy.ndarray)},
              "extra": extra}
     path = path_of(folder, rank, shard.version)
@@ -97,7 +80,21 @@ def save(folder, rank: int, shard, layout_hash: str, extra: dict, keep: int = KE
     return path
 
 
-def load(folder, rank: int, version: int, shard, layout_hash: str) -> dict:
+def set_aside_newer(folder, rank: int, version: int) -> list[Path]:
+    """Move server ``rank``'s checkpoints newer than ``version`` into ``folder/superseded``
+    (kept, not deleted: one may be the damaged file someone wants to look at). A job resumed
+    from an older version writes its own newer ones; left in place, a stale one would be
+    taken for the newest by the next ``--resume`` and would crowd out the fresh ones."""
+    moved = []
+    for v in versions(folder, rank):
+        if v > version:
+            old = path_of(folder, rank, v)
+            (Path(folder) / "superseded").mkdir(exist_ok=True)
+            moved.append(old.rename(Path(folder) / "superseded" / old.name))
+    return moved
+
+
+def load(folder, rank: int, version: int, shard, layout_hash: str, tokenizer: str = "") -> dict:
     """Restore ``shard`` (parameters, optimizer, version) from server ``rank``'s checkpoint
     of ``version``; returns its ``extra``. Refuses a checkpoint of another shape of job."""
     path = path_of(folder, rank, version)
@@ -108,10 +105,11 @@ def load(folder, rank: int, version: int, shard, layout_hash: str) -> dict:
         state = json.loads(json.loads(raw[8:8 + header_len])["__metadata__"]["state"])
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         older = [v for v in versions(folder, rank) if v < version]
-        offer = (f"; this server's older checkpoints: versions {older} (move this file away to resume from "
-                 f"version {older[-1]})" if older else "; this server has no older checkpoint")
+        offer = (f"; this server's older checkpoints: versions {older}: resume from version {older[-1]} with "
+                 f"--resume-from {older[-1]} (ps-local, or every server's command)" if older
+                 else "; this server has no older checkpoint")
         raise CheckpointError(f"cannot read {path} (truncated or corrupt?): {e}{offer}") from None
-    check_matches(path, state, rank, version, shard, layout_hash)
+    check_matches(path, state, rank, version, shard, layout_hash, tokenizer)
     check_arrays(path, tensors, shard)              # everything checked before anything is written
     shard.params[...] = tensors["params"]
     opt = dict(state["optimizer_scalars"])
@@ -124,19 +122,22 @@ def load(folder, rank: int, version: int, shard, layout_hash: str) -> dict:
     return state["extra"]
 
 
-def check_matches(path, state: dict, rank: int, version: int, shard, layout_hash: str):
+def check_matches(path, state: dict, rank: int, version: int, shard, layout_hash: str, tokenizer: str = ""):
     """Refuse a checkpoint written by another shape of job, naming the field, both values and
     the file: the placement (number of servers, --chunk-mb), the model (layout hash), the
-    dtype, the optimizer and each of its settings (a resume with other settings would not
-    continue the same run)."""
+    tokenizer (its sha256: another one gives the same token ids other meanings), the dtype,
+    the optimizer and each of its settings (a resume with other settings would not continue
+    the same run)."""
     if state.get("format") != FORMAT or state.get("rank") != rank or state.get("version") != version:
         raise CheckpointError(f"{path}: not server {rank}'s checkpoint of version {version} (format {FORMAT})")
     if [tuple(c) for c in state["chunks"]] != list(shard.chunks):
         raise CheckpointError(f"{path}: chunks differ: the checkpoint holds {state['chunks'][:4]}, this server "
                               f"owns {shard.describe_chunks()}: another placement (number of servers, --chunk-mb?)")
-    theirs = {"layout_hash": state["layout_hash"], "dtype": state["dtype"], "optimizer": state["optimizer"],
+    theirs = {"layout_hash": state["layout_hash"], "tokenizer sha256": state.get("tokenizer", tokenizer),
+              "dtype": state["dtype"], "optimizer": state["optimizer"],
               **{f"optimizer {k}": v for k, v in state.get("optimizer_config", {}).items()}}
-    ours = {"layout_hash": layout_hash, "dtype": shard.dtype.name, "optimizer": shard.optim_cfg.optimizer,
+    ours = {"layout_hash": layout_hash, "tokenizer sha256": tokenizer, "dtype": shard.dtype.name,
+            "optimizer": shard.optim_cfg.optimizer,
             **{f"optimizer {k}": v for k, v in dataclasses.asdict(shard.optim_cfg).items()}}
     differ = [f"{k}: {theirs[k]!r} in the checkpoint, {ours.get(k)!r} in this job" for k in theirs if theirs[k] != ours.get(k)]
     if differ:

@@ -15,9 +15,11 @@ how long it took, from the run folder's logs and files:
                    ``--resume``; it loads its checkpoint (``--checkpoint-every 1``), the
                    workers send it their pushes again, and the final parameters are bit
                    for bit those of an uninterrupted run;
-- ``coordinator``: server 0 dies; every other process stops within a few heartbeats,
-                   naming it; ``ps-local --resume`` continues the job from the servers'
-                   checkpoints, and again the final parameters equal the uninterrupted run's.
+- ``coordinator``: server 0 dies and is not started again; every other process waits
+                   ``--timeout`` for it (a coordinator restarted with ``--resume`` would
+                   rejoin: tests/test_respawn.py), then stops naming it; ``ps-local
+                   --resume`` continues the job from the servers' checkpoints, and again
+                   the final parameters equal the uninterrupted run's.
 Each scenario kills its process as soon as the job reaches a set step (a quarter, a third,
 half of ``--steps``), its PID looked up beforehand, so the kill lands within a few steps
 of it. With ``--keep`` the job is also run undisturbed (``uninterrupted``, reused by a later

@@ -11,9 +11,10 @@ the one docs/failures.md documents:
 |             | after --timeout, naming it      | naming it (restarted with      | periodic checkpoint stays)    |
 |             |                                 | --resume it goes on:           |                               |
 |             |                                 | tests/test_restart.py)         |                               |
-| server 0,   | every process stops at its      | every process stops within a   | the model is saved; the       |
-| coordinator | registration deadline, naming   | few heartbeats, naming it      | others stop, naming it        |
-|             | the coordinator                 |                                |                               |
+| server 0,   | every process stops at its      | every process stops after      | the model is saved; the       |
+| coordinator | registration deadline, naming   | --timeout, naming it           | others stop, naming it        |
+|             | the coordinator                 | (restarted with --resume it    |                               |
+|             |                                 | goes on: tests/test_respawn.py)|                               |
 
 Every process is a real ``python -m paramserver`` / ``python -m worker`` (tests/jobs.py)
 with --timeout 6, heartbeats every 0.2 s and 5 misses allowed. Each case prints how long

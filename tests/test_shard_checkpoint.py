@@ -118,3 +118,23 @@ def test_optimizer_state_of_another_size_is_refused_before_anything_is_written(t
     with pytest.raises(ck.CheckpointError, match=r"optimizer.v of shape \(4,\), expected \(10,\)"):
         ck.load(tmp_path, 1, 7, target, LAYOUT_HASH)
     assert unchanged(target)
+
+
+def test_a_checkpoint_of_another_tokenizer_is_refused_naming_both_sha256(tmp_path):
+    s = written(tmp_path)
+    ck.save(tmp_path, 1, s, LAYOUT_HASH, {}, tokenizer="a" * 64)
+    target = shard()
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load(tmp_path, 1, 7, target, LAYOUT_HASH, tokenizer="b" * 64)
+    assert f"tokenizer sha256: {'a' * 64!r} in the checkpoint, {'b' * 64!r} in this job" in str(e.value)
+    assert str(ck.path_of(tmp_path, 1, 7)) in str(e.value) and unchanged(target)
+    ck.load(tmp_path, 1, 7, target, LAYOUT_HASH, tokenizer="a" * 64)
+    assert target.version == 7
+
+
+def test_newer_checkpoints_are_set_aside_not_deleted(tmp_path):
+    for v in (5, 7, 9):
+        written(tmp_path, version=v)
+    moved = ck.set_aside_newer(tmp_path, 1, 5)
+    assert [p.name for p in moved] == [ck.path_of(tmp_path, 1, v).name for v in (7, 9)]
+    assert ck.versions(tmp_path, 1) == [5] and all(p.parent == tmp_path / "superseded" and p.exists() for p in moved)

@@ -452,6 +452,9 @@ class PSClient:
         self.requests.wait(cmd, step, self.answers, done)
 
     def _check_job(self):
-        """Raise when the heartbeat thread learned that the job is stopping or the coordinator is gone."""
+        """Raise when the heartbeat thread learned that the job is stopping or the coordinator is
+        gone; follow a server that the coordinator says came back at another address."""
         if self.heartbeat is not None and self.heartbeat.error:
             raise RemoteError(f"{self.name}: {self.heartbeat.error}")
+        if self.heartbeat is not None and self.heartbeat.servers:
+            self.requests.follow(self.heartbeat.servers)

@@ -350,8 +350,11 @@ class WorkerRun:
                   "bytes_received": client.bytes_received, "joined_at": self.joined, "resends": client.resends,
                   "rejoins": client.rejoins}
         if self.lead or wc.out:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / f"worker-{rank}.json").write_text(json.dumps(result) + "\n")
+            try:                    # a report that cannot be written (a full disk) is not worth the run
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / f"worker-{rank}.json").write_text(json.dumps(result) + "\n")
+            except OSError as e:
+                log.warning("could not write worker-%d.json in %s: %s", rank, self.out, e)
         if self.lead:
             self.metrics.close()
             if wc.sample_bytes:

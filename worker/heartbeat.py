@@ -7,9 +7,11 @@ are not thread-safe: each belongs to one thread). Every ``interval`` seconds it 
 HEARTBEAT {session, version}; the coordinator's answer says whether this worker is
 still in the view (``member``: False once it was dropped for silence, e.g. after a
 long stall; the client then registers again) or that the job is stopping (an ERROR,
-whose reason the client raises at its next wait). The thread also notices a dead
-coordinator: no answer for ``silence`` seconds while the connection to it is lost, or
-for ``timeout`` seconds whatever the connection says.
+whose reason the client raises at its next wait), which servers the coordinator has
+not heard from, and every server's address (one restarted on another host moved). The
+thread also watches the coordinator: silent for ``silence`` seconds, it says so and waits
+(a coordinator restarted with --resume rejoins the job); silent for ``timeout`` seconds,
+it is gone and the job with it.
 
 NumPy releases the GIL in its heavy loops, and Python switches threads every few
 milliseconds otherwise, so the beats keep their rhythm while the main thread computes.
@@ -41,6 +43,10 @@ class Heartbeat(threading.Thread):
         self.view = 0
         self.error = ""                         # why the job is stopping, or why the coordinator counts as dead
         self.sent = self.answers = 0
+        self.waiting = False                    # the coordinator is silent: waiting for it (said once)
+        self.silent: dict[int, str] = {}        # servers the coordinator has not heard from: rank -> address
+        self.servers: list[str] = []            # every server's address, as the coordinator last said (a list
+                                                # replaced whole: the main thread reads it without a lock)
 
     def run(self):
         c = self.client
@@ -74,18 +80,58 @@ class Heartbeat(threading.Thread):
             return
         self.last_answer = time.monotonic()
         self.answers += 1
+        if self.waiting:
+            self.waiting = False
+            log.warning("%s: the coordinator answers again", self.client.name)
         if msg.cmd == ERROR:
             self.error = msg.meta["message"]
         elif msg.cmd == OK and sessions.get(msg.rid) == self.client.session:
             self.view = msg.meta.get("view", self.view)
             self.member = msg.meta.get("member", True)
+            self._silent_servers(msg.meta.get("silent", []))
+            self._addresses(msg.meta.get("servers"))
+
+    def _addresses(self, servers):
+        """The servers' addresses now (``client.follow_servers`` moves a link to a server that
+        came back on another host); a malformed list is dropped."""
+        if servers is None:
+            return
+        if not (isinstance(servers, list) and all(isinstance(a, str) and a.startswith("tcp://") for a in servers)):
+            log.warning("dropped a heartbeat answer's malformed list of server addresses: %.200r", servers)
+            return
+        self.servers = servers
+
+    def _silent_servers(self, silent):
+        """The coordinator's list of servers it has not heard from ([[rank, address, seconds]]):
+        say when one goes silent (dead, or its link cut) and when it is heard again."""
+        if not (isinstance(silent, list) and all(isinstance(x, list) and len(x) == 3 and isinstance(x[0], int)
+                                                 and isinstance(x[1], str) and isinstance(x[2], (int, float))
+                                                 for x in silent)):
+            log.warning("dropped a heartbeat answer's malformed list of silent servers: %.200r", silent)
+            return
+        now = {rank: addr for rank, addr, _ in silent}
+        for rank, addr, age in silent:
+            if rank not in self.silent:
+                log.warning("%s: the coordinator has not heard from server %d at %s for %.1f s (dead, or its "
+                            "link cut?); this worker's requests to it wait up to --timeout (%.0f s)",
+                            self.client.name, rank, addr, age, self.timeout)
+        for rank, addr in self.silent.items():
+            if rank not in now:
+                log.warning("%s: server %d at %s is heard from again", self.client.name, rank, addr)
+        self.silent = now
 
     def _watch(self, sock):
+        """A silent coordinator is waited for up to --timeout (restarted, it rejoins the job)."""
         quiet = time.monotonic() - self.last_answer
-        lost = sock.connections()[0] > 0 and not sock.is_up()
-        if not self.error and (quiet > self.timeout or (lost and quiet > self.silence)):
+        if not self.error and quiet > self.timeout:
             self.error = (f"the coordinator at {sock.endpoint} has not answered heartbeats for {quiet:.1f} s "
-                          f"({sock.diagnose()}): it is dead or cut off, and the job cannot go on without it")
+                          f"({sock.diagnose()}): it is dead or cut off, and the job cannot go on without it; "
+                          "resume the whole job from the checkpoints (docs/failures.md)")
+        elif quiet > self.silence and not self.waiting:
+            self.waiting = True
+            log.warning("%s: the coordinator at %s has not answered heartbeats for %.1f s (%s); waiting up to "
+                        "--timeout (%.0f s) for it", self.client.name, sock.endpoint, quiet, sock.diagnose(),
+                        self.timeout)
 
     def stop(self):
         self._halt.set()

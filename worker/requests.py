@@ -80,6 +80,19 @@ class Requests:
             self.links.append(link)
             self.poller.add(link)
 
+    def follow(self, addrs: list):
+        """The servers' addresses as the coordinator says now: a server restarted on another
+        host is reached there from now on, and what was sent to it is sent again
+        (``maybe_resend``: the move counts as a lost connection)."""
+        if len(addrs) != len(self.links) or addrs == self.addrs:
+            return
+        for s, addr in enumerate(addrs):
+            if addr != self.addrs[s]:
+                log.warning("%s: server %d moved from %s to %s (the coordinator says); its requests go there",
+                            self.name(), s, self.addrs[s], addr)
+                self.links[s].move(addr)
+                self.addrs[s] = addr
+
     def close(self):
         for s in [self.coordinator, *self.links]:
             s.close()
@@ -148,9 +161,11 @@ class Requests:
             left = deadline - time.monotonic()
             if left <= 0:
                 servers = sorted({r.server for r in self.out.values()})
-                missing = ", ".join(f"server {s} at {self.addrs[s]} ({self.links[s].diagnose()})" for s in servers)
+                missing = ", ".join(f"server {s}{' (the coordinator)' if s == 0 else ''} at {self.addrs[s]} "
+                                    f"({self.links[s].diagnose()})" for s in servers)
                 raise DeadlineError(f"{self.name()}: no answer to {cmd} (step {step}) within "
-                                    f"{limit:.0f} s from {missing}; is it running? see its log")
+                                    f"{limit:.0f} s from {missing}; is it running? see its log. If it cannot "
+                                    "come back, resume the whole job from the checkpoints (docs/failures.md)")
             self.check_job()
             for s in sorted({r.server for r in self.out.values()}):   # a refused handshake never answers
                 why = self.links[s].refused()

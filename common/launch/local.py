@@ -50,6 +50,7 @@ from common.config import add_arguments, from_args, to_dict
 from common.optim import OptimConfig
 from common.trace import merge_traces
 from common.wire.transport import free_port
+from common.durability import DurabilityConfig
 
 GRACE_S = 5.0      # after TERM, how long a process gets before KILL
 # The optimizer of the single-process trainer's small GPT (worker/train.py TRAIN_DEFAULTS;
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 1; 0: none)")
     g.add_argument("--heartbeat-misses", type=int, default=5,
                    help="heartbeats a worker may miss before it is dropped (default: 5)")
+    add_arguments(p, DurabilityConfig, "checkpoints (servers)",
+                  skip=("checkpoint_dir", "checkpoint_every", "resume", "die_at_version"))
     add_arguments(p, JobConfig, "consistency (every process)")
     add_arguments(p, OptimConfig, "optimizer (servers)", defaults=dict(OPTIM_DEFAULTS, lr_decay_steps=None),
                   default_text={"lr_decay_steps": "--steps"})
@@ -209,10 +212,8 @@ class Job:
         return new
 
     def restart(self, name: str):
-        cmd = self.cmds[name] + (["--resume"] if name.startswith("server-") and "--resume" not in self.cmds[name]
-                                 else [])
         self.crashed.pop(name, None)
-        self.start(name, cmd, mode="a")
+        self.start(name, command_again(name, self.cmds[name]), mode="a")
 
     def running(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() is None]
@@ -298,7 +299,9 @@ def main(argv=None) -> int:
     server_cmds = [[sys.executable, "-m", "paramserver", "--rank", str(s),
                     "--bind", f"tcp://127.0.0.1:{port if s == 0 else '*'}",   # a local job stays on loopback
                     *common, *_flags(optim), "--out", str(out), "--checkpoint-every", str(args.checkpoint_every),
-                    *(["--resume"] if args.resume else []), *(["--trace", str(out)] if args.trace else [])]
+                    *(["--resume"] if args.resume else []), *(["--trace", str(out)] if args.trace else []),
+                    *(["--resume-from", str(args.resume_from)] if args.resume_from >= 0 else []),
+                    "--on-checkpoint-error", args.on_checkpoint_error]
                    for s in range(args.servers)]
     trace = ["--trace"] if args.trace else []
     worker_cmds = [worker_cmd + per_rank[r] + ["--rank", str(r), "--no-progress", *trace] for r in range(args.workers)]
@@ -320,6 +323,10 @@ def _checked(parser, args):
     if args.servers < 1 or args.workers < 1 or args.steps < 1:
         parser.error("--servers, --workers and --steps must be >= 1")
     out = Path(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
+    if args.resume_from >= 0:
+        args.resume = True                       # --resume-from VERSION is a --resume
+    elif args.resume_from < -1:
+        parser.error(f"--resume-from must be a checkpoint version >= 0, got {args.resume_from}")
     if args.resume and not (out / "checkpoints").is_dir():
         parser.error(f"--resume: {out / 'checkpoints'} does not exist; give the --out of the job to resume")
     if not args.resume and out.exists() and any(out.iterdir()):
@@ -356,6 +363,17 @@ def _run_job(run: Job, server_cmds: list, worker_cmds: list, out: Path, args) ->
                   file=sys.stderr)
 
 
+def command_again(name: str, cmd: list) -> list:
+    """The command that starts a crashed process again: a server resumes from its newest
+    checkpoint (--resume, never the --resume-from VERSION the job may have started with)."""
+    if not name.startswith("server-"):
+        return list(cmd)
+    if "--resume-from" in cmd:
+        i = cmd.index("--resume-from")
+        cmd = cmd[:i] + cmd[i + 2:]
+    return list(cmd) + ([] if "--resume" in cmd else ["--resume"])
+
+
 def _crashed(run: Job, name: str, sig: int, args):
     """A process was killed from outside: start it again (--respawn), or say what happens now."""
     if args.respawn:
@@ -363,7 +381,7 @@ def _crashed(run: Job, name: str, sig: int, args):
               + (" from its checkpoint (--resume)" if name.startswith("server-") else ""), file=sys.stderr)
         run.restart(name)
         return
-    again = shlex.join(run.cmds[name] + (["--resume"] if name.startswith("server-") else []))
+    again = shlex.join(command_again(name, run.cmds[name]))
     what = ("the job goes on without it (the coordinator drops it from the view)" if name.startswith("worker-")
             else f"the job waits up to --timeout ({args.timeout:g} s) for it to come back")
     print(f"\nps-local: {name} was killed by signal {sig}; {what}. To start it again:\n    {again}",

@@ -38,7 +38,8 @@ The conversation, in order (see docs/ for the lesson that walks through it):
 and, all along (docs/failures.md):
 
     worker, server -> coordinator  heartbeat {session, version}  -> ok {view, member}
-                                                           (servers also get the live workers)
+                                                           (servers also get the live workers,
+                                                           workers the servers gone silent)
     coordinator -> servers     view {view, workers}     (a worker was dropped or rejoined)
 
 A worker that resends a request (its connection to a server broke and came back)
@@ -115,7 +116,7 @@ META = {
     # error: a server that cannot go on tells the coordinator why (it stops the job)
     HEARTBEAT: ({}, {"session": int, "version": int, "error": str}),
     # workers: [[rank, session], ...] of the live workers
-    VIEW: ({"view": int, "workers": list}, {}),
+    VIEW: ({"view": int, "workers": list}, {"servers": list}),
     # session: the incarnation given to this process; version: the parameters' version the
     # job is at (a worker joining a running job, a server resuming from checkpoint ``version``);
     # view, workers: the membership view (see VIEW)
@@ -125,8 +126,10 @@ META = {
            "rejoin": bool, "ipc": list, "tokenizer": str}),
     # dropped: this push came after its step was complete (backup workers) and was not applied
     # view, member, workers: a heartbeat's answer (member False: this worker was dropped; rejoin)
+    # silent: [[rank, address, seconds]] of the servers the coordinator has not heard from;
+    # servers: every server's address now (a server restarted on another host moved)
     OK: ({}, {"version": int, "message": str, "loss": _num, "stats": dict, "status": dict, "dropped": bool,
-              "view": int, "member": bool, "workers": list}),
+              "view": int, "member": bool, "workers": list, "silent": list, "servers": list}),
     ERROR: ({"message": str}, {}),
 }
 

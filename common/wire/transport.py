@@ -341,6 +341,22 @@ class Dealer(_Socket):
         tracker = self.sock.send_multipart(list(frames), copy=False, track=track)
         return tracker if track else True
 
+    def move(self, connect: str) -> bool:
+        """Connect to ``connect`` instead of the current peer (it moved: a server restarted
+        on another host). What was queued for the old address is dropped; it counts as a
+        lost connection, so a caller resends what it had sent (``connections``)."""
+        new = normalize(connect)
+        if new == self.endpoint:
+            return False
+        try:
+            self.sock.disconnect(self.endpoint)
+        except zmq.ZMQError:
+            pass                                   # never connected there: nothing to undo
+        self.sock.connect(new)
+        self.endpoint, self._up = new, False
+        self.disconnects += 1
+        return True
+
     def recv(self):
         """Frames of the next message; call after ``poll`` said one is waiting."""
         return _buffers(self.sock.recv_multipart(copy=False))
