@@ -18,9 +18,10 @@ import sys
 
 from common import log as logsetup
 from common.cluster import ClusterConfig, JobConfig, add_cluster_arguments
-from common.config import add_arguments, describe, from_args
+from common.config import add_arguments, concern_group, describe, from_args
+from common.log import add_log_level
 from common.optim import OptimConfig
-from paramserver.shard_checkpoint import DurabilityConfig
+from common.durability import DurabilityConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,16 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "the coordinator every process registers with. Every server of a job must get the "
                     "same optimizer and job flags.",
 )
+    add_arguments(p, OptimConfig, "optimizer")
+    add_arguments(p, JobConfig, "consistency")
+    add_arguments(p, DurabilityConfig, "failures")
     add_cluster_arguments(p)
-    add_arguments(p, JobConfig, "job (identical on every process)")
-    add_arguments(p, OptimConfig, "optimizer (identical on every server)")
-    add_arguments(p, DurabilityConfig, "checkpoints and restarts")
-    p.add_argument("--out", default="", help="folder where the server writes server-RANK.json at the end: staleness "
+    g = concern_group(p, "training")
+    g.add_argument("--out", default="", help="folder where the server writes server-RANK.json at the end: staleness "
                    "histogram, updates/s, dropped pushes, the log of applied updates (default: none)")
-    p.add_argument("--trace", default="", metavar="DIR",
+    g.add_argument("--trace", default="", metavar="DIR",
                    help="write a Chrome trace of this server to DIR/trace-server-RANK.json (ps-local --trace "
                         "passes the run folder)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(p)
     return p
 
 

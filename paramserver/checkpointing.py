@@ -24,7 +24,7 @@ import time
 from common.trace import NULL_TRACER
 from paramserver import shard_checkpoint
 from paramserver.errors import ServerError
-from paramserver.shard_checkpoint import DurabilityConfig
+from common.durability import DurabilityConfig
 
 log = logging.getLogger("server")
 

@@ -68,7 +68,7 @@ from paramserver.modes import AsyncServing, ServingParts, SyncRule
 from paramserver.pulls import PullQueue
 from paramserver.replier import Replier
 from paramserver.shard import Shard
-from paramserver.shard_checkpoint import DurabilityConfig
+from common.durability import DurabilityConfig
 from paramserver.steps import SyncServing
 from paramserver.traffic import Traffic, frames_nbytes
 from paramserver.view import WorkerView
