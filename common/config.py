@@ -213,3 +213,16 @@ def config_argv(parser: argparse.ArgumentParser, section: dict, where: str, igno
         else:
             raise ValueError(f"{where}: {key} must be a number, a string or true/false, got {value!r}")
     return argv
+
+
+def sections_argv(parser: argparse.ArgumentParser, saved: dict, replayed, known, where: str,
+                  ignore=()) -> list[str]:
+    """``config_argv`` of each section of ``saved`` named in ``replayed``, in that order; a
+    section not in ``known`` (those a file of this kind may hold) is refused, naming it."""
+    unknown = sorted(set(saved) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown section(s) {unknown}; expected {sorted(known)}")
+    argv = []
+    for key in replayed:
+        argv += config_argv(parser, saved.get(key, {}), f"{where} [{key}]", ignore=ignore)
+    return argv

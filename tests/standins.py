@@ -153,3 +153,13 @@ def answer(rid, ranges, values, version, cmd=OK, sender="server:0", **meta):
 def rid_of(frames):
     """The request id of sent frames."""
     return codec.decode(frames).rid
+
+
+PLACEMENT = [[0, 4, 0], [4, 8, 1], [8, 12, 0]]      # chunks [begin, end, server] of a 12-element vector
+
+
+def client_parts(timeout=0.3, check_job=lambda: None):
+    """(Requests over ``Link``s to 2 servers, the ChunkMap of PLACEMENT, an AnswerReader)."""
+    from worker.answers import AnswerReader, ChunkMap
+    chunks = ChunkMap(PLACEMENT, 2)
+    return requests_over_links(2, timeout, check_job), chunks, AnswerReader(chunks, 2, one_version=True)

@@ -10,18 +10,13 @@ import numpy as np
 import pytest
 
 from common.wire.protocol import PULL, ProtocolError
-from tests.standins import answer, requests_over_links, rid_of
-from worker.answers import AnswerReader, ChunkMap
+from tests import standins
+from tests.standins import answer, rid_of
+from worker.answers import ChunkMap
 from worker.requests import RemoteError
 
-PLACEMENT = [[0, 4, 0], [4, 8, 1], [8, 12, 0]]
-
-
-def make(timeout=0.3):
-    req = requests_over_links(2, timeout)
-    chunks = ChunkMap(PLACEMENT, 2)
-    reader = AnswerReader(chunks, 2, one_version=True)
-    return req, chunks, reader
+PLACEMENT = standins.PLACEMENT
+make = standins.client_parts
 
 
 def test_the_chunk_map_reads_the_placement():

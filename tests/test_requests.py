@@ -12,17 +12,12 @@ import pytest
 
 from common.wire import codec
 from common.wire.protocol import ERROR, PULL, PUSH
-from tests.standins import answer, requests_over_links, rid_of
-from worker.answers import AnswerReader, ChunkMap
+from tests import standins
+from tests.standins import answer, rid_of
 from worker.requests import DeadlineError, RemoteError
 
-PLACEMENT = [[0, 4, 0], [4, 8, 1], [8, 12, 0]]
-
-
-def make(timeout=0.3, check_job=lambda: None):
-    req = requests_over_links(2, timeout, check_job)
-    chunks = ChunkMap(PLACEMENT, 2)
-    return req, chunks, AnswerReader(chunks, 2, one_version=True)
+PLACEMENT = standins.PLACEMENT
+make = standins.client_parts
 
 
 def test_a_wait_past_its_deadline_names_the_silent_server():

@@ -14,7 +14,7 @@ import sys
 
 from common import log as logsetup
 from common.cluster import ClusterConfig, JobConfig, add_cluster_arguments
-from common.config import (add_arguments, concern_group, config_argv, describe, from_args, given_flags, read_config,
+from common.config import (add_arguments, concern_group, describe, from_args, given_flags, read_config, sections_argv,
                            to_dict)
 from common.log import add_log_level
 from common.placement import add_show_placement
@@ -66,14 +66,7 @@ def saved_argv(parser, path: str) -> list[str]:
     saved = read_config(path)
     if "launcher" in saved:                       # ps-local's: the workers' part
         saved = saved.get("worker", {})
-    unknown = sorted(set(saved) - set(CONCERNS))
-    if unknown:
-        raise ValueError(f"--config {path}: unknown section(s) {unknown}; a worker's configuration has "
-                         f"{sorted(CONCERNS)}")
-    argv = []
-    for key in REPLAYED:
-        argv += config_argv(parser, saved.get(key, {}), f"--config {path} [{key}]", ignore=NOT_REPLAYED)
-    return argv
+    return sections_argv(parser, saved, REPLAYED, CONCERNS, f"--config {path}", ignore=NOT_REPLAYED)
 
 
 def parse(argv=None):

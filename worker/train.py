@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy
 from tqdm import tqdm
 
-from common.config import (add_arguments, concern_group, config_argv, describe, dump_json, from_args, given_flags,
-                           read_config, to_dict)
+from common.config import (add_arguments, concern_group, describe, dump_json, from_args, given_flags, read_config,
+                           sections_argv, to_dict)
 from common.run import RunConfig
 from common.optim import OptimConfig, clip_scale, lr_at, make_optimizer, sum_of_squares
 from worker import backend
@@ -133,22 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# keys of a saved run_config.json never taken from it: the run folder (``out`` in files
+# keys of a saved run_config.json never taken from it: the run folder (``out_dir`` in files
 # written before the run folder was named ``out`` everywhere) and what --resume names
 NOT_REPLAYED = ("out", "out_dir", "resume")
-
-
-def saved_argv(parser, saved: dict, where: str) -> list[str]:
-    """The flags that give ``parser`` a saved run_config.json's settings (to go before the
-    flags typed); ``ValueError`` naming a section or key this command does not know."""
-    unknown = sorted(set(saved) - set(CONCERNS))
-    if unknown:
-        raise ValueError(f"{where}: unknown section(s) {unknown}; a ps-train run_config.json has "
-                         f"{sorted(CONCERNS)}")
-    argv = []
-    for key in CONCERNS:
-        argv += config_argv(parser, saved.get(key, {}), f"{where} [{key}]", ignore=NOT_REPLAYED)
-    return argv
 
 
 def parse_configs(argv=None) -> dict:
@@ -163,7 +150,7 @@ def parse_configs(argv=None) -> dict:
     if source:
         try:
             saved = read_config(source)
-            argv = saved_argv(parser, saved, source) + typed
+            argv = sections_argv(parser, saved, CONCERNS, CONCERNS, source, ignore=NOT_REPLAYED) + typed
         except ValueError as e:
             parser.error(f"{e}; is it a ps-train run folder?" if args.resume else str(e))
         args = parser.parse_args(argv)
