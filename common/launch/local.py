@@ -24,7 +24,14 @@ grace period); none is left behind.
 
 This module starts processes; it imports neither role. Flags for the optimizer and
 the consistency model go to the servers (and the job flags to the workers too); every
-other flag goes to the workers, which check them before anything starts.
+other flag goes to the workers, which check them before anything starts. No flag is
+written here by hand: each is a field of a dataclass (``common/launch/options.py``
+says which), so ps-local's and the roles' flags cannot drift apart.
+
+``--config RUN/run_config.json`` runs that job again: ps-local puts the file's
+launcher, job and optimizer settings before the flags typed (which therefore win) and
+passes ``--config`` on to the workers, which read their model, data and training
+settings from the same file the same way (``common/config.py`` ``config_argv``).
 
 Devices: ``--device cuda`` (a worker flag) puts every worker on the GPU; ``--devices
 cuda:0,cpu,cpu`` gives each worker rank its own (``worker_flags``), e.g. one CuPy
