@@ -23,16 +23,20 @@ _COMMENT = re.compile(r"^\s*(\w+)\s*:[^#]*#\s*(.*)$")
 
 
 def field_help(cls) -> dict[str, str]:
-    """field name -> the comment on its line in the class body (empty where none)."""
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
+    """field name -> the comment on its line in the class body (empty where none); a field
+    a dataclass inherits keeps the comment of the class that declares it."""
     out = {}
-    for line in src.splitlines():
-        m = _COMMENT.match(line)
-        if m:
-            out.setdefault(m.group(1), m.group(2).strip())
+    for klass in cls.__mro__:
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in src.splitlines():
+            m = _COMMENT.match(line)
+            if m:
+                out.setdefault(m.group(1), m.group(2).strip())
     return out
 
 

@@ -23,7 +23,7 @@ class RunConfig:
     eval_batches: int = 8         # batches in the fixed validation set
     log_interval: int = 5         # a metrics.jsonl line every this many steps (distributed: worker 0)
     seed: int = 0                 # seeds the initial weights (distributed: worker 0's are used), the data order and the random shards
-    out: str = ""                 # run folder: run_config.json, metrics, model, sample ('' = runs/<timestamp>)
+    out: str = ""                 # the run folder: run_config.json, metrics, the model, a sample, each server's server-S.json and checkpoints ('' = runs/<timestamp>; a server started by hand: none)
     threads: int = 1              # compute threads: slices of each batch in parallel; with OPENBLAS_NUM_THREADS=1, use one per core
     device: str = "cpu"           # where it computes: cpu (NumPy), cuda or cuda:N (the CUDA kernels of worker/kernels/ on that GPU, the optimizer too in ps-train; ps-local --devices gives each worker its own)
     precision: str = "fp32"       # with --device cuda: fp32, or bf16 / fp16 activations and matmuls (float32 parameters, gradients and optimizer state)

@@ -21,6 +21,7 @@ from common.cluster import ClusterConfig, JobConfig, add_cluster_arguments
 from common.config import add_arguments, concern_group, describe, from_args
 from common.log import add_log_level
 from common.optim import OptimConfig
+from common.run import RunConfig
 from common.durability import DurabilityConfig
 
 
@@ -37,8 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, DurabilityConfig, "failures")
     add_cluster_arguments(p)
     g = concern_group(p, "training")
-    g.add_argument("--out", default="", help="folder where the server writes server-RANK.json at the end: staleness "
-                   "histogram, updates/s, dropped pushes, the log of applied updates (default: none)")
+    add_arguments(p, RunConfig, "training", only=("out",), default_text={"out": "'': none"})
     g.add_argument("--trace", default="", metavar="DIR",
                    help="write a Chrome trace of this server to DIR/trace-server-RANK.json (ps-local --trace "
                         "passes the run folder)")
