@@ -230,3 +230,17 @@ def sections_argv(parser: argparse.ArgumentParser, saved: dict, replayed, known,
     for key in replayed:
         argv += config_argv(parser, saved.get(key, {}), f"{where} [{key}]", ignore=ignore)
     return argv
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv, replay):
+    """(args, the full argv): ``argv`` parsed; with ``--config FILE`` among them, parsed
+    again with ``replay(FILE)`` (the file's settings as flags) before them, so that a flag
+    typed wins over the file. A file that cannot be replayed is a parser error."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", ""):
+        try:
+            argv = replay(args.config) + list(argv)
+        except ValueError as e:
+            parser.error(str(e))
+        args = parser.parse_args(argv)
+    return args, argv

@@ -18,7 +18,7 @@ import sys
 
 from common import log as logsetup
 from common.cluster import ClusterConfig, JobConfig, add_cluster_arguments
-from common.config import add_arguments, concern_group, describe, from_args
+from common.config import add_arguments, concern_group, describe, from_args, parse_with_config, read_config, sections_argv
 from common.log import add_log_level
 from common.optim import OptimConfig
 from common.run import RunConfig
@@ -42,12 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trace", default="", metavar="DIR",
                    help="write a Chrome trace of this server to DIR/trace-server-RANK.json (ps-local --trace "
                         "passes the run folder)")
+    g.add_argument("--config", default="", metavar="FILE",
+                   help="take the job's consistency, wire and optimizer settings from a ps-local run_config.json "
+                        "(or its run folder), to start the servers of that job again by hand; a flag typed beside "
+                        "--config overrides the file's value")
     add_log_level(p)
     return p
 
 
+# the sections of ps-local's run_config.json, and those a server takes from it
+SECTIONS = ("launcher", "job", "optimizer", "worker", "worker_args")
+REPLAYED = ("job", "optimizer")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """The flags typed, over a saved ``--config``'s."""
+    parser = build_parser()
+    return parse_with_config(parser, list(sys.argv[1:] if argv is None else argv), lambda path: sections_argv(
+        parser, read_config(path), REPLAYED, SECTIONS, f"--config {path}"))[0]
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         cluster, job, optim = from_args(ClusterConfig, args), from_args(JobConfig, args), from_args(OptimConfig, args)
         durability = from_args(DurabilityConfig, args)

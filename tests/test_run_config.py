@@ -107,3 +107,13 @@ def test_ps_train_repeats_a_run_and_reads_files_that_named_the_folder_out_dir(tm
     configs = parse_configs(["--config", str(tmp_path / "old"), "--seed", "3"])
     assert configs["train"].out == "" and configs["train"].seed == 3 and configs["model"].n_embd == 16
     capsys.readouterr()
+
+
+def test_a_server_started_by_hand_takes_the_jobs_settings_from_the_file(first_run, tmp_path, capsys):
+    from paramserver import __main__ as server_main
+    config = str(first_run / "run_config.json")
+    args = server_main.parse(["--config", config, "--rank", "1", "--warmup-steps", "7"])
+    assert (args.lr, args.lr_decay_steps, args.warmup_steps, args.mode, args.rank) == (0.01, 12, 7, "bsp", 1)
+    with pytest.raises(SystemExit):
+        server_main.parse(["--config", edited(first_run, tmp_path, lambda d: d["optimizer"].update(lrr=1.0))])
+    assert "[optimizer]: unknown key(s) ['lrr']" in capsys.readouterr().err

@@ -14,8 +14,8 @@ import sys
 
 from common import log as logsetup
 from common.cluster import ClusterConfig, JobConfig, add_cluster_arguments
-from common.config import (add_arguments, concern_group, describe, from_args, given_flags, read_config, sections_argv,
-                           to_dict)
+from common.config import (add_arguments, concern_group, describe, from_args, given_flags, parse_with_config,
+                           read_config, sections_argv, to_dict)
 from common.log import add_log_level
 from common.placement import add_show_placement
 from worker.data import DataConfig, data_tokenizer
@@ -70,16 +70,10 @@ def saved_argv(parser, path: str) -> list[str]:
 
 
 def parse(argv=None):
-    """The parsed flags, a saved ``--config`` first and the flags typed over it."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """(parser, args, argv): the flags typed, over a saved ``--config``'s."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.config:
-        try:
-            argv = saved_argv(parser, args.config) + argv
-        except ValueError as e:
-            parser.error(str(e))
-        args = parser.parse_args(argv)
+    args, argv = parse_with_config(parser, list(sys.argv[1:] if argv is None else argv),
+                                   lambda path: saved_argv(parser, path))
     return parser, args, argv
 
 
