@@ -72,21 +72,22 @@ def test_help_lists_the_concerns_in_one_order(command):
 
 
 def test_a_field_added_to_a_config_class_appears_in_every_command_that_takes_it(monkeypatch):
-    """What another developer does for --compress-pull: a field of JobConfig (here made on
-    the fly) and nothing else; every launcher and role then has the flag, in its group."""
+    """What another developer does for a new wire setting: a field of JobConfig (here
+    --push-order, made on the fly) and nothing else; every launcher and role then has the
+    flag, in its group."""
     import common.cluster
     import common.launch.options
     import paramserver.__main__
     import worker.__main__
     from common.cluster import JobConfig
-    wider = dataclasses.make_dataclass("JobConfig", [("compress_pull", str, "none")], bases=(JobConfig,))
-    wider.FLAG_GROUPS = {"wire": JobConfig.FLAG_GROUPS["wire"] + ("compress_pull",)}
+    wider = dataclasses.make_dataclass("JobConfig", [("push_order", str, "forward")], bases=(JobConfig,))
+    wider.FLAG_GROUPS = {"wire": JobConfig.FLAG_GROUPS["wire"] + ("push_order",)}
     for module in (common.cluster, common.launch.options, paramserver.__main__, worker.__main__):
         monkeypatch.setattr(module, "JobConfig", wider)
     for command, parser in parsers().items():
         if command == "ps-train":
             continue                                # one process: no consistency model, no wire
         groups = {flag: title for title, flags in flags_by_group(parser) for flag, _ in flags}
-        assert groups.get("--compress-pull") == CONCERNS["wire"], command
-        args = parser.parse_known_args(["--compress-pull", "fp16", "--hostfile", "h"])[0]
-        assert args.compress_pull == "fp16", command
+        assert groups.get("--push-order") == CONCERNS["wire"], command
+        args = parser.parse_known_args(["--push-order", "backward", "--hostfile", "h"])[0]
+        assert args.push_order == "backward", command
