@@ -57,6 +57,7 @@ OUTER_OPTIMIZERS = ("nesterov", "sgd")
 @dataclass
 class ClusterConfig:
     """This process's place in the job (flags or PS_* environment variables)."""
+    FLAG_GROUPS = {"wire": ("curve", "ipc"), "failures": ("timeout", "heartbeat", "heartbeat_misses")}
     rank: int = -1                          # rank among its role (-1: the coordinator assigns one; server 0 is the coordinator)
     num_servers: int = 1                    # S, the number of server processes
     num_workers: int = 1                    # W, the number of worker processes
@@ -102,6 +103,9 @@ class JobConfig:
     ``worker/mode_loops.py`` for the workers'; docs/consistency.md for the lesson)."""
     CHOICES = {"mode": MODES, "compress": SCHEMES, "error_feedback": ("on", "off"),
                "outer_optimizer": OUTER_OPTIMIZERS, "compress_pull": PULL_SCHEMES}
+    FLAG_GROUPS = {"wire": ("chunk_mb", "compress", "compress_ratio", "error_feedback", "compress_momentum",
+                            "compress_pull", "compress_pull_ratio"),
+                   "optimizer": ("outer_optimizer", "outer_lr", "outer_momentum")}
     mode: str = "bsp"                       # consistency model: bsp (bulk synchronous), asp (asynchronous), ssp (stale synchronous), local-sgd (local steps, then model averaging), diloco (local steps of the inner optimizer, then an outer optimizer step on the servers)
     staleness: int = 0                      # ssp: a worker may run this many clocks ahead of the slowest live worker (0 = lockstep)
     local_steps: int = 1                    # local-sgd, diloco: optimizer steps each worker takes between two pushes (H)
@@ -184,7 +188,7 @@ class JobConfig:
 
 def add_cluster_arguments(parser: argparse.ArgumentParser):
     """ClusterConfig's flags, with defaults taken from the PS_* environment variables."""
-    add_arguments(parser, ClusterConfig, "cluster (flags, or the PS_* environment variables)")
+    add_arguments(parser, ClusterConfig, "launch")
     types = typing.get_type_hints(ClusterConfig)
     defaults = {}
     for name, var in ENV.items():

@@ -16,7 +16,7 @@ class DurabilityConfig:
     """Server checkpoints (docs/failures.md)."""
     checkpoint_dir: str = ""          # folder of this job's server checkpoints ('' = <--out>/checkpoints, none without --out)
     checkpoint_every: int = 50        # write a checkpoint every this many versions, and when stopping (0 = only when stopping)
-    resume: bool = False              # start from the newest checkpoint in --checkpoint-dir: a server that died rejoins its job; every server: the whole job goes on
+    resume: bool = False              # start from the newest checkpoint in --checkpoint-dir (ps-local: the job in --out, with the same flags): a server that died rejoins its job; every server: the whole job goes on
     resume_from: int = -1             # resume (as --resume) from the checkpoints of this version instead of the newest, e.g. the last good one when the newest is damaged; newer ones are moved to <checkpoint-dir>/superseded (-1 = the newest every server holds)
     on_checkpoint_error: str = "stop"  # when a checkpoint cannot be written (a full disk): 'stop' the job cleanly (resume it later from the last checkpoint written), or 'continue' without it, with a warning each time
     die_at_version: int = 0           # fault injection for tests and lessons: right after writing the checkpoint of this version, the server kills itself with SIGKILL (0 = never)

@@ -18,3 +18,11 @@ def setup(name: str, level: str = "INFO") -> logging.Logger:
     root.handlers[:] = [handler]
     root.setLevel(level)
     return logging.getLogger(name)
+
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def add_log_level(parser):
+    """``--log-level``, the same on every role."""
+    parser.add_argument("--log-level", default="INFO", choices=LEVELS, help="what a process logs (default: INFO)")

@@ -134,3 +134,10 @@ def describe(layout: Layout, placement, num_servers: int, itemsize: int = 4) -> 
                 f"max/mean = {imbalance(placement, num_servers):.4f}")
     return "\n".join(rows)
 
+
+
+def add_show_placement(group):
+    """``--show-placement``, one definition for the worker and ps-local (which asks a worker)."""
+    group.add_argument("--show-placement", action="store_true",
+                       help="print how the model's flat vector is cut into chunks (--chunk-mb) and dealt over "
+                            "the servers, with each server's bytes and the balance, and exit")

@@ -18,8 +18,10 @@ import sys
 
 from common import log as logsetup
 from common.cluster import ClusterConfig, JobConfig, add_cluster_arguments
-from common.config import add_arguments, describe, from_args
+from common.config import add_arguments, concern_group, describe, from_args, parse_with_config, read_config, sections_argv
+from common.log import add_log_level
 from common.optim import OptimConfig
+from common.run import RunConfig
 from common.durability import DurabilityConfig
 
 
@@ -31,21 +33,37 @@ def build_parser() -> argparse.ArgumentParser:
                     "the coordinator every process registers with. Every server of a job must get the "
                     "same optimizer and job flags.",
 )
+    add_arguments(p, OptimConfig, "optimizer")
+    add_arguments(p, JobConfig, "consistency")
+    add_arguments(p, DurabilityConfig, "failures")
     add_cluster_arguments(p)
-    add_arguments(p, JobConfig, "job (identical on every process)")
-    add_arguments(p, OptimConfig, "optimizer (identical on every server)")
-    add_arguments(p, DurabilityConfig, "checkpoints and restarts")
-    p.add_argument("--out", default="", help="folder where the server writes server-RANK.json at the end: staleness "
-                   "histogram, updates/s, dropped pushes, the log of applied updates (default: none)")
-    p.add_argument("--trace", default="", metavar="DIR",
+    g = concern_group(p, "training")
+    add_arguments(p, RunConfig, "training", only=("out",), default_text={"out": "'': none"})
+    g.add_argument("--trace", default="", metavar="DIR",
                    help="write a Chrome trace of this server to DIR/trace-server-RANK.json (ps-local --trace "
                         "passes the run folder)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g.add_argument("--config", default="", metavar="FILE",
+                   help="take the job's consistency, wire and optimizer settings from a ps-local run_config.json "
+                        "(or its run folder), to start the servers of that job again by hand; a flag typed beside "
+                        "--config overrides the file's value")
+    add_log_level(p)
     return p
 
 
+# the sections of ps-local's run_config.json, and those a server takes from it
+SECTIONS = ("launcher", "job", "optimizer", "worker", "worker_args")
+REPLAYED = ("job", "optimizer")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """The flags typed, over a saved ``--config``'s."""
+    parser = build_parser()
+    return parse_with_config(parser, list(sys.argv[1:] if argv is None else argv), lambda path: sections_argv(
+        parser, read_config(path), REPLAYED, SECTIONS, f"--config {path}"))[0]
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         cluster, job, optim = from_args(ClusterConfig, args), from_args(JobConfig, args), from_args(OptimConfig, args)
         durability = from_args(DurabilityConfig, args)

@@ -176,7 +176,7 @@ class Shard:
             if r is None:
                 raise ProtocolError("every pushed array needs its range in the flat vector")
             c = self.chunk_index(*r)
-            if c in done:
+            if any(c == d for d, _ in done):
                 raise ProtocolError(f"chunk [{r[0]}, {r[1]}) appears twice in one push")
             out = dest[self.chunk_slice(c)]
             if encs[i] is None:

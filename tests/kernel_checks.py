@@ -266,3 +266,57 @@ def check_fallbacks(dev, rng):
                              big[:, :, ::2], np.ones(C, np.float32), np.zeros(C, np.float32))
     close(dev.to_host(out), want, 1e-5, "layernorm strided fallback")
     assert not dev.calls, f"fallback inputs launched kernels: {sorted(dev.calls)}"
+
+
+# --- the one list of checks, run on every backend ----------------------------------------
+
+class Case:
+    """One kernel check with its arguments; ``gpu_only`` for shapes too slow to emulate."""
+
+    def __init__(self, name: str, check, gpu_only: bool = False, **kwargs):
+        self.name, self.check, self.gpu_only, self.kwargs = name, check, gpu_only, kwargs
+
+    def run(self, dev, rng):
+        self.check(dev, rng=rng, **self.kwargs)
+
+    def __repr__(self):
+        return self.name
+
+
+def _cases():
+    from tests import half_checks as hc
+    from worker.kernels import halfs
+    f32, f64 = np.float32, np.float64
+    out = []
+    for dtype in (f32, f64):
+        d = np.dtype(dtype).name
+        out += [Case(f"embedding-{d}-{np.dtype(i).name}", check_embedding, dtype=dtype, index_dtype=i)
+                for i in (np.int32, np.int64)]
+        out += [Case(f"layernorm-{d}-C{C}", check_layernorm, C >= 768, dtype=dtype, C=C) for C in (40, 300, 768)]
+        out += [Case(f"matmul_bias-{d}", check_matmul_bias, dtype=dtype)]
+        out += [Case(f"attention_att-{d}-T{T}", check_attention_att, T >= 300, dtype=dtype, hs=16, T=T)
+                for T in (1, 37, 64, 300)]
+        # head size 80 runs the 128-wide float kernel; in double it is beyond the kernels
+        out += [Case(f"attention_lse-{d}-hs{hs}-T{T}", check_attention_lse, T >= 70 and hs >= 64, dtype=dtype,
+                     hs=hs, T=T, expect_kernel=not (hs > 64 and dtype == f64))
+                for hs, T in ((16, 1), (16, 37), (16, 64), (64, 300), (80, 37), (128, 70))]
+        out += [Case(f"gelu-{d}", check_gelu, dtype=dtype), Case(f"residual-{d}", check_residual, dtype=dtype)]
+        out += [Case(f"softmax_ce-{d}-V{V}-{np.dtype(i).name}", check_softmax_ce, V > 10000, dtype=dtype, V=V, BT=BT,
+                     index_dtype=i)
+                for V, BT, i in ((101, (2, 9), np.int64), (101, (2, 9), np.int32), (8200, (1, 3), np.int64),
+                                 (50257, (2, 33), np.int64))]
+        out += [Case(f"adamw-{d}", check_adamw, dtype=dtype)]
+    out += [Case("deterministic-float32", check_deterministic, dtype=f32), Case("fallbacks", check_fallbacks),
+            Case("half_conversions_bit_for_bit", hc.check_convert)]
+    for dtype, name in zip(halfs.HALF_DTYPES, ("bf16", "fp16")):
+        out += [Case(f"half_layers-{name}", hc.check_half_layers, dtype=dtype),
+                Case(f"half_attention_att-{name}", hc.check_half_attention_att, dtype=dtype)]
+    return out
+
+
+CASES = _cases()
+
+
+def cases(emulated: bool) -> list[Case]:
+    """The checks a backend runs: every one on a GPU; on the emulator, those it runs in time."""
+    return [c for c in CASES if not (emulated and c.gpu_only)]

@@ -95,7 +95,7 @@ def test_cuda_requests_fail_at_once_with_the_reason(tmp_path):
     reason = cuda_reason()
     done = run("-m", "worker", "--device", "cuda", "--dry-run")
     assert done.returncode == 2 and reason in done.stderr
-    done = run("-m", "worker.train", "--device", "cuda", "--steps", 1, "--out-dir", tmp_path / "t")
+    done = run("-m", "worker.train", "--device", "cuda", "--steps", 1, "--out", tmp_path / "t")
     assert done.returncode == 1 and reason in done.stderr and not (tmp_path / "t").exists()
     done = run("-m", "common.launch.local", "--workers", 2, "--devices", "cuda:0,cpu", "--out", tmp_path / "r")
     assert done.returncode == 2 and reason in done.stderr

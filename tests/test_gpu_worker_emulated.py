@@ -150,15 +150,15 @@ def test_each_wait_of_the_staging_is_needed_and_caught(fake):
 
 def test_ps_train_on_the_gpu_trains_the_cpu_curve_and_resumes(fake, tmp_path, text_file, capsys):
     data = ["--data", text_file, "--doc-bytes", "1000"]
-    cpu = train(parse_configs([str(a) for a in TINY + data + ["--steps", 6, "--out-dir", tmp_path / "cpu"]]))
-    gpu = train(parse_configs([str(a) for a in TINY + data + ["--steps", 6, "--out-dir", tmp_path / "gpu",
+    cpu = train(parse_configs([str(a) for a in TINY + data + ["--steps", 6, "--out", tmp_path / "cpu"]]))
+    gpu = train(parse_configs([str(a) for a in TINY + data + ["--steps", 6, "--out", tmp_path / "gpu",
                                                                "--device", "cuda"]]))
     a, b = read_metrics(tmp_path / "cpu" / METRICS), read_metrics(tmp_path / "gpu" / METRICS)
     np.testing.assert_allclose([r["loss"] for r in a[1:]], [r["loss"] for r in b[1:]], rtol=1e-4)
     assert abs(cpu["val_loss"] - gpu["val_loss"]) < 1e-3
     # resume the GPU run from its checkpoint (optimizer state written from the device) up to 8
     # steps: the same curve as a CPU run that went to 8 straight
-    train(parse_configs([str(a) for a in TINY + data + ["--steps", 8, "--out-dir", tmp_path / "cpu8"]]))
+    train(parse_configs([str(a) for a in TINY + data + ["--steps", 8, "--out", tmp_path / "cpu8"]]))
     train(parse_configs(["--resume", str(tmp_path / "gpu"), "--steps", "8"]))
     a, b = read_metrics(tmp_path / "cpu8" / METRICS), read_metrics(tmp_path / "gpu" / METRICS)
     assert [r["step"] for r in b] == [r["step"] for r in a]
@@ -168,8 +168,8 @@ def test_ps_train_on_the_gpu_trains_the_cpu_curve_and_resumes(fake, tmp_path, te
 
 def test_ps_train_bf16_learns(fake, tmp_path, text_file, capsys):
     data = ["--data", text_file, "--doc-bytes", "1000"]
-    cpu = train(parse_configs([str(a) for a in TINY + data + ["--steps", 6, "--out-dir", tmp_path / "c"]]))
-    bf16 = train(parse_configs([str(a) for a in TINY + data + ["--steps", 6, "--out-dir", tmp_path / "b",
+    cpu = train(parse_configs([str(a) for a in TINY + data + ["--steps", 6, "--out", tmp_path / "c"]]))
+    bf16 = train(parse_configs([str(a) for a in TINY + data + ["--steps", 6, "--out", tmp_path / "b",
                                                                 "--device", "cuda", "--precision", "bf16"]]))
     a, b = read_metrics(tmp_path / "c" / METRICS), read_metrics(tmp_path / "b" / METRICS)
     np.testing.assert_allclose([r["loss"] for r in a[1:]], [r["loss"] for r in b[1:]], rtol=2e-2)

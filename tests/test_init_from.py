@@ -105,7 +105,7 @@ def test_ps_train_starts_from_the_weights(tmp_path, capsys):
     from worker.data import DataConfig, load_data, validation_batches
     hf_gpt2(tmp_path / "hf", vocab_size=256, n_positions=16, n_embd=24, n_layer=1, n_head=2)
     flags = ["--init-from", str(tmp_path / "hf"), "--steps", "2", "--batch-size", "4", "--eval-batches", "2",
-             "--no-progress", "--out-dir", str(tmp_path / "run")]
+             "--no-progress", "--out", str(tmp_path / "run")]
     train.train(train.parse_configs(flags))
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     loaded = checkpoint.load_model(tmp_path / "hf")

@@ -1,8 +1,8 @@
 """Every CUDA kernel on a real GPU against its NumPy layer, forward and backward.
 
-The checks are tests/kernel_checks.py and, for bf16 / fp16, tests/half_checks.py
-(tolerances stated there, per kernel), the same that tests/test_kernels_emulated.py
-runs on the CPU emulator; here they run through
+The checks are the one list of tests/kernel_checks.py (``CASES``; bf16 / fp16 ones from
+tests/half_checks.py, tolerances stated there, per kernel), the same that
+tests/test_kernels_emulated.py runs on the CPU emulator; here they run through
 CuPy, NVRTC and cuBLAS on the current CUDA device, plus GPT-2-sized shapes too slow
 to emulate. Skips, saying why, where CuPy is not installed or no CUDA device can be
 used. Run on a GPU machine with: pip install -e '.[gpu,test]'; pytest tests/test_kernels_gpu.py
@@ -10,7 +10,7 @@ used. Run on a GPU machine with: pip install -e '.[gpu,test]'; pytest tests/test
 import numpy as np
 import pytest
 
-from tests import half_checks as hc, kernel_checks as kc
+from tests import kernel_checks as kc
 from worker.kernels import halfs, loader
 
 cupy = pytest.importorskip("cupy", reason="CuPy not installed (pip install -e '.[gpu]')")
@@ -53,78 +53,11 @@ def rng():
     return np.random.default_rng(20240)
 
 
-DTYPES = [np.float32, np.float64]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
-def test_embedding(dev, rng, dtype, index_dtype):
-    kc.check_embedding(dev, dtype, rng, index_dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("C", [40, 300, 768])
-def test_layernorm(dev, rng, dtype, C):
-    kc.check_layernorm(dev, dtype, rng, C)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_matmul_bias(dev, rng, dtype):
-    kc.check_matmul_bias(dev, dtype, rng)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", [1, 37, 64, 300])
-def test_attention_att(dev, rng, dtype, T):
-    kc.check_attention_att(dev, dtype, rng, hs=16, T=T)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hs,T", [(16, 1), (16, 37), (16, 64), (64, 300), (80, 37), (128, 70)])
-def test_attention_lse(dev, rng, dtype, hs, T):
-    kc.check_attention_lse(dev, dtype, rng, hs=hs, T=T,
-                           expect_kernel=not (hs > 64 and dtype == np.float64))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gelu(dev, rng, dtype):
-    kc.check_gelu(dev, dtype, rng)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_residual(dev, rng, dtype):
-    kc.check_residual(dev, dtype, rng)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("V,BT,index_dtype", [(101, (2, 9), np.int64), (101, (2, 9), np.int32),
-                                               (8200, (1, 3), np.int64), (50257, (2, 33), np.int64)])
-def test_softmax_crossentropy(dev, rng, dtype, V, BT, index_dtype):
-    kc.check_softmax_ce(dev, dtype, rng, V, BT, index_dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_adamw(dev, rng, dtype):
-    kc.check_adamw(dev, dtype, rng)
-
-
-def test_deterministic(dev, rng):
-    kc.check_deterministic(dev, np.float32, rng)
-
-
-def test_fallbacks(dev, rng):
-    kc.check_fallbacks(dev, rng)
-
-
-def test_half_conversions_bit_for_bit(dev, rng):
-    """On the GPU fp16 converts with the PTX cvt instructions, bf16 with integer
-    arithmetic: the same bits as NumPy (the emulator checks the software fp16 path)."""
-    hc.check_convert(dev, rng)
-
-
-@pytest.mark.parametrize("dtype", halfs.HALF_DTYPES, ids=["bf16", "fp16"])
-def test_half_layers(dev, rng, dtype):
-    hc.check_half_layers(dev, dtype, rng)
+@pytest.mark.parametrize("case", kc.cases(emulated=False), ids=repr)
+def test_kernel_against_its_layer(dev, rng, case):
+    """tests/kernel_checks.py's list, every check: the one tests/test_kernels_emulated.py
+    runs on the emulator, plus the GPT-2-sized shapes marked too slow to emulate."""
+    case.run(dev, rng)
 
 
 def test_gemm_gpt2_shapes_bf16(dev, rng):
@@ -144,8 +77,3 @@ def test_gemm_gpt2_shapes_bf16(dev, rng):
         for f, a in ((layers.matmul_backward, r.h), (kernels.matmul_backward, r.d)):
             f(a["dx"], a["dw"].T if tied else a["dw"], None, a["dout"], a["x"], a["w"].T if tied else a["w"])
         r.compare(["out", "dx", "dw"], f"gemm bf16 {w_shape}", ("dw",))
-
-
-@pytest.mark.parametrize("dtype", halfs.HALF_DTYPES, ids=["bf16", "fp16"])
-def test_half_attention_att(dev, rng, dtype):
-    hc.check_half_attention_att(dev, dtype, rng)

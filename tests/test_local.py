@@ -98,7 +98,7 @@ def test_ctrl_c_stops_every_process(tmp_path):
 
 
 def test_optimizer_defaults_match_the_single_process_trainer():
-    from common.launch.local import OPTIM_DEFAULTS
+    from common.launch.options import OPTIM_DEFAULTS
     from worker.train import TRAIN_DEFAULTS
     assert {k: TRAIN_DEFAULTS[k] for k in OPTIM_DEFAULTS} == OPTIM_DEFAULTS
 

@@ -173,7 +173,7 @@ def test_the_vocabulary_follows_the_tokenizer(bpe, tmp_path, capsys):
     assert f"smaller than the tokenizer's ({V})" in capsys.readouterr().err
     assert train.parse_configs(tiny[:-2])["model"].vocab_size == 256          # bytes
     # a short run: the folder holds the tokenizer, and samples decode with it
-    res = train.train(train.parse_configs(tiny + ["--steps", "3", "--out-dir", str(tmp_path / "run")]))
+    res = train.train(train.parse_configs(tiny + ["--steps", "3", "--out", str(tmp_path / "run")]))
     assert (tmp_path / "run" / "tokenizer.json").read_text() == (bpe / "tokenizer.json").read_text()
     assert res["val_loss"] < math.log(V) + 0.5
     import subprocess

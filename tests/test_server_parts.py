@@ -12,7 +12,7 @@ import pytest
 
 from common.optim import OptimConfig, make_optimizer
 from common.wire import codec
-from common.wire.protocol import ERROR, NORM, OK, PUSH, ProtocolError
+from common.wire.protocol import ERROR, NORM, OK, ProtocolError
 from paramserver.checkpointing import Checkpointer
 from paramserver.dedupe import Applied
 from paramserver.modes import AsyncServing, ServingParts
@@ -24,38 +24,10 @@ from paramserver.steps import SyncServing
 from paramserver.traffic import Traffic
 from paramserver.view import WorkerView
 from common.trace import NULL_TRACER
+from tests.standins import Clock, Peer, Router, decoded, push_message
 
 N = 8
 CHUNKS = [(0, 4), (4, 8)]
-
-
-class Router:
-    """Records what the replier sends: (identity, decoded message)."""
-    def __init__(self):
-        self.sent = []
-
-    def send(self, identity, frames):
-        self.sent.append((identity, codec.decode([bytes(memoryview(f)) for f in frames])))
-        return True
-
-
-class Peer:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, frames):
-        self.sent.append(codec.decode([bytes(memoryview(f)) for f in frames]))
-
-    def connections(self):
-        return (1, 0)
-
-
-class Clock:
-    def __init__(self):
-        self.t = 100.0
-
-    def __call__(self):
-        return self.t
 
 
 class NoCheckpoints:
@@ -71,9 +43,7 @@ class NoCheckpoints:
 
 
 def push(rank, step, grad, rid=1, chunks=CHUNKS, **meta):
-    arrays = [grad[b:e].astype(numpy.float32) for b, e in chunks]
-    frames = codec.encode(PUSH, f"worker:{rank}", step=step, rid=rid, arrays=arrays, ranges=chunks, **meta)
-    return codec.decode([bytes(memoryview(f)) for f in frames])
+    return push_message(rank, step, grad, rid, chunks, **meta)
 
 
 def make(mode="bsp", workers=2, backup=0, servers=1, staleness=None, checkpoints=None):
@@ -152,7 +122,7 @@ def test_with_two_servers_the_step_waits_for_the_peer_proposal():
     assert shard.version == 0 and [m.cmd for m in peers[1].sent] == [NORM]
     assert peers[1].sent[0].meta["workers"] == [[0, 0], [1, 0]]
     frames = codec.encode(NORM, "server:1", step=0, sumsq=0.0, workers=[[0, 0], [1, 0]])
-    serving.on_norm(1, codec.decode([bytes(memoryview(f)) for f in frames]))
+    serving.on_norm(1, decoded(frames))
     assert shard.version == 1 and len(router.sent) == 2
 
 

@@ -37,8 +37,8 @@ def run(args, capsys=None):
 
 def test_outputs_and_resume_continues_the_same_curve(tmp_path, text_file, capsys):
     data = ["--data", text_file, "--doc-bytes", "1000"]
-    straight = run(TINY + data + ["--steps", 20, "--out-dir", tmp_path / "a"], capsys)
-    run(TINY + data + ["--steps", 10, "--out-dir", tmp_path / "b"], capsys)
+    straight = run(TINY + data + ["--steps", 20, "--out", tmp_path / "a"], capsys)
+    run(TINY + data + ["--steps", 10, "--out", tmp_path / "b"], capsys)
     # a line the interrupted run wrote after its checkpoint must not survive the resume
     with open(tmp_path / "b" / METRICS, "a") as f:
         f.write(json.dumps({"step": 11, "loss": -1.0}) + "\n")
@@ -60,13 +60,13 @@ def test_outputs_and_resume_continues_the_same_curve(tmp_path, text_file, capsys
 
 
 def test_resume_refuses_to_change_the_model(tmp_path, text_file, capsys):
-    run(TINY + ["--data", text_file, "--doc-bytes", "1000", "--steps", 2, "--out-dir", tmp_path], capsys)
+    run(TINY + ["--data", text_file, "--doc-bytes", "1000", "--steps", 2, "--out", tmp_path], capsys)
     with pytest.raises(SystemExit):
         parse_configs(["--resume", str(tmp_path), "--n-embd", "32"])
     assert "cannot change the model" in capsys.readouterr().err
     configs = parse_configs(["--resume", str(tmp_path), "--steps", "9", "--lr", "0.5"])
     assert configs["train"].steps == 9 and configs["optim"].lr == 0.5       # explicit flags win
-    assert configs["model"].n_embd == 16 and configs["train"].out_dir == str(tmp_path)
+    assert configs["model"].n_embd == 16 and configs["train"].out == str(tmp_path)
     with pytest.raises(SystemExit):
         parse_configs(["--resume", str(tmp_path / "nothing")])
     assert "is it a ps-train run folder" in capsys.readouterr().err
@@ -84,7 +84,7 @@ def test_learns_well_below_unigram_entropy(tmp_path):
     on tiny matrices a second thread only costs (and the machine is shared)."""
     args = ["--n-layer", 1, "--n-embd", 32, "--n-head", 2, "--block-size", 32, "--batch-size", 16,
             "--steps", 500, "--eval-batches", 4, "--eval-interval", 500, "--log-interval", 100,
-            "--no-progress", "--out-dir", tmp_path]
+            "--no-progress", "--out", tmp_path]
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-m", "worker.train", *map(str, args)], cwd=ROOT,
                          capture_output=True, text=True, env=env, check=True).stdout
@@ -105,7 +105,7 @@ def generate(ckpt, *args):
 
 
 def test_generate_is_deterministic_under_a_seed(tmp_path, text_file, capsys):
-    run(TINY + ["--data", text_file, "--doc-bytes", "1000", "--steps", 5, "--out-dir", tmp_path], capsys)
+    run(TINY + ["--data", text_file, "--doc-bytes", "1000", "--steps", 5, "--out", tmp_path], capsys)
     a = generate(tmp_path, "--prompt", "def ", "--bytes", 40, "--seed", 1, "--top-k", 10)
     b = generate(tmp_path, "--prompt", "def ", "--bytes", 40, "--seed", 1, "--top-k", 10)
     c = generate(tmp_path, "--prompt", "def ", "--bytes", 40, "--seed", 2, "--top-k", 10)
@@ -118,8 +118,8 @@ def test_threads_give_the_same_training(tmp_path, text_file, capsys):
     """--threads 2 cuts each batch into two slices run in parallel; the loss curve is the
     same up to float32 rounding of the summed gradients."""
     data = ["--data", text_file, "--doc-bytes", "1000", "--steps", 10]
-    one = run(TINY + data + ["--out-dir", tmp_path / "one"], capsys)
-    two = run(TINY + data + ["--out-dir", tmp_path / "two", "--threads", 2], capsys)
+    one = run(TINY + data + ["--out", tmp_path / "one"], capsys)
+    two = run(TINY + data + ["--out", tmp_path / "two", "--threads", 2], capsys)
     a, b = read_metrics(tmp_path / "one" / METRICS), read_metrics(tmp_path / "two" / METRICS)
     np.testing.assert_allclose([r["loss"] for r in a[1:]], [r["loss"] for r in b[1:]], rtol=1e-4)
     assert abs(one["val_loss"] - two["val_loss"]) < 1e-3

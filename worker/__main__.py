@@ -14,7 +14,10 @@ import sys
 
 from common import log as logsetup
 from common.cluster import ClusterConfig, JobConfig, add_cluster_arguments
-from common.config import add_arguments, describe, from_args, given_flags, to_dict
+from common.config import (add_arguments, concern_group, describe, from_args, given_flags, parse_with_config,
+                           read_config, sections_argv, to_dict)
+from common.log import add_log_level
+from common.placement import add_show_placement
 from worker.data import DataConfig, data_tokenizer
 from worker.distributed import WorkerConfig
 from worker.model import GPTConfig
@@ -31,26 +34,51 @@ def build_parser() -> argparse.ArgumentParser:
         description="A parameter-server worker: computes the GPT's gradients on its shard of the data, "
                     "pushes them to the servers, pulls the updated parameters back. Every worker of a job "
                     "should get the same model, data and worker flags; the optimizer lives on the servers.")
-    add_cluster_arguments(p)
-    add_arguments(p, JobConfig, "job (identical on every process)")
-    add_arguments(p, GPTConfig, "model (GPT-2 shape; identical on every worker)", defaults=TRAIN_DEFAULTS,
-                  default_text={"vocab_size": "0: the tokenizer's"})
+    add_arguments(p, GPTConfig, "model", defaults=TRAIN_DEFAULTS, default_text={"vocab_size": "0: the tokenizer's"})
     add_arguments(p, DataConfig, "data")
     add_arguments(p, WorkerConfig, "training")
-    p.add_argument("--no-progress", action="store_true", help="(accepted for launchers; workers log lines)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the flags (and that --device can be used here), print the effective "
-                        "configuration as JSON, and exit")
-    p.add_argument("--show-placement", action="store_true",
-                   help="print how the model's flat vector is cut into chunks (--chunk-mb) and dealt over "
-                        "--num-servers servers, with each server's bytes and the balance, and exit")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_arguments(p, JobConfig, "consistency")
+    add_cluster_arguments(p)
+    run = concern_group(p, "training")
+    run.add_argument("--config", default="", metavar="FILE",
+                     help="start from the model, data, training and job settings of a saved run_config.json "
+                          "(ps-local's, or what --dry-run prints) to repeat a run exactly; a flag typed beside "
+                          "--config overrides the file's value. Neither the run folder (--out) nor where this "
+                          "process sits in the job (the launch flags) is taken from the file")
+    run.add_argument("--no-progress", action="store_true", help="(accepted for launchers; workers log lines)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check the flags (and that --device can be used here), print the effective "
+                          "configuration as JSON, and exit")
+    add_show_placement(concern_group(p, "wire"))
+    add_log_level(p)
     return p
 
 
-def main(argv=None) -> int:
+# the sections of a saved configuration a worker takes, and the keys it never takes from one
+REPLAYED = ("job", "model", "data", "worker")
+NOT_REPLAYED = ("out",)
+
+
+def saved_argv(parser, path: str) -> list[str]:
+    """The flags that give a saved configuration's settings (``path``: ps-local's
+    run_config.json, whose "worker" section is what ``--dry-run`` printed, or that print
+    itself), to go before the flags typed; ``ValueError`` naming what it does not know."""
+    saved = read_config(path)
+    if "launcher" in saved:                       # ps-local's: the workers' part
+        saved = saved.get("worker", {})
+    return sections_argv(parser, saved, REPLAYED, CONCERNS, f"--config {path}", ignore=NOT_REPLAYED)
+
+
+def parse(argv=None):
+    """(parser, args, argv): the flags typed, over a saved ``--config``'s."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, argv = parse_with_config(parser, list(sys.argv[1:] if argv is None else argv),
+                                   lambda path: saved_argv(parser, path))
+    return parser, args, argv
+
+
+def main(argv=None) -> int:
+    parser, args, argv = parse(argv)
     try:
         resolve_shape(args, given_flags(build_parser, argv), data_tokenizer(from_args(DataConfig, args)).vocab_size)
         configs = {k: from_args(cls, args) for k, cls in CONCERNS.items()}

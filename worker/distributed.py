@@ -47,6 +47,7 @@ import numpy
 from pathlib import Path
 
 from common.cluster import ClusterConfig, JobConfig
+from common.run import RunConfig
 from common.trace import NULL_TRACER, Tracer, trace_file
 from worker import backend
 from worker.client import PSClient
@@ -64,32 +65,20 @@ log = logging.getLogger("worker")
 
 
 @dataclass
-class WorkerConfig:
-    """How a worker trains (every worker of a job should get the same values)."""
-    batch_size: int = 16          # sequences per step on THIS worker (the job's batch is W times this)
-    steps: int = 300              # training steps: bsp/local-sgd: each worker's; asp/ssp: the job's pushes / W (a fast worker pushes more)
-    eval_interval: int = 50       # worker 0: validation loss every this many steps (and at the end)
-    eval_batches: int = 8         # batches in the fixed validation set
-    log_interval: int = 5         # worker 0: a metrics.jsonl line every this many steps
-    seed: int = 0                 # seeds the initial weights (worker 0's are used) and the data order
-    out: str = ""                 # run folder for worker 0's metrics, model and sample ('' = runs/<timestamp>)
+class WorkerConfig(RunConfig):
+    """How a worker trains: the shared run settings (common/run.py) and the worker's own
+    (every worker of a job should get the same values)."""
     sample_bytes: int = 300       # worker 0: tokens of text (bytes, for a byte-level run) to sample from the final model into sample.txt (0 = none)
-    threads: int = 1              # compute threads: slices of the batch in parallel (with OPENBLAS_NUM_THREADS=1)
-    device: str = "cpu"           # where this worker computes: cpu (NumPy), cuda or cuda:N (the CUDA kernels on that GPU; ps-local --devices gives each worker its own)
-    precision: str = "fp32"       # with --device cuda: fp32, or bf16 / fp16 activations and matmuls (float32 parameters and gradients on the wire)
     model: str = "gpt"            # gpt: next byte, causal attention | bert: 15% of the bytes masked, bidirectional
     trace: bool = False           # write a Chrome trace of this worker (trace-worker-R.json in the run folder)
     overlap: bool = True          # bsp: push each layer's gradients during the backward and wait for each layer's new parameters in the next forward (--no-overlap: push and pull after the backward)
-    init_from: str = ""           # worker 0: a Hugging Face GPT-2 folder (config.json + model.safetensors) whose weights seed the servers ('' = random init from seed)
     straggler: str = ""           # RANK:SECONDS (worker RANK sleeps that long after each gradient) or RANK:Fx (its steps take F times its compute time); RANK 'any': a different random worker at each step; '' = none
     CHOICES = {"model": MODELS, "precision": PRECISIONS}
 
     def __post_init__(self):
+        super().__post_init__()
         parse_straggler(self.straggler)
         backend.check_device(self.device, self.precision)
-        for name in ("batch_size", "steps", "eval_interval", "eval_batches", "log_interval", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sample_bytes < 0:
             raise ValueError(f"sample_bytes must be >= 0, got {self.sample_bytes}")
         if self.model not in MODELS:

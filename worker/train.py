@@ -23,8 +23,6 @@ loop itself (pull, push, servers) lives in the worker's PS client, not here.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 import sys
 import time
@@ -34,7 +32,9 @@ from pathlib import Path
 import numpy
 from tqdm import tqdm
 
-from common.config import add_arguments, describe, dump_json, from_args, from_dict, given_flags, to_dict
+from common.config import (add_arguments, concern_group, describe, dump_json, from_args, given_flags, read_config,
+                           sections_argv, to_dict)
+from common.run import RunConfig
 from common.optim import OptimConfig, clip_scale, lr_at, make_optimizer, sum_of_squares
 from worker import backend
 from worker import model_checkpoint as checkpoint
@@ -51,29 +51,16 @@ RUN_CONFIG = "run_config.json"
 
 
 @dataclass
-class TrainConfig:
-    """How long to train, how often to look, where to write."""
-    batch_size: int = 16          # sequences per step (B)
-    steps: int = 800              # total optimizer steps of the run (a resumed run continues up to this)
-    eval_interval: int = 100      # validation loss every this many steps (and at the end)
-    eval_batches: int = 8         # batches in the fixed validation set
-    log_interval: int = 10        # a metrics.jsonl line every this many steps
+class TrainConfig(RunConfig):
+    """A run on one process: the shared run settings (common/run.py) and how it checkpoints."""
     ckpt_interval: int = 0        # checkpoint every this many steps (0 = only at the end)
-    seed: int = 0                 # seeds the weights, the data order and the random shards
-    out_dir: str = ""             # run folder ('' = runs/<timestamp>; with --resume, the resumed folder)
     resume: str = ""              # run folder to continue from its checkpoint
     progress: bool = True         # show a tqdm progress bar (off: a line per log step)
-    threads: int = 1              # compute threads: slices of each batch in parallel; with OPENBLAS_NUM_THREADS=1, use one per core
-    device: str = "cpu"           # cpu (NumPy), cuda or cuda:N (the CUDA kernels of worker/kernels/ on that GPU, optimizer included)
-    precision: str = "fp32"       # with --device cuda: fp32, or bf16 / fp16 activations and matmuls (float32 parameters, gradients, optimizer)
-    init_from: str = ""           # a Hugging Face GPT-2 folder (config.json + model.safetensors) to start from: its shape and weights ('' = random init from seed)
     CHOICES = {"precision": PRECISIONS}
 
     def __post_init__(self):
+        super().__post_init__()
         check_device(self.device, self.precision)
-        for name in ("batch_size", "steps", "eval_interval", "eval_batches", "log_interval", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ckpt_interval < 0:
             raise ValueError(f"ckpt_interval must be >= 0, got {self.ckpt_interval}")
 
@@ -84,6 +71,8 @@ class TrainConfig:
 # vocab_size 0: the data's tokenizer's (worker/pretrained.py).
 TRAIN_DEFAULTS = dict(vocab_size=0, block_size=64, n_layer=3, n_head=4, n_embd=96,
                       lr=3e-3, warmup_steps=60, min_lr=3e-4, grad_clip=1.0)
+# ps-train's run is longer than a worker's and looks less often (RunConfig's defaults are the worker's).
+TRAIN_RUN_DEFAULTS = dict(steps=800, eval_interval=100, log_interval=10)
 
 
 # --- one step, reusable by the distributed worker ----------------------------------------
@@ -130,44 +119,56 @@ def build_parser() -> argparse.ArgumentParser:
         "trains on its tokens (e.g. a BPE), the vocabulary following its tokenizer.",
         epilog="Writes run_config.json, metrics.jsonl and a GPT-2 checkpoint (model.safetensors, "
                "config.json, tokenizer.json) into the run folder; sample from it with scripts/generate.py.")
-    add_arguments(parser, TrainConfig, "training")
-    add_arguments(parser, GPTConfig, "model (GPT-2 shape)", defaults=TRAIN_DEFAULTS,
+    add_arguments(parser, GPTConfig, "model", defaults=TRAIN_DEFAULTS,
                   default_text={"vocab_size": "0: the tokenizer's"})
+    add_arguments(parser, DataConfig, "data")
+    add_arguments(parser, TrainConfig, "training", defaults=TRAIN_RUN_DEFAULTS)
     add_arguments(parser, OptimConfig, "optimizer", defaults=TRAIN_DEFAULTS,
                   default_text={"lr_decay_steps": "--steps"})
-    add_arguments(parser, DataConfig, "data")
+    concern_group(parser, "training").add_argument(
+        "--config", default="", metavar="FILE",
+        help="start from the settings of a saved run_config.json (or its run folder) to repeat that run "
+             "exactly; a flag typed beside --config overrides the file's value. The run folder is not taken "
+             "from the file: give --out (default: runs/<timestamp>)")
     return parser
 
 
+# keys of a saved run_config.json never taken from it: the run folder (``out_dir`` in files
+# written before the run folder was named ``out`` everywhere) and what --resume names
+NOT_REPLAYED = ("out", "out_dir", "resume")
+
+
 def parse_configs(argv=None) -> dict:
-    """{"model", "optim", "data", "train"} configs from the command line. With ``--resume``,
-    the saved run's configuration, overridden only by flags given explicitly."""
+    """{"model", "optim", "data", "train"} configs from the command line. With ``--config``
+    FILE, or ``--resume`` DIR (its run_config.json, which may not then change the model or
+    the data), the saved run's configuration, overridden by the flags typed."""
+    typed = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    given = given_flags(build_parser, argv)
-    if not args.resume:
-        if "lr_decay_steps" not in given:
-            args.lr_decay_steps = args.steps
+    args = parser.parse_args(typed)
+    source = args.resume or args.config
+    argv = typed
+    if source:
         try:
-            resolve_shape(args, given, data_tokenizer(from_args(DataConfig, args)).vocab_size)
-            return {k: from_args(cls, args) for k, cls in CONCERNS.items()}
-        except ValueError as e:           # (a CheckpointError or DataError too)
-            parser.error(str(e))
+            saved = read_config(source)
+            argv = sections_argv(parser, saved, CONCERNS, CONCERNS, source, ignore=NOT_REPLAYED) + typed
+        except ValueError as e:
+            parser.error(f"{e}; is it a ps-train run folder?" if args.resume else str(e))
+        args = parser.parse_args(argv)
+    given = given_flags(build_parser, argv)
+    if "lr_decay_steps" not in given:
+        args.lr_decay_steps = args.steps
+    if args.resume and "out" not in given_flags(build_parser, typed):
+        args.out = args.resume
     try:
-        saved = json.loads((Path(args.resume) / RUN_CONFIG).read_text())
-    except (OSError, ValueError) as e:
-        parser.error(f"--resume {args.resume}: cannot read {RUN_CONFIG} ({e}); is it a ps-train run folder?")
-    configs = {}
-    for key, cls in CONCERNS.items():
-        d = dict(saved[key])
-        d.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name in given})
-        configs[key] = from_dict(cls, d, f"{args.resume}/{RUN_CONFIG} [{key}]")
-    configs["train"].resume = args.resume
-    if "out_dir" not in given:
-        configs["train"].out_dir = args.resume
-    changed = [k for key in ("model", "data") for k, v in to_dict(configs[key]).items() if saved[key][k] != v]
-    if changed:
-        parser.error(f"--resume cannot change the model or the data: {changed}")
+        resolve_shape(args, given, data_tokenizer(from_args(DataConfig, args)).vocab_size)
+        configs = {k: from_args(cls, args) for k, cls in CONCERNS.items()}
+    except ValueError as e:           # (a CheckpointError or DataError too)
+        parser.error(str(e))
+    if args.resume:
+        changed = [k for key in ("model", "data") for k, v in to_dict(configs[key]).items()
+                   if saved.get(key, {}).get(k) != v]
+        if changed:
+            parser.error(f"--resume cannot change the model or the data: {changed}")
     return configs
 
 
@@ -185,11 +186,11 @@ def main(argv=None):
 
 def train(configs: dict) -> dict:
     """Run the loop for ``{"model", "optim", "data", "train"}`` configs; return the final
-    figures (out_dir, val_loss, unigram_entropy, bigram_entropy, step)."""
+    figures (out, val_loss, unigram_entropy, bigram_entropy, step)."""
     mc, oc, dc, tc = configs["model"], configs["optim"], configs["data"], configs["train"]
-    out = Path(tc.out_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
+    out = Path(tc.out or time.strftime("runs/%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
-    tc.out_dir = str(out)
+    tc.out = str(out)
     print(describe(configs))
 
     # data: this process is worker 0 of 1, so it trains on every training document
@@ -235,7 +236,7 @@ def train(configs: dict) -> dict:
           f"tokens ({val - entropy:+.4f}); bigram {entropy2:.4f}, uniform {math.log(V):.4f}; "
           f"{val / math.log(2) / data.bytes_per_token:.4f} bits per byte")
     print(f"checkpoint: {out}/{checkpoint.MODEL_FILE}; sample: python scripts/generate.py {out}")
-    return {"out_dir": str(out), "val_loss": val, "unigram_entropy": entropy,
+    return {"out": str(out), "val_loss": val, "unigram_entropy": entropy,
             "bigram_entropy": entropy2, "step": step}
 
 

@@ -24,7 +24,14 @@ grace period); none is left behind.
 
 This module starts processes; it imports neither role. Flags for the optimizer and
 the consistency model go to the servers (and the job flags to the workers too); every
-other flag goes to the workers, which check them before anything starts.
+other flag goes to the workers, which check them before anything starts. No flag is
+written here by hand: each is a field of a dataclass (``common/launch/options.py``
+says which), so ps-local's and the roles' flags cannot drift apart.
+
+``--config RUN/run_config.json`` runs that job again: ps-local puts the file's
+launcher, job and optimizer settings before the flags typed (which therefore win) and
+passes ``--config`` on to the workers, which read their model, data and training
+settings from the same file the same way (``common/config.py`` ``config_argv``).
 
 Devices: ``--device cuda`` (a worker flag) puts every worker on the GPU; ``--devices
 cuda:0,cpu,cpu`` gives each worker rank its own (``worker_flags``), e.g. one CuPy
@@ -45,17 +52,18 @@ import sys
 import time
 from pathlib import Path
 
-from common.cluster import JobConfig
-from common.config import add_arguments, from_args, to_dict
+from common.cluster import ClusterConfig, JobConfig
+from common.config import add_arguments, concern_group, config_argv, from_args, from_dict, read_config, to_dict, to_flags
+from common.durability import DurabilityConfig
+from common.launch.options import LaunchConfig, add_job_arguments
 from common.optim import OptimConfig
+from common.placement import add_show_placement
+from common.run import RunConfig
 from common.trace import merge_traces
 from common.wire.transport import free_port
-from common.durability import DurabilityConfig
 
 GRACE_S = 5.0      # after TERM, how long a process gets before KILL
-# The optimizer of the single-process trainer's small GPT (worker/train.py TRAIN_DEFAULTS;
-# a test keeps the two equal), so a ps-local run and a ps-train run compare.
-OPTIM_DEFAULTS = dict(lr=3e-3, warmup_steps=60, min_lr=3e-4, grad_clip=1.0)
+CLUSTER_FLAGS = ("timeout", "curve", "heartbeat", "heartbeat_misses")    # ClusterConfig's, given to every role
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,48 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "and a text sample. Flags not listed here go to every worker: see "
                     "`python -m worker --help` for the model, data and training flags "
                     "(e.g. --n-layer, --batch-size, --data PATH).")
-    g = p.add_argument_group("the job")
-    g.add_argument("--servers", type=int, default=2, help="number of server processes S (default: 2)")
-    g.add_argument("--workers", type=int, default=2, help="number of worker processes W (default: 2)")
-    g.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
-    g.add_argument("--out", default="", help="run folder (default: runs/<timestamp>)")
-    g.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (default: a free one)")
-    g.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds any wait may last inside the job before it fails (default: 60)")
-    g.add_argument("--threads", type=int, default=0,
-                   help="BLAS threads per process (default: the cores divided among the processes, at least 1)")
-    g.add_argument("--no-progress", action="store_true", help="print a line per evaluation instead of a bar")
-    g.add_argument("--trace", action="store_true",
-                   help="every process writes a Chrome trace (trace-server-S.json, trace-worker-R.json), "
-                        "merged into trace.json in the run folder: open it at https://ui.perfetto.dev")
-    g.add_argument("--show-placement", action="store_true",
-                   help="print how the flat vector is cut into chunks (--chunk-mb) and dealt over the servers, "
-                        "and exit (the workers' model flags apply)")
-    g.add_argument("--devices", default="",
-                   help="each worker's device, by rank, comma-separated: e.g. cuda:0,cpu,cpu (one CuPy "
-                        "worker and two CPU workers), or one device for all (default: the workers' "
-                        "--device, cpu)")
-    g.add_argument("--curve", default="", help="CurveZMQ key folder made by ps-keys: encrypt and authenticate "
-                                               "every connection (default: plain TCP)")
-    g.add_argument("--checkpoint-every", type=int, default=50,
-                   help="the servers checkpoint every this many versions, and when they stop, into "
-                        "RUN/checkpoints (default: 50)")
-    g.add_argument("--respawn", action="store_true",
-                   help="start again a process killed by a signal (kill -9: a crash); a server resumes from its "
-                        "checkpoint (default: the job goes on without a worker, and waits --timeout for a server)")
-    g.add_argument("--resume", action="store_true",
-                   help="resume the job in --out from its servers' checkpoints (after a crash or Ctrl-C): the "
-                        "same flags, the run folder kept, the loss curve continued")
-    g.add_argument("--heartbeat", type=float, default=1.0,
-                   help="seconds between heartbeats; a worker silent for --heartbeat-misses of them is dropped "
-                        "(default: 1; 0: none)")
-    g.add_argument("--heartbeat-misses", type=int, default=5,
-                   help="heartbeats a worker may miss before it is dropped (default: 5)")
-    add_arguments(p, DurabilityConfig, "checkpoints (servers)",
-                  skip=("checkpoint_dir", "checkpoint_every", "resume", "die_at_version"))
-    add_arguments(p, JobConfig, "consistency (every process)")
-    add_arguments(p, OptimConfig, "optimizer (servers)", defaults=dict(OPTIM_DEFAULTS, lr_decay_steps=None),
-                  default_text={"lr_decay_steps": "--steps"})
+    add_arguments(p, RunConfig, "training", only=("out",))
+    add_job_arguments(p)
+    add_arguments(p, ClusterConfig, "launch", only=CLUSTER_FLAGS)
+    add_arguments(p, DurabilityConfig, "failures",
+                  only=("checkpoint_every", "resume", "resume_from", "on_checkpoint_error"))
+    add_arguments(p, LaunchConfig, "launch")
+    add_show_placement(concern_group(p, "wire"))
+    concern_group(p, "launch").add_argument(
+        "--config", default="", metavar="FILE",
+        help="run the job of a saved run_config.json (or of its run folder) again, exactly: the same "
+             "processes, model, data, optimizer and consistency settings, hence the same losses and weights. "
+             "A flag typed beside --config overrides the file's value (a worker flag too); the run folder is "
+             "not taken from the file (--out, default runs/<timestamp>)")
     return p
 
 
@@ -149,13 +128,6 @@ def _without_precision(args: list[str]) -> list[str]:
             skip = True
         elif not a.startswith("--precision="):
             out.append(a)
-    return out
-
-
-def _flags(cfg) -> list[str]:
-    out = []
-    for k, v in to_dict(cfg).items():
-        out += ["--" + k.replace("_", "-"), str(v)]
     return out
 
 
@@ -258,18 +230,58 @@ def _read_new_metrics(path: Path, pos):
     return records, ((st.st_dev, st.st_ino), offset + len(chunk))
 
 
-def main(argv=None) -> int:
+# the sections of ps-local's run_config.json; "worker" is what the workers' --dry-run printed
+# (they read it back themselves), "worker_args" the worker flags as typed (for the record)
+SECTIONS = ("launcher", "job", "optimizer", "worker", "worker_args")
+NOT_REPLAYED = ("coordinator", "out", "resume")     # launcher keys written for the record only
+
+
+def saved_argv(parser, saved: dict, where: str) -> list[str]:
+    """ps-local's flags that repeat a saved run_config.json (to go before the flags typed);
+    ``ValueError`` naming a section or key that ps-local does not know."""
+    unknown = sorted(set(saved) - set(SECTIONS))
+    if unknown or "launcher" not in saved:
+        raise ValueError(f"{where}: unknown section(s) {unknown}; ps-local's run_config.json has {list(SECTIONS)}"
+                         if unknown else f"{where}: no 'launcher' section: not a ps-local run_config.json "
+                                         "(a ps-train run repeats with ps-train --config)")
+    launcher, optimizer = dict(saved["launcher"]), dict(saved.get("optimizer", {}))
+    if isinstance(launcher.get("devices"), list):         # written before --devices was saved as typed
+        launcher["devices"] = ",".join(launcher["devices"]) if any(launcher["devices"]) else ""
+    if optimizer.get("lr_decay_steps") == launcher.get("steps"):
+        optimizer.pop("lr_decay_steps")                    # the cosine follows --steps, typed or saved
+    argv = config_argv(parser, launcher, f"{where} [launcher]", ignore=NOT_REPLAYED)
+    for key, cls, section in (("job", JobConfig, saved.get("job", {})), ("optimizer", OptimConfig, optimizer)):
+        from_dict(cls, section, f"{where} [{key}]")         # unknown keys and wrong types, named
+        argv += config_argv(parser, section, f"{where} [{key}]")
+    return argv
+
+
+def parse(argv=None):
+    """(parser, args, worker args): the flags typed, over a saved ``--config``'s; the workers
+    get ``--config`` too, before the worker flags typed, and read their part of the file."""
+    typed = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, worker_args = parser.parse_known_args(argv)
+    args, worker_args = parser.parse_known_args(typed)
+    if args.config:
+        try:
+            args, worker_args = parser.parse_known_args(saved_argv(parser, read_config(args.config), args.config)
+                                                        + typed)
+        except ValueError as e:
+            parser.error(str(e))
+        worker_args = ["--config", str(Path(args.config).resolve()), *worker_args]
+    return parser, args, worker_args
+
+
+def main(argv=None) -> int:
+    parser, args, worker_args = parse(argv)
     job, optim, out = _checked(parser, args)
     threads = args.threads or max(1, (os.cpu_count() or 1) // (args.servers + args.workers))
     port = args.port or free_port()
     coord = f"127.0.0.1:{port}"
-    common = ["--num-servers", str(args.servers), "--num-workers", str(args.workers),
-              "--coordinator", coord, "--timeout", str(args.timeout), "--heartbeat", str(args.heartbeat),
-              "--heartbeat-misses", str(args.heartbeat_misses)] + _flags(job)
-    if args.curve:
-        common += ["--curve", args.curve]
+    cluster = [f for k in CLUSTER_FLAGS if k != "curve" or args.curve           # (no --curve: plain TCP)
+               for f in ("--" + k.replace("_", "-"), str(getattr(args, k)))]
+    common = ["--num-servers", str(args.servers), "--num-workers", str(args.workers), "--coordinator", coord,
+              *cluster, *to_flags(job)]
     try:
         per_rank = worker_flags(args.devices, args.workers, worker_args)
     except ValueError as e:
@@ -287,10 +299,10 @@ def main(argv=None) -> int:
             return 2
     out.mkdir(parents=True, exist_ok=True)
     config_name = "run_config.json" if not args.resume else f"run_config.resumed-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    launcher = {k: getattr(args, k) for k in ("servers", "workers", "steps", "port", "progress", "trace", "devices",
+                                              "respawn", *CLUSTER_FLAGS, "checkpoint_every")}
     (out / config_name).write_text(json.dumps({
-        "launcher": {"servers": args.servers, "workers": args.workers, "steps": args.steps,
-                     "coordinator": coord, "threads": threads, "timeout": args.timeout,
-                     "devices": [f[1] if f else "" for f in per_rank]},
+        "launcher": dict(launcher, threads=threads, coordinator=coord, out=str(out)),
         "job": to_dict(job), "optimizer": to_dict(optim), "worker_args": worker_args,
         "worker": json.loads(check.stdout) if check.stdout.strip().startswith("{") else {},
     }, indent=2) + "\n")
@@ -298,7 +310,7 @@ def main(argv=None) -> int:
           f"mode {describe_mode(job)}, {threads} BLAS thread(s) per process; run folder {out}")
     server_cmds = [[sys.executable, "-m", "paramserver", "--rank", str(s),
                     "--bind", f"tcp://127.0.0.1:{port if s == 0 else '*'}",   # a local job stays on loopback
-                    *common, *_flags(optim), "--out", str(out), "--checkpoint-every", str(args.checkpoint_every),
+                    *common, *to_flags(optim), "--out", str(out), "--checkpoint-every", str(args.checkpoint_every),
                     *(["--resume"] if args.resume else []), *(["--trace", str(out)] if args.trace else []),
                     *(["--resume-from", str(args.resume_from)] if args.resume_from >= 0 else []),
                     "--on-checkpoint-error", args.on_checkpoint_error]
@@ -314,14 +326,13 @@ def _checked(parser, args):
         args.lr_decay_steps = args.steps
     try:
         job, optim = from_args(JobConfig, args), from_args(OptimConfig, args)
+        from_args(LaunchConfig, args), RunConfig(steps=args.steps, out=args.out)     # their checks
         job.check_workers(args.workers)
         if job.compress_momentum and optim.optimizer != "sgd":
             raise ValueError(f"--compress-momentum applies momentum on the workers: use --optimizer sgd, "
                              f"not {optim.optimizer}")
     except ValueError as e:
         parser.error(str(e))
-    if args.servers < 1 or args.workers < 1 or args.steps < 1:
-        parser.error("--servers, --workers and --steps must be >= 1")
     out = Path(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
     if args.resume_from >= 0:
         args.resume = True                       # --resume-from VERSION is a --resume
@@ -391,7 +402,7 @@ def _crashed(run: Job, name: str, sig: int, args):
 def _watch(run: Job, out: Path, args) -> int:
     from tqdm import tqdm
     metrics, pos, last = out / "metrics.jsonl", 0, {}
-    bar = None if args.no_progress else tqdm(total=args.steps, unit="step", dynamic_ncols=True)
+    bar = None if not args.progress else tqdm(total=args.steps, unit="step", dynamic_ncols=True)
     try:
         while True:
             for name, sig in run.crashes():

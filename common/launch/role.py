@@ -25,37 +25,10 @@ import json
 import os
 import sys
 
-from common.cluster import JobConfig
-from common.config import add_arguments, from_args, to_dict
-from common.launch.local import OPTIM_DEFAULTS     # ps-local's (= ps-train's): every launcher trains the same job
-from common.optim import OptimConfig
+from common.cluster import ClusterConfig
+from common.config import add_arguments, concern_group
 from common.launch.launcher_env import derive
-
-
-def add_job_arguments(parser: argparse.ArgumentParser):
-    """The flags every launcher splits between the roles: steps, job, optimizer."""
-    parser.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
-    add_arguments(parser, JobConfig, "consistency (every process)")
-    add_arguments(parser, OptimConfig, "optimizer (servers)", defaults=dict(OPTIM_DEFAULTS, lr_decay_steps=None),
-                  default_text={"lr_decay_steps": "--steps"})
-
-
-def flags(cfg) -> list[str]:
-    out = []
-    for k, v in to_dict(cfg).items():
-        out += ["--" + k.replace("_", "-"), str(v)]
-    return out
-
-
-def role_flags(args: argparse.Namespace, worker_args: list[str]) -> tuple[list[str], list[str]]:
-    """(server flags, worker flags) from the parsed job/optimizer flags and the rest;
-    raises ValueError on a bad job or optimizer setting."""
-    if args.lr_decay_steps is None:              # the cosine ends with the run
-        args.lr_decay_steps = args.steps
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    job, optim = from_args(JobConfig, args), from_args(OptimConfig, args)
-    return flags(job) + flags(optim), flags(job) + ["--steps", str(args.steps), *worker_args]
+from common.launch.options import LaunchConfig, add_job_arguments, role_flags
 
 
 def command(placement, server_flags, worker_flags, timeout=None, python=None) -> list[str]:
@@ -76,14 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start this process's role of a job launched by srun or mpirun: global rank g < S is "
                     "server g, the others are workers. Flags not listed here go to the workers "
                     "(`python -m worker --help`).")
-    p.add_argument("--servers", type=int, default=None,
-                   help="S, the number of servers (default: PS_NUM_SERVERS, else 1)")
-    p.add_argument("--coordinator", default="",
-                   help="HOST:PORT of server 0 (default: PS_COORDINATOR, else the first node of the Slurm step "
-                        "and PS_PORT or 5700)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds any wait may last (default: PS_TIMEOUT or 60)")
-    p.add_argument("--print", action="store_true", dest="show",
-                   help="print the placement and the command as JSON instead of running it")
+    add_arguments(p, LaunchConfig, "launch", only=("servers",), defaults={"servers": 0},
+                  default_text={"servers": "0: PS_NUM_SERVERS, else 1"})
+    add_arguments(p, ClusterConfig, "launch", only=("coordinator", "timeout"), defaults={"coordinator": "", "timeout": 0.0},
+                  default_text={"coordinator": "'': PS_COORDINATOR, else the first node of the Slurm step and PS_PORT "
+                                               "or 5700", "timeout": "0: PS_TIMEOUT, else 60"})
+    concern_group(p, "launch").add_argument(
+        "--print", action="store_true", dest="show",
+        help="print the placement and the command as JSON instead of running it")
     add_job_arguments(p)
     return p
 
@@ -92,7 +65,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args, worker_args = parser.parse_known_args(argv)
     try:
-        placement = derive(num_servers=args.servers, coordinator=args.coordinator)
+        placement = derive(num_servers=args.servers or None, coordinator=args.coordinator)
         server_flags, worker_flags = role_flags(args, worker_args)
     except ValueError as e:
         print(f"ps-role: {e}", file=sys.stderr)

@@ -37,7 +37,10 @@ import time
 from pathlib import Path
 
 from common.launch import hostfile
-from common.launch.role import add_job_arguments, role_flags
+from common.cluster import ClusterConfig
+from common.config import add_arguments, concern_group
+from common.launch.options import LaunchConfig, add_job_arguments, role_flags
+from common.run import RunConfig
 
 GRACE_S = 8.0
 REPO = str(Path(__file__).resolve().parents[2])
@@ -134,22 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a parameter-server job on the hosts of a hostfile over ssh, stream their logs "
                     "prefixed by host and role, stop them all on Ctrl-C or when one fails. Flags not listed "
                     "here go to every worker (`python -m worker --help`).")
-    g = p.add_argument_group("hosts")
+    g = concern_group(p, "launch")
     g.add_argument("--hostfile", required=True, help="lines 'HOST [servers=N] [workers=N] [addr=IP]' "
                                                      "(see docs/cluster.md)")
     g.add_argument("--rsh", default="ssh -o BatchMode=yes",
                    help="the command that runs a command on a host: RSH HOST 'COMMAND' (default: %(default)s)")
-    g.add_argument("--port", type=int, default=5700, help="the coordinator's port on the first server host (default: 5700)")
     g.add_argument("--python", default=sys.executable, help="Python on the hosts (default: this one, %(default)s)")
     g.add_argument("--remote-dir", default=os.getcwd(), help="working directory on the hosts (default: this one)")
-    g.add_argument("--threads", type=int, default=1, help="BLAS threads per role (default: 1)")
-    g.add_argument("--timeout", type=float, default=60.0, help="seconds any wait inside the job may last (default: 60)")
-    g.add_argument("--interface", default="", help="servers advertise this interface's address instead of addr=")
-    g.add_argument("--subnet", default="", help="servers advertise their address in this subnet instead of addr=")
-    g.add_argument("--curve", default="", help="CurveZMQ key folder made by ps-keys, at the same path on every host: "
-                                               "encrypt and authenticate every connection")
-    g.add_argument("--out", default="", help="run folder, shared by the hosts (default: runs/<timestamp>)")
     g.add_argument("--preflight", action="store_true", help="run ps-preflight on the hosts first; stop if it fails")
+    add_arguments(p, LaunchConfig, "launch", only=("port", "threads"), defaults={"port": 5700, "threads": 1})
+    add_arguments(p, ClusterConfig, "launch", only=("timeout", "interface", "subnet", "curve"),
+                  default_text={"interface": "'': the hostfile's addr=", "subnet": "'': the hostfile's addr="})
+    add_arguments(p, RunConfig, "training", only=("out",), default_text={"out": "runs/<timestamp>, shared by the hosts"})
     add_job_arguments(p)
     return p
 
