@@ -94,6 +94,6 @@ def test_request_ids_are_unique_and_each_request_waits_for_its_own_answer():
     r0, r1 = rid_of(req.links[0].sent[0]), rid_of(req.links[1].sent[0])
     assert r0 != r1 and set(req.out) == {r0, r1}
     req.links[1].inbox.append(answer(r1, [(4, 8)], [2.0], version=1))
-    with pytest.raises(DeadlineError, match="from server 0 at tcp://s0"):   # server 1 answered, server 0 did not
+    with pytest.raises(DeadlineError, match=r"from server 0 \(the coordinator\) at tcp://s0"):   # server 1 answered, server 0 did not
         req.wait(PULL, 0, reader)
     assert set(req.out) == {r0} and params[4:8].tolist() == [2.0] * 4
