@@ -95,5 +95,5 @@ def test_the_repository_keeps_the_map_and_the_composition():
     assert m["mixins"] == []
     assert m["imports_against_map"] == []
     assert m["unresolved_imports"] == []
-    assert m["attributes"]["Server"] < 15
-    assert not [x for x in m["long_functions"] + m["private_access"] if x.startswith("paramserver/")]
+    assert m["attributes"]["Server"] < 15 and m["attributes"]["PSClient"] < 15
+    assert m["long_functions"] == [] and m["private_access"] == []     # in paramserver/, worker/ and common/

@@ -97,7 +97,7 @@ class BERT:
         self.layout = bert_layout(config)
         self.params = numpy.zeros(self.layout.size, dtype=self.dtype)
         self.grads = numpy.zeros(self.layout.size, dtype=self.dtype)
-        self._p, self._g = self.layout.views(self.params), self.layout.views(self.grads)
+        self.param_views, self.grad_views = self.layout.views(self.params), self.layout.views(self.grads)
         self._acts = None
         self._batch = None
         self.init_weights(seed)
@@ -108,7 +108,7 @@ class BERT:
         rng = numpy.random.default_rng(seed)
         proj_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for e in self.layout:
-            view = self._p[e.name]
+            view = self.param_views[e.name]
             if e.name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
                 view[...] = 1.0
             elif e.name.endswith(".bias"):
@@ -117,10 +117,10 @@ class BERT:
                 view[...] = rng.normal(0.0, proj_std if e.name.endswith("c_proj.weight") else 0.02, size=e.shape)
 
     def named_tensors(self) -> dict:
-        return dict(self._p)
+        return dict(self.param_views)
 
     def named_grads(self) -> dict:
-        return dict(self._g)
+        return dict(self.grad_views)
 
     def num_params(self) -> int:
         return self.layout.size
@@ -157,7 +157,7 @@ class BERT:
         if targets is not None and (targets.shape != idx.shape
                                     or (targets.size and int(targets.max()) >= self.mask_id)):
             raise ValueError(f"targets must have idx's shape {idx.shape} and be < {self.mask_id} (-1 = no loss)")
-        p, a = self._p, self._activations(B, T)
+        p, a = self.param_views, self._activations(B, T)
         embedding_forward(a["encoded"], idx, p["wte.weight"], p["wpe.weight"])        # (B,T,C)
         x = a["encoded"]
         for i, blk in enumerate(a["blocks"]):
@@ -190,7 +190,7 @@ class BERT:
         if self._batch is None:
             raise RuntimeError("backward() needs a forward(idx, targets) first")
         idx, targets, n_valid = self._batch
-        p, g, a = self._p, self._g, self._acts
+        p, g, a = self.param_views, self.grad_views, self._acts
         a["dlosses"][...] = dloss / max(n_valid, 1)
         dlogits = a["logits"]
         softmax_crossentropy_backward(dlogits, a["dlosses"], a["probs"], targets)

@@ -116,7 +116,7 @@ class DevicePath:
             self.params_lp = self.xp.zeros(size, dtype=self.cdtype)
             self.p = model.layout.views(self.params_lp)
         else:
-            self.params_lp, self.p = None, model._p
+            self.params_lp, self.p = None, model.param_views
         self.scaler = LossScaler() if precision == "fp16" else None
         self.scaled = self.xp.zeros(size, dtype=numpy.float32) if self.scaler else None
         self.acts = None
@@ -177,7 +177,7 @@ class DevicePath:
         if self.batch is None:
             raise RuntimeError("backward() needs a forward(idx, targets) first")
         if self.scaler is None:
-            self._backward(dloss, self.model._g)
+            self._backward(dloss, self.model.grad_views)
             return
         xp, s = self.xp, self.scaler
         views = self.model.layout.views(self.scaled)

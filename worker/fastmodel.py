@@ -23,7 +23,7 @@ def _no_hook(begin, end):
 def forward_blocks(model, a, before=_no_hook):
     """a.encoded (B,T,C) -> a.logits (B,T,V): the blocks, ln_f, the tied projection;
     ``before(b, e)``: the model's hook, called before params[b:e] is first used."""
-    p, NH, S = model._p, model.config.n_head, a.scratch
+    p, NH, S = model.param_views, model.config.n_head, a.scratch
     x = a.encoded
     for i, blk in enumerate(a.blocks):
         h = f"h.{i}."
@@ -55,7 +55,7 @@ def backward_blocks(model, a, idx, g, after=_no_hook):
     """From dlogits (in a.logits) down to the embeddings: accumulates into the gradient
     views ``g`` (name -> view, as model.named_grads()); ``after(b, e)``: the model's hook,
     called once grads[b:e] is final."""
-    p, NH, S = model._p, model.config.n_head, a.scratch
+    p, NH, S = model.param_views, model.config.n_head, a.scratch
     F.matmul_backward(a.dC, g["wte.weight"].T, None, a.logits, a.lnf, p["wte.weight"].T, S)
     a.dres[...] = 0
     F.layernorm_backward(a.dres, g["ln_f.weight"], g["ln_f.bias"], a.dC, a.lnf_xhat,

@@ -123,7 +123,7 @@ class _Part:
         self.acts = _Activations(model.xp, model.dtype, hi - lo, T, model.config, fast=model._fast)
         self.dirty = False            # True while a backward may have left gradients here
         if index == 0:
-            self.grads, self.grad_views = None, model._g
+            self.grads, self.grad_views = None, model.grad_views
         else:
             self.grads = model.xp.zeros(model.layout.size, dtype=model.dtype)
             self.grad_views = model.layout.views(self.grads)
@@ -168,8 +168,8 @@ class GPT:
         self.layout = config.layout()
         self.params = self.xp.zeros(self.layout.size, dtype=self.dtype)
         self.grads = self.xp.zeros(self.layout.size, dtype=self.dtype)
-        self._p = self.layout.views(self.params)
-        self._g = self.layout.views(self.grads)
+        self.param_views = self.layout.views(self.params)
+        self.grad_views = self.layout.views(self.grads)
         L = self.layout           # the ranges the hooks name
         self.spans = dict(embed=(L.span("wte.")[0], L.span("wpe.")[1]), ln_f=L.span("ln_f."),
                           blocks=[L.span(f"h.{i}.") for i in range(config.n_layer)])
@@ -191,7 +191,7 @@ class GPT:
         rng = numpy.random.default_rng(seed)
         proj_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for e in self.layout:
-            view = self._p[e.name]
+            view = self.param_views[e.name]
             if e.name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
                 view[...] = 1.0
             elif e.name.endswith(".bias"):
@@ -202,11 +202,11 @@ class GPT:
 
     def named_tensors(self) -> dict:
         """name -> view into ``params`` with the tensor's GPT-2 shape."""
-        return dict(self._p)
+        return dict(self.param_views)
 
     def named_grads(self) -> dict:
         """name -> view into ``grads``."""
-        return dict(self._g)
+        return dict(self.grad_views)
 
     def num_params(self) -> int:
         return self.layout.size
@@ -253,7 +253,6 @@ class GPT:
         return not self.reference and self.xp is numpy
 
     def _check_tokens(self, idx, what):
-        cfg = self.config
         if idx.ndim != 2:
             raise ValueError(f"{what} must have shape (B, T), got {idx.shape}")
         if idx.dtype.kind not in "iu":
@@ -282,7 +281,7 @@ class GPT:
         if self._gpu is not None:                # (the hooks see the whole vector at once)
             before(0, self.layout.size)
             return self._gpu.forward(idx, targets)
-        p = self._p
+        p = self.param_views
         parts = self._slices(B, T)
         hook = before if len(parts) == 1 else _no_hook
         if len(parts) > 1:                       # several threads: every parameter before they start
@@ -311,7 +310,7 @@ class GPT:
 
     def _forward_blocks_reference(self, a, before=_no_hook):
         """The blocks, ln_f and the tied logits projection with worker/layers.py."""
-        cfg, p = self.config, self._p
+        cfg, p = self.config, self.param_views
         x = a.encoded
         for i, blk in enumerate(a.blocks):
             h = f"h.{i}."
@@ -355,7 +354,7 @@ class GPT:
 
         def run(part):                           # one slice of the batch, in its thread
             a, rows = part.acts, slice(part.lo, part.hi)
-            g = part.grad_views                  # self._g for slice 0, a private buffer else
+            g = part.grad_views                  # self.grad_views for slice 0, a private buffer else
             if part.grads is not None and part.dirty:    # left over from a failed backward
                 part.grads[...] = 0
             part.dirty = True
@@ -385,7 +384,7 @@ class GPT:
     def _backward_blocks_reference(self, a, idx, g, after=_no_hook):
         """From dlogits (in ``a.logits``) down to the embeddings, with worker/layers.py;
         accumulates into the gradient views ``g``."""
-        cfg, p = self.config, self._p
+        cfg, p = self.config, self.param_views
         dlogits = a.logits
         matmul_backward(a.dC, g["wte.weight"].T, None, dlogits, a.lnf, p["wte.weight"].T)
         x_last = a.blocks[-1]["res3"] if a.blocks else a.encoded

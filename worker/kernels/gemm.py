@@ -55,7 +55,8 @@ def _layout(x):
     return None
 
 
-def _types_ok(c, a, b):
+def types_ok(c, a, b):
+    """Whether cuBLAS can multiply these: a and b of one supported data type, c of a supported one."""
     if a.dtype != b.dtype or a.dtype not in _DATA_TYPE or c.dtype not in _DATA_TYPE:
         return False
     if c.dtype == a.dtype:
@@ -74,7 +75,7 @@ def gemm(c, a, b, accumulate=False) -> bool:
     if (b.shape[-2] != K or c.shape[-2:] != (M, b.shape[-1])
             or len({a.shape[:-2], b.shape[:-2], c.shape[:-2]}) != 1):
         raise ValueError(f"gemm shapes: {a.shape} @ {b.shape} -> {c.shape}")
-    if not _types_ok(c, a, b):
+    if not types_ok(c, a, b):
         return False
     if c.size == 0:
         return True

@@ -206,7 +206,7 @@ def matmul_backward(dx, dw, db, dout, x, w):
     ct = _kind((dout,), () if db is None else (db,))
     usable = (ct is not None and x2 is not None and dout2 is not None
               and (dx is None or dx2 is not None) and (db is None or db.shape == (OC,))
-              and gemm._types_ok(dw, x2, dout2) and (dx is None or gemm._types_ok(dx2, dout2, w)))
+              and gemm.types_ok(dw, x2, dout2) and (dx is None or gemm.types_ok(dx2, dout2, w)))
     if not usable:
         return _reference(layers.matmul_backward, dx, dw, db, dout, x, w)
     if dx is not None and not gemm.gemm(dx2, dout2, w.T):              # dx = dout @ w^T
