@@ -47,7 +47,7 @@ from worker.layers import (
     matmul_forward, residual_forward, softmax_crossentropy_backward,
     softmax_crossentropy_forward,
 )
-from worker.model import GPTConfig
+from worker.model import GPTConfig, init_gpt2_weights
 
 MASK_RATE = 0.15                    # share of each sequence's positions the loss is taken on
 MASK_SPLIT = (0.8, 0.1, 0.1)        # of those: [MASK], a random byte, unchanged
@@ -103,18 +103,8 @@ class BERT:
         self.init_weights(seed)
 
     def init_weights(self, seed: int = 0):
-        """The GPT's initialisation (N(0, 0.02), residual projections scaled by
-        1/sqrt(2 n_layer), biases 0, LayerNorm gains 1), drawn in float64 then cast."""
-        rng = numpy.random.default_rng(seed)
-        proj_std = 0.02 / math.sqrt(2 * self.config.n_layer)
-        for e in self.layout:
-            view = self.param_views[e.name]
-            if e.name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                view[...] = 1.0
-            elif e.name.endswith(".bias"):
-                view[...] = 0.0
-            else:
-                view[...] = rng.normal(0.0, proj_std if e.name.endswith("c_proj.weight") else 0.02, size=e.shape)
+        """The GPT's initialisation (``init_gpt2_weights``)."""
+        init_gpt2_weights(self.layout, self.param_views, self.config.n_layer, seed)
 
     def named_tensors(self) -> dict:
         return dict(self.param_views)

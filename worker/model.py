@@ -133,6 +133,25 @@ def _no_hook(begin, end):
     pass
 
 
+def init_gpt2_weights(layout, views: dict, n_layer: int, seed: int, xp=numpy):
+    """GPT-2 initialisation of the tensors ``views`` (name -> view, as laid out by
+    ``layout``): weights N(0, 0.02), the two residual projections of each block
+    N(0, 0.02 / sqrt(2 n_layer)), biases 0, LayerNorm gains 1. Drawn in float64 from
+    ``seed`` and then cast, so float32 and float64 models start alike (the BERT encoder
+    starts the same way)."""
+    rng = numpy.random.default_rng(seed)
+    proj_std = 0.02 / math.sqrt(2 * n_layer)
+    for e in layout:
+        view = views[e.name]
+        if e.name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            view[...] = 1.0
+        elif e.name.endswith(".bias"):
+            view[...] = 0.0
+        else:
+            std = proj_std if e.name.endswith("c_proj.weight") else 0.02
+            view[...] = xp.asarray(rng.normal(0.0, std, size=e.shape))
+
+
 class GPT:
     """GPT-2 whose parameters live in the flat vector ``self.params`` (gradients in
     ``self.grads``), views named as in GPT-2."""
@@ -185,20 +204,7 @@ class GPT:
 
     # --- parameters -----------------------------------------------------------------
     def init_weights(self, seed: int = 0):
-        """GPT-2 initialisation: weights N(0, 0.02), the two residual projections of each
-        block N(0, 0.02 / sqrt(2 n_layer)), biases 0, LayerNorm gains 1. Drawn in float64
-        from ``seed`` and then cast, so float32 and float64 models start alike."""
-        rng = numpy.random.default_rng(seed)
-        proj_std = 0.02 / math.sqrt(2 * self.config.n_layer)
-        for e in self.layout:
-            view = self.param_views[e.name]
-            if e.name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                view[...] = 1.0
-            elif e.name.endswith(".bias"):
-                view[...] = 0.0
-            else:
-                std = proj_std if e.name.endswith("c_proj.weight") else 0.02
-                view[...] = self.xp.asarray(rng.normal(0.0, std, size=e.shape))
+        init_gpt2_weights(self.layout, self.param_views, self.config.n_layer, seed, self.xp)
 
     def named_tensors(self) -> dict:
         """name -> view into ``params`` with the tensor's GPT-2 shape."""
