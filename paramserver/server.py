@@ -55,6 +55,7 @@ from common.placement import place_chunks
 from common.trace import NULL_TRACER
 from common.wire import codec
 from common.wire.compress import make_scheme
+from common.wire.memory import keep_freed_memory
 from common.wire.protocol import (
     BARRIER, DONE, HEARTBEAT, INIT, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS, VIEW, ProtocolError,
 )
@@ -164,6 +165,7 @@ class Server:
                  durability: DurabilityConfig | None = None, tracer=NULL_TRACER):
         if not 0 <= rank < cluster.num_servers:
             raise ValueError(f"server rank {rank} out of range for {cluster.num_servers} server(s)")
+        keep_freed_memory()                           # before any socket: receive buffers stay mapped
         job.check_workers(cluster.num_workers)
         if job.compress_momentum and optim.optimizer != "sgd":
             raise ValueError(f"--compress-momentum {job.compress_momentum} applies momentum on the workers: run "

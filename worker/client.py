@@ -75,6 +75,7 @@ from common.config import to_dict
 from common.layout import Layout, merge_ranges
 from common.wire import codec
 from common.wire.compress import PushEncoder, make_scheme
+from common.wire.memory import keep_freed_memory
 from common.wire.protocol import DONE, INIT, JOB, PULL, PUSH, REGISTER
 from worker.answers import AnswerReader, ChunkMap
 from worker.heartbeat import Heartbeat
@@ -103,6 +104,7 @@ class StepPush:
     grads: object
     meta: dict
     unsent: set                # chunks of the step not pushed yet
+    overlapped: bool = False   # chunks left one by one during the backward (push_final)
     final: list = field(default_factory=list)   # ranges whose gradients are final (push_final)
 
 
@@ -119,6 +121,7 @@ class ClientStats:
 
 class PSClient:
     def __init__(self, cluster: ClusterConfig, job: JobConfig | None = None, role: str = "worker"):
+        keep_freed_memory()                     # before any socket: receive buffers stay mapped
         self.cluster = cluster
         self.job_cfg = job or JobConfig()
         self.me = Member(role, cluster.rank, f"{role}:{cluster.rank}/{os.getpid()}/{id(self):x}".encode())
@@ -356,12 +359,13 @@ class PSClient:
         if self.step is None or not self.chunkwise:
             return
         sp = self.step
-        sp.final = merge_ranges(sp.final + [(begin, end)])
+        sp.final, sp.overlapped = merge_ranges(sp.final + [(begin, end)]), True
         self._push(self.chunk_map.within(sp.unsent, sp.final))
         self.requests.receive_ready(0, self.answers)
 
     def push_rest(self):
-        """Push every chunk not pushed yet."""
+        """Push every chunk not pushed yet: one message per server unless the step is
+        overlapped (then a chunk a message, for the servers' pipeline)."""
         if self.step is not None:
             self._push(sorted(self.step.unsent))
 
@@ -405,13 +409,15 @@ class PSClient:
         return dict(metas.get(0, {}), dropped=dropped)
 
     def _push(self, chunk_ids):
-        """PUSH the given chunks (compressed if the job says so): in plain BSP one message per
-        chunk, so that a server averages, updates and answers one chunk while the next is
-        still on the wire (a pipeline); elsewhere one message per server, all its chunks."""
+        """PUSH the given chunks (compressed if the job says so): in an overlapped plain-BSP
+        step one message per chunk, so that a server averages, updates and answers one chunk
+        while the next is still on the wire (a pipeline); otherwise one message per server,
+        all its chunks (a message costs 0.1-0.25 ms of Python on each side: docs/wire.md)."""
         sp, chunks = self.step, self.chunk_map
+        per_chunk = self.chunkwise and sp.overlapped
         groups: dict = {}
         for i in chunk_ids:
-            groups.setdefault(i if self.chunkwise else chunks.server(i), []).append(i)
+            groups.setdefault(i if per_chunk else chunks.server(i), []).append(i)
             sp.unsent.discard(i)
         for key, ids in sorted(groups.items()):
             s = chunks.server(ids[0])
