@@ -8,7 +8,10 @@ Every byte sent to a peer is counted for ``ps-status`` (``traffic.py``).
 Answers with parameters are sent without a copy (``Shard.param_views``) unless the
 consistency model lets an update come before an answer leaves (asp, ssp, late pushes
 of backup workers): then they are sent from a per-version copy (``Shard.param_snapshot``);
-``snapshot`` says which, chosen once with the mode.
+``snapshot`` says which, chosen once with the mode. Where the parameters live in a
+shared-memory segment (``shared``, not with ``snapshot``), a peer of this host that
+named its own segment (``shared.readers``) gets a header naming where each chunk lies
+in it, and no frames (``common/wire/shm.py``).
 
 Not here: what is sent when (the serving objects, ``steps.py`` and ``modes.py``), the
 bytes of a message (``common/wire/codec.py``), sockets (``common/wire/transport.py``).
@@ -35,14 +38,17 @@ class Replier:
         self.snapshot = snapshot
         self.shard = None                       # set once the job started (``serve``)
         self.peers: dict[int, object] = {}      # server rank -> DEALER (the step agreement)
+        self.shared = None                      # (segment of shard.params, PeerSegments) or None
 
-    def serve(self, shard, peers: dict):
-        """The job started: answers carry ``shard``'s parameters; ``peers`` get proposals."""
-        self.shard, self.peers = shard, peers
+    def serve(self, shard, peers: dict, shared=None):
+        """The job started: answers carry ``shard``'s parameters; ``peers`` get proposals;
+        ``shared``: (the segment ``shard.params`` lives in, the ``PeerSegments`` whose
+        ``readers`` may be answered through it), or None."""
+        self.shard, self.peers, self.shared = shard, peers, shared
 
     # --- answers on the ROUTER --------------------------------------------------------
-    def reply(self, identity: bytes, cmd: str, rid: int, arrays=(), ranges=None, **meta):
-        frames = codec.encode(cmd, self.name, rid=rid, arrays=arrays, ranges=ranges, **meta)
+    def reply(self, identity: bytes, cmd: str, rid: int, arrays=(), ranges=None, at=None, **meta):
+        frames = codec.encode(cmd, self.name, rid=rid, arrays=arrays, ranges=ranges, at=at, **meta)
         sent = self.router.send(identity, frames)
         self.traffic.sent(identity, frames_nbytes(frames))
         if not sent:
@@ -57,13 +63,22 @@ class Replier:
         arrays, ranges = shard.param_snapshot() if self.snapshot else shard.param_views()
         if chunks is not None:
             arrays, ranges = [arrays[c] for c in chunks], [ranges[c] for c in chunks]
-        self.reply(identity, OK, rid, arrays=arrays, ranges=ranges, version=shard.version, **meta)
+        self._answer(identity, rid, arrays, ranges, version=shard.version, **meta)
 
     def chunks(self, identity: bytes, rid: int, chunks, version: int, **meta):
         """Answer with the live (just updated) parameters of the chunk indices ``chunks``."""
         arrays, ranges = self.shard.param_views()
-        self.reply(identity, OK, rid, arrays=[arrays[c] for c in chunks], ranges=[ranges[c] for c in chunks],
-                   version=version, **meta)
+        self._answer(identity, rid, [arrays[c] for c in chunks], [ranges[c] for c in chunks], version=version,
+                     **meta)
+
+    def _answer(self, identity: bytes, rid: int, arrays, ranges, **meta):
+        """OK with parameters: through shared memory to a reader of this host, else as frames."""
+        if self.shared is None or self.snapshot or identity not in self.shared[1].readers:
+            self.reply(identity, OK, rid, arrays=arrays, ranges=ranges, **meta)
+            return
+        size = self.shard.dtype.itemsize
+        at = [self.shard.locate(b, e).start * size for b, e in ranges]
+        self.reply(identity, OK, rid, arrays=arrays, ranges=ranges, at=at, shm=self.shared[0].name, **meta)
 
     # --- to the other servers and to the coordinator ----------------------------------
     def norm(self, peers, step: int, **meta):

@@ -47,6 +47,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import numpy
+
 from common.cluster import ClusterConfig, JobConfig, host_name, server_bind
 from common.config import to_dict
 from common.layout import Layout
@@ -56,6 +58,7 @@ from common.trace import NULL_TRACER
 from common.wire import codec
 from common.wire.compress import make_scheme
 from common.wire.memory import keep_freed_memory
+from common.wire.shm import PeerSegments, Segment
 from common.wire.protocol import (
     BARRIER, DONE, HEARTBEAT, INIT, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS, VIEW, ProtocolError,
 )
@@ -189,6 +192,8 @@ class Server:
         self.interrupts = Interrupts()
         self.shard: Shard | None = None           # and its serving object, once the job started
         self.serving = None
+        self.segment: Segment | None = None       # --shm auto: the shared memory shard.params lives in
+        self.segments: PeerSegments | None = None  # and the workers' segments, mapped as they name them
 
     # --- the loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -212,6 +217,8 @@ class Server:
             self.checkpoints.final()
             self._write_metrics()
             self.endpoints.close()
+            if self.segment is not None:
+                self.segment.close()
 
     def on_signal(self, signum, frame):
         self.interrupts.on_signal(signum, frame)
@@ -285,7 +292,24 @@ class Server:
     def _make_shard(self, chunks, dtype: str, layout: Layout) -> Shard:
         job = self.cfg.job
         scheme = make_scheme(job.compress, job.compress_ratio, job.error_feedback == "on")
-        return Shard(chunks, dtype, self.cfg.optim, layout.decay_ranges(), scheme)
+        return Shard(chunks, dtype, self.cfg.optim, layout.decay_ranges(), scheme,
+                     params=self._shared_params(sum(e - b for b, e in chunks), dtype, layout))
+
+    def _shared_params(self, size: int, dtype: str, layout: Layout):
+        """--shm auto: the shard's parameters in a segment the workers of this host read
+        (not where answers go from a per-version copy: asp, ssp, backup workers); None: none."""
+        c = self.cfg.cluster
+        if not c.use_shm or answers_from_copy(self.cfg.job):
+            return None
+        itemsize = numpy.dtype(dtype).itemsize
+        try:
+            self.segment = Segment.create(c.coordinator, "server", self.cfg.rank, size * itemsize)
+        except OSError as e:
+            log.warning("no shared memory (%s): the workers of this host get their answers as frames", e)
+            return None
+        self.segments = PeerSegments(c.coordinator, lambda role, r: layout.size * itemsize if role == "worker" else 0,
+                                     lambda role, r, b, e: b * itemsize)
+        return self.segment.array(dtype, size)
 
     def _start(self, job: dict):
         """Set up the shard and its serving object from the coordinator's JOB answer (and a
@@ -304,7 +328,7 @@ class Server:
         peers = {}
         if self.serving.exchange:                   # the step agreement (and norms for clipping)
             peers = self.endpoints.connect_peers(cfg.rank, addrs, job.get("ipc") or [""] * len(addrs))
-        self.replier.serve(self.shard, peers)
+        self.replier.serve(self.shard, peers, (self.segment, self.segments) if self.segment else None)
         version = job.get("version", 0)
         if version:
             self._load_checkpoint(version, job.get("rejoin", False))
@@ -333,8 +357,10 @@ class Server:
             self.serving.view_changed(*changed)
 
     # --- dispatch -----------------------------------------------------------------------
-    def _decode(self, frames, who):
+    def _decode(self, frames, who, identity: bytes | None = None):
         try:
+            if self.segments is not None and identity is not None:    # --shm: arrays may lie in a worker's segment
+                return self.segments.decode(frames, identity=identity)
             return codec.decode(frames)
         except ProtocolError as e:
             self.state.refused += 1
@@ -346,7 +372,7 @@ class Server:
             self._handle_message(identity, frames)
 
     def _handle_message(self, identity: bytes, frames):
-        msg = self._decode(frames, f"peer {identity[:24]!r}")
+        msg = self._decode(frames, f"peer {identity[:24]!r}", identity)
         if msg is None:
             self.replier.error(identity, 0, "malformed message refused (see the server's log)")
             return

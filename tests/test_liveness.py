@@ -117,8 +117,9 @@ def test_ps_status_shows_heartbeats_and_the_view(tmp_path):
 
 
 def _joined(servers, rank, layout, job=None):
-    """A client registered (worker 0: the parameters initialized to zeros) and pulled."""
-    c = PSClient(servers.cluster(rank, **BEAT), job)
+    """A client registered (worker 0: the parameters initialized to zeros) and pulled.
+    Through sockets (--shm off): these tests read answers off its link with the codec."""
+    c = PSClient(servers.cluster(rank, shm="off", **BEAT), job)
     c.register(layout, "float64")
     params = np.zeros(layout.size)
     if rank == 0:

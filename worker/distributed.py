@@ -343,7 +343,7 @@ class WorkerRun:
                   "wall_s": self.wall_s, "straggler": self.straggler.involves_me, "t_start": self.epoch_start,
                   "t_end": self.epoch_start + self.wall_s, "bytes_pushed": client.bytes_pushed,
                   "bytes_pulled": client.bytes_pulled, "joined_at": self.joined, "resends": client.resends,
-                  "rejoins": client.rejoins}
+                  "rejoins": client.rejoins, "shm_pushes": client.shm_pushes}
         if self.lead or wc.out:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / f"worker-{rank}.json").write_text(json.dumps(result) + "\n")

@@ -1,0 +1,144 @@
+"""Shared memory between the processes of one host (``common/wire/shm.py``, ``--shm``):
+a peer's segment is checked before it is mapped and every offset against it; a job gives
+the same bits through shared memory as through sockets; no segment outlives its job,
+not even a killed worker's."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from common.wire import codec
+from common.wire.protocol import ProtocolError
+from common.wire.shm import PeerSegments, Segment, job_segments, remove_job_segments, segment_name
+from tests.cluster import ENV
+from tests.test_local import SMALL
+
+COORD = f"127.0.0.1:{40000 + os.getpid() % 20000}"     # a job name of this test process alone
+
+
+@pytest.fixture
+def clean():
+    yield
+    remove_job_segments(COORD)
+
+
+def test_a_segment_is_attached_only_with_its_job_role_rank_and_size(clean):
+    seg = Segment.create(COORD, "worker", 1, 4096)
+    try:
+        peer = Segment.attach(seg.name, COORD, "worker", 1, 4096)
+        seg.array(np.float32, 1024)[:] = np.arange(1024)
+        assert peer.array(np.float32, 4, at=8).tolist() == [2, 3, 4, 5]
+        with pytest.raises(ValueError):                       # read-only for the peer
+            peer.array(np.float32, 4)[0] = 1
+        for name, role, rank, nbytes, what in [
+                (seg.name, "worker", 0, 4096, "not worker 0's"),        # another rank's
+                (seg.name, "server", 1, 4096, "not server 1's"),        # another role's
+                (seg.name, "worker", 1, 8192, "8192 bytes"),            # another size
+                ("../../etc/passwd", "worker", 1, 4096, "not worker 1's"),
+                (segment_name("10.0.0.1:1", "worker", 1), "worker", 1, 4096, "not worker 1's")]:   # another job
+            with pytest.raises(ProtocolError, match=what):
+                Segment.attach(name, COORD, role, rank, nbytes)
+        for count, at in [(1025, 0), (1, 4096), (1, 2), (1, -4)]:      # outside the mapping, misaligned
+            with pytest.raises(ProtocolError, match="outside"):
+                peer.array(np.float32, count, at=at)
+    finally:
+        seg.close()
+    assert not job_segments(COORD)                            # the owner removed it
+
+
+def test_a_symlink_is_not_followed(clean):
+    name = segment_name(COORD, "worker", 0, pid=1)
+    os.symlink("/etc/hostname", f"/dev/shm/{name}")
+    with pytest.raises(ProtocolError, match="cannot open"):
+        Segment.attach(name, COORD, "worker", 0, 4096)
+
+
+def test_arrays_in_shared_memory_decode_like_frames_and_offsets_are_checked(clean):
+    seg = Segment.create(COORD, "worker", 0, 64 * 4)
+    grads = np.random.default_rng(0).standard_normal(64).astype(np.float32)
+    seg.array(np.float32, 64)[:] = grads
+    ranges = [(0, 16), (32, 64)]
+    arrays = [grads[b:e] for b, e in ranges]
+    framed = codec.decode(codec.encode("push", "worker:0", arrays=arrays, ranges=ranges))
+    frames = codec.encode("push", "worker:0", arrays=arrays, ranges=ranges, at=[0, 128], shm=seg.name)
+    assert len(frames) == 1                                   # the header alone travels
+    peers = PeerSegments(COORD, lambda role, r: 64 * 4, lambda role, r, b, e: b * 4)
+    shared = peers.decode(frames, identity=b"w0")
+    for a, b in zip(framed.arrays, shared.arrays):
+        assert np.array_equal(a, b)
+    assert shared.ranges == framed.ranges and shared.at == [0, 128] and peers.readers == {b"w0"}
+    with pytest.raises(ProtocolError, match="maps no segment"):
+        codec.decode(frames)                                  # a receiver without the sender's segment
+    lying = codec.encode("push", "worker:0", arrays=arrays, ranges=ranges, at=[0, 64], shm=seg.name)
+    with pytest.raises(ProtocolError, match="not where range"):
+        peers.decode(lying)                                   # in bounds, but not where [32, 64) lies
+    beyond = codec.encode("push", "worker:0", arrays=[grads], ranges=[(0, 64)], at=[4], shm=seg.name)
+    with pytest.raises(ProtocolError):
+        peers.decode(beyond)
+    impostor = codec.encode("push", "worker:1", arrays=arrays, ranges=ranges, at=[0, 128], shm=seg.name)
+    with pytest.raises(ProtocolError, match="not worker 1's"):
+        peers.decode(impostor)                                # worker 1 naming worker 0's segment
+    seg.close()
+
+
+def test_the_segments_of_dead_processes_are_removed(clean):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = segment_name(COORD, "worker", 3, pid=int(dead.stdout))
+    open(f"/dev/shm/{stale}", "wb").close()
+    mine = Segment.create(COORD, "worker", 0, 16)              # a new process of the job cleans up first
+    assert job_segments(COORD) == [mine.name]
+    mine.close()
+
+
+def ps_local(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "common.launch.local", *map(str, args)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_the_same_bits_through_shared_memory_and_through_sockets(tmp_path):
+    runs = {}
+    for shm in ("auto", "off"):
+        out = tmp_path / shm
+        proc = ps_local("--steps", 12, "--out", out, "--no-progress", "--shm", shm, *SMALL, "--eval-interval", 6)
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+        losses = [(r["step"], r.get("loss"), r.get("val_loss"))
+                  for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+        runs[shm] = losses, (out / "model.safetensors").read_bytes()
+        pushes = [json.loads((out / f"worker-{r}.json").read_text())["shm_pushes"] for r in range(2)]
+        assert (min(pushes) >= 12) if shm == "auto" else pushes == [0, 0], pushes   # every step's, or none
+    assert runs["auto"] == runs["off"]
+
+
+def test_a_worker_killed_with_kill_9_leaves_no_segment(tmp_path):
+    out = tmp_path / "run"
+    proc = ps_local("--workers", 2, "--steps", 100000, "--out", out, "--no-progress", *SMALL, "--heartbeat", 0.2,
+                    "--timeout", 60)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "run_config.json").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the job did not start"
+            time.sleep(0.1)
+        coordinator = json.loads((out / "run_config.json").read_text())["launcher"]["coordinator"]
+        workers = []
+        while len(workers) < 2:                               # both workers' segments: shared memory is in use
+            assert time.monotonic() < deadline and proc.poll() is None, "no worker segments appeared"
+            workers = [n for n in job_segments(coordinator) if "-worker" in n]
+            time.sleep(0.1)
+        assert any("-server" in n for n in job_segments(coordinator))
+        victim = next(n for n in workers if "-worker1-" in n)
+        os.kill(int(victim.rsplit("-", 1)[1]), signal.SIGKILL)
+        assert victim in job_segments(coordinator)            # a killed process removes nothing itself
+        proc.send_signal(signal.SIGINT)                       # the end of the job
+        _, err = proc.communicate(timeout=60)
+        assert "removed" in err and victim in err, err
+        assert job_segments(coordinator) == []
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
