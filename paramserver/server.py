@@ -328,7 +328,7 @@ class Server:
         peers = {}
         if self.serving.exchange:                   # the step agreement (and norms for clipping)
             peers = self.endpoints.connect_peers(cfg.rank, addrs, job.get("ipc") or [""] * len(addrs))
-        self.replier.serve(self.shard, peers, (self.segment, self.segments) if self.segment else None)
+        self.replier.serve(self.shard, peers, self.segment, self.segments.readers if self.segments else None)
         version = job.get("version", 0)
         if version:
             self._load_checkpoint(version, job.get("rejoin", False))

@@ -87,12 +87,19 @@ def test_arrays_in_shared_memory_decode_like_frames_and_offsets_are_checked(clea
 
 
 def test_the_segments_of_dead_processes_are_removed(clean):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = segment_name(COORD, "worker", 3, pid=int(dead.stdout))
-    open(f"/dev/shm/{stale}", "wb").close()
-    mine = Segment.create(COORD, "worker", 0, 16)              # a new process of the job cleans up first
-    assert job_segments(COORD) == [mine.name]
-    mine.close()
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    other = "10.9.9.9:7"                                          # another job of this user
+    stale = [segment_name(COORD, "worker", 3, pid=dead), segment_name(other, "server", 0, pid=dead)]
+    alive = segment_name(other, "server", 1, pid=os.getppid())   # its process lives: kept
+    for name in stale + [alive]:
+        open(f"/dev/shm/{name}", "wb").close()
+    try:
+        mine = Segment.create(COORD, "worker", 0, 16)             # a new process cleans up first
+        assert job_segments(COORD) == [mine.name] and job_segments(other) == [alive]
+        mine.close()
+    finally:
+        remove_job_segments(other)
 
 
 def ps_local(*args, **kw):

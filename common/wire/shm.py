@@ -22,9 +22,10 @@ name (this job's prefix, the role and rank of the sender), that it is a regular 
 of this user of exactly the size the job says, and then every offset against the
 mapped size and the array's place in the flat vector: a header never makes a process
 read outside what it mapped. Segments are named per job (the coordinator's address)
-and process (role, rank, pid); a process removes its own at exit, and the next process
-of the job removes those whose pid is gone (a kill -9), as ps-local does when the job
-ends (``remove_job_segments``).
+and process (role, rank, pid); a process removes its own at exit; one killed with -9
+cannot, so every process removes this user's segments whose pid is gone before it
+creates its own (``remove_stale_segments``), and ps-local removes its job's segments
+when the job ends (``remove_job_segments``).
 
 Not encrypted: with CurveZMQ (``--curve``) arrays travel as frames. Not here: when a
 message uses a segment (``worker/client.py``, ``paramserver/replier.py``).
@@ -39,6 +40,7 @@ import stat
 
 import numpy
 
+from common.wire import codec
 from common.wire.protocol import ProtocolError
 
 FOLDER = "/dev/shm"
@@ -73,15 +75,28 @@ def job_segments(coordinator: str) -> list[str]:
         return []
 
 
-def remove_job_segments(coordinator: str, dead_only: bool = False) -> list[str]:
-    """Remove this job's segments (``dead_only``: those whose process is gone); returns
-    the names removed. ps-local calls it when a job ends; every process, before it
-    creates its own segment (a kill -9 leaves one behind)."""
+def remove_job_segments(coordinator: str) -> list[str]:
+    """Remove every segment of this job; returns the names removed (ps-local, when its
+    job has ended: a process killed with -9 leaves its segment behind)."""
+    return _remove(job_segments(coordinator))
+
+
+def remove_stale_segments() -> list[str]:
+    """Remove this user's segments whose process is gone, of any job; returns their
+    names. Every process calls it before it creates its own segment, so a segment a
+    kill -9 left behind lives until the next process of this user starts."""
+    prefix = f"paramserver-{os.getuid()}-"
+    try:
+        names = [n for n in os.listdir(FOLDER) if n.startswith(prefix)]
+    except OSError:
+        return []
+    pids = [n.rsplit("-", 1)[-1] for n in names]
+    return _remove([n for n, pid in zip(names, pids) if pid.isdigit() and not _pid_alive(int(pid))])
+
+
+def _remove(names) -> list[str]:
     removed = []
-    for name in job_segments(coordinator):
-        pid = name.rsplit("-", 1)[-1]
-        if dead_only and (not pid.isdigit() or _pid_alive(int(pid))):
-            continue
+    for name in names:
         try:
             os.unlink(os.path.join(FOLDER, name))
             removed.append(name)
@@ -101,7 +116,7 @@ class Segment:
 
     @classmethod
     def create(cls, coordinator: str, role: str, rank: int, nbytes: int) -> "Segment":
-        remove_job_segments(coordinator, dead_only=True)
+        remove_stale_segments()
         name = segment_name(coordinator, role, rank)
         path = os.path.join(FOLDER, name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -149,7 +164,7 @@ class Segment:
         return numpy.frombuffer(self.view, dtype=dtype, count=count, offset=at)
 
     def close(self):
-        """Unmap (where no array still uses it) and, for the owner, remove the file."""
+        """The owner removes the file (the mapping itself lasts while an array uses it)."""
         if self.owner:
             try:
                 os.unlink(os.path.join(FOLDER, self.name))
@@ -193,7 +208,6 @@ class PeerSegments:
     def decode(self, frames, header: dict | None = None, placed=None, identity: bytes | None = None):
         """``codec.decode``, with the arrays in shared memory read from the sender's segment
         and each checked to lie where its range belongs (ProtocolError otherwise)."""
-        from common.wire import codec
         if header is None and frames:
             header = codec.parse_header(frames[0])
         seg = self.segment_for(header, identity) if header is not None else None
