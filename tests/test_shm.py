@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -15,7 +16,8 @@ import pytest
 from common.wire import codec
 from common.wire.protocol import ProtocolError
 from common.wire.shm import PeerSegments, Segment, job_segments, remove_job_segments, segment_name
-from tests.cluster import ENV
+from tests.cluster import ENV, Servers, run_threads
+from tests.test_liveness import FLAGS, LAYOUT, _joined, _push_threes_when
 from tests.test_local import SMALL
 
 COORD = f"127.0.0.1:{40000 + os.getpid() % 20000}"     # a job name of this test process alone
@@ -149,3 +151,47 @@ def test_a_worker_killed_with_kill_9_leaves_no_segment(tmp_path):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_push_through_shared_memory_sent_again_is_applied_once(tmp_path):
+    """The exactly-once check of test_liveness, with the push's bytes in the worker's
+    segment: three copies while its step waits and one after it was applied make one
+    update, and the answers (through the server's segment) carry it."""
+    with Servers(1, 2, str(tmp_path), FLAGS + ["--out", tmp_path / "out"], timeout=20) as servers:
+        copies_in = threading.Event()
+
+        def worker(rank):
+            c, params = _joined(servers, rank, LAYOUT, shm="auto")
+            if rank == 1:
+                return _push_threes_when(copies_in, c, params)
+            assert c.segment is not None and c.requests.shared_with == {0}     # the pull's answer set it up
+            link, peers = c.links[0], c.requests.segments
+
+            def answer():
+                assert link.poll(20000), "no answer"
+                return peers.decode(link.recv())
+            c.segment.array(np.float64, LAYOUT.size)[:] = 1.0
+            push = codec.encode("push", c.name, step=0, rid=77, arrays=[np.ones(LAYOUT.size)],
+                                ranges=[(0, LAYOUT.size)], at=[0], shm=c.segment.name, session=c.session)
+            assert len(push) == 1                                # the header alone
+            for _ in range(3):
+                link.send(push)
+            link.send(codec.encode("pull", c.name, rid=78, shm=c.segment.name))   # answered after the copies
+            first = answer()
+            assert first.rid == 78 and first.meta["version"] == 0 and first.at == [0]
+            copies_in.set()                                      # now worker 1 pushes: the step completes
+            applied = answer()
+            link.send(push)                                      # a copy of a push already applied
+            again = answer()
+            assert not link.poll(500), "more answers than pushes"
+            c.done()
+            c.close()
+            return [(m.rid, m.meta["version"], m.at, m.arrays[0].copy()) for m in (applied, again)]
+        answers, params1 = run_threads(worker, 2, timeout=60)
+        for rid, version, at, values in answers:
+            assert rid == 77 and version == 1 and at == [0]
+            np.testing.assert_array_equal(values, np.full(LAYOUT.size, -1.0))    # 0 - 0.5 * (1 + 3) / 2
+        np.testing.assert_array_equal(params1, np.full(LAYOUT.size, -1.0))
+        assert servers.wait() == [0]
+        metrics = json.loads((tmp_path / "out" / "server-0.json").read_text())
+        assert metrics["version"] == 1 and metrics["repeated_pushes"] == 1
