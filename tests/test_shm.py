@@ -53,6 +53,14 @@ def test_a_segment_is_attached_only_with_its_job_role_rank_and_size(clean):
     assert not job_segments(COORD)                            # the owner removed it
 
 
+def test_shm_is_a_cluster_field_and_curve_turns_it_off():
+    from common.cluster import ClusterConfig
+    assert ClusterConfig().use_shm and not ClusterConfig(shm="off").use_shm
+    assert not ClusterConfig(curve="keys/").use_shm                # a segment is not encrypted
+    with pytest.raises(ValueError, match="shm must be one of auto, off"):
+        ClusterConfig(shm="on")
+
+
 def test_a_symlink_is_not_followed(clean):
     name = segment_name(COORD, "worker", 0, pid=1)
     os.symlink("/etc/hostname", f"/dev/shm/{name}")
