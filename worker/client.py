@@ -75,11 +75,10 @@ import numpy
 from common.cluster import ClusterConfig, JobConfig, host_name
 from common.config import to_dict
 from common.layout import Layout, merge_ranges
-from common.wire import codec
 from common.wire.compress import PushEncoder, make_scheme
 from common.wire.memory import keep_freed_memory
-from common.wire.shm import PeerSegments, Segment
 from common.wire.protocol import DONE, INIT, JOB, PULL, PUSH, REGISTER
+from common.wire.shm import PeerSegments, Segment
 from worker.answers import AnswerReader, ChunkMap
 from worker.heartbeat import Heartbeat
 from worker.requests import DeadlineError, RemoteError, Requests

@@ -175,6 +175,8 @@ class Requests:
                 req = self.out.pop(msg.rid)
                 if msg.meta.get("shm"):
                     self.shared_with.add(req.server)
+                elif msg.arrays:                # (a restarted server without shared memory)
+                    self.shared_with.discard(req.server)
                 if msg.cmd == ERROR:
                     raise RemoteError(f"server {req.server} at {self.addrs[req.server]} refused {req.cmd}: "
                                       f"{msg.meta['message']}")
