@@ -27,7 +27,9 @@ cannot, so every process removes this user's segments whose pid is gone before i
 creates its own (``remove_stale_segments``), and ps-local removes its job's segments
 when the job ends (``remove_job_segments``).
 
-Not encrypted: with CurveZMQ (``--curve``) arrays travel as frames. Not here: when a
+What a segment trusts is this user: a process of the same uid could shrink a file a
+peer mapped (a read past its end is a SIGBUS), as it could kill the peer or take its
+Unix socket. Not encrypted: with CurveZMQ (``--curve``) arrays travel as frames. Not here: when a
 message uses a segment (``worker/client.py``, ``paramserver/replier.py``).
 """
 from __future__ import annotations
