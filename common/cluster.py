@@ -46,7 +46,7 @@ from common.placement import DEFAULT_CHUNK_MB
 ENV = {"rank": "PS_RANK", "num_servers": "PS_NUM_SERVERS", "num_workers": "PS_NUM_WORKERS",
        "coordinator": "PS_COORDINATOR", "bind": "PS_BIND", "advertise": "PS_ADVERTISE",
        "timeout": "PS_TIMEOUT", "interface": "PS_INTERFACE", "subnet": "PS_SUBNET", "curve": "PS_CURVE",
-       "heartbeat": "PS_HEARTBEAT", "heartbeat_misses": "PS_HEARTBEAT_MISSES"}
+       "heartbeat": "PS_HEARTBEAT", "heartbeat_misses": "PS_HEARTBEAT_MISSES", "shm": "PS_SHM"}
 
 MODES = ("bsp", "asp", "ssp", "local-sgd")
 
