@@ -9,9 +9,9 @@ Answers with parameters are sent without a copy (``Shard.param_views``) unless t
 consistency model lets an update come before an answer leaves (asp, ssp, late pushes
 of backup workers): then they are sent from a per-version copy (``Shard.param_snapshot``);
 ``snapshot`` says which, chosen once with the mode. Where the parameters live in a
-shared-memory segment (``segment``, not with ``snapshot``), a peer of this host that
-named its own segment (``readers``) gets a header naming where each chunk lies in it,
-and no frames (``common/wire/shm.py``).
+shared-memory segment (``shm``, not with ``snapshot``), a peer of this host that
+named its own segment (``shm.peers.readers``) gets a header naming where each chunk
+lies in it, and no frames (``common/wire/shm.py``).
 
 Not here: what is sent when (the serving objects, ``steps.py`` and ``modes.py``), the
 bytes of a message (``common/wire/codec.py``), sockets (``common/wire/transport.py``).
@@ -38,15 +38,13 @@ class Replier:
         self.snapshot = snapshot
         self.shard = None                       # set once the job started (``serve``)
         self.peers: dict[int, object] = {}      # server rank -> DEALER (the step agreement)
-        self.segment = None                     # the shared memory shard.params lives in (--shm), or None
-        self.readers: set[bytes] = set()        # the peers of this host that may read it
+        self.shm = None                         # --shm: the segment shard.params lives in, and its readers
 
-    def serve(self, shard, peers: dict, segment=None, readers: set | None = None):
+    def serve(self, shard, peers: dict, shm=None):
         """The job started: answers carry ``shard``'s parameters; ``peers`` get proposals;
-        ``segment``: the shared memory ``shard.params`` lives in, which the identities in
-        ``readers`` (a set the server's decoding fills) are answered through."""
-        self.shard, self.peers = shard, peers
-        self.segment, self.readers = segment, readers if readers is not None else set()
+        ``shm`` (``common.wire.shm.SharedMemory``, or None): the segment ``shard.params``
+        lives in, through which the peers in ``shm.peers.readers`` are answered."""
+        self.shard, self.peers, self.shm = shard, peers, shm
 
     # --- answers on the ROUTER --------------------------------------------------------
     def reply(self, identity: bytes, cmd: str, rid: int, arrays=(), ranges=None, at=None, **meta):
@@ -75,12 +73,12 @@ class Replier:
 
     def _answer(self, identity: bytes, rid: int, arrays, ranges, **meta):
         """OK with parameters: through shared memory to a reader of this host, else as frames."""
-        if self.segment is None or self.snapshot or identity not in self.readers:
+        if self.shm is None or self.snapshot or identity not in self.shm.peers.readers:
             self.reply(identity, OK, rid, arrays=arrays, ranges=ranges, **meta)
             return
         size = self.shard.dtype.itemsize
         at = [self.shard.locate(b, e).start * size for b, e in ranges]
-        self.reply(identity, OK, rid, arrays=arrays, ranges=ranges, at=at, shm=self.segment.name, **meta)
+        self.reply(identity, OK, rid, arrays=arrays, ranges=ranges, at=at, shm=self.shm.segment.name, **meta)
 
     # --- to the other servers and to the coordinator ----------------------------------
     def norm(self, peers, step: int, **meta):

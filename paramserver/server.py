@@ -58,7 +58,6 @@ from common.trace import NULL_TRACER
 from common.wire import codec
 from common.wire.compress import make_scheme
 from common.wire.memory import keep_freed_memory
-from common.wire.shm import PeerSegments, Segment
 from common.wire.protocol import (
     BARRIER, DONE, HEARTBEAT, INIT, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS, VIEW, ProtocolError,
 )
@@ -192,8 +191,6 @@ class Server:
         self.interrupts = Interrupts()
         self.shard: Shard | None = None           # and its serving object, once the job started
         self.serving = None
-        self.segment: Segment | None = None       # --shm auto: the shared memory shard.params lives in
-        self.segments: PeerSegments | None = None  # and the workers' segments, mapped as they name them
 
     # --- the loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -217,8 +214,6 @@ class Server:
             self.checkpoints.final()
             self._write_metrics()
             self.endpoints.close()
-            if self.segment is not None:
-                self.segment.close()
 
     def on_signal(self, signum, frame):
         self.interrupts.on_signal(signum, frame)
@@ -298,18 +293,11 @@ class Server:
     def _shared_params(self, size: int, dtype: str, layout: Layout):
         """--shm auto: the shard's parameters in a segment the workers of this host read
         (not where answers go from a per-version copy: asp, ssp, backup workers); None: none."""
-        c = self.cfg.cluster
-        if not c.use_shm or answers_from_copy(self.cfg.job):
+        if answers_from_copy(self.cfg.job):
             return None
         itemsize = numpy.dtype(dtype).itemsize
-        try:
-            self.segment = Segment.create(c.coordinator, "server", self.cfg.rank, size * itemsize)
-        except OSError as e:
-            log.warning("no shared memory (%s): the workers of this host get their answers as frames", e)
-            return None
-        self.segments = PeerSegments(c.coordinator, lambda role, r: layout.size * itemsize if role == "worker" else 0,
-                                     lambda role, r, b, e: b * itemsize)
-        return self.segment.array(dtype, size)
+        shm = self.endpoints.share_memory(self.cfg.rank, size * itemsize, layout.size * itemsize, itemsize)
+        return shm.segment.array(dtype, size) if shm else None
 
     def _start(self, job: dict):
         """Set up the shard and its serving object from the coordinator's JOB answer (and a
@@ -328,7 +316,7 @@ class Server:
         peers = {}
         if self.serving.exchange:                   # the step agreement (and norms for clipping)
             peers = self.endpoints.connect_peers(cfg.rank, addrs, job.get("ipc") or [""] * len(addrs))
-        self.replier.serve(self.shard, peers, self.segment, self.segments.readers if self.segments else None)
+        self.replier.serve(self.shard, peers, self.endpoints.shm)
         version = job.get("version", 0)
         if version:
             self._load_checkpoint(version, job.get("rejoin", False))
@@ -359,8 +347,9 @@ class Server:
     # --- dispatch -----------------------------------------------------------------------
     def _decode(self, frames, who, identity: bytes | None = None):
         try:
-            if self.segments is not None and identity is not None:    # --shm: arrays may lie in a worker's segment
-                return self.segments.decode(frames, identity=identity)
+            shm = self.endpoints.shm
+            if shm is not None and identity is not None:    # --shm: arrays may lie in a worker's segment
+                return shm.peers.decode(frames, identity=identity)
             return codec.decode(frames)
         except ProtocolError as e:
             self.state.refused += 1

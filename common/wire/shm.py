@@ -39,6 +39,7 @@ import mmap
 import os
 import re
 import stat
+from dataclasses import dataclass
 
 import numpy
 
@@ -223,3 +224,10 @@ class PeerSegments:
                 raise ProtocolError(f"array {i} of {msg.sender}: offset {at} in its shared memory is not where "
                                     f"range {r} lies")
         return msg
+
+
+@dataclass
+class SharedMemory:
+    """What a process of a job shares: its own segment and its peers' (as they name them)."""
+    segment: Segment
+    peers: PeerSegments
