@@ -11,7 +11,8 @@ The server is the loop and the dispatch; everything else is a plain object besid
 
 | part                    | module              | what it does                                        |
 |-------------------------|---------------------|-----------------------------------------------------|
-| ``endpoints``           | endpoints.py        | the sockets: ROUTER, Unix socket, DEALERs to peers  |
+| ``endpoints``           | endpoints.py        | the sockets: ROUTER, Unix socket, DEALERs to peers; |
+|                         |                     | shared memory with the workers of its host (--shm)  |
 | ``replier``             | replier.py          | the only code that encodes and sends                |
 | ``serving``             | steps.py / modes.py | the consistency model: one object, chosen once      |
 | ``coordinator``         | coordinator.py      | server 0: registration, heartbeats, views, the end  |
