@@ -19,9 +19,9 @@ non-zero, naming the process and its log. A process killed by a signal from outs
 and the steps go on, a server is waited for until ``--timeout``; with ``--respawn``
 ps-local starts it again (a server with ``--resume``, from its checkpoint) and the job
 goes on; when the job ends, ps-local removes the shared-memory segments such a process
-left behind (``common/wire/shm.py``). ``--resume`` restarts a whole job from the servers' checkpoints in its run
-folder (docs/failures.md). Ctrl-C or TERM stops every process (TERM, then KILL after a
-grace period); none is left behind.
+left behind (``common/wire/shm.py``). ``--resume`` restarts a whole job from the
+servers' checkpoints in its run folder (docs/failures.md). Ctrl-C or TERM stops every
+process (TERM, then KILL after a grace period); none is left behind.
 
 This module starts processes; it imports neither role. Flags for the optimizer and
 the consistency model go to the servers (and the job flags to the workers too); every

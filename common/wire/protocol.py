@@ -176,7 +176,7 @@ def session_list(value, limit: int, what: str) -> dict[int, int]:
 
 
 def _check_array(i: int, a):
-    """Array descriptor ``i`` of a header: dtype, shape, optional range and enc."""
+    """Array descriptor ``i`` of a header: dtype, shape, optional range, enc and at."""
     if not (isinstance(a, dict) and a.keys() <= _ARRAY_KEYS and "dtype" in a and "shape" in a):
         _fail(f"array {i}: expected a map with dtype, shape, optional range, enc and at, got {a!r}"[:300])
     if "enc" in a:
@@ -185,7 +185,7 @@ def _check_array(i: int, a):
             _fail(f"array {i}: enc must be a part name of 1..{MAX_ENC_LEN} characters on an array with a "
                   f"range, got {enc!r}")
     if "at" in a and not (_is_int(a["at"]) and 0 <= a["at"] < 2 ** 48 and "enc" not in a):
-        _fail(f"array {i}: at must be a byte offset >= 0 on a plain array, got {a['at']!r}")
+        _fail(f"array {i}: at must be a byte offset >= 0 on a plain array, got {a['at']!r}"[:300])
     if not isinstance(a["dtype"], str) or a["dtype"] not in _DTYPES:
         _fail(f"array {i}: dtype must be one of {', '.join(DTYPES)}, got {a['dtype']!r}")
     shape = a["shape"]
