@@ -48,7 +48,7 @@ from common.placement import DEFAULT_CHUNK_MB
 ENV = {"rank": "PS_RANK", "num_servers": "PS_NUM_SERVERS", "num_workers": "PS_NUM_WORKERS",
        "coordinator": "PS_COORDINATOR", "bind": "PS_BIND", "advertise": "PS_ADVERTISE",
        "timeout": "PS_TIMEOUT", "interface": "PS_INTERFACE", "subnet": "PS_SUBNET", "curve": "PS_CURVE",
-       "heartbeat": "PS_HEARTBEAT", "heartbeat_misses": "PS_HEARTBEAT_MISSES"}
+       "heartbeat": "PS_HEARTBEAT", "heartbeat_misses": "PS_HEARTBEAT_MISSES", "shm": "PS_SHM"}
 
 MODES = ("bsp", "asp", "ssp", "local-sgd", "diloco")
 OUTER_OPTIMIZERS = ("nesterov", "sgd")
@@ -57,7 +57,8 @@ OUTER_OPTIMIZERS = ("nesterov", "sgd")
 @dataclass
 class ClusterConfig:
     """This process's place in the job (flags or PS_* environment variables)."""
-    FLAG_GROUPS = {"wire": ("curve", "ipc"), "failures": ("timeout", "heartbeat", "heartbeat_misses")}
+    FLAG_GROUPS = {"wire": ("curve", "ipc", "shm"), "failures": ("timeout", "heartbeat", "heartbeat_misses")}
+    CHOICES = {"shm": ("auto", "off")}
     rank: int = -1                          # rank among its role (-1: the coordinator assigns one; server 0 is the coordinator)
     num_servers: int = 1                    # S, the number of server processes
     num_workers: int = 1                    # W, the number of worker processes
@@ -71,6 +72,7 @@ class ClusterConfig:
     ipc: bool = True                        # a server advertised on 127.0.0.1 also listens on a Unix socket, which processes of its host use instead of TCP
     heartbeat: float = 1.0                  # seconds between the heartbeats every process sends the coordinator (0 = none: a dead worker is then only noticed by the step deadline)
     heartbeat_misses: int = 5               # a worker silent for this many heartbeats is dropped from the job, and the steps go on without it
+    shm: str = "auto"                       # auto: a worker and a server of one host (reached through its Unix socket) move array bytes through shared memory under /dev/shm, the message carries the header only (not with --curve: a segment is not encrypted); off: every byte through the socket
 
     @property
     def silence_s(self) -> float:
@@ -83,9 +85,16 @@ class ClusterConfig:
                              f"W={self.num_workers}")
         if self.timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.shm not in self.CHOICES["shm"]:
+            raise ValueError(f"shm must be one of {', '.join(self.CHOICES['shm'])}, got {self.shm!r}")
         if self.heartbeat < 0 or self.heartbeat_misses < 1:
             raise ValueError(f"need heartbeat >= 0 s and heartbeat_misses >= 1, got {self.heartbeat}, "
                              f"{self.heartbeat_misses}")
+
+    @property
+    def use_shm(self) -> bool:
+        """Shared memory with the processes of this host (--shm auto, and no CurveZMQ)."""
+        return self.shm == "auto" and not self.curve
 
     def curve_keys(self):
         """The CurveZMQ keys of ``--curve``, or None without it."""

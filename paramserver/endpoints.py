@@ -7,16 +7,22 @@
   its host use (``--ipc``);
 - servers s > 0: a DEALER to the coordinator; every server of a job with S > 1: one
   DEALER to each other server, for the step agreement (through the peer's Unix socket
-  when it is on this host).
+  when it is on this host);
+- with ``--shm auto``, the shared memory the workers of its host reach it by: its own
+  segment (the shard's parameters) and theirs (``common/wire/shm.py``).
 
 Not here: sending (``replier.py``), the sockets themselves (``common/wire/transport.py``).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from common.cluster import advertised_endpoint, host_name
+from common.wire.shm import PeerSegments, Segment, SharedMemory
 from common.wire.transport import Dealer, Poller, Router, local_endpoint, reachable_locally
+
+log = logging.getLogger("server")
 
 
 class ServerEndpoints:
@@ -36,6 +42,24 @@ class ServerEndpoints:
             self.poller.add(self.coordinator)
         self.peers: dict[int, Dealer] = {}
         self.peer_addrs: list[str] = []               # the peers' TCP addresses, by rank
+        self.shm: SharedMemory | None = None          # (share_memory)
+
+    def share_memory(self, rank: int, nbytes: int, worker_nbytes: int, itemsize: int) -> SharedMemory | None:
+        """--shm auto: this server's segment of ``nbytes`` (its parameters), and the workers'
+        (``worker_nbytes`` each, the flat vector's layout), mapped as they name them; None
+        with --shm off or --curve, or where /dev/shm cannot be used (said in the log)."""
+        c = self.cluster
+        if not c.use_shm:
+            return None
+        try:
+            segment = Segment.create(c.coordinator, "server", rank, nbytes)
+        except OSError as e:
+            log.warning("no shared memory (%s): the workers of this host get their answers as frames", e)
+            return None
+        self.shm = SharedMemory(segment, PeerSegments(
+            c.coordinator, lambda role, r: worker_nbytes if role == "worker" else 0,
+            lambda role, r, b, e: b * itemsize))
+        return self.shm
 
     def connect_peers(self, rank: int, addrs: list, ipc: list) -> dict:
         """One DEALER to every other server (``addrs``; ``ipc``: their Unix sockets, '' for none)."""
@@ -61,6 +85,8 @@ class ServerEndpoints:
         for s in [self.router, self.coordinator, *self.peers.values()]:
             if s is not None:
                 s.close()
+        if self.shm is not None:
+            self.shm.segment.close()
         if self.ipc:                        # the Unix socket's file, if libzmq left it
             try:
                 os.unlink(self.ipc[len("ipc://"):])

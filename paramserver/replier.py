@@ -8,7 +8,10 @@ Every byte sent to a peer is counted for ``ps-status`` (``traffic.py``).
 Answers with parameters are sent without a copy (``Shard.param_views``) unless the
 consistency model lets an update come before an answer leaves (asp, ssp, late pushes
 of backup workers): then they are sent from a per-version copy (``Shard.param_snapshot``);
-``snapshot`` says which, chosen once with the mode.
+``snapshot`` says which, chosen once with the mode. Where the parameters live in a
+shared-memory segment (``shm``, not with ``snapshot``), a peer of this host that
+named its own segment (``shm.peers.readers``) gets a header naming where each chunk
+lies in it, and no frames (``common/wire/shm.py``).
 
 Not here: what is sent when (the serving objects, ``steps.py`` and ``modes.py``), the
 bytes of a message (``common/wire/codec.py``), sockets (``common/wire/transport.py``).
@@ -35,14 +38,17 @@ class Replier:
         self.snapshot = snapshot
         self.shard = None                       # set once the job started (``serve``)
         self.peers: dict[int, object] = {}      # server rank -> DEALER (the step agreement)
+        self.shm = None                         # --shm: the segment shard.params lives in, and its readers
 
-    def serve(self, shard, peers: dict):
-        """The job started: answers carry ``shard``'s parameters; ``peers`` get proposals."""
-        self.shard, self.peers = shard, peers
+    def serve(self, shard, peers: dict, shm=None):
+        """The job started: answers carry ``shard``'s parameters; ``peers`` get proposals;
+        ``shm`` (``common.wire.shm.SharedMemory``, or None): the segment ``shard.params``
+        lives in, through which the peers in ``shm.peers.readers`` are answered."""
+        self.shard, self.peers, self.shm = shard, peers, shm
 
     # --- answers on the ROUTER --------------------------------------------------------
-    def reply(self, identity: bytes, cmd: str, rid: int, arrays=(), ranges=None, **meta):
-        frames = codec.encode(cmd, self.name, rid=rid, arrays=arrays, ranges=ranges, **meta)
+    def reply(self, identity: bytes, cmd: str, rid: int, arrays=(), ranges=None, at=None, **meta):
+        frames = codec.encode(cmd, self.name, rid=rid, arrays=arrays, ranges=ranges, at=at, **meta)
         sent = self.router.send(identity, frames)
         self.traffic.sent(identity, frames_nbytes(frames))
         if not sent:
@@ -62,16 +68,23 @@ class Replier:
         self._answer(identity, rid, chunks, self.shard.param_views()[0], version, meta)
 
     def _answer(self, identity: bytes, rid: int, ids, arrays, version: int, meta: dict):
-        """The chunks ``ids`` of ``arrays`` (every chunk's values) at ``version``: as they are,
-        or with --compress-pull as the change against what the asker holds."""
-        arrays, pull = [arrays[c] for c in ids], self.shard.pull
-        if pull is None:
-            self.reply(identity, OK, rid, arrays=arrays, ranges=[self.shard.chunks[c] for c in ids],
-                       version=version, **meta)
+        """The chunks ``ids`` of ``arrays`` (every chunk's values) at ``version``: with
+        --compress-pull as the change against what the asker holds; through shared memory
+        to a reader of this host; else as frames."""
+        shard = self.shard
+        arrays, ranges = [arrays[c] for c in ids], [shard.chunks[c] for c in ids]
+        if shard.pull is not None:
+            arrays, ranges, encs, dtypes = shard.pull.answer(identity, ids, arrays, version)
+            self.reply(identity, OK, rid, arrays=arrays, ranges=ranges, encs=encs, dtypes=dtypes, version=version,
+                       **meta)
             return
-        arrays, ranges, encs, dtypes = pull.answer(identity, ids, arrays, version)
-        self.reply(identity, OK, rid, arrays=arrays, ranges=ranges, encs=encs, dtypes=dtypes, version=version,
-                   **meta)
+        if self.shm is None or self.snapshot or identity not in self.shm.peers.readers:
+            self.reply(identity, OK, rid, arrays=arrays, ranges=ranges, version=version, **meta)
+            return
+        size = shard.dtype.itemsize
+        at = [shard.locate(b, e).start * size for b, e in ranges]
+        self.reply(identity, OK, rid, arrays=arrays, ranges=ranges, at=at, shm=self.shm.segment.name,
+                   version=version, **meta)
 
     def note_request(self, identity: bytes, meta: dict):
         """A pull or push: with --compress-pull, remember which version its sender holds."""

@@ -11,7 +11,8 @@ The server is the loop and the dispatch; everything else is a plain object besid
 
 | part                    | module              | what it does                                        |
 |-------------------------|---------------------|-----------------------------------------------------|
-| ``endpoints``           | endpoints.py        | the sockets: ROUTER, Unix socket, DEALERs to peers  |
+| ``endpoints``           | endpoints.py        | the sockets: ROUTER, Unix socket, DEALERs to peers; |
+|                         |                     | shared memory with the workers of its host (--shm)  |
 | ``replier``             | replier.py          | the only code that encodes and sends                |
 | ``serving``             | steps.py / modes.py | the consistency model: one object, chosen once      |
 | ``coordinator``         | coordinator.py      | server 0: registration, heartbeats, views, the end  |
@@ -47,6 +48,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import numpy
+
 from common.cluster import ClusterConfig, JobConfig, host_name, server_bind
 from common.config import to_dict
 from common.layout import Layout
@@ -56,6 +59,7 @@ from common.trace import NULL_TRACER
 from common.wire import codec
 from common.wire.compress import make_scheme
 from common.wire.pull_compress import pull_scheme
+from common.wire.memory import keep_freed_memory
 from common.wire.protocol import (
     BARRIER, DONE, HEARTBEAT, INIT, NORM, OK, PULL, PUSH, REGISTER, SHUTDOWN, STATUS, VIEW, ProtocolError,
 )
@@ -166,6 +170,7 @@ class Server:
                  durability: DurabilityConfig | None = None, tracer=NULL_TRACER):
         if not 0 <= rank < cluster.num_servers:
             raise ValueError(f"server rank {rank} out of range for {cluster.num_servers} server(s)")
+        keep_freed_memory()                           # before any socket: receive buffers stay mapped
         job.check_workers(cluster.num_workers)
         if job.compress_momentum and optim.optimizer != "sgd":
             raise ValueError(f"--compress-momentum {job.compress_momentum} applies momentum on the workers: run "
@@ -306,7 +311,17 @@ class Server:
         scheme = make_scheme(job.compress, job.compress_ratio, job.error_feedback == "on")
         optim = job.outer_optim() if job.mode == "diloco" else self.cfg.optim   # diloco: --optim* is the workers'
         return Shard(chunks, dtype, optim, layout.decay_ranges(), scheme,
-                     pull_scheme(job.compress_pull, job.compress_pull_ratio))
+                     pull_scheme(job.compress_pull, job.compress_pull_ratio),
+                     params=self._shared_params(sum(e - b for b, e in chunks), dtype, layout))
+
+    def _shared_params(self, size: int, dtype: str, layout: Layout):
+        """--shm auto: the shard's parameters in a segment the workers of this host read
+        (not where answers go from a per-version copy: asp, ssp, backup workers); None: none."""
+        if answers_from_copy(self.cfg.job):
+            return None
+        itemsize = numpy.dtype(dtype).itemsize
+        shm = self.endpoints.share_memory(self.cfg.rank, size * itemsize, layout.size * itemsize, itemsize)
+        return shm.segment.array(dtype, size) if shm else None
 
     def _start(self, job: dict):
         """Set up the shard and its serving object from the coordinator's JOB answer (and a
@@ -325,7 +340,7 @@ class Server:
         peers = {}
         if self.serving.exchange:                   # the step agreement (and norms for clipping)
             peers = self.endpoints.connect_peers(cfg.rank, addrs, job.get("ipc") or [""] * len(addrs))
-        self.replier.serve(self.shard, peers)
+        self.replier.serve(self.shard, peers, self.endpoints.shm)
         version = job.get("version", 0)
         if version:
             self._load_checkpoint(version, job.get("rejoin", False))
@@ -366,8 +381,11 @@ class Server:
             self.serving.view_changed(*changed)
 
     # --- dispatch -----------------------------------------------------------------------
-    def _decode(self, frames, who):
+    def _decode(self, frames, who, identity: bytes | None = None):
         try:
+            shm = self.endpoints.shm
+            if shm is not None and identity is not None:    # --shm: arrays may lie in a worker's segment
+                return shm.peers.decode(frames, identity=identity)
             return codec.decode(frames)
         except ProtocolError as e:
             self.state.refused += 1
@@ -379,7 +397,7 @@ class Server:
             self._handle_message(identity, frames)
 
     def _handle_message(self, identity: bytes, frames):
-        msg = self._decode(frames, f"peer {identity[:24]!r}")
+        msg = self._decode(frames, f"peer {identity[:24]!r}", identity)
         if msg is None:
             self.replier.error(identity, 0, "malformed message refused (see the server's log)")
             return

@@ -35,11 +35,14 @@ from common.wire.protocol import ProtocolError
 
 
 class Shard:
-    def __init__(self, chunks, dtype, optim: OptimConfig, decay_ranges=(), scheme=None, pull_scheme=None):
+    def __init__(self, chunks, dtype, optim: OptimConfig, decay_ranges=(), scheme=None, pull_scheme=None,
+                 params=None):
         """``chunks``: the global ranges this server owns; ``decay_ranges``: the job's
         global weight-decay ranges (the shard keeps the parts inside its chunks);
         ``scheme``: the job's gradient compression (``common.wire.compress``; None: plain);
-        ``pull_scheme``: the compression of its answers (``--compress-pull``; None: plain)."""
+        ``pull_scheme``: the compression of its answers (``--compress-pull``; None: plain);
+        ``params``: zeroed memory to keep the parameters in (a shared-memory segment the
+        workers of this host read, ``common/wire/shm.py``), or None: allocated here."""
         self.scheme = scheme
         self.chunks = [(int(b), int(e)) for b, e in chunks]
         self.dtype = numpy.dtype(dtype)
@@ -52,7 +55,7 @@ class Shard:
             local_decay += [(lb + offset, le + offset) for lb, le in intersect_ranges(decay_ranges, b, e)]
             offset += e - b
         self.size = offset
-        self.params = numpy.zeros(self.size, dtype=self.dtype)
+        self.params = numpy.zeros(self.size, dtype=self.dtype) if params is None else params
         self.avg = numpy.zeros(self.size, dtype=self.dtype)       # the averaged gradient of a step
         self.optim_cfg = optim
         self.optimizer = make_optimizer(optim, self.size, self.dtype, local_decay)

@@ -6,17 +6,20 @@ server against torch.distributed's gloo all-reduce of the same bytes, on 127.0.0
 
 Ours: S server processes (``python -m paramserver``, SGD) and 2 worker processes; in a
 sync each worker pushes its whole gradient and gets the new parameters back
-(``PSClient.push_pull``: the servers average the two gradients chunk by chunk, step SGD
-and answer). Gloo: 2 processes, ``all_reduce`` (sum) of a float32 tensor of the same
+(``PSClient.push_pull``: one message per server each way; the servers average the two
+gradients chunk by chunk, step SGD and answer). Two such jobs run side by side: one
+through the sockets (``--shm off``) and one through shared memory (``--shm auto``: the
+bytes lie in /dev/shm segments, the messages carry the headers; ``common/wire/shm.py``);
+with ``--no-ipc`` only the first (shared memory goes with the Unix sockets). Gloo: 2 processes, ``all_reduce`` (sum) of a float32 tensor of the same
 size. Every process of both jobs stays up for the whole run; a round times one sync of
 each job, in alternating order: this script tells both processes of a job "go" at once
 and each times its part from there; a sync's time is the slower of the two. The figure
-is the median over rounds; the ratio is ours / gloo (target <= 0.8). Gloo is skipped
+is the median over rounds; the ratios are ours / gloo (targets: <= 1.3 through sockets,
+<= 0.8 through shared memory), each the median of the rounds' ratios. Gloo is skipped
 (with a message) where torch is not installed. Also printed, per job: the CPU time its
 processes used during its syncs (user and system, every thread; our servers and the
-raw servers included), divided by the rounds, and for ours the servers' page faults
-per sync (Linux /proc): with 2 cores for 4 or 6 processes, a sync lasts at least its
-CPU time / 2. Prints one line per job and, last, one JSON line.
+raw servers included), divided by the rounds, and its processes' page faults per sync
+(Linux /proc): with 2 cores for 4 or 6 processes, a sync lasts at least its CPU time / 2. Prints one line per job and, last, one JSON line.
 
 Not the same work: gloo leaves each rank with the summed gradient (no average, no
 optimizer step, each rank would still apply its own); ours leaves each worker with the
@@ -46,14 +49,14 @@ def layout_b():
 
 # --- the processes -------------------------------------------------------------------------
 
-def ours_worker(rank: int, coordinator: str, num_servers: int, chunk_mb: float, ipc: bool):
+def ours_worker(rank: int, coordinator: str, num_servers: int, chunk_mb: float, ipc: bool, shm: str):
     """A worker: registers, then one push_pull per "go" line on stdin; prints its seconds."""
     import numpy as np
     from common.cluster import ClusterConfig, JobConfig
     from worker.client import PSClient
     layout = layout_b()
     client = PSClient(ClusterConfig(rank=rank, num_servers=num_servers, num_workers=2, coordinator=coordinator,
-                                    timeout=120, ipc=ipc), JobConfig(chunk_mb=chunk_mb))
+                                    timeout=120, ipc=ipc, shm=shm), JobConfig(chunk_mb=chunk_mb))
     client.register(layout, "float32")
     params = np.zeros(layout.size, np.float32)
     grads = np.random.default_rng(rank).standard_normal(layout.size).astype(np.float32) * 1e-3
@@ -152,6 +155,8 @@ def raw_worker(rank: int, addrs: list, chunk_mb: float):
 
 # --- the controller ------------------------------------------------------------------------
 
+OURS = {"off": "ours", "auto": "ours-shm"}                 # --shm -> the job's name
+
 def proc_usage(pids) -> list:
     """[user s, system s, minor faults] summed over the processes ``pids`` (Linux /proc;
     a process that cannot be read counts nothing)."""
@@ -203,7 +208,7 @@ class Job:
             p.wait(timeout=60)
 
 
-def start_ours(servers: int, chunk_mb: float, logdir: str, ipc: bool):
+def start_ours(servers: int, chunk_mb: float, logdir: str, ipc: bool, shm: str):
     from common.wire.transport import free_port
     port = free_port()
     coord = f"127.0.0.1:{port}"
@@ -214,10 +219,12 @@ def start_ours(servers: int, chunk_mb: float, logdir: str, ipc: bool):
             [sys.executable, "-m", "paramserver", "--rank", str(s), "--num-servers", str(servers), "--num-workers", "2",
              "--coordinator", coord, "--bind", bind, "--optimizer", "sgd", "--lr", "1e-6", "--chunk-mb", str(chunk_mb),
              "--timeout", "120", "--log-level", "WARNING", "--ipc" if ipc else "--no-ipc"],
-            env=ENV, stdout=open(os.path.join(logdir, f"server-{s}.log"), "w"), stderr=subprocess.STDOUT))
+            env=ENV, stdout=open(os.path.join(logdir, f"server-{shm}-{s}.log"), "w"), stderr=subprocess.STDOUT))
     me = [sys.executable, __file__]
-    job = Job("ours", [me + ["--role", "ours", "--rank", str(r), "--coordinator", coord, "--servers", str(servers),
-                             "--chunk-mb", str(chunk_mb)] + ([] if ipc else ["--no-ipc"]) for r in range(2)], logdir)
+    job = Job(OURS[shm], [me + ["--role", "ours", "--rank", str(r), "--coordinator", coord, "--servers", str(servers),
+                                "--chunk-mb", str(chunk_mb), "--shm", shm] + ([] if ipc else ["--no-ipc"])
+                          for r in range(2)], logdir)
+    job.extra = [p.pid for p in server_procs]
     return job, server_procs
 
 
@@ -232,13 +239,14 @@ def main(argv=None):
     ap.add_argument("--raw", action="store_true",
                     help="also time raw pyzmq sending our messages (the same chunks to the same servers and the "
                          "same bytes back, nothing else): the wire's own bound")
+    ap.add_argument("--shm", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--role", default="", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--coordinator", default="", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.role == "ours":
-        return ours_worker(args.rank, args.coordinator, args.servers, args.chunk_mb, args.ipc)
+        return ours_worker(args.rank, args.coordinator, args.servers, args.chunk_mb, args.ipc, args.shm)
     if args.role == "gloo":
         return gloo_worker(args.rank, args.port)
     if args.role == "raw":
@@ -253,66 +261,82 @@ def main(argv=None):
         have_torch = False
         print("torch is not installed: gloo is skipped, only our time is measured")
     with tempfile.TemporaryDirectory() as logdir:
-        ours, server_procs = start_ours(args.servers, args.chunk_mb, logdir, args.ipc)
-        ours.extra = [p.pid for p in server_procs]
-        jobs = [ours]
+        jobs, server_procs = [], []
         try:
+            for shm in ("off", "auto") if args.ipc else ("off",):
+                job, procs = start_ours(args.servers, args.chunk_mb, logdir, args.ipc, shm)
+                jobs.append(job)
+                server_procs += procs
             if have_torch:
                 port = free_port()
                 jobs.append(Job("gloo", [[sys.executable, __file__, "--role", "gloo", "--rank", str(r),
                                           "--port", str(port)] for r in range(2)], logdir))
             if args.raw:
-                raw_servers = [subprocess.Popen([sys.executable, "-c", RAW_SERVER,
-                                                 f"ipc://{logdir}/raw-{s}.ipc" if args.ipc else "tcp://127.0.0.1:*"],
-                                                env=ENV, stdout=subprocess.PIPE, text=True)
-                               for s in range(args.servers)]
-                addrs = [p.stdout.readline().strip() for p in raw_servers]
-                jobs.append(Job("raw", [[sys.executable, __file__, "--role", "raw", "--rank", str(r), "--coordinator",
-                                         ",".join(addrs), "--chunk-mb", str(args.chunk_mb)] for r in range(2)], logdir))
-                server_procs += raw_servers
-                jobs[-1].extra = [p.pid for p in raw_servers]
-            for job in jobs:
-                job.sync()                                   # warm
-            times = {job.name: [] for job in jobs}
-            used = {job.name: [0.0, 0.0, 0] for job in jobs}
-            faults = [0]                                      # our servers' page faults
-            for r in range(args.rounds):
-                for job in (jobs if r % 2 == 0 else jobs[::-1]):
-                    u0, f0 = job.usage(), proc_usage(ours.extra)[2]
-                    times[job.name].append(job.sync())
-                    used[job.name] = [a + b - c for a, b, c in zip(used[job.name], job.usage(), u0)]
-                    if job is ours:
-                        faults[0] += proc_usage(ours.extra)[2] - f0
+                jobs.append(start_raw(args, logdir, server_procs))
+            times, used = run_rounds(jobs, args.rounds)
         finally:
             for job in jobs:
                 job.close()
             for p in server_procs:
                 p.wait(timeout=60)
-    print(f"one BSP sync of config B's gradients ({nbytes / 1e6:.1f} MB float32), 2 workers, 127.0.0.1, "
-          f"median of {args.rounds} rounds")
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"  ours ({args.servers} server(s), chunks of {args.chunk_mb:g} MiB, {'Unix sockets' if args.ipc else 'TCP'}, "
-          f"push + average + SGD + pull): "
-          f"{med['ours'] * 1e3:.1f} ms   (rounds: {', '.join(f'{t * 1e3:.0f}' for t in times['ours'])})")
-    result = {"bench": "sync", "bytes": nbytes, "servers": args.servers, "chunk_mb": args.chunk_mb, "ipc": args.ipc,
-              "rounds": args.rounds, "ours_ms": med["ours"] * 1e3}
-    if "raw" in med:
-        print(f"  raw pyzmq, our messages, no work: {med['raw'] * 1e3:.1f} ms   "
-              f"(rounds: {', '.join(f'{t * 1e3:.0f}' for t in times['raw'])})")
-        result.update(raw_ms=med["raw"] * 1e3)
-    if "gloo" in med:
-        ratio = statistics.median(o / g for o, g in zip(times["ours"], times["gloo"]))
-        print(f"  gloo all_reduce (2 ranks): {med['gloo'] * 1e3:.1f} ms   "
-              f"(rounds: {', '.join(f'{t * 1e3:.0f}' for t in times['gloo'])})")
-        result.update(gloo_ms=med["gloo"] * 1e3, ratio=ratio)
+    report(args, nbytes, times, used)
+
+
+def start_raw(args, logdir: str, server_procs: list):
+    raw_servers = [subprocess.Popen([sys.executable, "-c", RAW_SERVER,
+                                     f"ipc://{logdir}/raw-{s}.ipc" if args.ipc else "tcp://127.0.0.1:*"],
+                                    env=ENV, stdout=subprocess.PIPE, text=True)
+                   for s in range(args.servers)]
+    server_procs += raw_servers
+    addrs = [p.stdout.readline().strip() for p in raw_servers]
+    job = Job("raw", [[sys.executable, __file__, "--role", "raw", "--rank", str(r), "--coordinator",
+                       ",".join(addrs), "--chunk-mb", str(args.chunk_mb)] for r in range(2)], logdir)
+    job.extra = [p.pid for p in raw_servers]
+    return job
+
+
+def run_rounds(jobs: list, rounds: int):
+    """Each job syncs once per round, in an order that turns each round: {name: [seconds]},
+    {name: [user s, system s, page faults]} summed over the rounds."""
+    for job in jobs:
+        job.sync()                                   # warm
+    times = {job.name: [] for job in jobs}
+    used = {job.name: [0.0, 0.0, 0] for job in jobs}
+    for r in range(rounds):
+        k = r % len(jobs)
+        for job in jobs[k:] + jobs[:k]:
+            u0 = job.usage()
+            times[job.name].append(job.sync())
+            used[job.name] = [a + b - c for a, b, c in zip(used[job.name], job.usage(), u0)]
+    return times, used
+
+
+LABELS = {"ours": "ours through sockets", "ours-shm": "ours through shared memory",
+          "raw": "raw pyzmq, our messages, no work", "gloo": "gloo all_reduce (2 ranks)"}
+TARGETS = {"ours": 1.3, "ours-shm": 0.8}
+
+
+def report(args, nbytes: int, times: dict, used: dict):
     n = args.rounds
-    print("  CPU ms per sync (all the job's processes, every thread): " + "; ".join(
-        f"{k} {1e3 * (u[0] + u[1]) / n:.0f} (user {1e3 * u[0] / n:.0f}, system {1e3 * u[1] / n:.0f})"
-        for k, u in used.items()) + f"; our servers' page faults per sync: {faults[0] / n:.0f}")
-    result.update(cpu_ms={k: {"user": 1e3 * u[0] / n, "system": 1e3 * u[1] / n} for k, u in used.items()},
-                  server_faults_per_sync=faults[0] / n)
-    if "ratio" in result:
-        print(f"ratio ours/gloo: {result['ratio']:.2f} (target <= 0.8)")
+    print(f"one BSP sync of config B's gradients ({nbytes / 1e6:.1f} MB float32), 2 workers, 127.0.0.1, "
+          f"{args.servers} server(s), chunks of {args.chunk_mb:g} MiB, {'Unix sockets' if args.ipc else 'TCP'}; "
+          f"median of {n} rounds; load average {os.getloadavg()[0]:.2f}")
+    result = {"bench": "sync", "bytes": nbytes, "servers": args.servers, "chunk_mb": args.chunk_mb, "ipc": args.ipc,
+              "rounds": n, "load": os.getloadavg()[0], "ms": {}, "cpu_ms": {}, "faults_per_sync": {}, "ratio": {}}
+    for name, ts in times.items():
+        u = used[name]
+        med = statistics.median(ts) * 1e3
+        print(f"  {LABELS[name] + ':':<38} {med:6.1f} ms  (rounds: {', '.join(f'{t * 1e3:.0f}' for t in ts)}); "
+              f"CPU {1e3 * (u[0] + u[1]) / n:.0f} ms per sync (user {1e3 * u[0] / n:.0f}, system "
+              f"{1e3 * u[1] / n:.0f}), {u[2] / n:.0f} page faults per sync")
+        result["ms"][name] = med
+        result["cpu_ms"][name] = {"user": 1e3 * u[0] / n, "system": 1e3 * u[1] / n}
+        result["faults_per_sync"][name] = u[2] / n
+    for name in ("ours", "ours-shm"):
+        if name in times and "gloo" in times:
+            ratio = statistics.median(o / g for o, g in zip(times[name], times["gloo"]))
+            result["ratio"][name] = ratio
+            print(f"ratio {name}/gloo: {ratio:.2f} (target <= {TARGETS[name]})")
     print(json.dumps(result))
 
 

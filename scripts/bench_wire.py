@@ -25,7 +25,10 @@ processes' threads overlap in part and it is less.
 What ours does that raw pyzmq does not: the msgpack header and its checks, the server's
 receive into the gradient slot and the client's into the parameters (one copy each
 way, ``recv_into``), the server's optimizer step (SGD: two passes over the vector),
-cutting the vector into chunks (``--chunk-mb``, default the job's 4 MiB).
+cutting the vector into chunks (``--chunk-mb``, default the job's 4 MiB). Ours goes
+through the socket (``--shm off``) unless ``--transport shm``: then through shared
+memory (``--shm auto``, the header alone on a Unix socket), against raw pyzmq over a
+Unix socket.
 
 Prints one line per size with both goodputs and the ratio ours/raw (target >= 0.8),
 and, last, one JSON line.
@@ -103,13 +106,14 @@ class Ours:
     def __init__(self, n, logdir, chunk_mb, transport):
         port = free_port()
         job = JobConfig(chunk_mb=chunk_mb)
-        ipc = transport == "ipc"
+        ipc = transport in ("ipc", "shm")
         cmd = [sys.executable, "-m", "paramserver", "--rank", "0", "--num-servers", "1", "--num-workers", "1",
                "--coordinator", f"127.0.0.1:{port}", "--bind", f"tcp://127.0.0.1:{port}", "--optimizer", "sgd",
                "--lr", "1e-6", "--chunk-mb", str(chunk_mb), "--log-level", "WARNING", "--ipc" if ipc else "--no-ipc"]
         self.proc = subprocess.Popen(cmd, env=ENV, stdout=open(os.path.join(logdir, f"server-{n}.log"), "w"),
                                      stderr=subprocess.STDOUT)
-        self.client = PSClient(ClusterConfig(rank=0, coordinator=f"127.0.0.1:{port}", timeout=60, ipc=ipc), job)
+        self.client = PSClient(ClusterConfig(rank=0, coordinator=f"127.0.0.1:{port}", timeout=60, ipc=ipc,
+                                             shm="auto" if transport == "shm" else "off"), job)
         self.client.register(Layout([("x", (n // 4,))]), "float32")
         self.params, self.grads = np.zeros(n // 4, np.float32), np.full(n // 4, 1e-3, np.float32)
         self.client.init(self.params)
@@ -166,9 +170,9 @@ def main(argv=None):
     ap.add_argument("--mib-per-round", type=float, default=256,
                     help="bytes each side moves per size and round, in MiB: sets the round trips (default: 256)")
     ap.add_argument("--chunk-mb", type=float, default=JobConfig.chunk_mb, help="the job's chunk size (default: 4)")
-    ap.add_argument("--transport", choices=["tcp", "ipc"], default="tcp",
-                    help="both sides over TCP loopback, or both over a Unix socket (what a job on one host uses "
-                         "by default) (default: tcp)")
+    ap.add_argument("--transport", choices=["tcp", "ipc", "shm"], default="tcp",
+                    help="both sides over TCP loopback, or both over a Unix socket; shm: raw pyzmq over a Unix "
+                         "socket, ours through shared memory (what a job on one host uses by default) (default: tcp)")
     args = ap.parse_args(argv)
     sizes = [k * 1024 for k in args.kib]
     with tempfile.TemporaryDirectory() as logdir:

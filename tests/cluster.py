@@ -5,6 +5,7 @@ import sys
 import threading
 import time
 
+from common.wire.shm import remove_job_segments
 from common.wire.transport import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +57,7 @@ class Servers:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        remove_job_segments(self.coordinator)     # as ps-local does: a process killed with -9 leaves its own
 
 
 def run_threads(fn, n, timeout=120.0):

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.wire.shm import remove_job_segments
 from common.wire.transport import free_port
 from tests.cluster import ENV
 
@@ -128,6 +129,7 @@ class Job:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        remove_job_segments(self.coordinator)     # as ps-local does: a process killed with -9 leaves its own
 
     def __enter__(self):
         return self

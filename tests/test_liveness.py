@@ -116,9 +116,10 @@ def test_ps_status_shows_heartbeats_and_the_view(tmp_path):
         assert "view 2 (workers [0])" in text and "dropped" in text
 
 
-def _joined(servers, rank, layout, job=None):
-    """A client registered (worker 0: the parameters initialized to zeros) and pulled."""
-    c = PSClient(servers.cluster(rank, **BEAT), job)
+def _joined(servers, rank, layout, job=None, shm="off"):
+    """A client registered (worker 0: the parameters initialized to zeros) and pulled.
+    Through sockets unless ``shm``: these tests read answers off its link with the codec."""
+    c = PSClient(servers.cluster(rank, shm=shm, **BEAT), job)
     c.register(layout, "float64")
     params = np.zeros(layout.size)
     if rank == 0:

@@ -119,3 +119,5 @@ def test_ps_local_over_curve(tmp_path):
                     *SMALL, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "--curve" in (tmp_path / "run" / "logs" / "server-1.log").read_text().splitlines()[0]
+    # a segment is not encrypted: with CurveZMQ every array went as an (encrypted) frame
+    assert json.loads((tmp_path / "run" / "worker-0.json").read_text())["shm_pushes"] == 0

@@ -107,6 +107,36 @@ def test_overlapped_bsp_equals_one_big_batch(name, optim, S, tmp_path):
     assert results[0][1] > K * S
 
 
+def test_a_step_that_is_not_overlapped_is_one_message_per_server(tmp_path):
+    """push_pull (no overlap) carries all of a server's chunks in one message, and the run
+    is still exactly one big batch."""
+    S, optim, job = 2, OptimConfig(optimizer="sgd", lr=0.5), JobConfig(chunk_mb=0.001)
+    with Servers(S, W, str(tmp_path), ["--optimizer", "sgd", "--lr", optim.lr, "--chunk-mb", job.chunk_mb]) as servers:
+        def worker(rank):
+            model = GPT(CFG, dtype=np.float64, seed=0)
+            client = PSClient(servers.cluster(rank), job)
+            client.register(model.layout, "float64")
+            if rank == 0:
+                client.init(model.params)
+            client.pull(model.params)
+            for k in range(K):
+                idx, tgt = big_batch(k)
+                rows = slice(rank * B, (rank + 1) * B)
+                model.zero_grad()
+                model.forward(idx[rows], tgt[rows])
+                model.backward()
+                client.push_pull(model.grads, model.params, k)
+            client.done()
+            client.close()
+            return model.params.copy(), client.push_messages, len(client.chunk_map)
+        results = run_threads(worker, W)
+        assert servers.wait() == [0] * S
+    params, messages, chunks = results[0]
+    assert chunks >= 4 * S and messages == K * S             # several chunks a server, one message
+    want = single_process(optim)
+    assert np.abs(params - want).max() / np.abs(want).max() <= 1e-9
+
+
 @pytest.mark.parametrize("scheme", ["topk", "int8"])
 def test_servers_apply_the_mean_of_what_was_sent(scheme, tmp_path):
     """SGD: params_K = params_0 - lr * sum_k mean_w sent_{w,k}, with sent what the wire

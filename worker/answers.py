@@ -63,14 +63,16 @@ class AnswerReader:
         self.params, self.fresh, self.metas = params, set(), {}
 
     def destinations(self, req, header):
-        """Views of ``params`` for the arrays of an answer that brings exactly the chunks
-        ``req`` asked for (None for an array to be copied, or for the whole answer)."""
+        """Views of ``params`` for the array frames of an answer that brings exactly the
+        chunks ``req`` asked for (None for an array to be copied, or for the whole answer)."""
         params = self.params
         if header["cmd"] != OK or params is None:
             return None
         want = {self.chunks.list[i][:2] for i in req.answers}
         dests = []
         for d in header["arrays"]:
+            if "at" in d:                      # in the server's shared memory: no frame
+                continue
             r = tuple(d.get("range") or ())
             ok = r in want and "enc" not in d and d["dtype"] == params.dtype.name and d["shape"] == [r[1] - r[0]]
             dests.append(memoryview(params[r[0]:r[1]]).cast("B") if ok else None)

@@ -73,13 +73,16 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import numpy
+
 from common.cluster import ClusterConfig, JobConfig, host_name
 from common.config import to_dict
 from common.layout import Layout, merge_ranges
-from common.wire import codec
 from common.wire.compress import PushEncoder, make_scheme
 from common.wire.pull_compress import PullDecoder, pull_scheme
+from common.wire.memory import keep_freed_memory
 from common.wire.protocol import DONE, INIT, JOB, PULL, PUSH, REGISTER
+from common.wire.shm import PeerSegments, Segment
 from worker.answers import AnswerReader, ChunkMap
 from worker.heartbeat import Heartbeat
 from worker.requests import DeadlineError, RemoteError, Requests
@@ -107,6 +110,7 @@ class StepPush:
     grads: object
     meta: dict
     unsent: set                # chunks of the step not pushed yet
+    overlapped: bool = False   # chunks left one by one during the backward (push_final)
     final: list = field(default_factory=list)   # ranges whose gradients are final (push_final)
 
 
@@ -116,6 +120,7 @@ class ClientStats:
     bytes_pushed: int = 0      # the arrays' bytes of every push (compressed, when they are)
     pushes: int = 0
     push_messages: int = 0     # PUSH messages sent (overlap: several per server and step)
+    shm_pushes: int = 0        # of which their arrays lay in shared memory (--shm)
     dropped: int = 0           # pushes a server did not apply (backup workers)
     wait_s: float = 0.0        # seconds spent waiting for answers to push/pull
     rejoins: int = 0           # registrations after being dropped
@@ -123,6 +128,7 @@ class ClientStats:
 
 class PSClient:
     def __init__(self, cluster: ClusterConfig, job: JobConfig | None = None, role: str = "worker"):
+        keep_freed_memory()                     # before any socket: receive buffers stay mapped
         self.cluster = cluster
         self.job_cfg = job or JobConfig()
         self.me = Member(role, cluster.rank, f"{role}:{cluster.rank}/{os.getpid()}/{id(self):x}".encode())
@@ -136,6 +142,7 @@ class PSClient:
         self.heartbeat: Heartbeat | None = None
         self.stats = ClientStats()
         self.step: StepPush | None = None
+        self.segment: Segment | None = None      # --shm auto: where pushes to the servers of this host lie
 
     # --- who and what ------------------------------------------------------------------
     @property
@@ -211,6 +218,7 @@ class PSClient:
     bytes_pulled = property(lambda self: self.answers.bytes_pulled if self.answers else 0)
     pushes = property(lambda self: self.stats.pushes)
     push_messages = property(lambda self: self.stats.push_messages)
+    shm_pushes = property(lambda self: self.stats.shm_pushes)
     dropped = property(lambda self: self.stats.dropped)
     wait_s = property(lambda self: self.stats.wait_s)
     rejoins = property(lambda self: self.stats.rejoins)
@@ -273,6 +281,32 @@ class PSClient:
         link_id = self.name.encode() + b"/" + self.me.identity.split(b"/", 1)[1] + b"/data"
         # a server of this host is reached through its Unix socket (cluster.ipc): no TCP stack
         self.requests.connect(servers, job.get("ipc") or [""] * len(servers), link_id, self.cluster.ipc)
+        if self.cluster.use_shm and any(self.requests.local):
+            self._share_memory(layout, dtype)
+
+    def _share_memory(self, layout: Layout, dtype: str):
+        """--shm auto, servers on this host: this worker's segment (its pushes, laid out as the
+        flat vector) and the servers' segments (their parameters), mapped as they name them."""
+        itemsize = numpy.dtype(dtype).itemsize
+        try:
+            self.segment = Segment.create(self.cluster.coordinator, "worker", self.rank, layout.size * itemsize)
+        except OSError as e:
+            log.warning("no shared memory (%s): pushes go as frames", e)
+            return
+        at: dict = {}                          # (server, begin, end) -> byte offset in its segment
+        for s, chunks in enumerate(self.chunk_map.of_server):
+            offset = 0
+            for b, e in chunks:
+                at[(s, b, e)] = offset * itemsize
+                offset += e - b
+        sizes = [sum(e - b for b, e in chunks) * itemsize for chunks in self.chunk_map.of_server]
+        self.requests.segments = PeerSegments(self.cluster.coordinator,
+                                              lambda role, s: sizes[s] if role == "server" and s < len(sizes) else 0,
+                                              lambda role, s, b, e: at.get((s, b, e), -1))
+
+    def _shm_meta(self, s: int) -> dict:
+        """The name of this worker's segment, for a server of this host (it maps it then)."""
+        return {"shm": self.segment.name} if self.segment is not None and self.requests.local[s] else {}
 
     def rejoin_if_dropped(self) -> bool:
         """If the coordinator dropped this worker (it was silent too long: a stall, a cut
@@ -302,6 +336,8 @@ class PSClient:
         if self.heartbeat is not None:
             self.heartbeat.stop()
         self.requests.close()
+        if self.segment is not None:
+            self.segment.close()
 
     # --- parameters and gradients ---------------------------------------------------------
     def init(self, params):
@@ -331,7 +367,7 @@ class PSClient:
         return self.version
 
     def _send_pull(self, s: int, min_version: int):
-        meta = {"min_version": min_version} if min_version else {}
+        meta = dict({"min_version": min_version} if min_version else {}, **self._shm_meta(s))
         ids = self.chunk_map.ids_of(s)
         self.requests.send(s, PULL, self.version, answers=ids, **meta, **self.answers.held(ids))
 
@@ -366,12 +402,13 @@ class PSClient:
         if self.step is None or not self.chunkwise:
             return
         sp = self.step
-        sp.final = merge_ranges(sp.final + [(begin, end)])
+        sp.final, sp.overlapped = merge_ranges(sp.final + [(begin, end)]), True
         self._push(self.chunk_map.within(sp.unsent, sp.final))
         self.requests.receive_ready(0, self.answers)
 
     def push_rest(self):
-        """Push every chunk not pushed yet."""
+        """Push every chunk not pushed yet: one message per server unless the step is
+        overlapped (then a chunk a message, for the servers' pipeline)."""
         if self.step is not None:
             self._push(sorted(self.step.unsent))
 
@@ -415,13 +452,15 @@ class PSClient:
         return dict(metas.get(0, {}), dropped=dropped)
 
     def _push(self, chunk_ids):
-        """PUSH the given chunks (compressed if the job says so): in plain BSP one message per
-        chunk, so that a server averages, updates and answers one chunk while the next is
-        still on the wire (a pipeline); elsewhere one message per server, all its chunks."""
+        """PUSH the given chunks (compressed if the job says so): in an overlapped plain-BSP
+        step one message per chunk, so that a server averages, updates and answers one chunk
+        while the next is still on the wire (a pipeline); otherwise one message per server,
+        all its chunks (a message costs 0.1-0.25 ms of Python on each side: docs/wire.md)."""
         sp, chunks = self.step, self.chunk_map
+        per_chunk = self.chunkwise and sp.overlapped
         groups: dict = {}
         for i in chunk_ids:
-            groups.setdefault(i if self.chunkwise else chunks.server(i), []).append(i)
+            groups.setdefault(i if per_chunk else chunks.server(i), []).append(i)
             sp.unsent.discard(i)
         for key, ids in sorted(groups.items()):
             s = chunks.server(ids[0])
@@ -433,18 +472,32 @@ class PSClient:
                     arrays.append(a)
                     ranges.append((b, e))
                     encs.append(enc)
+            at = self._to_shared(s, arrays, ranges, encs)
             meta = dict(sp.meta, bytes_pushed=self.stats.bytes_pushed + sum(a.nbytes for a in arrays),
                         bytes_pulled=self.bytes_pulled, bytes_received=self.bytes_received,
-                        bytes_sent=self.bytes_sent + sum(a.nbytes for a in arrays))   # all but its own header
+                        bytes_sent=self.bytes_sent + (0 if at else sum(a.nbytes for a in arrays)),   # all but its own header
+                        **self._shm_meta(s))
             if self.asynchronous:
                 meta["base_version"] = self.versions[s]
             meta.update(self.answers.held(ids))
             wire = dict(self.encoder.scheme.parts) if self.encoder else {}
             dtypes = [wire.get(enc) for enc in encs]       # bfloat16 words travel as "bfloat16"
-            frames = self.requests.send(s, PUSH, sp.step, answers=ids, arrays=arrays, ranges=ranges, encs=encs,
-                                        dtypes=dtypes, **meta)
-            self.stats.bytes_pushed += codec.frames_nbytes(frames[1:])     # the arrays (frame 0: the header)
+            self.requests.send(s, PUSH, sp.step, answers=ids, arrays=arrays, ranges=ranges, encs=encs,
+                                        dtypes=dtypes, at=at, **meta)
+            self.stats.bytes_pushed += sum(a.nbytes for a in arrays)       # the arrays, framed or shared
             self.stats.push_messages += 1
+            self.stats.shm_pushes += at is not None
+
+    def _to_shared(self, s: int, arrays, ranges, encs):
+        """Plain arrays for a server that answers through shared memory: copied into this
+        worker's segment where their range lies; their byte offsets (None: a frame)."""
+        if self.segment is None or s not in self.requests.shared_with or any(encs):
+            return None
+        at = []
+        for a, (b, e) in zip(arrays, ranges):
+            self.segment.array(a.dtype, e - b, b * a.itemsize)[...] = a
+            at.append(b * a.itemsize)
+        return at
 
     # --- waits ------------------------------------------------------------------------------
     def _wait(self, cmd: str, step: int, done=None):

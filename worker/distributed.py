@@ -337,7 +337,7 @@ class WorkerRun:
                   "t_end": self.epoch_start + self.wall_s, "bytes_pushed": client.bytes_pushed,
                   "bytes_pulled": client.bytes_pulled, "bytes_sent": client.bytes_sent,
                   "bytes_received": client.bytes_received, "joined_at": self.joined, "resends": client.resends,
-                  "rejoins": client.rejoins}
+                  "rejoins": client.rejoins, "shm_pushes": client.shm_pushes}
         if self.lead or wc.out:
             try:                    # a report that cannot be written (a full disk) is not worth the run
                 self.out.mkdir(parents=True, exist_ok=True)

@@ -71,12 +71,17 @@ class Requests:
         self.bytes_received = 0                       # every frame received (headers included)
         self.tracer = NULL_TRACER                     # spans: each request sent, wait, pull (answer read)
         self.parsed = (None, None)                    # (frame 0, its header) of the answer being received
+        self.local: list[bool] = []                   # per server: reached through its Unix socket (this host)
+        self.segments = None                          # --shm: the servers' segments (common/wire/shm.py)
+        self.shared_with: set[int] = set()            # servers whose answers came through shared memory
 
     def connect(self, addrs: list, ipc: list, link_id: bytes, use_ipc: bool):
         """One link per server (``addrs``); a server of this host through its Unix socket."""
         self.addrs = list(addrs)
         for addr, near in zip(addrs, ipc):
-            link = Dealer(near if use_ipc and reachable_locally(near) else addr, identity=link_id, curve=self.curve)
+            local = use_ipc and reachable_locally(near)
+            self.local.append(local)
+            link = Dealer(near if local else addr, identity=link_id, curve=self.curve)
             self.links.append(link)
             self.poller.add(link)
 
@@ -92,6 +97,7 @@ class Requests:
                             self.name(), s, self.addrs[s], addr)
                 self.links[s].move(addr)
                 self.addrs[s] = addr
+                self.shared_with.discard(s)           # frames again, until it answers through shared memory
 
     def close(self):
         for s in [self.coordinator, *self.links]:
@@ -189,7 +195,12 @@ class Requests:
                 msg = self.decode(frames, link.endpoint, placed)
                 if msg is None or msg.rid not in self.out:
                     continue
+                nbytes = sum(a.nbytes for a in msg.arrays)          # framed or in shared memory
                 req = self.out.pop(msg.rid)
+                if msg.meta.get("shm"):
+                    self.shared_with.add(req.server)
+                elif msg.arrays:                # (a restarted server without shared memory)
+                    self.shared_with.discard(req.server)
                 if msg.cmd == ERROR:
                     raise RemoteError(f"server {req.server} at {self.addrs[req.server]} refused {req.cmd}: "
                                       f"{msg.meta['message']}")
@@ -224,8 +235,11 @@ class Requests:
     def decode(self, frames, who, placed=None):
         head, header = self.parsed
         self.parsed = (None, None)
+        header = header if frames and frames[0] is head else None
         try:
-            return codec.decode(frames, header=header if frames and frames[0] is head else None, placed=placed)
+            if self.segments is not None:            # --shm: the arrays may lie in the server's segment
+                return self.segments.decode(frames, header=header, placed=placed)
+            return codec.decode(frames, header=header, placed=placed)
         except ProtocolError as e:
             log.warning("dropped a malformed answer from %s: %s", who, e)
             return None

@@ -18,9 +18,10 @@ non-zero, naming the process and its log. A process killed by a signal from outs
 (``kill -9``: a crash) is left to the job's own failure handling: a worker is dropped
 and the steps go on, a server is waited for until ``--timeout``; with ``--respawn``
 ps-local starts it again (a server with ``--resume``, from its checkpoint) and the job
-goes on. ``--resume`` restarts a whole job from the servers' checkpoints in its run
-folder (docs/failures.md). Ctrl-C or TERM stops every process (TERM, then KILL after a
-grace period); none is left behind.
+goes on; when the job ends, ps-local removes the shared-memory segments such a process
+left behind (``common/wire/shm.py``). ``--resume`` restarts a whole job from the
+servers' checkpoints in its run folder (docs/failures.md). Ctrl-C or TERM stops every
+process (TERM, then KILL after a grace period); none is left behind.
 
 This module starts processes; it imports neither role. Flags for the optimizer and
 the consistency model go to the servers (and the job flags to the workers too); every
@@ -60,10 +61,11 @@ from common.optim import OptimConfig
 from common.placement import add_show_placement
 from common.run import RunConfig
 from common.trace import merge_traces
+from common.wire.shm import remove_job_segments
 from common.wire.transport import free_port
 
 GRACE_S = 5.0      # after TERM, how long a process gets before KILL
-CLUSTER_FLAGS = ("timeout", "curve", "heartbeat", "heartbeat_misses")    # ClusterConfig's, given to every role
+CLUSTER_FLAGS = ("timeout", "curve", "heartbeat", "heartbeat_misses", "shm")    # ClusterConfig's, given to every role
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,7 +319,7 @@ def main(argv=None) -> int:
                    for s in range(args.servers)]
     trace = ["--trace"] if args.trace else []
     worker_cmds = [worker_cmd + per_rank[r] + ["--rank", str(r), "--no-progress", *trace] for r in range(args.workers)]
-    return _run_job(Job(out, threads), server_cmds, worker_cmds, out, args)
+    return _run_job(Job(out, threads), server_cmds, worker_cmds, out, args, coord)
 
 
 def _checked(parser, args):
@@ -345,8 +347,9 @@ def _checked(parser, args):
     return job, optim, out
 
 
-def _run_job(run: Job, server_cmds: list, worker_cmds: list, out: Path, args) -> int:
-    """Start the servers, then the workers; watch them to the end (``_watch``); stop them all."""
+def _run_job(run: Job, server_cmds: list, worker_cmds: list, out: Path, args, coordinator: str) -> int:
+    """Start the servers, then the workers; watch them to the end (``_watch``); stop them all,
+    and remove the shared-memory segments a killed process left behind (``--shm``)."""
     interrupted = False
     signal.signal(signal.SIGTERM, run.on_signal)
     signal.signal(signal.SIGINT, run.on_signal)
@@ -368,6 +371,10 @@ def _run_job(run: Job, server_cmds: list, worker_cmds: list, out: Path, args) ->
         return 130
     finally:
         run.stop()
+        left = remove_job_segments(coordinator)
+        if left:
+            print(f"ps-local: removed {len(left)} shared-memory segment(s) left by killed processes: "
+                  f"{', '.join(left)}", file=sys.stderr)
         if interrupted:
             left = [n for n, p in run.procs.items() if p.poll() is None]
             print(f"ps-local: stopped ({'all processes ended' if not left else 'still running: ' + ', '.join(left)})",

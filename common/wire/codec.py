@@ -6,6 +6,11 @@ per array, in the order of the header's ``arrays`` list. Bulk bytes never go thr
 msgpack (it packs at 0.4 GB/s, docs/wire.md); the arrays are handed to the
 transport as buffers and sent without a copy.
 
+An array may instead lie in the sender's shared-memory segment (processes of one host,
+``common/wire/shm.py``): then it has no frame, and its descriptor's ``at`` is its byte
+offset there; ``decode`` takes it from the segment the receiver mapped for that sender,
+checking the offset against the mapping.
+
 ``decode`` refuses (``ProtocolError``) anything that does not parse or does not match
 its header: a header over the size limit, bad msgpack, a failed schema check, a frame
 count or a frame size that differs from what the header announced. The arrays it
@@ -42,6 +47,7 @@ class Message:
     dtypes: list = field(default_factory=list)   # the wire dtype name per array
     encs: list = field(default_factory=list)     # the part of a compressed chunk per array, or None
     placed: list = field(default_factory=list)   # True where the array was received straight into its destination
+    at: list = field(default_factory=list)       # the byte offset in the sender's shared memory per array, or None
 
 
 _NAMES = {numpy.dtype(name): name for name in DTYPES if name != "bfloat16"}     # (dtype.name is slow)
@@ -56,13 +62,14 @@ def dtype_name(a) -> str:
 
 
 def encode(cmd: str, sender: str, step: int = 0, rid: int = 0, arrays=(), ranges=None,
-           dtypes=None, encs=None, **meta) -> list:
+           dtypes=None, encs=None, at=None, **meta) -> list:
     """Frames for one message. ``arrays`` are sent as they are (no copy) when they are
     C-contiguous and little-endian; ``ranges`` gives each array's ``[begin, end)`` in
     the flat vector (or None); ``dtypes`` overrides the wire dtype name per array
     (e.g. "bfloat16" for uint16 words); ``encs`` names the part of a compressed chunk
-    per array (or None). The header is checked before it is sent, so a bug shows up
-    at the sender, not at the receiver."""
+    per array (or None); ``at`` the byte offset per array in the sender's shared-memory
+    segment where the caller put its bytes (or None: a frame). The header is checked
+    before it is sent, so a bug shows up at the sender, not at the receiver."""
     arrays = list(arrays)
     ranges = list(ranges) if ranges is not None else [None] * len(arrays)
     if len(ranges) != len(arrays):
@@ -78,7 +85,10 @@ def encode(cmd: str, sender: str, step: int = 0, rid: int = 0, arrays=(), ranges
         if encs is not None and encs[i]:
             desc["enc"] = encs[i]
         descs.append(desc)
-        frames.append(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
+        if at is not None and at[i] is not None:
+            desc["at"] = int(at[i])
+        else:
+            frames.append(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
     header = {"v": PROTOCOL_VERSION, "cmd": cmd, "from": sender, "step": int(step),
               "rid": int(rid), "arrays": descs, "meta": meta}
     validate_header(header)
@@ -105,11 +115,12 @@ def parse_header(head) -> dict:
         raise ProtocolError(f"malformed header: {type(e).__name__}: {e}") from None
 
 
-def decode(frames, header: dict | None = None, placed=None) -> Message:
+def decode(frames, header: dict | None = None, placed=None, segment=None) -> Message:
     """A ``Message`` from received frames (bytes, memoryviews or zmq frames' buffers).
     ``header``: frame 0 already parsed by ``parse_header``; ``placed[i]``: True where
     frame i + 1 was received into its destination (recorded in ``Message.placed``),
-    None where it did not fit there (the message is refused)."""
+    None where it did not fit there (the message is refused); ``segment``: the sender's
+    shared-memory segment (``shm.Segment``) the arrays with ``at`` are read from."""
     if not frames:
         raise ProtocolError("empty message")
     h = header if header is not None else parse_header(frames[0])
@@ -117,15 +128,22 @@ def decode(frames, header: dict | None = None, placed=None) -> Message:
         raise ProtocolError(f"array {list(placed).index(None)} is larger than the buffer its header promised "
                             "room for; the message is refused")
     descs = h["arrays"]
-    if len(frames) != 1 + len(descs):
-        raise ProtocolError(f"header announces {len(descs)} array frame(s), message has {len(frames) - 1}")
-    arrays, ranges, dtypes, encs = [], [], [], []
-    for i, (d, buf) in enumerate(zip(descs, frames[1:])):
+    framed = [d for d in descs if "at" not in d]
+    if len(frames) != 1 + len(framed):
+        raise ProtocolError(f"header announces {len(framed)} array frame(s), message has {len(frames) - 1}")
+    if len(framed) < len(descs) and segment is None:
+        raise ProtocolError("arrays in shared memory, but this receiver maps no segment of the sender")
+    arrays, ranges, dtypes, encs, bufs = [], [], [], [], iter(frames[1:])
+    for i, d in enumerate(descs):
         want = array_nbytes(d)
-        if len(buf) != want:
-            raise ProtocolError(f"array {i}: expected {d['dtype']} {tuple(d['shape'])} = {want} bytes, "
-                                f"got {len(buf)} bytes")
-        arr = numpy.frombuffer(buf, dtype=_LE[d["dtype"]]) if want else numpy.empty(0, _LE[d["dtype"]])
+        if "at" in d:
+            arr = segment.array(_LE[d["dtype"]], want // _LE[d["dtype"]].itemsize, d["at"])
+        else:
+            buf = next(bufs)
+            if len(buf) != want:
+                raise ProtocolError(f"array {i}: expected {d['dtype']} {tuple(d['shape'])} = {want} bytes, "
+                                    f"got {len(buf)} bytes")
+            arr = numpy.frombuffer(buf, dtype=_LE[d["dtype"]]) if want else numpy.empty(0, _LE[d["dtype"]])
         arrays.append(arr.reshape(d["shape"]))
         r, enc = d.get("range"), d.get("enc")
         if r is not None and enc is None and r[1] - r[0] != arr.size:
@@ -134,9 +152,11 @@ def decode(frames, header: dict | None = None, placed=None) -> Message:
         ranges.append(tuple(r) if r is not None else None)
         dtypes.append(d["dtype"])
         encs.append(enc)
-    placed = list(placed) if placed is not None else [False] * len(arrays)
+    placed = iter(placed if placed is not None else ())        # per frame: spread over the arrays
+    placed = [False if "at" in d else next(placed, False) for d in descs]
     return Message(cmd=h["cmd"], sender=h["from"], step=h["step"], rid=h["rid"], meta=h["meta"],
-                   arrays=arrays, ranges=ranges, dtypes=dtypes, encs=encs, placed=placed)
+                   arrays=arrays, ranges=ranges, dtypes=dtypes, encs=encs, placed=placed,
+                   at=[d.get("at") for d in descs])
 
 
 def frames_nbytes(frames) -> int:

@@ -12,6 +12,9 @@ range and each name its part in ``enc`` (``{"dtype": "uint32", "shape": [41],
 "range": [0, 4096], "enc": "idx"}``; the parts of each scheme: ``common/wire/compress.py``).
 A push may carry any of the server's chunks: a worker that overlaps communication
 with its backward pushes each chunk as soon as its gradient is final (``worker/client.py``).
+An array in shared memory (processes of one host, ``common/wire/shm.py``) has no frame:
+its descriptor gives the byte offset ``at`` in the segment ``meta.shm`` names
+(``{"dtype": "float32", "shape": [4096], "range": [0, 4096], "at": 0}``).
 
 ``validate_header`` checks a decoded header against this module's schemas before any
 handler sees it (STYLE habit 6: check at the door): the version, the command, the
@@ -96,7 +99,8 @@ META = {
     INIT: ({}, {}),
     # held: the version of the parameters the worker holds of the chunks it asks for (-1: none;
     # --compress-pull answers with the change against them, common/wire/pull_compress.py)
-    PULL: ({}, {"min_version": int, "held": int}),
+    # shm: the name of the sender's shared-memory segment (common/wire/shm.py)
+    PULL: ({}, {"min_version": int, "held": int, "shm": str}),
     # base_version: the server version the gradient was computed on (asp/ssp: staleness =
     # version at apply - base_version); grad_sumsq: |g|^2 of the worker's WHOLE gradient, so
     # a server that applies one worker's push alone can clip by the global norm
@@ -104,7 +108,7 @@ META = {
     # request id it names a push uniquely, so a resent one is applied at most once
     PUSH: ({}, {"loss": _num, "tokens": int, "bytes_pushed": int, "bytes_pulled": int,
                 "base_version": int, "grad_sumsq": _num, "session": int, "held": int, "bytes_sent": int,
-                "bytes_received": int}),
+                "bytes_received": int, "shm": str}),
     # workers: the set of workers whose gradients this server averages for the step (the
     # servers agree on it, paramserver/agreement.py); fresh: the sender restarted and may have
     # lost its peers' norms, answer with yours; echo: such an answer (never answered)
@@ -129,7 +133,7 @@ META = {
     # silent: [[rank, address, seconds]] of the servers the coordinator has not heard from;
     # servers: every server's address now (a server restarted on another host moved)
     OK: ({}, {"version": int, "message": str, "loss": _num, "stats": dict, "status": dict, "dropped": bool,
-              "view": int, "member": bool, "workers": list, "silent": list, "servers": list}),
+              "view": int, "member": bool, "workers": list, "silent": list, "servers": list, "shm": str}),
     ERROR: ({"message": str}, {}),
 }
 
@@ -158,7 +162,7 @@ def dtype_itemsize(name: str) -> int:
 
 
 _HEADER_KEYS = frozenset(("v", "cmd", "from", "step", "rid", "arrays", "meta"))
-_ARRAY_KEYS = frozenset(("dtype", "shape", "range", "enc"))
+_ARRAY_KEYS = frozenset(("dtype", "shape", "range", "enc", "at"))
 _DTYPES = frozenset(DTYPES)
 
 
@@ -178,14 +182,16 @@ def session_list(value, limit: int, what: str) -> dict[int, int]:
 
 
 def _check_array(i: int, a):
-    """Array descriptor ``i`` of a header: dtype, shape, optional range and enc."""
+    """Array descriptor ``i`` of a header: dtype, shape, optional range, enc and at."""
     if not (isinstance(a, dict) and a.keys() <= _ARRAY_KEYS and "dtype" in a and "shape" in a):
-        _fail(f"array {i}: expected a map with dtype, shape, optional range and enc, got {a!r}")
+        _fail(f"array {i}: expected a map with dtype, shape, optional range, enc and at, got {a!r}"[:300])
     if "enc" in a:
         enc = a["enc"]
         if not (isinstance(enc, str) and 0 < len(enc) <= MAX_ENC_LEN and "range" in a):
             _fail(f"array {i}: enc must be a part name of 1..{MAX_ENC_LEN} characters on an array with a "
                   f"range, got {enc!r}")
+    if "at" in a and not (_is_int(a["at"]) and 0 <= a["at"] < 2 ** 48 and "enc" not in a):
+        _fail(f"array {i}: at must be a byte offset >= 0 on a plain array, got {a['at']!r}"[:300])
     if not isinstance(a["dtype"], str) or a["dtype"] not in _DTYPES:
         _fail(f"array {i}: dtype must be one of {', '.join(DTYPES)}, got {a['dtype']!r}")
     shape = a["shape"]
