@@ -17,8 +17,12 @@ parameters, batch B, context T, C channels, L layers, NH heads, V tokens:
 
   worker     R + 4 [ 2P                      params and grads (the wire sends and receives them in place)
                    + B T (L (24 C + NH T + 4) + 15 C + 2 V + 4)     activations and their gradients
-                   + C V + 12 C^2 + B NH T^2 + 2 B T C + 2 G ]      the fast path's work buffers
+                   + C V + 12 C^2 + B NH T^2 + 2 B T C + 2 G        the fast path's work buffers
                                                                     (G: GELU's slice, <= 2^17)
+                   + 2P ]                    --shm auto (ps-local's default, servers on its host): its
+                                             segment, which its pushes are copied into, and the
+                                             servers' segments its answers are read from (the
+                                             servers' own parameters: counted in both, held once)
   server s   R + 4 n_s [ 2 + k + W ]   n_s: its elements; params and the averaged gradient;
              k optimizer vectors (AdamW 2, momentum 1, sgd 0); the W workers' pushes of a
              step, held as received until the step's set is agreed
@@ -72,12 +76,14 @@ def activation_elements(cfg: GPTConfig, B: int) -> int:
     return acts + scratch
 
 
-def formula(cfg: GPTConfig, B: int, S: int, W: int, optimizer: str, chunk_mb: float) -> dict:
+def formula(cfg: GPTConfig, B: int, S: int, W: int, optimizer: str, chunk_mb: float, shm: bool) -> dict:
     """process name -> {part: bytes}, the runtime left out."""
     P = cfg.layout().size
     out = {}
     for r in range(W):
         out[f"worker-{r}"] = {"params+grads": 8 * P, "activations": 4 * activation_elements(cfg, B)}
+        if shm:
+            out[f"worker-{r}"]["shm"] = 8 * P
     k = OPTIMIZER_VECTORS[optimizer]
     for s, n in enumerate(placement.loads(placement.place_chunks(cfg.layout(), S, chunk_mb), S)):
         out[f"server-{s}"] = {"params+avg": 8 * n, "optimizer": 4 * k * n, "pushes": 4 * W * n}
@@ -118,7 +124,8 @@ def run(args) -> tuple[dict, dict, float, dict]:
     cmd = [sys.executable, "-m", "common.launch.local", "--servers", str(args.servers), "--workers",
            str(args.workers), "--steps", str(args.steps), "--out", str(out), "--no-progress", "--timeout",
            str(args.timeout), "--optimizer", args.optimizer, *shape, "--batch-size", str(args.batch_size),
-           "--log-interval", "1", "--eval-interval", str(args.steps), "--eval-batches", "1", "--sample-bytes", "0"]
+           "--log-interval", "1", "--eval-interval", str(args.steps), "--eval-batches", "1", "--sample-bytes", "0",
+           "--shm", args.shm]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -138,7 +145,8 @@ def run(args) -> tuple[dict, dict, float, dict]:
     tokens = args.workers * args.batch_size * cfg.block_size
     figures = {"params": cfg.layout().size, "s_per_step": per_step, "tokens_per_s": tokens / per_step,
                "wall_s": wall, "out": str(out)}
-    return peaks, formula(cfg, args.batch_size, args.servers, args.workers, args.optimizer, 4.0), runtime, figures
+    parts = formula(cfg, args.batch_size, args.servers, args.workers, args.optimizer, 4.0, args.shm == "auto")
+    return peaks, parts, runtime, figures
 
 
 def report(peaks, parts, runtime, figures, args) -> float:
@@ -175,6 +183,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=1, help="sequences per worker per step (default: 1)")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZER_VECTORS), default="adamw")
     p.add_argument("--timeout", type=float, default=600.0, help="ps-local's --timeout (default: 600 s)")
+    p.add_argument("--shm", choices=("auto", "off"), default="auto",
+                   help="ps-local's --shm: arrays through shared memory between the processes of this host "
+                        "(default: auto)")
     p.add_argument("--out", default="", help="run folder (default: a temporary folder)")
     p.add_argument("--max-ratio", type=float, default=1.5,
                    help="exit 1 if a process's peak RSS passes this many times its formula (default: 1.5)")

@@ -33,9 +33,10 @@ def test_the_activation_formula_is_what_the_model_allocates(cfg, B):
     assert 1.0 <= held / activation_elements(cfg, B) < 1.02, (held, activation_elements(cfg, B))
 
 
-def test_mid_size_gpt2_through_the_servers_within_the_formula(tmp_path):
+@pytest.mark.parametrize("shm", ["auto", "off"])
+def test_mid_size_gpt2_through_the_servers_within_the_formula(shm, tmp_path):
     out = subprocess.run([sys.executable, f"{ROOT}/scripts/scale_check.py", "--shape", "mid", "--steps", "2",
-                          "--out", str(tmp_path / "run"), "--max-ratio", "1.5", "--timeout", "120"],
+                          "--out", str(tmp_path / "run"), "--max-ratio", "1.5", "--timeout", "120", "--shm", shm],
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     rows = re.findall(r"^(server-\d|worker-\d)\s+(\d+) MiB\s+(\d+) MiB\s+([\d.]+)", out.stdout, re.M)
