@@ -74,6 +74,10 @@ def gpt_job(job: JobConfig, optim: OptimConfig, S, W, K, tmp_path, before_push=N
     """Train the tiny GPT with W worker threads in ``job``'s mode; worker r's i-th
     gradient uses rows_of(r) of batch i. Returns (every worker's params, server summaries)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
+    # every worker's first read is version 0: asp/ssp would otherwise let a worker that
+    # pulls late (a loaded machine) start from a faster one's first update, which those
+    # modes allow but the identities below (ssp(0) == BSP) assume away
+    pulled = threading.Barrier(W)
     with Servers(S, W, str(tmp_path), flags(optim, job, tmp_path)) as servers:
         def worker(rank):
             model = GPT(CFG, dtype=np.float64, seed=0)
@@ -83,6 +87,7 @@ def gpt_job(job: JobConfig, optim: OptimConfig, S, W, K, tmp_path, before_push=N
                 client.init(model.params)
             model.params[:] = np.nan                 # everything must come from the servers
             client.pull(model.params)
+            pulled.wait(timeout=60)
             loop = make_loop(job, client, model, K, W, info.get("optim"))
             i = 0
             while not loop.finished():
