@@ -181,6 +181,32 @@ def test_pulls_wait_for_their_version_and_are_refused_at_the_deadline():
             pulls.wait_for_version(b"c", i, version=9, now=0.0)
 
 
+def test_a_flood_of_pulls_from_one_connection_keeps_no_worker_out():
+    """A peer that floods a queue (the fuzzer, before worker 0's INIT) is refused past 4
+    waiting pulls, and a worker's pull still gets in and is answered; a pull sent again
+    is held once. (With one bound for the whole queue, the fuzzed job's worker 1 was
+    refused "too many pulls are waiting for the initial parameters".)"""
+    router = Router()
+    replier = Replier("server:0", router, Traffic(1, 2))
+    replier.serve(Shard(CHUNKS, "float32", OptimConfig(optimizer="sgd")), {})
+    pulls = PullQueue(replier, 2, timeout=5.0)
+    refused = 0
+    for i in range(1000):
+        try:
+            pulls.wait_for_init(b"fuzzer", i, now=0.0)
+        except ProtocolError as e:
+            refused += 1
+            assert "of this connection" in str(e)
+    assert refused == 1000 - 4
+    pulls.wait_for_init(b"w1", 7, now=0.0)
+    pulls.wait_for_init(b"w1", 7, now=0.1)               # the same pull, sent again
+    pulls.initialized()
+    assert [i for i, _ in router.sent].count(b"w1") == 1 and len(router.sent) == 5
+    with pytest.raises(ProtocolError, match="128 at most"):   # many connections: the whole queue's bound
+        for i in range(200):
+            pulls.wait_for_version(b"peer%d" % i, 1, version=9, now=0.0)
+
+
 def test_an_older_view_changes_nothing():
     view = WorkerView(3)
     assert view.update(2, [[0, 1], [1, 1]]) == (set(), {0, 1})
