@@ -231,6 +231,8 @@ def from_source(source: str, output: str, work: Path, line: int) -> float:
         m = _regex(source, line).search(output)
         if not m:
             raise LookupError(f"{source} is not in today's output")
+        if not NUMBER.fullmatch(m.group(1)):
+            raise LookupError(f"{source} found {m.group(1)!r} in today's output, not a number")
         return to_float(m.group(1))
     parts = source.split()
     if parts[0] == "jsonl" and len(parts) in (3, 4):

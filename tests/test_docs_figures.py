@@ -121,7 +121,7 @@ def test_every_lesson_is_found_and_its_markers_read():
     docs = lesson_files(None)
     assert [d.name for d in lesson_files([2])] == ["lesson2_data_parallel.md"]
     for doc in docs:
-        read_markers(doc.read_text())                # a malformed marker in a lesson fails here
+        assert read_markers(doc.read_text()), f"{doc.name} marks none of the numbers it quotes"
     with pytest.raises(SystemExit, match="no such lesson"):
         lesson_files([99])
 
@@ -132,3 +132,9 @@ def test_rows_are_told_apart_by_their_key_numbers_and_a_dash_is_not_checked():
     today = "  server 1   reply   8.0  x 1\n  server 2   reply   6.0  x -\n  server 0   reply   4.0  x 2\n"
     assert [(f.what, f.quoted, f.today) for f in figures(lesson, today, ROOT)] == [
         ("server reply x 0", "4.2", 4.0), ("server reply x 1", "9.0", 8.0), ("server reply x - 2", "5.0", 6.0)]
+
+
+def test_a_regex_that_finds_a_word_instead_of_a_number_says_so(tmp_path):
+    lesson = "a step takes 12.3 ms<!-- figure time /takes (\\S+) ms/ -->\n"
+    [fig] = figures(lesson, "it takes ~13 ms\n", tmp_path)
+    assert fig.today is None and "'~13'" in fig.error and "not a number" in fig.error
