@@ -4,6 +4,7 @@ Each role is the command a user types (``python -m paramserver``, ``python -m wo
 with a tiny GPT, small deadlines and fast heartbeats, so that failures resolve in
 seconds. Every process this helper starts is ended by its PID when the test ends.
 """
+import contextlib
 import json
 import os
 import signal
@@ -97,6 +98,21 @@ class Job:
         if p.poll() is None:
             os.kill(p.pid, sig)
         p.wait(timeout=30)
+
+    @contextlib.contextmanager
+    def frozen(self, *names):
+        """The named processes stopped (SIGSTOP) for the block and then let go (SIGCONT): what
+        the block does happens between two of their instructions, however slow the test is to
+        get there (a kill while the workers are frozen lands before the job can end)."""
+        stopped = [self.procs[n] for n in names if self.procs[n].poll() is None]
+        for p in stopped:
+            os.kill(p.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for p in stopped:
+                if p.poll() is None:
+                    os.kill(p.pid, signal.SIGCONT)
 
     def signal_at_once(self, sig, timeout=30.0) -> dict:
         """``sig`` to every running process as ONE event, as a Ctrl-C of the whole job would:

@@ -43,6 +43,7 @@ class Heartbeat(threading.Thread):
         self.view = 0
         self.error = ""                         # why the job is stopping, or why the coordinator counts as dead
         self.sent = self.answers = 0
+        self.unsent = 0                         # beats the socket could not queue (the coordinator long gone)
         self.waiting = False                    # the coordinator is silent: waiting for it (said once)
         self.silent: dict[int, str] = {}        # servers the coordinator has not heard from: rank -> address
         self.servers: list[str] = []            # every server's address, as the coordinator last said (a list
@@ -60,9 +61,12 @@ class Heartbeat(threading.Thread):
                     rid, session = next(rids), c.session
                     sessions[rid] = session
                     sessions.pop(rid - 64, None)               # bounded: old beats' answers are stale anyway
-                    sock.send(codec.encode(HEARTBEAT, c.name, step=c.version, rid=rid, session=session,
-                                           version=c.version))
-                    self.sent += 1
+                    beat = codec.encode(HEARTBEAT, c.name, step=c.version, rid=rid, session=session,
+                                        version=c.version)
+                    if sock.send_now(beat):             # never blocks: stop() must always end this thread
+                        self.sent += 1
+                    else:
+                        self.unsent += 1
                     next_beat = now + self.interval
                 if sock.poll(min(max(next_beat - now, 0.0), 0.2) * 1000):
                     self._answer(sock.recv(), sessions)

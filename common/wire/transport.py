@@ -341,6 +341,17 @@ class Dealer(_Socket):
         tracker = self.sock.send_multipart(list(frames), copy=False, track=track)
         return tracker if track else True
 
+    def send_now(self, frames) -> bool:
+        """Queues ``frames`` without waiting: False when they cannot be queued now (the peer's
+        queue is full: it has been gone for QUEUE_MESSAGES messages). For messages that another
+        one soon replaces, such as heartbeats: a blocking send would wait forever for a peer
+        that never comes back."""
+        try:
+            self.sock.send_multipart(list(frames), flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
+
     def move(self, connect: str) -> bool:
         """Connect to ``connect`` instead of the current peer (it moved: a server restarted
         on another host). What was queued for the old address is dropped; it counts as a
