@@ -6,7 +6,8 @@
 #   bash scripts/stress_suite.sh -n 5 -b 4       # 5 runs, 4 burners
 #   bash scripts/stress_suite.sh --procs -n 10   # only the test files that start processes, 10 times
 #   bash scripts/stress_suite.sh -- -k liveness  # anything after -- goes to pytest
-#   (--limit SECONDS: the longest a burner may live, default 4 hours)
+#   (--limit SECONDS: the longest a burner may live, default 4 hours; -j N: pytest's
+#   processes, default 2 as the README's test command runs them, 0 for one process)
 #
 # A burner is one Python process spinning on a core. Each lives at most as long as the
 # whole stress run may (`timeout`), and all are ended by their PIDs when this script
@@ -16,21 +17,22 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-runs=3 burners=2 procs=0 limit_s=$((4 * 3600))
+runs=3 burners=2 procs=0 jobs=2 limit_s=$((4 * 3600))
 pytest_args=()
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     -n|--runs) runs=$2; shift 2 ;;
     -b|--burners) burners=$2; shift 2 ;;
     --procs) procs=1; shift ;;
+    -j|--jobs) jobs=$2; shift 2 ;;
     --limit) limit_s=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; pytest_args=("$@"); break ;;
     *) echo "stress_suite.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-case "$runs$burners" in *[!0-9]*) echo "stress_suite.sh: -n and -b take whole numbers" >&2; exit 2 ;; esac
+case "$runs$burners$jobs" in *[!0-9]*) echo "stress_suite.sh: -n, -b and -j take whole numbers" >&2; exit 2 ;; esac
 
 # Job control: each background command gets a process group of its own and keeps SIGINT
 # (a script's background commands otherwise start with it ignored), so that a stop can
@@ -71,7 +73,7 @@ for i in $(seq 1 "$runs"); do
   # in the background, waited for: a signal to this script interrupts the wait at once. Python's
   # Ctrl-C handler is put back by hand: a process started with SIGINT ignored (by nohup, or as a
   # background command of a script that started so) would otherwise pass it on ignored
-  python3 -c "$RUN_PYTEST" -q -rfE -p no:cacheprovider "${targets[@]}" "${pytest_args[@]}" > "$log_dir/run$i.log" 2>&1 &
+  python3 -c "$RUN_PYTEST" -q -rfE -p no:cacheprovider -n "$jobs" "${targets[@]}" "${pytest_args[@]}" > "$log_dir/run$i.log" 2>&1 &
   pytest_pid=$!
   wait "$pytest_pid"
   rc=$?

@@ -228,21 +228,24 @@ def test_ssp_wait_has_a_deadline_that_names_the_slow_worker(tmp_path):
     with Servers(1, 2, str(tmp_path), flags(optim, job, tmp_path), timeout=2.0) as servers:
         def worker(rank):
             client = PSClient(servers.cluster(rank), job)
-            client.register(LINEAR, "float64")
-            params = np.zeros(LINEAR.size)
-            if rank == 0:
-                client.init(params)
-            client.pull(params)
-            if rank == 1:
-                refused.wait(60)              # alive (heartbeats go on), but never pushes
-                return None
-            t0 = time.monotonic()
             try:
-                with pytest.raises(RemoteError) as err:
-                    client.push_pull(np.ones(LINEAR.size), params, 0, base_version=0)
+                client.register(LINEAR, "float64")
+                params = np.zeros(LINEAR.size)
+                if rank == 0:
+                    client.init(params)
+                client.pull(params)
+                if rank == 1:
+                    refused.wait(60)              # alive (heartbeats go on), but never pushes
+                    return None
+                t0 = time.monotonic()
+                try:
+                    with pytest.raises(RemoteError) as err:
+                        client.push_pull(np.ones(LINEAR.size), params, 0, base_version=0)
+                finally:
+                    refused.set()
+                return str(err.value), time.monotonic() - t0
             finally:
-                refused.set()
-            return str(err.value), time.monotonic() - t0
+                client.close()
         text, waited = run_threads(worker, 2)[0]
         assert "worker 1 at clock 0" in text and "ssp(s=0)" in text
         # the servers' deadline is 2 s: never answered sooner, and on a loaded machine maybe a few s later

@@ -112,19 +112,27 @@ def test_client_deadline_names_the_coordinator():
 
 
 def test_a_missing_worker_is_named_at_the_step_deadline(tmp_path):
+    answered = threading.Event()
     with Servers(1, 2, str(tmp_path), ["--optimizer", "sgd"], timeout=2.0) as servers:
         def worker(rank):
             client = PSClient(servers.cluster(rank))
-            client.register(LAYOUT, "float64")
-            params = np.zeros(LAYOUT.size)
-            if rank == 0:
-                client.init(params)
-            client.pull(params)
-            if rank == 1:
-                return None                 # worker 1 never pushes
-            with pytest.raises((DeadlineError, RemoteError)) as err:
-                client.push_pull(np.ones(LAYOUT.size), params, 0)
-            return str(err.value)
+            try:
+                client.register(LAYOUT, "float64")
+                params = np.zeros(LAYOUT.size)
+                if rank == 0:
+                    client.init(params)
+                client.pull(params)
+                if rank == 1:
+                    answered.wait(60)           # alive (heartbeats go on), but never pushes
+                    return None
+                try:
+                    with pytest.raises((DeadlineError, RemoteError)) as err:
+                        client.push_pull(np.ones(LAYOUT.size), params, 0)
+                finally:
+                    answered.set()
+                return str(err.value)
+            finally:
+                client.close()
         text = run_threads(worker, 2)[0]
         assert re.search(r"server 0 (\(the coordinator\) )?at tcp://", text), text   # (a deadline, or a refusal)
         assert servers.wait() == [1]
