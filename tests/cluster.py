@@ -40,6 +40,23 @@ class Servers:
                        timeout=self.timeout), **kw)
         return ClusterConfig(rank=rank, **kw)
 
+    def joined(self, rank, layout, job=None, **kw):
+        """(client, parameters): a PSClient of worker ``rank`` registered (worker 0 also
+        initializes the parameters to zeros) that has pulled them; the caller closes it."""
+        import numpy as np
+        from worker.client import PSClient
+        c = PSClient(self.cluster(rank, **kw), job)
+        try:
+            c.register(layout, "float64")
+            params = np.zeros(layout.size)
+            if rank == 0:
+                c.init(params)
+            c.pull(params)
+        except BaseException:
+            c.close()
+            raise
+        return c, params
+
     def log(self, s):
         with open(os.path.join(self.logdir, f"server{s}.log")) as f:
             return f.read()

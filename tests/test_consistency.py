@@ -227,13 +227,8 @@ def test_ssp_wait_has_a_deadline_that_names_the_slow_worker(tmp_path):
     refused = threading.Event()
     with Servers(1, 2, str(tmp_path), flags(optim, job, tmp_path), timeout=2.0) as servers:
         def worker(rank):
-            client = PSClient(servers.cluster(rank), job)
+            client, params = servers.joined(rank, LINEAR, job)
             try:
-                client.register(LINEAR, "float64")
-                params = np.zeros(LINEAR.size)
-                if rank == 0:
-                    client.init(params)
-                client.pull(params)
                 if rank == 1:
                     refused.wait(60)              # alive (heartbeats go on), but never pushes
                     return None

@@ -117,15 +117,8 @@ def test_ps_status_shows_heartbeats_and_the_view(tmp_path):
 
 
 def _joined(servers, rank, layout, job=None, shm="off"):
-    """A client registered (worker 0: the parameters initialized to zeros) and pulled.
-    Through sockets unless ``shm``: these tests read answers off its link with the codec."""
-    c = PSClient(servers.cluster(rank, shm=shm, **BEAT), job)
-    c.register(layout, "float64")
-    params = np.zeros(layout.size)
-    if rank == 0:
-        c.init(params)
-    c.pull(params)
-    return c, params
+    """Through sockets unless ``shm``: these tests read answers off the client's link with the codec."""
+    return servers.joined(rank, layout, job, shm=shm, **BEAT)
 
 
 def _push_threes_when(event, c, params):

@@ -115,13 +115,8 @@ def test_a_missing_worker_is_named_at_the_step_deadline(tmp_path):
     answered = threading.Event()
     with Servers(1, 2, str(tmp_path), ["--optimizer", "sgd"], timeout=2.0) as servers:
         def worker(rank):
-            client = PSClient(servers.cluster(rank))
+            client, params = servers.joined(rank, LAYOUT)
             try:
-                client.register(LAYOUT, "float64")
-                params = np.zeros(LAYOUT.size)
-                if rank == 0:
-                    client.init(params)
-                client.pull(params)
                 if rank == 1:
                     answered.wait(60)           # alive (heartbeats go on), but never pushes
                     return None
