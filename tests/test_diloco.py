@@ -7,13 +7,20 @@
   PyTorch-form Nesterov step), so the outer state really carries over from round to round;
 - compressed pseudo-gradients (int8, top-k; error feedback on the workers) are what a
   single-process DiLoCo gets from the same encoder and decoder, and error feedback matters;
-- the settings that only DiLoCo reads are refused in other modes.
+- the settings that only DiLoCo reads are refused in other modes;
+- scripts/experiments/diloco.py counts every byte a BSP step moves (its runs use sockets).
 
 Workers are threads of the test (``tests/test_consistency.py``'s ``gpt_job``); servers are
 real processes.
 """
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from common.cluster import JobConfig
 from common.optim import OptimConfig, make_optimizer
@@ -129,3 +136,19 @@ def test_compressed_pseudo_gradients_with_error_feedback(compress, tmp_path):
     no_ef = diloco_reference(ADAMW, job.outer_optim(), H, K, W,
                              JobConfig(mode="diloco", local_steps=H, error_feedback="off", **compress))
     assert rel_err(want, plain) < rel_err(no_ef, plain)        # what was not sent is sent later
+
+
+def test_the_experiment_counts_every_byte_bsp_moves(tmp_path):
+    """scripts/experiments/diloco.py compares bytes: a float32 BSP step must count its whole
+    vector each way (with shared memory, ps-local's default, it once counted almost none and
+    the lesson's '50x fewer bytes' came out as 5x)."""
+    root = Path(__file__).resolve().parents[1]
+    steps, W = 10, 2
+    done = subprocess.run([sys.executable, "scripts/experiments/diloco.py", "--steps", str(steps), "--workers", str(W),
+                           "--runs", "bsp", "--eval-interval", "10", "--out", str(tmp_path), "--img", str(tmp_path)],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    P = sum(a.size for a in load_file(str(tmp_path / "bsp" / "model.safetensors")).values())
+    [bsp] = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert bsp["pushed"] >= steps * W * 4 * P and bsp["pulled"] >= steps * W * 4 * P, (bsp, P)
+    assert all(json.loads((tmp_path / "bsp" / f"worker-{r}.json").read_text())["shm_pushes"] == 0 for r in range(W))

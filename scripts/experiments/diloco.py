@@ -74,7 +74,10 @@ def env() -> dict:
 def run_local(name: str, out: Path, args) -> None:
     cmd = [sys.executable, "-m", "common.launch.local", "--servers", "1", "--workers", str(args.workers),
            "--steps", str(args.steps), "--out", str(out), "--no-progress", "--eval-interval", str(args.eval_interval),
-           "--threads", "1", *MODEL, *RUNS[name][1]]
+           "--threads", "1", "--shm", "off", *MODEL, *RUNS[name][1]]
+    # --shm off: every byte goes through the sockets and is counted, as between hosts; with
+    # ps-local's default (auto) the float32 vectors of one machine go through shared memory,
+    # which no byte counter sees (a compressed message always takes the socket)
     check(subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True), name)
 
 
