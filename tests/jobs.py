@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from common.wire.shm import remove_job_segments
 from common.wire.transport import free_port
 from tests.cluster import ENV
@@ -162,6 +164,11 @@ class Job:
     def logs_of(self, name) -> str:
         return "\n".join(self.log(name, n) for n in range(1, self.runs.get(name, 0) + 1))
 
+    def final_params(self) -> dict:
+        """The parameters the job saved at its end (name -> array)."""
+        from safetensors.numpy import load_file
+        return load_file(str(self.out / "model.safetensors"))
+
     def metrics(self) -> list:
         path = self.out / "metrics.jsonl"
         if not path.exists():
@@ -186,3 +193,19 @@ class Job:
 
     def worker_json(self, r) -> dict:
         return json.loads((self.out / f"worker-{r}.json").read_text())
+
+
+def undisturbed(folder, **job_args) -> dict:
+    """The final parameters of a whole job run with ``job_args`` and nothing done to it: the
+    reference a disturbed run must equal bit for bit (BSP sums in rank order)."""
+    with Job(folder, **job_args) as job:
+        job.start()
+        codes = job.wait(120)
+        assert all(c == 0 for c in codes.values()), codes
+        return job.final_params()
+
+
+def assert_same_params(got: dict, want: dict):
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert np.array_equal(got[k], want[k]), f"{k}: max difference {np.abs(got[k] - want[k]).max()}"

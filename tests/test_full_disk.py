@@ -16,12 +16,10 @@ import os
 import subprocess
 import time
 
-import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from paramserver import shard_checkpoint
-from tests.jobs import Job
+from tests.jobs import Job, assert_same_params, undisturbed
 
 STEPS, EVERY = 60, 4
 PACE = ["--straggler", "0:0.15"]          # worker 0 sleeps 0.15 s a step: the same numbers, time to fill the disk
@@ -60,18 +58,9 @@ def fill(folder) -> os.PathLike:
 
 def reference(tmp_path_factory):
     if not _REFERENCE:
-        with Job(tmp_path_factory.mktemp("undisturbed"), steps=STEPS, every=EVERY, timeout=20,
-                 worker_args=PACE) as job:
-            job.start()
-            assert all(c == 0 for c in job.wait(120).values())
-            _REFERENCE.update(load_file(str(job.out / "model.safetensors")))
+        _REFERENCE.update(undisturbed(tmp_path_factory.mktemp("undisturbed"), steps=STEPS, every=EVERY, timeout=20,
+                                      worker_args=PACE))
     return _REFERENCE
-
-
-def assert_equal(got, want):
-    assert sorted(got) == sorted(want)
-    for k in want:
-        assert np.array_equal(got[k], want[k]), f"{k}: max difference {np.abs(got[k] - want[k]).max()}"
 
 
 def failed_saves(job, s) -> int:
@@ -111,7 +100,7 @@ def test_a_full_disk_stops_the_job_cleanly_and_a_resume_ends_bit_identical(tmp_p
         codes = job.wait(120)
         assert all(c == 0 for c in codes.values()), codes
         assert f"resumes from the servers' checkpoints at version {last_good}" in job.log("server-0")
-        assert_equal(load_file(str(job.out / "model.safetensors")), want)
+        assert_same_params(job.final_params(), want)
 
 
 def test_on_checkpoint_error_continue_warns_each_time_and_the_job_ends_bit_identical(tmp_path, tmp_path_factory):
@@ -137,7 +126,7 @@ def test_on_checkpoint_error_continue_warns_each_time_and_the_job_ends_bit_ident
         lines = (job.out / "metrics.jsonl").read_text().splitlines()
         steps = [json.loads(ln)["step"] for ln in lines]       # every line whole
         assert steps[-1] == STEPS and len(steps) < STEPS + 1   # the lines of the full disk left out
-        assert_equal(load_file(str(job.out / "model.safetensors")), want)
+        assert_same_params(job.final_params(), want)
 
 
 def test_processes_whose_log_cannot_be_written_train_on(tmp_path, tmp_path_factory):
@@ -149,4 +138,4 @@ def test_processes_whose_log_cannot_be_written_train_on(tmp_path, tmp_path_facto
         job.start()
         codes = job.wait(120)
         assert all(c == 0 for c in codes.values()), (codes, job.log("server-0")[-2000:])
-        assert_equal(load_file(str(job.out / "model.safetensors")), want)
+        assert_same_params(job.final_params(), want)

@@ -19,13 +19,11 @@ other server its new address, and the job ends bit-identical. The same on one ma
 """
 import time
 
-import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from common.wire.transport import free_port
 from tests.clusterenv import SCRIPTS, need, netns_hosts, sh
-from tests.jobs import Job
+from tests.jobs import Job, assert_same_params, undisturbed
 
 STEPS = 40
 PACE = ["--straggler", "0:0.1"]           # worker 0 sleeps 0.1 s a step: the same numbers, time to cut mid-job
@@ -36,17 +34,9 @@ _REFERENCE = {}
 def reference(tmp_path_factory):
     """The undisturbed job, on 127.0.0.1 (the same numbers on any hosts: sums in rank order)."""
     if not _REFERENCE:
-        with Job(tmp_path_factory.mktemp("undisturbed"), steps=STEPS, timeout=20, worker_args=PACE) as job:
-            job.start()
-            assert all(c == 0 for c in job.wait(120).values())
-            _REFERENCE.update(load_file(str(job.out / "model.safetensors")))
+        _REFERENCE.update(undisturbed(tmp_path_factory.mktemp("undisturbed"), steps=STEPS, timeout=20,
+                                      worker_args=PACE))
     return _REFERENCE
-
-
-def assert_equal(got, want):
-    assert sorted(got) == sorted(want)
-    for k in want:
-        assert np.array_equal(got[k], want[k]), f"{k}: max difference {np.abs(got[k] - want[k]).max()}"
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +88,7 @@ def test_a_link_back_within_the_timeout_is_noticed_and_the_job_ends_bit_identica
         codes = job.wait(120)
         assert all(c == 0 for c in codes.values()), {n: job.log(n)[-2000:] for n in codes}
         assert "heard from again" in job.log("server-0") and "heard from again" in job.log("worker-0")
-        assert_equal(load_file(str(job.out / "model.safetensors")), want)
+        assert_same_params(job.final_params(), want)
 
 
 def test_a_link_back_after_the_timeout_stops_the_job_saying_how_to_resume(tmp_path, tmp_path_factory, hosts):
@@ -124,7 +114,7 @@ def test_a_link_back_after_the_timeout_stops_the_job_saying_how_to_resume(tmp_pa
         start_on_hosts(job, resume=["--resume"])               # what the message says: every role again
         codes = job.wait(120)
         assert all(c == 0 for c in codes.values()), {n: job.log(n)[-2000:] for n in codes}
-        assert_equal(load_file(str(job.out / "model.safetensors")), want)
+        assert_same_params(job.final_params(), want)
 
 
 def moved(job, new_addr: str):
@@ -149,7 +139,7 @@ def test_a_server_restarted_at_another_address_rejoins_and_the_job_ends_bit_iden
         codes = job.wait(120)
         assert all(c == 0 for c in codes.values()), {n: job.log(n)[-2000:] for n in codes}
         moved(job, f"tcp://127.0.0.2:{port}")
-        assert_equal(load_file(str(job.out / "model.safetensors")), want)
+        assert_same_params(job.final_params(), want)
 
 
 def test_a_server_restarted_on_another_host_rejoins_and_the_job_ends_bit_identical(tmp_path, tmp_path_factory,
@@ -172,4 +162,4 @@ def test_a_server_restarted_on_another_host_rejoins_and_the_job_ends_bit_identic
         new = job.log("server-0").split("server 1 moved from ")[1].split(" to ")[1].split(":")[:3]
         moved(job, ":".join(new))
         assert ":".join(new).startswith("tcp://10.200.0.4:")
-        assert_equal(load_file(str(job.out / "model.safetensors")), want)
+        assert_same_params(job.final_params(), want)

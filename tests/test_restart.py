@@ -13,34 +13,19 @@ from the servers' checkpoints, end with the very parameters of an uninterrupted 
 """
 import time
 
-import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
-from tests.jobs import Job
+from tests.jobs import Job, assert_same_params, undisturbed
 
 STEPS = 24
 _REFERENCE = {}
 
 
-def final_params(job):
-    return load_file(str(job.out / "model.safetensors"))
-
-
 def reference(tmp_path_factory, S):
     """The parameters of an uninterrupted run with S servers (computed once per S)."""
     if S not in _REFERENCE:
-        with Job(tmp_path_factory.mktemp(f"reference{S}"), S=S, W=2, steps=STEPS, timeout=20) as job:
-            job.start()
-            assert all(c == 0 for c in job.wait(120).values())
-            _REFERENCE[S] = final_params(job)
+        _REFERENCE[S] = undisturbed(tmp_path_factory.mktemp(f"reference{S}"), S=S, W=2, steps=STEPS, timeout=20)
     return _REFERENCE[S]
-
-
-def assert_equal(got, want):
-    assert sorted(got) == sorted(want)
-    for k in want:
-        assert np.array_equal(got[k], want[k]), f"{k}: max difference {np.abs(got[k] - want[k]).max()}"
 
 
 def test_server_killed_at_a_checkpoint_restarts_and_the_job_ends_as_if_nothing_happened(tmp_path, tmp_path_factory):
@@ -62,7 +47,7 @@ def test_server_killed_at_a_checkpoint_restarts_and_the_job_ends_as_if_nothing_h
         assert "came back" in job.log("server-0") and job.server_json(1)["resumed_at"] == 10
         resent = sum(job.worker_json(r)["resends"] for r in range(2))
         assert resent >= 2                                  # both workers sent their push to server 1 again
-        assert_equal(final_params(job), want)
+        assert_same_params(job.final_params(), want)
 
 
 def test_checkpoint_every_step_survives_a_kill_at_any_moment(tmp_path, tmp_path_factory):
@@ -80,7 +65,7 @@ def test_checkpoint_every_step_survives_a_kill_at_any_moment(tmp_path, tmp_path_
         codes = job.wait(120)
         assert all(c == 0 for c in codes.values()), codes
         assert job.runs == {"server-0": 1, "server-1": 3, "server-2": 2, "worker-0": 1, "worker-1": 1}
-        assert_equal(final_params(job), want)
+        assert_same_params(job.final_params(), want)
 
 
 @pytest.mark.parametrize("how", ["kill", "term"])
@@ -118,7 +103,7 @@ def test_a_whole_job_resumed_from_its_checkpoints_continues_the_same_curve(how, 
         assert [r["bytes_pushed"] for r in lines] == [r["step"] * per_step for r in lines]   # counted on, once
         clock = [r["elapsed_s"] for r in job.metrics()]
         assert clock == sorted(clock), clock                               # the clock goes on from the resume
-        assert_equal(final_params(job), want)
+        assert_same_params(job.final_params(), want)
 
 
 def test_a_server_restarted_behind_the_job_stops_it_and_says_how_to_resume(tmp_path):
@@ -161,7 +146,7 @@ def test_a_server_killed_with_outer_momentum_or_compressed_pulls_restarts_bit_ex
              server_args=flags, worker_args=flags) as job:
         job.start()
         assert all(c == 0 for c in job.wait(120).values())
-        want = final_params(job)
+        want = job.final_params()
     with Job(tmp_path, S=2, W=2, steps=STEPS, timeout=20, every=5, server_args=flags, worker_args=flags) as job:
         job.server(0)
         job.server(1, "--die-at-version", 5)
@@ -172,4 +157,4 @@ def test_a_server_killed_with_outer_momentum_or_compressed_pulls_restarts_bit_ex
         codes = job.wait(120)
         assert all(c == 0 for c in codes.values()), codes
         assert "loaded the checkpoint of version 5" in job.log("server-1")
-        assert_equal(final_params(job), want)
+        assert_same_params(job.final_params(), want)

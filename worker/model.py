@@ -118,9 +118,9 @@ class _Part:
     and, for every slice but the first, its own gradient buffer (the first accumulates
     straight into the model's ``grads``)."""
 
-    def __init__(self, model, index, lo, hi, T):
-        self.lo, self.hi, self.T, self.fast = lo, hi, T, model._fast
-        self.acts = _Activations(model.xp, model.dtype, hi - lo, T, model.config, fast=model._fast)
+    def __init__(self, model, index, lo, hi, T, fast):
+        self.lo, self.hi, self.T, self.fast = lo, hi, T, fast
+        self.acts = _Activations(model.xp, model.dtype, hi - lo, T, model.config, fast=fast)
         self.dirty = False            # True while a backward may have left gradients here
         if index == 0:
             self.grads, self.grad_views = None, model.grad_views
@@ -233,7 +233,7 @@ class GPT:
                 B, T, self._fast):
             n = min(self.threads, B)
             cuts = [B * i // n for i in range(n + 1)]
-            self._parts = [_Part(self, i, cuts[i], cuts[i + 1], T) for i in range(n)]
+            self._parts = [_Part(self, i, cuts[i], cuts[i + 1], T, self._fast) for i in range(n)]
         return self._parts
 
     @property
